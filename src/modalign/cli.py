@@ -1,0 +1,75 @@
+"""The ``modalign`` command: one entry point, one subcommand per stage of the pipeline.
+
+Each stage lives in its own module exposing ``register(subparsers)``; that function adds a
+subparser whose ``func`` attribute takes the parsed ``argparse.Namespace`` and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from modalign import __version__
+
+# (module, subcommand) in the order ``modalign --help`` lists them.
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "modalign.data.cli",
+    "modalign.embed.cli",
+    "modalign.train.cli",
+    "modalign.geometry.cli",
+    "modalign.bridge.cli",
+    "modalign.evaluate.cli",
+    "modalign.lab.cli",
+    "modalign.reproduce.cli",
+    "modalign.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="modalign",
+        description=(
+            "Multimodal contrastive learning: build paired data, embed it with real towers, train "
+            "N-tower models, diagnose the modality gap, bridge it, and evaluate retrieval and "
+            "zero-shot classification."
+        ),
+        epilog="Run 'modalign COMMAND --help' for the options of one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"modalign {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # this stage is not part of the installed package
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("modalign: interrupted; finished work is kept and the next run resumes it.",
+              file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"modalign {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

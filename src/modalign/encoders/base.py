@@ -1,0 +1,56 @@
+"""The tower interface: anything with a modality, an output dim, ``preprocess`` and ``encode``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """A tower that maps raw inputs of one modality to vectors.
+
+    Attributes:
+        name: a spec string that ``modalign.encoders.load_encoder`` resolves back to this tower.
+        modality: ``"image"``, ``"text"``, ``"audio"`` or any name the user chooses.
+        dim: size of the vectors ``encode`` returns.
+
+    ``preprocess`` turns a list of raw inputs (image paths or PIL images, strings, audio paths or
+    ``(waveform, sample_rate)`` pairs) into a batch; ``encode`` maps that batch to a ``(batch, dim)``
+    float tensor (not normalised: the caller decides). ``identity()`` describes the tower for
+    manifests and cache keys (name, weights hash, preprocessing).
+
+    Examples:
+        >>> import torch
+        >>> class Const:
+        ...     name, modality, dim = "const", "text", 2
+        ...     def preprocess(self, inputs): return len(inputs)
+        ...     def encode(self, batch): return torch.ones(batch, 2)
+        ...     def identity(self): return {"name": self.name}
+        >>> isinstance(Const(), Encoder)
+        True
+    """
+
+    name: str
+    modality: str
+    dim: int
+
+    def preprocess(self, inputs: Sequence[Any]) -> Any: ...
+
+    def encode(self, batch: Any) -> torch.Tensor: ...
+
+    def identity(self) -> dict[str, Any]: ...
+
+
+def check_encoder(obj: object) -> Encoder:
+    """Return ``obj`` if it follows :class:`Encoder`, else raise a ``TypeError`` naming what is missing."""
+    missing = [a for a in ("name", "modality", "dim", "preprocess", "encode", "identity")
+               if not hasattr(obj, a)]
+    if missing:
+        raise TypeError(
+            f"encoder {type(obj).__name__} lacks {', '.join(missing)}; an encoder needs "
+            "name, modality, dim, preprocess(inputs), encode(batch) and identity()"
+        )
+    return obj  # type: ignore[return-value]

@@ -1,0 +1,114 @@
+"""Small, crash-safe file helpers: atomic writes, JSON, content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    Nothing is left at ``path`` when the body raises, so a crash never leaves a half-written file.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+        >>> with atomic_path(p) as tmp:
+        ...     _ = tmp.write_text("hello")
+        >>> p.read_text()
+        'hello'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (UTF-8, keys in insertion order)."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default)
+    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
+
+
+def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[Any]) -> None:
+    """Write one JSON object per line to ``path`` atomically."""
+    lines = [json.dumps(r, ensure_ascii=False, default=_json_default) for r in rows]
+    write_bytes_atomic(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Any]:
+    """Read a JSON-lines file (blank lines ignored)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path: str | os.PathLike[str], row: Any) -> None:
+    """Append one JSON line to ``path`` and flush it to disk."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def content_hash(*parts: Any) -> str:
+    """A stable SHA-256 (first 16 hex digits) of JSON-serialisable ``parts``.
+
+    Examples:
+        >>> content_hash({"a": 1}, "b") == content_hash({"a": 1}, "b")
+        True
+    """
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, ensure_ascii=False, default=_json_default).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """SHA-256 (first 16 hex digits) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
