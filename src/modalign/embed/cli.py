@@ -1,0 +1,71 @@
+"""``modalign embed``: encode a dataset with towers into an embedding store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+DEFAULT_TOWERS = {"image": "effnet-lite0", "text": "minilm", "audio": "logmel"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed", help="encode a dataset into an embedding store",
+        description="Encode every item of a dataset with one tower per modality into a folder of "
+                    "memory-mappable arrays (one per modality) with row metadata and a manifest. "
+                    "Resumable; a changed input or tower re-encodes, an unchanged one is reused.")
+    p.add_argument("--data", default="emoji",
+                   help="emoji[:options], a .csv/.jsonl manifest or a dataset folder "
+                        "(default emoji)")
+    p.add_argument("--out", default=None,
+                   help="store folder (default: under $MODALIGN_HOME/embeddings)")
+    p.add_argument("--modalities", default=None,
+                   help="comma-separated modalities to encode (default: all the data has)")
+    for mod, spec in DEFAULT_TOWERS.items():
+        p.add_argument(f"--{mod}", default=spec, metavar="SPEC",
+                       help=f"tower for {mod} (default {spec}; e.g. hf-clip:PATH)")
+    p.add_argument("--tower", action="append", default=[], metavar="MODALITY=SPEC",
+                   help="tower for another modality name, e.g. --tower sketch=effnet-lite0")
+    p.add_argument("--batch-size", type=int, default=64, help="items per batch (default 64)")
+    p.add_argument("--normalize", action="store_true",
+                   help="L2-normalise stored vectors (for joint-space towers such as CLIP)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from modalign.data import load_dataset
+    from modalign.embed.encode import embed_dataset
+    from modalign.embed.paths import default_store_dir
+    from modalign.encoders import load_encoder
+
+    ds = load_dataset(args.data, progress=True)
+    wanted = ([m.strip() for m in args.modalities.split(",") if m.strip()]
+              if args.modalities else ds.modalities)
+    specs = {m: getattr(args, m) for m in DEFAULT_TOWERS if m in wanted}
+    for t in args.tower:
+        if "=" not in t:
+            raise ValueError(f"--tower {t!r}: expected MODALITY=SPEC")
+        m, s = t.split("=", 1)
+        specs[m.strip()] = s.strip()
+    missing = [m for m in wanted if m not in specs]
+    if missing:
+        raise ValueError(f"no tower for modalities {missing}: pass --tower MODALITY=SPEC")
+    unknown = [m for m in specs if m not in ds.modalities]
+    if args.modalities and unknown:
+        raise ValueError(f"--modalities {unknown} not in the data (it has {ds.modalities})")
+    specs = {m: s for m, s in specs.items() if m in ds.modalities}
+    out = args.out or default_store_dir(ds, specs)
+    encoders = {m: load_encoder(s, modality=m) for m, s in specs.items()}
+    t = time.perf_counter()
+    store = embed_dataset(ds, encoders, out, batch_size=args.batch_size, progress=True,
+                          device=args.device, normalize=args.normalize)
+    print(f"embedded {ds!r} in {time.perf_counter() - t:.1f} s into {store.path}")
+    for name in store.arrays:
+        info = store.info(name)
+        rate = f", {info['items_per_s']} items/s" if info.get("items_per_s") else ""
+        print(f"  {name}: {info['count']} x {info['dim']} ({info.get('encoder', {}).get('name')}"
+              f"{rate})")
+    print(json.dumps({"store": str(store.path), "arrays": store.arrays}))
+    return 0

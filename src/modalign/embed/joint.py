@@ -1,0 +1,104 @@
+"""Joint-space embeddings for the other stages: from a store, or from a model plus data."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from modalign.embed.store import Embeddings, EmbeddingStore
+
+
+def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
+               data: str | Path | None = None, split: str | Iterable[str] | None = None,
+               modalities: Iterable[str] | None = None, progress: bool = True,
+               ) -> dict[str, Embeddings]:
+    """Embeddings in the joint space, per modality, for ``--model``/``--embeddings``/``--data``.
+
+    - ``embeddings_dir`` alone: the store's arrays are taken as joint-space vectors (for example
+      a store written with a CLIP adapter and ``--normalize``).
+    - ``model_dir`` with ``data``: tower features come from the store for that data and the
+      model's towers (encoded once and cached, see ``modalign embed``), then the model's heads
+      project them. Partly unfrozen towers are run from the model itself.
+    - ``model_dir`` with ``embeddings_dir``: the store's tower features are projected.
+
+    Examples:
+        >>> joint = load_joint(model_dir="runs/clip/model", data="emoji",
+        ...                    split="test")  # doctest: +SKIP
+        >>> joint["image"].vectors.shape  # doctest: +SKIP
+        (386, 256)
+    """
+    if model_dir is None and embeddings_dir is None:
+        raise ValueError("pass --model DIR (with --data DATA) or --embeddings DIR")
+    if model_dir is None:
+        store = EmbeddingStore(_existing(embeddings_dir, "embeddings"))
+        names = list(modalities) if modalities is not None else store.modalities
+        if not names:
+            raise ValueError(f"embeddings={str(embeddings_dir)!r} holds no arrays")
+        return {m: store.load(m, split=split) for m in names}
+
+    from modalign.model import MultiTowerModel
+
+    model = MultiTowerModel.from_pretrained(_existing(model_dir, "model"))
+    wanted = list(modalities) if modalities is not None else model.modalities
+    unknown = [m for m in wanted if m not in model.modalities]
+    if unknown:
+        raise ValueError(f"modalities {unknown} have no tower in the model {model_dir} "
+                         f"(it has {model.modalities})")
+    if embeddings_dir is not None:
+        store = EmbeddingStore(_existing(embeddings_dir, "embeddings"))
+        dataset = None
+    else:
+        if data is None:
+            raise ValueError("--model needs --data DATA (or --embeddings DIR of tower features)")
+        from modalign.data import load_dataset
+        from modalign.embed.encode import embed_dataset
+        from modalign.embed.paths import default_store_dir
+
+        dataset = load_dataset(data, progress=progress)
+        frozen = {m: model.config.towers[m] for m in wanted
+                  if m not in model.config.trainable_towers and m in dataset.modalities}
+        store = EmbeddingStore(default_store_dir(dataset, model.config.towers))
+        if frozen:
+            embed_dataset(dataset, {m: model.tower(m) for m in frozen}, store.path,
+                          progress=progress)
+    out: dict[str, Embeddings] = {}
+    for m in wanted:
+        if m in model.config.trainable_towers:
+            if dataset is None:
+                raise ValueError(f"the {m!r} tower of this model was fine-tuned: pass --data so "
+                                 "its inputs are encoded by the model itself")
+            out[m] = _encode_with_model(model, dataset, m, split, store)
+            continue
+        if m not in store.modalities:
+            warnings.warn(f"modality {m!r}: no array in {store.path}; skipped", stacklevel=2)
+            continue
+        _check_tower(store, m, model.config.towers[m])
+        raw = store.load(m, split=split)
+        out[m] = Embeddings(model.project_array(m, raw.vectors), raw.items, raw.group_index)
+    return out
+
+
+def _encode_with_model(model, dataset, modality, split, store) -> Embeddings:
+    from modalign.embed.encode import _input_of
+
+    items = dataset.select(modality=modality, split=split)
+    vecs = model.encode(modality, [_input_of(dataset, it) for it in items]).numpy()
+    rows = [it.to_dict() for it in items]
+    return Embeddings(vecs.astype(np.float32), rows, store.group_index())
+
+
+def _check_tower(store: EmbeddingStore, modality: str, spec: str) -> None:
+    enc = store.info(modality).get("encoder", {})
+    if enc and enc.get("name") not in (None, spec) and not str(enc.get("name")).startswith(spec):
+        warnings.warn(f"store {store.path} encoded {modality!r} with {enc.get('name')!r} but the "
+                      f"model's tower is {spec!r}", stacklevel=3)
+
+
+def _existing(path: str | Path | None, what: str) -> Path:
+    p = Path(str(path))
+    if not p.is_dir():
+        raise FileNotFoundError(f"--{what} {p}: no such folder")
+    return p

@@ -1,0 +1,185 @@
+"""The on-disk embedding store: one float32 array per modality plus row metadata and a manifest.
+
+Layout of a store folder::
+
+    manifest.json              arrays, their encoders, the dataset and content hashes
+    <array>.npy                float32 (rows, dim), memory-mapped on read
+    <array>.items.jsonl        one JSON object per row: id, modality, view, value (the text, or
+                               the file path), group, split, labels
+
+An array is usually named after its modality (``image``, ``text``, ``audio``); other stages add
+arrays of their own (for example inverted features) with :meth:`EmbeddingStore.add_array`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modalign.io import atomic_path, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Embeddings:
+    """Vectors of one array with their row metadata.
+
+    Attributes:
+        vectors: ``(n, dim)`` float32 array (memory-mapped when read from a store).
+        items: one dict per row: ``id``, ``modality``, ``view``, ``group``, ``split``, ``labels``.
+        group_index: group key -> integer id, shared by every array of one store.
+    """
+
+    vectors: np.ndarray
+    items: list[dict[str, Any]]
+    group_index: Mapping[str, int]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def group_ids(self) -> np.ndarray:
+        """Integer group id of each row (equal ids are positives of each other)."""
+        return np.array([self.group_index[it["group"]] for it in self.items], dtype=np.int64)
+
+    def labels(self, name: str) -> list[str]:
+        """The label ``name`` of each row (``""`` where a row has none)."""
+        return [it.get("labels", {}).get(name, "") for it in self.items]
+
+    def subset(self, mask: np.ndarray | Sequence[bool] | Sequence[int]) -> Embeddings:
+        """Rows selected by a boolean mask or integer indices (vectors are copied into memory)."""
+        idx = np.asarray(mask)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return Embeddings(np.asarray(self.vectors[idx]), [self.items[i] for i in idx],
+                          self.group_index)
+
+    def filter(self, view: str | Iterable[str] | None = None,
+               split: str | Iterable[str] | None = None) -> Embeddings:
+        """Rows of the given view(s) and split(s)."""
+        views = {view} if isinstance(view, str) else (set(view) if view is not None else None)
+        splits = {split} if isinstance(split, str) else (set(split) if split is not None else None)
+        mask = [(views is None or it["view"] in views) and (splits is None or it["split"] in splits)
+                for it in self.items]
+        return self.subset(np.array(mask, dtype=bool))
+
+    def torch(self, dtype=None):
+        """The vectors as a torch tensor (a copy)."""
+        import torch
+
+        return torch.from_numpy(np.array(self.vectors, dtype=np.float32)).to(
+            dtype or torch.float32)
+
+
+class EmbeddingStore:
+    """A folder of embedding arrays; see the module docstring for the layout.
+
+    Examples:
+        >>> import tempfile, numpy as np
+        >>> store = EmbeddingStore(tempfile.mkdtemp())
+        >>> rows = [{"id": "a", "modality": "text", "view": "name", "group": "g1", "split": "test"}]
+        >>> store.add_array("text", np.ones((1, 3), np.float32), rows)
+        >>> store.load("text").vectors.shape
+        (1, 3)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    # -- manifest ---------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        p = self.path / MANIFEST
+        return read_json(p) if p.exists() else {"arrays": {}, "groups": []}
+
+    def _update_manifest(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        m = self.manifest
+        fn(m)
+        write_json_atomic(self.path / MANIFEST, m)
+
+    @property
+    def arrays(self) -> list[str]:
+        return sorted(self.manifest["arrays"])
+
+    @property
+    def modalities(self) -> list[str]:
+        """Modalities with a native array (named after the modality)."""
+        arrays = self.manifest["arrays"]
+        return sorted(n for n, a in arrays.items() if a.get("modality") == n)
+
+    def info(self, name: str) -> dict[str, Any]:
+        arrays = self.manifest["arrays"]
+        if name not in arrays:
+            raise ValueError(f"array {name!r} is not in the store {self.path}; "
+                             f"it has {sorted(arrays)}")
+        return arrays[name]
+
+    def views(self, modality: str) -> list[str]:
+        return sorted({it["view"] for it in self._items(modality)})
+
+    def group_index(self) -> dict[str, int]:
+        return {g: i for i, g in enumerate(self.manifest.get("groups", []))}
+
+    def _items(self, name: str) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / f"{name}.items.jsonl")
+
+    # -- read -------------------------------------------------------------------------------
+    def load(self, name: str, view: str | Iterable[str] | None = None,
+             split: str | Iterable[str] | None = None) -> Embeddings:
+        """Read array ``name`` (memory-mapped), optionally restricted to views and splits."""
+        info = self.info(name)
+        vectors = np.load(self.path / info["file"], mmap_mode="r")
+        emb = Embeddings(vectors, self._items(name), self.group_index())
+        if view is None and split is None:
+            return emb
+        return emb.filter(view=view, split=split)
+
+    # -- write ------------------------------------------------------------------------------
+    def _register_groups(self, groups: Iterable[str]) -> None:
+        def fn(m: dict[str, Any]) -> None:
+            known = m.setdefault("groups", [])
+            have = set(known)
+            for g in groups:
+                if g not in have:
+                    known.append(g)
+                    have.add(g)
+        self._update_manifest(fn)
+
+    def add_array(self, name: str, vectors: np.ndarray, items: Sequence[Mapping[str, Any]],
+                  info: Mapping[str, Any] | None = None) -> None:
+        """Write a complete array atomically (vectors, then rows, then the manifest entry)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(items):
+            raise ValueError(f"vectors: expected shape ({len(items)}, dim) to match items, "
+                             f"got {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise ValueError(f"vectors of array {name!r} contain NaN or inf")
+        _check_name(name)
+        with atomic_path(self.path / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, vectors)
+        write_jsonl_atomic(self.path / f"{name}.items.jsonl", [dict(it) for it in items])
+        self._register_groups(it["group"] for it in items)
+        entry = {"modality": items[0]["modality"] if items else name, **(info or {}),
+                 "file": f"{name}.npy", "count": int(vectors.shape[0]),
+                 "dim": int(vectors.shape[1]), "dtype": "float32"}
+        self._update_manifest(lambda m: m["arrays"].__setitem__(name, entry))
+
+    def remove_array(self, name: str) -> None:
+        """Forget an array and delete its files."""
+        self._update_manifest(lambda m: m["arrays"].pop(name, None))
+        for suffix in (".npy", ".items.jsonl", ".partial.npy", ".progress.json"):
+            (self.path / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"array name {name!r}: expected a plain file-name-safe string")
