@@ -1,0 +1,272 @@
+"""Modality inversion throughput: ours against the official code's way of running it.
+
+Prints one JSON object per line (see DESIGN.md), metric ``items_per_s`` (samples inverted per
+second for ``steps`` optimisation steps) and, for the CLIP text tower, ``peak_mb`` (resident-set
+high-water above the loaded tower, each implementation in a fresh subprocess).
+
+Cases (random weights: speed does not need trained ones):
+
+* ``oti / clip-text``: a transformers CLIP text tower of ViT-B/32 size (width 512, 12 layers,
+  8 heads, 77 positions, vocabulary 49408), template ``"a photo of {}"`` (6 live positions, 4 of
+  them a fixed prefix). Ours: :class:`CausalTextInversion` (EOS truncation + prefix keys/values
+  computed once). Variant ``eos-only``: truncation without the prefix cache. Baseline: the
+  official loop -- the whole 77-position padded context through every layer under a causal mask
+  at every step, ``CosineEmbeddingLoss`` (mean), ``loss.backward()``, AdamW.
+* ``oti / minilm``: the built-in MiniLM tower (6 unpadded positions) against the same official
+  loop on the template padded to 77 positions with an attention mask.
+* ``ovi / clip-vision``: a ViT-B/32-size CLIP vision tower (width 768, 12 layers, 224 px, 49
+  patches), ``P = 1``. No shortcut exists (every position sees the pseudo-patches): the baseline
+  is the official loop around the same tower, so the ratio shows the loop's overhead only.
+* ``ovi / effnet-lite0``: the built-in CNN at 96 px, pseudo-patches at the stem's output
+  (``P = 16``), against the official-style loop around the same forward.
+
+Usage:
+    python benchmarks/inversion.py            # batch 32, 10 steps
+    python benchmarks/inversion.py --quick    # batch 8, 3 steps (under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalign.bridge.inversion import (
+    CausalTextInversion,
+    InversionSettings,
+    TemplateTokens,
+    ViTInversion,
+    invert,
+)
+
+NAME = "inversion"
+BASELINE = "official loop: full padded context, mean CosineEmbeddingLoss, backward, AdamW"
+CONTEXT = 77
+# "<sot> a photo of <slot> <eot>" in the CLIP BPE vocabulary
+CLIP_TEMPLATE = TemplateTokens(ids=(49406, 320, 1125, 539, 333, 49407), slot=4,
+                               text="a photo of {}")
+
+
+def clip_text_tower() -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048,
+                         num_hidden_layers=12, num_attention_heads=8,
+                         max_position_embeddings=CONTEXT, eos_token_id=49407, bos_token_id=49406)
+    return CLIPTextModel(cfg).eval()
+
+
+def clip_vision_tower() -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                           num_attention_heads=12, image_size=224, patch_size=32)
+    return CLIPVisionModel(cfg).eval()
+
+
+def official_clip_text(tower: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The official encode_with_pseudo_tokens: 77 positions, causal mask, EOS = argmax(ids)."""
+    t = CLIP_TEMPLATE
+    ids = torch.tensor([list(t.ids) + [0] * (CONTEXT - len(t.ids))])
+    causal = torch.full((CONTEXT, CONTEXT), float("-inf")).triu(1)[None, None]
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        x = tower.embeddings.token_embedding(ids).expand(b, -1, -1)
+        x = torch.cat([x[:, : t.slot], tokens, x[:, t.slot + 1:]], dim=1)
+        h = tower.embeddings(inputs_embeds=x)
+        h = tower.encoder(inputs_embeds=h, attention_mask=causal).last_hidden_state
+        h = tower.final_layer_norm(h)
+        return h[torch.arange(b), ids.expand(b, -1).argmax(-1)]
+
+    return forward
+
+
+def official_padded_bert(encoder) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The template padded to 77 positions with an attention mask, mean pooling over real ones."""
+    t = TemplateTokens.from_tokenizer(encoder.tokenizer, "a photo of {}")
+    pad = encoder.tokenizer.pad_token_id or 0
+    ids = torch.tensor([list(t.ids) + [pad] * (CONTEXT - len(t.ids))])
+    mask = torch.zeros(1, CONTEXT, dtype=torch.long)
+    mask[:, : len(t.ids)] = 1
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        x = encoder.token_embedding(ids).expand(b, -1, -1)
+        x = torch.cat([x[:, : t.slot], tokens, x[:, t.slot + 1:]], dim=1)
+        return encoder.encode_embeddings(x, mask.expand(b, -1))
+
+    return forward
+
+
+def official_vit(tower: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The official encode_image_with_pseudo_tokens: nearest interpolation over the patch grid."""
+    emb = tower.embeddings
+    n, d = emb.num_patches, emb.class_embedding.shape[0]
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        x = F.interpolate(tokens.unsqueeze(2).transpose(1, 2), size=(n, d), mode="nearest")
+        x = x.transpose(1, 2).squeeze(2)
+        x = torch.cat([emb.class_embedding.expand(b, 1, -1), x], dim=1)
+        x = tower.pre_layrnorm(x + emb.position_embedding.weight[None])
+        h = tower.encoder(inputs_embeds=x).last_hidden_state
+        return tower.post_layernorm(h[:, 0])
+
+    return forward
+
+
+def official_loop(forward: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
+                  num_tokens: int, token_dim: int, steps: int) -> None:
+    """The official oti()/ovi() loop (fp32 on CPU: autocast and GradScaler are off there)."""
+    tokens = torch.empty(targets.shape[0], num_tokens, token_dim)
+    nn.init.normal_(tokens, std=0.02)
+    tokens = nn.Parameter(tokens)
+    optimizer = torch.optim.AdamW([tokens], lr=2e-2, weight_decay=0.01)
+    criterion = nn.CosineEmbeddingLoss()
+    target = torch.ones(targets.shape[0])
+    for _ in range(steps):
+        optimizer.zero_grad()
+        feats = F.normalize(forward(tokens), dim=-1)
+        loss = criterion(feats, F.normalize(targets, dim=-1), target)
+        loss.backward()
+        optimizer.step()
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)  # as the official code does: no weight gradients
+    return module.eval()
+
+
+def build_case(tower_name: str, variant: str):
+    """(our forward, the official-style forward, num_tokens, token_dim, target dim)."""
+    if tower_name == "clip-text":
+        tower = _frozen(clip_text_tower())
+        fast = CausalTextInversion(tower, CLIP_TEMPLATE, cache_prefix=variant != "eos-only")
+        return fast, official_clip_text(tower), 1, 512, 512
+    if tower_name == "minilm":
+        from modalign.bridge.inversion import encoder_inversion
+        from modalign.encoders import load_encoder
+
+        enc = load_encoder("minilm")
+        _frozen(enc)
+        return encoder_inversion(enc), official_padded_bert(enc), 1, 384, 384
+    if tower_name == "clip-vision":
+        tower = _frozen(clip_vision_tower())
+        return ViTInversion(tower, 1), official_vit(tower), 1, 768, 768
+    if tower_name == "effnet-lite0":
+        from modalign.bridge.inversion import effnet_stage_inversion
+        from modalign.encoders import load_encoder
+
+        enc = load_encoder("effnet-lite0", image_size=96)
+        _frozen(enc)
+        fwd = effnet_stage_inversion(enc, stage=0, num_tokens=16)
+        return fwd, fwd, 16, 32, 1280
+    raise ValueError(f"tower must be clip-text, minilm, clip-vision or effnet-lite0, "
+                     f"got {tower_name!r}")
+
+
+def time_case(tower_name: str, variant: str, batch: int, steps: int) -> tuple[float, float]:
+    ours_fwd, base_fwd, num_tokens, token_dim, out_dim = build_case(tower_name, variant)
+    targets = torch.randn(batch, out_dim, generator=torch.Generator().manual_seed(0))
+    settings = InversionSettings(steps=steps, batch_size=batch)
+    # warm-up (one step each), then the timed runs
+    invert(targets, ours_fwd, InversionSettings(steps=1, batch_size=batch))
+    official_loop(base_fwd, targets, num_tokens, token_dim, 1)
+    t = time.perf_counter()
+    invert(targets, ours_fwd, settings)
+    ours = time.perf_counter() - t
+    t = time.perf_counter()
+    official_loop(base_fwd, targets, num_tokens, token_dim, steps)
+    base = time.perf_counter() - t
+    return batch / ours, batch / base
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_peak(impl: str, batch: int, steps: int) -> None:
+    """In a fresh process: peak resident set above the loaded tower for one implementation."""
+    ours_fwd, base_fwd, num_tokens, token_dim, out_dim = build_case("clip-text", "")
+    targets = torch.randn(batch, out_dim)
+    start = peak = _rss_mb()
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_mb())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    if impl == "ours":
+        invert(targets, ours_fwd, InversionSettings(steps=steps, batch_size=batch))
+    else:
+        official_loop(base_fwd, targets, num_tokens, token_dim, steps)
+    stop.set()
+    thread.join()
+    print(json.dumps({"peak_mb": peak - start}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 8, 3 steps (under a minute)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=None, help="override the batch size")
+    parser.add_argument("--steps", type=int, default=None, help="override the step count")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    batch = args.batch or (8 if args.quick else 32)
+    steps = args.steps or (3 if args.quick else 10)
+    if args.child:
+        child_peak(args.child, batch, steps)
+        return
+    cases = [("oti", "clip-text", ""), ("oti", "clip-text", "eos-only"), ("oti", "minilm", ""),
+             ("ovi", "clip-vision", ""), ("ovi", "effnet-lite0", "")]
+    for method, tower_name, variant in cases:
+        b = batch if method == "oti" else max(2, batch // 4)
+        s = steps
+        ours, base = time_case(tower_name, variant, b, s)
+        case = {"method": method, "tower": tower_name, "batch": b, "steps": s,
+                "threads": args.threads}
+        if variant:
+            case["variant"] = variant
+        print(json.dumps({"benchmark": NAME, "case": case, "metric": "items_per_s",
+                          "ours": round(ours, 3), "baseline": round(base, 3),
+                          "baseline_name": BASELINE, "speedup": round(ours / base, 2)}),
+              flush=True)
+    peaks = {}
+    for impl in ("ours", "baseline"):
+        out = subprocess.run([sys.executable, __file__, "--child", impl, "--batch", str(batch),
+                              "--steps", "2", "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        peaks[impl] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    print(json.dumps({"benchmark": NAME, "case": {"method": "oti", "tower": "clip-text",
+                                                  "batch": batch, "steps": 2},
+                      "metric": "peak_mb", "ours": round(peaks["ours"], 1),
+                      "baseline": round(peaks["baseline"], 1), "baseline_name": BASELINE}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

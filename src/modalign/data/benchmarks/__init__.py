@@ -1,0 +1,124 @@
+"""The field's standard benchmarks, read from local folders in their published layouts.
+
+Nothing is downloaded: each loader reads the files a user already has and fails with a message
+naming the file it expected where. Every loader returns a :class:`Benchmark`: a
+:class:`~modalign.data.PairedDataset` plus the protocol metadata (query and gallery sides, whether
+the query leaves its own gallery, class names, prompt templates, the revisited ground truth).
+
+Examples:
+    >>> "coco" in BENCHMARKS and "imagenet" in BENCHMARKS
+    True
+    >>> load_benchmark("pets", "/data")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: name='pets': expected one of caltech101, coco, cub2011, dtd, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from modalign.data.benchmarks.base import (
+    Benchmark,
+    RetrievalProtocol,
+    RevisitedGroundTruth,
+    Side,
+)
+from modalign.data.benchmarks.coop import COOP_LAYOUTS, load_coop
+from modalign.data.benchmarks.cub import load_cub
+from modalign.data.benchmarks.karpathy import KARPATHY_LAYOUTS, load_karpathy
+from modalign.data.benchmarks.nocaps import load_nocaps
+from modalign.data.benchmarks.revisited import (
+    REVISITED,
+    convert_ground_truth,
+    load_revisited,
+    read_ground_truth,
+)
+from modalign.data.benchmarks.sop import load_sop
+from modalign.data.benchmarks.templates import (
+    COOP_TEMPLATES,
+    INVERSION_TEMPLATE,
+    OPENAI_IMAGENET_TEMPLATES,
+)
+
+Loader = Callable[[Path], Benchmark]
+
+
+def _registry() -> dict[str, Loader]:
+    reg: dict[str, Loader] = {}
+    for name in KARPATHY_LAYOUTS:
+        reg[name] = lambda root, _n=name: load_karpathy(_n, root)
+    reg["nocaps"] = load_nocaps
+    reg["cub2011"] = load_cub
+    reg["sop"] = load_sop
+    for name in REVISITED:
+        reg[name] = lambda root, _n=name: load_revisited(_n, root)
+    for name in COOP_LAYOUTS:
+        reg[name] = lambda root, _n=name: load_coop(_n, root)
+    return dict(sorted(reg.items()))
+
+
+BENCHMARKS: dict[str, Loader] = _registry()
+CAPTION_BENCHMARKS: tuple[str, ...] = ("coco", "flickr30k", "nocaps")
+CLASSIFICATION_BENCHMARKS: tuple[str, ...] = tuple(sorted(COOP_LAYOUTS))
+
+
+def benchmark_folder(name: str) -> str:
+    """The folder name benchmark ``name`` lives in under the data root.
+
+    Examples:
+        >>> benchmark_folder("caltech101"), benchmark_folder("cub2011")
+        ('caltech-101', 'CUB_200_2011')
+    """
+    if name in COOP_LAYOUTS:
+        return COOP_LAYOUTS[name].folder
+    if name in KARPATHY_LAYOUTS:
+        return KARPATHY_LAYOUTS[name].folder
+    folders = {"nocaps": "nocaps", "cub2011": "CUB_200_2011", "sop": "Stanford_Online_Products",
+               **{n: n for n in REVISITED}}
+    if name not in folders:
+        raise ValueError(f"name={name!r}: expected one of {', '.join(BENCHMARKS)}")
+    return folders[name]
+
+
+def available_benchmarks(root: str | Path, names: Iterable[str] | None = None) -> list[str]:
+    """The benchmarks (of ``names``, default all) whose folder exists under ``root``.
+
+    A folder may sit directly under ``root`` or under ``root/CoOp``.
+    """
+    root = Path(root).expanduser()
+    return [n for n in (names if names is not None else BENCHMARKS)
+            if any((base / benchmark_folder(n)).is_dir() for base in (root, root / "CoOp"))]
+
+
+def load_benchmark(name: str, root: str | Path) -> Benchmark:
+    """Load benchmark ``name`` (a key of :data:`BENCHMARKS`) from the data root ``root``."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"name={name!r}: expected one of {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name](Path(root))
+
+
+__all__ = [
+    "BENCHMARKS",
+    "CAPTION_BENCHMARKS",
+    "CLASSIFICATION_BENCHMARKS",
+    "COOP_TEMPLATES",
+    "INVERSION_TEMPLATE",
+    "OPENAI_IMAGENET_TEMPLATES",
+    "Benchmark",
+    "RetrievalProtocol",
+    "RevisitedGroundTruth",
+    "Side",
+    "available_benchmarks",
+    "benchmark_folder",
+    "convert_ground_truth",
+    "load_benchmark",
+    "load_coop",
+    "load_cub",
+    "load_karpathy",
+    "load_nocaps",
+    "load_revisited",
+    "load_sop",
+    "read_ground_truth",
+]

@@ -1,0 +1,57 @@
+"""nocaps validation (Agrawal et al. 2019): ``nocaps_val_4500_captions.json``, COCO format.
+
+Layout: ``<root>/nocaps/nocaps_val_4500_captions.json`` (``{"images": [{"id", "file_name"}],
+"annotations": [{"image_id", "caption"}]}``) and the images at ``<root>/nocaps/val/<file_name>``.
+All 4,500 images form the ``test`` split; each has 10 captions.
+
+Protocols: ``text-to-text`` (first caption -> the other captions, relevant = same image) and
+image <-> text retrieval.
+
+Examples:
+    >>> NOCAPS_FILE
+    'nocaps_val_4500_captions.json'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from modalign.data.benchmarks.base import Benchmark, check_files, find_dataset_dir, require_file
+from modalign.data.benchmarks.karpathy import caption_items, caption_protocols
+from modalign.data.dataset import Item, PairedDataset
+from modalign.io import read_json
+
+NOCAPS_FILE = "nocaps_val_4500_captions.json"
+NOCAPS_IMAGE_DIR = "val"
+
+
+def load_nocaps(root: str | Path, with_images: bool = True,
+                check_files_exist: bool = True) -> Benchmark:
+    """Load nocaps validation from ``root`` (the folder holding ``nocaps/``).
+
+    Examples:
+        >>> load_nocaps("/nonexistent")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: nocaps: no dataset folder under /nonexistent; expected one of ...
+    """
+    folder = find_dataset_dir(root, ("nocaps",), "nocaps")
+    path = require_file(folder / NOCAPS_FILE, "nocaps caption file")
+    data: Any = read_json(path)
+    try:
+        images = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+        captions: dict[int, list[str]] = {i: [] for i in images}
+        for ann in sorted(data["annotations"], key=lambda a: int(a.get("id", 0))):
+            captions[int(ann["image_id"])].append(str(ann["caption"]).strip())
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: missing {e}; expected images[].id/file_name and "
+                         "annotations[].image_id/caption") from None
+    items: list[Item] = []
+    for image_id, file_name in images.items():
+        items += caption_items("nocaps", str(image_id), f"{NOCAPS_IMAGE_DIR}/{file_name}",
+                               captions[image_id], "test", with_image=with_images)
+    if with_images and check_files_exist:
+        check_files(folder, [it.value for it in items if it.modality == "image"], "nocaps images")
+    ds = PairedDataset("nocaps", items, root=folder, info={"benchmark": "nocaps"})
+    return Benchmark("nocaps", ds, caption_protocols("test"))

@@ -1,0 +1,120 @@
+"""``modalign diagnose``: geometry metrics of a joint embedding space, as JSON and HTML."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+DESCRIPTION = """\
+Measure the geometry of a joint embedding space: the modality gap (centroid distance, raw and
+renormalised), linear separability of the modalities, alignment and uniformity (within and across
+modalities), the cone effect, the spectrum and effective rank, hubness both ways, the agreement of
+intra- and inter-modal neighbours, the Modality Integration Rate, and the temperature health of a
+trained model. Writes OUT/diagnosis.json and a self-contained OUT/diagnosis.html (metrics table
+with explanations, 2-D projection with positive pairs joined, similarity histograms, spectra);
+--compare puts earlier runs side by side. Large stores are streamed; metrics defined on samples use
+seeded samples whose size and seed are recorded in the JSON.
+"""
+
+EPILOG = """\
+examples:
+  modalign diagnose --embeddings runs/clip-store --out diag/clip
+  modalign diagnose --model runs/emoji-clip/model --data emoji --split test --out diag/emoji
+  modalign diagnose --model runs/emoji-cua/model --data emoji --out diag/cua --compare diag/emoji
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose",
+                       help="measure the modality gap and the geometry of a joint space",
+                       description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("input (one of)")
+    src.add_argument("--embeddings", metavar="DIR",
+                     help="an embedding store whose arrays are joint-space vectors (or, with "
+                          "--model, the tower features to project)")
+    src.add_argument("--model", metavar="DIR", help="a trained model folder (modalign train)")
+    p.add_argument("--data", metavar="DATA",
+                   help="with --model: emoji, a manifest or a dataset folder")
+    p.add_argument("--split", default=None, help="only rows of this split, e.g. test "
+                                                 "(default: all rows)")
+    p.add_argument("--modalities", default=None, metavar="A,B",
+                   help="comma-separated modalities (default: all)")
+    p.add_argument("--out", default="diagnosis", metavar="DIR",
+                   help="output folder for diagnosis.json and diagnosis.html (default ./diagnosis)")
+    p.add_argument("--name", default=None, help="run name in the report (default: the --out name)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN",
+                   help="earlier diagnose outputs (folders or diagnosis.json files) to show side "
+                        "by side")
+    p.add_argument("--log", default=None, metavar="LOG_JSONL",
+                   help="training log with logit scales (default: log.jsonl next to --model)")
+    p.add_argument("--k", type=int, default=10, help="neighbours for hubness and agreement "
+                                                     "(default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sample and split (default 0)")
+    p.add_argument("--sample-rows", type=int, default=10000, metavar="N",
+                   help="rows sampled for k-NN metrics above N (default 10000)")
+    p.add_argument("--no-mir", action="store_true", help="skip the Modality Integration Rate")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def _load_run(path: str) -> tuple[str, dict[str, Any]]:
+    from modalign.io import read_json
+
+    p = Path(path)
+    file = p / "diagnosis.json" if p.is_dir() else p
+    if not file.is_file():
+        raise FileNotFoundError(f"--compare {path}: no diagnosis.json there")
+    return (file.parent.name if file.name == "diagnosis.json" else file.stem), read_json(file)
+
+
+def run(args: argparse.Namespace) -> int:
+    from modalign.embed.joint import load_joint
+    from modalign.geometry.diagnose import DiagnoseOptions, diagnose
+    from modalign.geometry.report import diagnosis_page
+    from modalign.geometry.temperature import logit_scale_history
+    from modalign.io import write_json_atomic
+
+    if args.embeddings is None and args.model is None:
+        raise ValueError("pass --embeddings DIR, or --model DIR with --data DATA")
+    compared = [_load_run(c) for c in args.compare]  # fail early, before the long part
+    modalities = ([m.strip() for m in args.modalities.split(",") if m.strip()]
+                  if args.modalities else None)
+    joint = load_joint(model_dir=args.model, embeddings_dir=args.embeddings, data=args.data,
+                       split=args.split, modalities=modalities)
+    if len(joint) < 2:
+        raise ValueError(f"need at least two modalities, found {sorted(joint)}")
+    dims = {m: e.dim for m, e in joint.items()}
+    if len(set(dims.values())) != 1:
+        raise ValueError(f"the arrays have different dimensions {dims}: they are tower features, "
+                         "not one joint space; pass --model DIR to project them")
+    logit_scale = history = None
+    if args.model is not None:
+        from modalign.model import MultiTowerModel
+
+        logit_scale = float(MultiTowerModel.from_pretrained(args.model).logit_scale)
+        log = Path(args.log) if args.log else Path(args.model).parent / "log.jsonl"
+        if log.is_file():
+            history = logit_scale_history(log) or None
+    elif args.log:
+        history = logit_scale_history(args.log) or None
+    opts = DiagnoseOptions(seed=args.seed, k=args.k, knn_rows=args.sample_rows,
+                           compute_mir=not args.no_mir)
+    record = diagnose({m: e.vectors for m, e in joint.items()},
+                      groups={m: e.group_ids() for m, e in joint.items()},
+                      logit_scale=logit_scale, logit_scale_history=history, options=opts,
+                      progress=True)
+    record["source"] = {"embeddings": args.embeddings, "model": args.model, "data": args.data,
+                        "split": args.split}
+    out = Path(args.out)
+    name = args.name or out.resolve().name
+    write_json_atomic(out / "diagnosis.json", record)
+    diagnosis_page([(name, record), *compared]).write(out / "diagnosis.html")
+    summary = {"json": str(out / "diagnosis.json"), "html": str(out / "diagnosis.html")}
+    for key, pair in record["pairs"].items():
+        summary[key] = {"centroid_distance": pair["gap"]["centroid_distance"],
+                        "separability": pair["separability"]["accuracy"]}
+    print(json.dumps(summary))
+    return 0

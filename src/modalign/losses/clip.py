@@ -1,0 +1,306 @@
+"""CLIP: symmetric InfoNCE with a learnable logit scale (Radford et al., 2021).
+
+With ``S = t X Y^T + b`` (rows L2-normalised, ``t = exp(log_logit_scale)``)::
+
+    L = 1/2 [ 1/B sum_i (LSE_j S_ij - S_ii) + 1/B sum_j (LSE_i S_ij - S_jj) ]
+
+With group ids, the target of a row is uniform over the columns of its group (multi-positive
+InfoNCE); ``S_ii`` becomes the mean of the row's positive logits. The bias cancels in a softmax; it
+is accepted (and receives a zero gradient) so that checkpoints with a bias load and DDP sees the
+parameter used.
+
+Two implementations give the same values and gradients: ``"full"`` builds the B x B logits;
+``"tiled"`` (:mod:`modalign.losses.tiled`) never holds more than ``tile_size x B`` of them.
+``"auto"`` picks tiled from :data:`AUTO_TILED_MIN_ELEMENTS` logits on.
+
+Across processes (a process group with more than one rank and ``gather`` not None) each rank scores
+its own rows against the gathered columns, both directions, and scales its loss so that the mean
+over ranks is the single-process loss on the concatenated batch (see :mod:`modalign.distributed`).
+
+Examples:
+    >>> import torch
+    >>> x, y = torch.randn(8, 16), torch.randn(8, 16)
+    >>> out = clip_loss(x, y, logit_scale=torch.tensor(1 / 0.07))
+    >>> sorted(out.parts)
+    ['x->y', 'y->x']
+    >>> loss = ClipLoss(["image", "text"])
+    >>> out = loss({"image": x, "text": y})
+    >>> out.loss.backward(); loss.clamp_()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modalign.distributed.gather import (
+    GatherGrad,
+    ProcessGroup,
+    all_sizes,
+    gather_with_grad,
+    get_world_size,
+    parse_gather,
+)
+from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
+from modalign.losses.groups import same_group_sums
+from modalign.losses.output import LossOutput
+from modalign.losses.registry import register_loss
+from modalign.losses.tiled import DEFAULT_TILE_SIZE, tiled_logsumexp
+from modalign.losses.validation import (
+    check_embedding,
+    check_finite_scalar,
+    check_groups,
+    check_pair,
+    check_positive,
+)
+
+Impl = Literal["auto", "full", "tiled"]
+
+AUTO_TILED_MIN_ELEMENTS = 4096 * 4096
+"""``impl="auto"`` uses the tiled path when the logit matrix has at least this many entries."""
+
+
+def prepare_pair(
+    x: Tensor, y: Tensor, names: Sequence[str], *, normalize: bool, same_batch: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Validate two embedding matrices and L2-normalise them if asked."""
+    check_embedding(names[0], x, normalize=normalize)
+    check_embedding(names[1], y, normalize=normalize)
+    check_pair(names, [x, y], same_batch=same_batch)
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    return x, y
+
+
+def use_tiled(impl: Impl, n: int, m: int) -> bool:
+    """Resolve ``impl`` for an n x m logit matrix."""
+    if impl not in ("auto", "full", "tiled"):
+        raise ValueError(f"impl must be 'auto', 'full' or 'tiled', got {impl!r}")
+    return impl == "tiled" or (impl == "auto" and n * m >= AUTO_TILED_MIN_ELEMENTS)
+
+
+def _scalar(value: Tensor | float | None, like: Tensor) -> Tensor | None:
+    if value is None or isinstance(value, Tensor):
+        return value
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
+def _mean_positive_logits(
+    q: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    q_groups: Tensor,
+    k_all: Tensor,
+    k_groups: Tensor,
+) -> Tensor:
+    """Mean logit of each query row over the columns of its group (multi-positive targets)."""
+    sums, counts = same_group_sums(q_groups, k_all, k_groups)
+    pos = scale * (q * sums).sum(dim=1) / counts.to(q.dtype)
+    return pos if bias is None else pos + bias
+
+
+def _row_cross_entropy(
+    q: Tensor,
+    k: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    offset: int,
+    q_groups: Tensor | None,
+    k_groups: Tensor | None,
+    tiled: bool,
+    tile_size: int,
+) -> Tensor:
+    """Per-row InfoNCE of queries ``q`` against all columns ``k``.
+
+    The positive of row i is column ``offset + i``, or (with groups) the uniform target over the
+    columns of its group.
+    """
+    n = q.shape[0]
+    if q_groups is None:
+        targets = torch.arange(offset, offset + n, device=q.device)
+        if tiled:
+            ce, _ = tiled_logsumexp(
+                q, k, scale, bias, cols=False, row_targets=targets, tile_size=tile_size
+            )
+            assert ce is not None
+            return ce
+        logits = scale * q @ k.T
+        if bias is not None:
+            logits = logits + bias
+        return F.cross_entropy(logits, targets, reduction="none")
+    assert k_groups is not None
+    if tiled:
+        lse, _ = tiled_logsumexp(q, k, scale, bias, cols=False, tile_size=tile_size)
+        assert lse is not None
+    else:
+        logits = scale * q @ k.T
+        lse = (logits if bias is None else logits + bias).logsumexp(dim=1)
+    return lse - _mean_positive_logits(q, scale, bias, q_groups, k, k_groups)
+
+
+def clip_loss(
+    x: Tensor,
+    y: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float | None = None,
+    *,
+    groups: Tensor | None = None,
+    normalize: bool = True,
+    impl: Impl = "auto",
+    tile_size: int = DEFAULT_TILE_SIZE,
+    gather: GatherGrad | None = GatherGrad.GLOBAL,
+    process_group: ProcessGroup | None = None,
+    names: Sequence[str] = ("x", "y"),
+) -> LossOutput:
+    """Symmetric InfoNCE between paired rows of ``x`` and ``y``.
+
+    Args:
+        x, y: (B, d) embeddings; row i of x and row i of y are a positive pair.
+        logit_scale: the inverse temperature t > 0 (pass ``log_logit_scale.exp()``).
+        logit_bias: optional scalar added to every logit (cancels in the softmax).
+        groups: optional (B,) integer ids; rows sharing an id are all positives of each other.
+        normalize: L2-normalise x and y first (False: use them as given).
+        impl: ``"full"`` matrix, memory-bounded ``"tiled"``, or ``"auto"``.
+        tile_size: rows per tile of the tiled path.
+        gather: how gradients cross the all-gather when a process group with several ranks is
+            initialised; None computes on the local batch only.
+        process_group: the group to gather over (default group if None).
+        names: the names of x and y in error messages and part names.
+
+    Returns:
+        ``LossOutput(loss, {"x->y": ..., "y->x": ...})`` with ``loss`` the mean of the two parts.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(4, 8)
+        >>> round(float(clip_loss(x, x, 1e-6).loss), 4) == round(math.log(4), 4)
+        True
+    """
+    x, y = prepare_pair(x, y, names, normalize=normalize)
+    check_positive("logit_scale", logit_scale)
+    if logit_bias is not None:
+        check_finite_scalar("logit_bias", logit_bias)
+    if groups is not None:
+        check_groups("groups", groups, x.shape[0])
+    scale = _scalar(logit_scale, x)
+    assert scale is not None
+    scale = scale.to(x.dtype)
+    bias = _scalar(logit_bias, x)
+    bias = None if bias is None else bias.to(x.dtype)
+    a, b = names[0], names[1]
+    world = get_world_size(process_group) if gather is not None else 1
+
+    if world == 1:
+        n = x.shape[0]
+        tiled = use_tiled(impl, n, n)
+        if tiled and groups is None:  # both directions from one pass over the tiles
+            targets = torch.arange(n, device=x.device)
+            row_ce, col_ce = tiled_logsumexp(
+                x, y, scale, bias, row_targets=targets, col_targets=targets, tile_size=tile_size
+            )
+            assert row_ce is not None and col_ce is not None
+        elif groups is None:
+            logits = scale * x @ y.T
+            if bias is not None:
+                logits = logits + bias
+            targets = torch.arange(n, device=x.device)
+            row_ce = F.cross_entropy(logits, targets, reduction="none")
+            col_ce = F.cross_entropy(logits.T, targets, reduction="none")
+        else:
+            row_ce = _row_cross_entropy(x, y, scale, bias, 0, groups, groups, tiled, tile_size)
+            col_ce = _row_cross_entropy(y, x, scale, bias, 0, groups, groups, tiled, tile_size)
+        x2y, y2x = row_ce.mean(), col_ce.mean()
+        return LossOutput((x2y + y2x) / 2, {f"{a}->{b}": x2y, f"{b}->{a}": y2x})
+
+    assert gather is not None
+    sizes = all_sizes(x.shape[0], process_group, x.device)
+    xs = gather_with_grad(x, gather, process_group, sizes)
+    ys = gather_with_grad(y, gather, process_group, sizes)
+    all_groups = None
+    if groups is not None:
+        all_groups = gather_with_grad(groups, GatherGrad.NONE, process_group, sizes).tensor
+    tiled = use_tiled(impl, x.shape[0], xs.total)
+    common = (scale, bias, xs.offset, groups, all_groups, tiled, tile_size)
+    factor = xs.world_size / xs.total
+    x2y = _row_cross_entropy(x, ys.tensor, *common).sum() * factor
+    y2x = _row_cross_entropy(y, xs.tensor, *common).sum() * factor
+    return LossOutput((x2y + y2x) / 2, {f"{a}->{b}": x2y, f"{b}->{a}": y2x})
+
+
+@register_loss("clip")
+class ClipLoss(ScaledLoss):
+    """CLIP symmetric InfoNCE on two modalities with a learnable log logit scale.
+
+    Args:
+        modalities: the two embedding keys, e.g. ``["image", "text"]``.
+        init_logit_scale: initial log logit scale (default log(1/0.07) = 2.659).
+        learnable_scale: learn the scale (False: fixed temperature).
+        init_logit_bias: initial bias of the logits, or None (default) for none.
+        scale_bounds: clamp range of the log scale applied by :meth:`clamp_` (default [0, log 100]).
+        normalize: L2-normalise the embeddings inside the loss (default True).
+        impl: ``"auto"``, ``"full"`` or ``"tiled"``; tile_size: rows per tile.
+        gather: :class:`GatherGrad` used when a multi-rank process group is initialised
+            (default GLOBAL, the exact one), or None to never gather.
+
+    Examples:
+        >>> import torch
+        >>> loss = ClipLoss(["image", "text"], impl="tiled", tile_size=3)
+        >>> out = loss({"image": torch.randn(5, 4), "text": torch.randn(5, 4)})
+        >>> sorted(out.parts)
+        ['image->text', 'text->image']
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        *,
+        init_logit_scale: float = math.log(1 / 0.07),
+        learnable_scale: bool = True,
+        init_logit_bias: float | None = None,
+        learnable_bias: bool = True,
+        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
+        normalize: bool = True,
+        impl: Impl = "auto",
+        tile_size: int = DEFAULT_TILE_SIZE,
+        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+    ) -> None:
+        super().__init__(
+            modalities,
+            n_modalities=2,
+            init_logit_scale=init_logit_scale,
+            learnable_scale=learnable_scale,
+            init_logit_bias=init_logit_bias,
+            learnable_bias=learnable_bias,
+            scale_bounds=scale_bounds,
+        )
+        use_tiled(impl, 0, 0)  # validates impl
+        self.normalize = normalize
+        self.impl: Impl = impl
+        self.tile_size = tile_size
+        self.gather = parse_gather(gather)
+
+    def forward(
+        self,
+        embeddings: Mapping[str, Tensor],
+        *,
+        groups: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> LossOutput:
+        x, y = self.select(embeddings)
+        return clip_loss(
+            x,
+            y,
+            self.logit_scale(),
+            self.logit_bias,
+            groups=groups,
+            normalize=self.normalize,
+            impl=self.impl,
+            tile_size=self.tile_size,
+            gather=self.gather,
+            names=self.modalities,
+        )

@@ -1,0 +1,451 @@
+"""Uniformity, alignment and cross-uniformity, and the contrastive-gap objectives CUA and CUAXU.
+
+From Wang & Isola (2020) and Fahim, Murphy & Fyshe, "It's Not a Modality Gap" (2024), on
+L2-normalised rows:
+
+* uniformity  ``U(X)   = log mean_{i != j} exp(-t ||x_i - x_j||^2)`` (t = 2), computed as an exact
+  ``logsumexp - log(n (n - 1))``; the mean over ordered pairs equals the mean over ``i < j``.
+* alignment   ``A(X,Y) = mean_i ||x_i - y_i||^alpha`` (alpha = 2).
+* cross-uniformity ``XU(X,Y) = log mean_{i != j} exp(-t ||x_i - y_j||^2)``: every off-diagonal
+  pair (with group ids: every pair of different groups).
+* ``CUA = CLIP(tau = 0.01, fixed) + (U(X) + U(Y)) / 2 + A(X, Y)`` and ``CUAXU = CUA + XU(X, Y)``.
+
+Across processes each rank scores its rows against the gathered columns; the log-sum-exps of the
+ranks are combined exactly, and alignment is rescaled like the CLIP loss, so the mean over ranks
+equals the single-process value.
+
+Examples:
+    >>> import torch
+    >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    >>> float(uniformity_loss(x))  # two antipodal points: -2 * 4
+    -8.0
+    >>> float(alignment_loss(x, -x))
+    4.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modalign.distributed.gather import (
+    GatherGrad,
+    ProcessGroup,
+    all_sizes,
+    gather_with_grad,
+    get_world_size,
+    parse_gather,
+)
+from modalign.losses.base import DEFAULT_SCALE_BOUNDS, as_modalities
+from modalign.losses.clip import Impl, clip_loss, prepare_pair
+from modalign.losses.output import LossOutput
+from modalign.losses.registry import register_loss
+from modalign.losses.tiled import DEFAULT_TILE_SIZE
+from modalign.losses.validation import (
+    check_embedding,
+    check_groups,
+    check_modalities,
+    check_positive,
+)
+
+
+def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """``||a_i - b_j||^2`` by expansion (finite gradient at coincident points), clamped at 0."""
+    d2 = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2.0 * a @ b.T
+    return d2.clamp_min(0.0)
+
+
+def _log_mean_exp_off_pairs(
+    rows: Tensor,
+    cols: Tensor,
+    t: float,
+    excluded: Tensor,
+    n_pairs: int,
+    world: int,
+    gather: GatherGrad,
+    process_group: ProcessGroup | None,
+) -> Tensor:
+    """``log mean exp(-t d^2)`` over the pairs not in ``excluded`` (bool rows x cols), all ranks."""
+    logits = (-t * _squared_distances(rows, cols)).masked_fill(excluded, float("-inf"))
+    lse = logits.logsumexp(dim=(0, 1))
+    if world > 1:
+        lse = gather_with_grad(lse.reshape(1), gather, process_group).tensor.logsumexp(0)
+    return lse - math.log(n_pairs)
+
+
+def uniformity_loss(
+    x: Tensor,
+    *,
+    t: float = 2.0,
+    normalize: bool = True,
+    gather: GatherGrad | None = GatherGrad.GLOBAL,
+    process_group: ProcessGroup | None = None,
+    name: str = "x",
+) -> Tensor:
+    """``log mean_{i != j} exp(-t ||x_i - x_j||^2)`` over the rows of ``x`` (at least 2 rows).
+
+    Examples:
+        >>> import torch
+        >>> float(uniformity_loss(torch.ones(4, 3)))  # all points identical: the maximum, 0
+        0.0
+    """
+    check_embedding(name, x, normalize=normalize)
+    check_positive("t", t)
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    world = get_world_size(process_group) if gather is not None else 1
+    cols, offset, total = x, 0, x.shape[0]
+    if world > 1:
+        assert gather is not None
+        xs = gather_with_grad(x, gather, process_group)
+        cols, offset, total = xs.tensor, xs.offset, xs.total
+    if total < 2:
+        raise ValueError(f"{name} needs at least 2 rows for uniformity, got {total}")
+    rows_idx = torch.arange(x.shape[0], device=x.device) + offset
+    excluded = rows_idx[:, None] == torch.arange(total, device=x.device)[None, :]
+    return _log_mean_exp_off_pairs(
+        x, cols, t, excluded, total * (total - 1), world, gather or GatherGrad.GLOBAL, process_group
+    )
+
+
+def cross_uniformity_loss(
+    x: Tensor,
+    y: Tensor,
+    *,
+    t: float = 2.0,
+    groups: Tensor | None = None,
+    normalize: bool = True,
+    gather: GatherGrad | None = GatherGrad.GLOBAL,
+    process_group: ProcessGroup | None = None,
+    names: Sequence[str] = ("x", "y"),
+) -> Tensor:
+    """``log mean exp(-t ||x_i - y_j||^2)`` over pairs i != j (or of different groups).
+
+    Examples:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> round(float(cross_uniformity_loss(x, x)), 6)  # both off-diagonal pairs at distance^2 2
+        -4.0
+    """
+    x, y = prepare_pair(x, y, names, normalize=normalize)
+    check_positive("t", t)
+    if groups is not None:
+        check_groups("groups", groups, x.shape[0])
+    world = get_world_size(process_group) if gather is not None else 1
+    cols, offset, total, col_groups = y, 0, x.shape[0], groups
+    if world > 1:
+        assert gather is not None
+        sizes = all_sizes(x.shape[0], process_group, x.device)
+        ys = gather_with_grad(y, gather, process_group, sizes)
+        cols, offset, total = ys.tensor, ys.offset, ys.total
+        if groups is not None:
+            col_groups = gather_with_grad(groups, GatherGrad.NONE, process_group, sizes).tensor
+    if groups is None:
+        rows_idx = torch.arange(x.shape[0], device=x.device) + offset
+        excluded = rows_idx[:, None] == torch.arange(total, device=x.device)[None, :]
+        n_pairs = total * (total - 1)
+    else:
+        assert col_groups is not None
+        excluded = groups[:, None] == col_groups[None, :]
+        n_pairs = total * total - int(torch.unique(col_groups, return_counts=True)[1].pow(2).sum())
+    if n_pairs < 1:
+        raise ValueError(
+            f"cross-uniformity needs at least one pair of different samples, got {total}"
+        )
+    return _log_mean_exp_off_pairs(
+        x, cols, t, excluded, n_pairs, world, gather or GatherGrad.GLOBAL, process_group
+    )
+
+
+def alignment_loss(
+    x: Tensor,
+    y: Tensor,
+    *,
+    alpha: float = 2.0,
+    normalize: bool = True,
+    gather: GatherGrad | None = GatherGrad.GLOBAL,
+    process_group: ProcessGroup | None = None,
+    names: Sequence[str] = ("x", "y"),
+) -> Tensor:
+    """``mean_i ||x_i - y_i||^alpha`` over paired rows.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(5, 3)
+        >>> float(alignment_loss(x, x))
+        0.0
+    """
+    x, y = prepare_pair(x, y, names, normalize=normalize)
+    check_positive("alpha", alpha)
+    diff = x - y
+    per_row = diff.pow(2).sum(1) if alpha == 2 else diff.norm(dim=1).pow(alpha)
+    world = get_world_size(process_group) if gather is not None else 1
+    if world == 1:
+        return per_row.mean()
+    total = sum(all_sizes(x.shape[0], process_group, x.device))
+    return per_row.sum() * (world / total)
+
+
+class _GapTerm(nn.Module):
+    """Shared constructor of the geometric terms: modalities, t/alpha, normalize, gather."""
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        n_modalities: int | None,
+        *,
+        normalize: bool,
+        gather: GatherGrad | str | None,
+    ) -> None:
+        super().__init__()
+        self.modalities = as_modalities(modalities, n_modalities)
+        self.normalize = normalize
+        self.gather = parse_gather(gather)
+
+    def select(self, embeddings: Mapping[str, Tensor]) -> list[Tensor]:
+        check_modalities("embeddings", embeddings, self.modalities)
+        return [embeddings[m] for m in self.modalities]
+
+
+@register_loss("uniformity")
+class UniformityLoss(_GapTerm):
+    """Mean over the given modalities of their uniformity ``U`` (one modality or more).
+
+    Examples:
+        >>> import torch
+        >>> loss = UniformityLoss(["image", "text"])
+        >>> out = loss({"image": torch.randn(6, 3), "text": torch.randn(6, 3)})
+        >>> sorted(out.parts)
+        ['image', 'text']
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        *,
+        t: float = 2.0,
+        normalize: bool = True,
+        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+    ) -> None:
+        super().__init__(modalities, None, normalize=normalize, gather=gather)
+        check_positive("t", t)
+        self.t = float(t)
+
+    def forward(
+        self,
+        embeddings: Mapping[str, Tensor],
+        *,
+        groups: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> LossOutput:
+        parts = {
+            m: uniformity_loss(x, t=self.t, normalize=self.normalize, gather=self.gather, name=m)
+            for m, x in zip(self.modalities, self.select(embeddings), strict=True)
+        }
+        return LossOutput(torch.stack(list(parts.values())).mean(), parts)
+
+
+@register_loss("alignment")
+class AlignmentLoss(_GapTerm):
+    """Alignment ``mean_i ||x_i - y_i||^alpha`` of two modalities (alpha = 2).
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(4, 3)
+        >>> float(AlignmentLoss(["a", "b"])({"a": x, "b": x}).loss)
+        0.0
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        *,
+        alpha: float = 2.0,
+        normalize: bool = True,
+        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+    ) -> None:
+        super().__init__(modalities, 2, normalize=normalize, gather=gather)
+        check_positive("alpha", alpha)
+        self.alpha = float(alpha)
+
+    def forward(
+        self,
+        embeddings: Mapping[str, Tensor],
+        *,
+        groups: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> LossOutput:
+        x, y = self.select(embeddings)
+        loss = alignment_loss(
+            x,
+            y,
+            alpha=self.alpha,
+            normalize=self.normalize,
+            gather=self.gather,
+            names=self.modalities,
+        )
+        return LossOutput(loss, {})
+
+
+@register_loss("cross_uniformity")
+class CrossUniformityLoss(_GapTerm):
+    """Cross-modal uniformity ``XU`` of two modalities (positives excluded).
+
+    Examples:
+        >>> import torch
+        >>> loss = CrossUniformityLoss(["image", "text"])
+        >>> float(loss({"image": torch.randn(4, 3), "text": torch.randn(4, 3)}).loss) <= 0
+        True
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        *,
+        t: float = 2.0,
+        normalize: bool = True,
+        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+    ) -> None:
+        super().__init__(modalities, 2, normalize=normalize, gather=gather)
+        check_positive("t", t)
+        self.t = float(t)
+
+    def forward(
+        self,
+        embeddings: Mapping[str, Tensor],
+        *,
+        groups: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> LossOutput:
+        x, y = self.select(embeddings)
+        loss = cross_uniformity_loss(
+            x,
+            y,
+            t=self.t,
+            groups=groups,
+            normalize=self.normalize,
+            gather=self.gather,
+            names=self.modalities,
+        )
+        return LossOutput(loss, {})
+
+
+@register_loss("cua")
+class CuaLoss(_GapTerm):
+    """CUA = CLIP (fixed tau = 0.01) + uniformity (mean of both) + alignment; CUAXU adds XU.
+
+    Args:
+        modalities: the two embedding keys.
+        temperature: the CLIP temperature (default 0.01, fixed as in the paper).
+        learnable_temperature: learn it instead (log-parameterised, clamped by :meth:`clamp_`).
+        cross_uniformity: add the cross-uniformity term (CUAXU).
+        weights: weights of (clip, uniformity, alignment, cross_uniformity), default all 1.
+        t: the uniformity kernel's t (2). alpha: the alignment exponent (2).
+        normalize, impl, tile_size, gather: as in :class:`modalign.losses.clip.ClipLoss`.
+
+    Examples:
+        >>> import torch
+        >>> emb = {"image": torch.randn(6, 4), "text": torch.randn(6, 4)}
+        >>> sorted(CuaLoss(["image", "text"])(emb).parts)
+        ['alignment', 'clip', 'clip/image->text', 'clip/text->image', 'uniformity']
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        *,
+        temperature: float = 0.01,
+        learnable_temperature: bool = False,
+        cross_uniformity: bool = False,
+        weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        t: float = 2.0,
+        alpha: float = 2.0,
+        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
+        normalize: bool = True,
+        impl: Impl = "auto",
+        tile_size: int = DEFAULT_TILE_SIZE,
+        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+    ) -> None:
+        super().__init__(modalities, 2, normalize=normalize, gather=gather)
+        check_positive("temperature", temperature)
+        check_positive("t", t)
+        check_positive("alpha", alpha)
+        weights = tuple(float(w) for w in weights)
+        if len(weights) != 4 or not all(math.isfinite(w) for w in weights):
+            raise ValueError(
+                f"weights must be 4 finite numbers (clip, unif, align, xunif), got {weights}"
+            )
+        self.weights = weights
+        self.cross_uniformity = cross_uniformity
+        self.t, self.alpha = float(t), float(alpha)
+        self.impl: Impl = impl
+        self.tile_size = tile_size
+        self.scale_bounds = scale_bounds
+        log_scale = torch.tensor(math.log(1.0 / temperature), dtype=torch.float32)
+        if learnable_temperature:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp a learnable log logit scale to ``scale_bounds`` (a fixed one is left alone)."""
+        if isinstance(self.log_logit_scale, nn.Parameter):
+            self.log_logit_scale.clamp_(*self.scale_bounds)
+
+    def forward(
+        self,
+        embeddings: Mapping[str, Tensor],
+        *,
+        groups: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> LossOutput:
+        x, y = self.select(embeddings)
+        a, b = self.modalities
+        w_clip, w_unif, w_align, w_xunif = self.weights
+        common = {"normalize": self.normalize, "gather": self.gather}
+        clip = clip_loss(
+            x,
+            y,
+            self.log_logit_scale.exp(),
+            groups=groups,
+            impl=self.impl,
+            tile_size=self.tile_size,
+            names=self.modalities,
+            **common,
+        )
+        unif = (
+            uniformity_loss(x, t=self.t, name=a, **common)
+            + uniformity_loss(y, t=self.t, name=b, **common)
+        ) / 2
+        align = alignment_loss(x, y, alpha=self.alpha, names=self.modalities, **common)
+        parts = {"clip": clip.loss, "uniformity": unif, "alignment": align}
+        parts.update({f"clip/{k}": v for k, v in clip.parts.items()})
+        total = w_clip * clip.loss + w_unif * unif + w_align * align
+        if self.cross_uniformity:
+            xunif = cross_uniformity_loss(
+                x, y, t=self.t, groups=groups, names=self.modalities, **common
+            )
+            parts["cross_uniformity"] = xunif
+            total = total + w_xunif * xunif
+        return LossOutput(total, parts)
+
+
+@register_loss("cuaxu")
+class CuaxuLoss(CuaLoss):
+    """CUAXU = CUA + cross-uniformity (see :class:`CuaLoss`).
+
+    Examples:
+        >>> import torch
+        >>> emb = {"image": torch.randn(6, 4), "text": torch.randn(6, 4)}
+        >>> "cross_uniformity" in CuaxuLoss(["image", "text"])(emb).parts
+        True
+    """
+
+    def __init__(self, modalities: Sequence[str], **params: object) -> None:
+        params.setdefault("cross_uniformity", True)
+        super().__init__(modalities, **params)  # type: ignore[arg-type]

@@ -1,0 +1,294 @@
+"""Objectives as data: a weighted list of (loss, modalities) terms, and pairwise N-modal sums.
+
+A training config declares its objective as a list of terms::
+
+    [{"loss": "clip", "modalities": ["image", "text"], "weight": 1.0, "init_logit_scale": 2.659},
+     {"loss": "uniformity", "modalities": ["image", "text"], "weight": 1.0},
+     {"loss": "intra", "modalities": ["image", "image:openmoji"], "weight": 0.5}]
+
+:func:`build_objective` turns it into an :class:`Objective`, whose output is the weighted sum
+``sum_k w_k L_k`` with every unweighted term under its label (``"clip[image,text]"``) and every
+term's own parts under ``"<label>/<part>"``.
+
+Examples:
+    >>> import torch
+    >>> obj = build_objective([
+    ...     {"loss": "clip", "modalities": ["image", "text"]},
+    ...     {"loss": "alignment", "modalities": ["image", "text"], "weight": 0.5},
+    ... ])
+    >>> emb = {"image": torch.randn(8, 4), "text": torch.randn(8, 4)}
+    >>> out = obj(emb)
+    >>> sorted(out.parts)[:2]
+    ['alignment[image,text]', 'clip[image,text]']
+    >>> parts = out.parts
+    >>> torch.allclose(out.loss, parts["clip[image,text]"] + 0.5 * parts["alignment[image,text]"])
+    True
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from modalign.losses.base import as_modalities
+from modalign.losses.output import LossOutput
+from modalign.losses.registry import build_loss, register_loss
+
+Reduction = Literal["sum", "mean"]
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One weighted term of an objective.
+
+    Args:
+        loss: a registered loss name (built with ``modalities`` and ``params``) or a loss module.
+        modalities: the embedding keys the term reads (used to build it, and in its label).
+        weight: the term's weight in the total (finite; 0 keeps it logged but without gradient).
+        params: constructor keyword arguments for a named loss.
+        label: the name of the term in the output parts (default ``"loss[mod1,mod2]"``).
+    """
+
+    loss: str | nn.Module
+    modalities: tuple[str, ...]
+    weight: float = 1.0
+    params: Mapping[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> LossTerm:
+        """Read ``{"loss": ..., "modalities": [...], "weight": w, "label": ..., **params}``."""
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"a loss term must be a mapping, got {type(spec).__name__}")
+        spec = dict(spec)
+        if "loss" not in spec or "modalities" not in spec:
+            raise ValueError(f"a loss term needs 'loss' and 'modalities' keys, got {sorted(spec)}")
+        loss = spec.pop("loss")
+        modalities = as_modalities(spec.pop("modalities"), name="modalities")
+        weight = spec.pop("weight", 1.0)
+        label = spec.pop("label", None)
+        params = dict(spec.pop("params", {}))
+        params.update(spec)
+        return cls(loss, modalities, float(weight), params, label)
+
+    def name(self) -> str:
+        """The term's label in the output parts."""
+        if self.label is not None:
+            return self.label
+        base = self.loss if isinstance(self.loss, str) else type(self.loss).__name__
+        return f"{base}[{','.join(self.modalities)}]"
+
+
+class Objective(nn.Module):
+    """A weighted sum of loss terms; forwards ``groups`` and ``indices`` to every term.
+
+    Args:
+        terms: :class:`LossTerm` objects or plain dicts (see :meth:`LossTerm.from_dict`).
+
+    Examples:
+        >>> obj = Objective([LossTerm("clip", ("image", "text"))])
+        >>> obj.labels
+        ['clip[image,text]']
+    """
+
+    def __init__(self, terms: Sequence[LossTerm | Mapping[str, Any]]) -> None:
+        super().__init__()
+        if isinstance(terms, (str, Mapping)) or not isinstance(terms, Sequence) or not terms:
+            raise ValueError("terms must be a non-empty list of loss terms")
+        parsed = [t if isinstance(t, LossTerm) else LossTerm.from_dict(t) for t in terms]
+        self.labels: list[str] = []
+        self.weights: list[float] = []
+        self.terms = nn.ModuleList()
+        for term in parsed:
+            if not math.isfinite(term.weight):
+                raise ValueError(f"weight of {term.name()} must be finite, got {term.weight}")
+            if term.name() in self.labels:
+                raise ValueError(f"two terms are labelled {term.name()!r}; give one a 'label'")
+            if isinstance(term.loss, nn.Module):
+                if term.params:
+                    raise ValueError(f"params of {term.name()} must be empty when loss is a module")
+                module = term.loss
+            else:
+                module = build_loss(term.loss, modalities=list(term.modalities), **term.params)
+            self.labels.append(term.name())
+            self.weights.append(term.weight)
+            self.terms.append(module)
+
+    def forward(
+        self,
+        embeddings: Mapping[str, Tensor],
+        *,
+        groups: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> LossOutput:
+        total: Tensor | None = None
+        parts: dict[str, Tensor] = {}
+        for label, weight, module in zip(self.labels, self.weights, self.terms, strict=True):
+            out = module(embeddings, groups=groups, indices=indices)
+            parts[label] = out.loss
+            for key, value in out.parts.items():
+                parts[f"{label}/{key}"] = value
+            contribution = weight * out.loss
+            total = contribution if total is None else total + contribution
+        assert total is not None
+        return LossOutput(total, parts)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Call ``clamp_()`` on every term that has one (after each optimiser step)."""
+        for module in self.terms:
+            _clamp_tree(module)
+
+
+def build_objective(spec: Sequence[LossTerm | Mapping[str, Any]] | Mapping[str, Any]) -> Objective:
+    """Build an :class:`Objective` from a list of terms or ``{"terms": [...]}``.
+
+    Examples:
+        >>> build_objective({"terms": [{"loss": "siglip", "modalities": ["a", "b"]}]}).labels
+        ['siglip[a,b]']
+    """
+    if isinstance(spec, Mapping):
+        if "terms" not in spec:
+            raise ValueError(
+                f"spec must be a list of terms or a mapping with 'terms', got {sorted(spec)}"
+            )
+        spec = spec["terms"]
+    return Objective(spec)
+
+
+PairSpec = Literal["all", "anchor"] | Sequence[Sequence[str]]
+
+
+@register_loss("pairwise")
+class PairwiseLoss(nn.Module):
+    """Apply a two-modality loss to several pairs of N modalities, with weights; sum or mean.
+
+    Args:
+        modalities: the N modality keys.
+        base_loss: registered name of the two-modality loss applied to each pair.
+        pairs: ``"all"`` (every unordered pair, in declared order), ``"anchor"`` (``anchor`` against
+            every other modality), or an explicit list of pairs.
+        anchor: the anchor modality for ``pairs="anchor"`` (default: the first modality).
+        weights: one weight per pair (same order as the pairs), default all 1.
+        reduction: ``"sum"`` gives sum_p w_p L_p; ``"mean"`` gives sum_p w_p L_p / sum_p w_p.
+        skip_missing: skip pairs whose embeddings are absent from a batch (else ValueError).
+        **params: constructor arguments of ``base_loss``.
+
+    Examples:
+        >>> import torch
+        >>> loss = PairwiseLoss(["image", "text", "audio"], base_loss="clip", pairs="anchor")
+        >>> loss.pairs
+        [('image', 'text'), ('image', 'audio')]
+        >>> emb = {m: torch.randn(4, 3) for m in ["image", "text", "audio"]}
+        >>> sorted(loss(emb).parts)[:2]
+        ['image,audio', 'image,audio/audio->image']
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        *,
+        base_loss: str = "clip",
+        pairs: PairSpec = "all",
+        anchor: str | None = None,
+        weights: Sequence[float] | None = None,
+        reduction: Reduction = "sum",
+        skip_missing: bool = False,
+        **params: Any,
+    ) -> None:
+        super().__init__()
+        self.modalities = as_modalities(modalities)
+        if len(self.modalities) < 2:
+            raise ValueError(f"modalities must name at least 2 modalities, got {self.modalities}")
+        self.pairs = _resolve_pairs(self.modalities, pairs, anchor)
+        if weights is None:
+            weights = [1.0] * len(self.pairs)
+        weights = [float(w) for w in weights]
+        if len(weights) != len(self.pairs) or not all(math.isfinite(w) for w in weights):
+            raise ValueError(
+                f"weights must hold {len(self.pairs)} finite numbers (one per pair {self.pairs}), "
+                f"got {weights}"
+            )
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        if reduction == "mean" and sum(weights) <= 0:
+            raise ValueError("weights must have a positive sum for reduction='mean'")
+        self.weights = weights
+        self.reduction = reduction
+        self.skip_missing = skip_missing
+        self.losses = nn.ModuleList(
+            build_loss(base_loss, modalities=list(p), **params) for p in self.pairs
+        )
+
+    def forward(
+        self,
+        embeddings: Mapping[str, Tensor],
+        *,
+        groups: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> LossOutput:
+        total: Tensor | None = None
+        weight_sum = 0.0
+        parts: dict[str, Tensor] = {}
+        for k, ((a, b), w) in enumerate(zip(self.pairs, self.weights, strict=True)):
+            if self.skip_missing and (a not in embeddings or b not in embeddings):
+                continue
+            out = self.losses[k](embeddings, groups=groups, indices=indices)
+            label = f"{a},{b}"
+            parts[label] = out.loss
+            for key, value in out.parts.items():
+                parts[f"{label}/{key}"] = value
+            total = w * out.loss if total is None else total + w * out.loss
+            weight_sum += w
+        if total is None:
+            raise ValueError(
+                f"embeddings hold none of the pairs {self.pairs}; got keys {sorted(embeddings)}"
+            )
+        if self.reduction == "mean":
+            total = total / weight_sum
+        return LossOutput(total, parts)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp the logit scale of every pair's loss."""
+        for module in self.losses:
+            _clamp_tree(module)
+
+
+def _resolve_pairs(
+    modalities: tuple[str, ...], pairs: PairSpec, anchor: str | None
+) -> list[tuple[str, str]]:
+    if pairs == "all":
+        return list(itertools.combinations(modalities, 2))
+    if pairs == "anchor":
+        anchor = modalities[0] if anchor is None else anchor
+        if anchor not in modalities:
+            raise ValueError(f"anchor must be one of {modalities}, got {anchor!r}")
+        return [(anchor, m) for m in modalities if m != anchor]
+    if isinstance(pairs, str) or not isinstance(pairs, Sequence) or not pairs:
+        raise ValueError(
+            f"pairs must be 'all', 'anchor' or a non-empty list of pairs, got {pairs!r}"
+        )
+    out: list[tuple[str, str]] = []
+    for p in pairs:
+        pair = as_modalities(p, 2, name="pairs")
+        if any(m not in modalities for m in pair):
+            raise ValueError(f"pairs entry {pair} uses a modality not in {modalities}")
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _clamp_tree(module: nn.Module) -> None:
+    """Call clamp_ on ``module`` if it has one, else on its children (recursively)."""
+    clamp = getattr(module, "clamp_", None)
+    if callable(clamp):
+        clamp()
+        return
+    for child in module.children():
+        _clamp_tree(child)

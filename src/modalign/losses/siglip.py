@@ -1,0 +1,196 @@
+"""SigLIP: pairwise sigmoid loss (Zhai et al., 2023).
+
+With ``l_ij = t x_i . y_j + b`` and ``z_ij = +1`` for positives (the diagonal, or same group id),
+``-1`` otherwise::
+
+    L = -1/B sum_ij log sigmoid(z_ij l_ij) = 1/B [ sum_ij softplus(l_ij) - sum_{ij: z_ij=+1} l_ij ]
+
+The right-hand form (``softplus(-l) = softplus(l) - l``) is what both paths compute: the softplus
+sum over the whole matrix (full, or tiled in O(tile_size x B) memory) plus an O(B d) positive term.
+Defaults follow the paper: ``t = exp(log 10)``, ``b = -10``, both learnable.
+
+Across processes each rank scores its rows against the gathered columns (the same scaling
+convention as :func:`modalign.losses.clip.clip_loss`: the mean over ranks is the single-process
+loss on the concatenated batch).
+
+Examples:
+    >>> import torch
+    >>> x = torch.randn(6, 4)
+    >>> out = siglip_loss(x, x, logit_scale=torch.tensor(1e-9), logit_bias=0.0)
+    >>> round(float(out.loss), 4) == round(6 * math.log(2), 4)  # B log 2 at zero logits
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modalign.distributed.gather import (
+    GatherGrad,
+    ProcessGroup,
+    all_sizes,
+    gather_with_grad,
+    get_world_size,
+    parse_gather,
+)
+from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
+from modalign.losses.clip import Impl, prepare_pair, use_tiled
+from modalign.losses.groups import same_group_sums
+from modalign.losses.output import LossOutput
+from modalign.losses.registry import register_loss
+from modalign.losses.tiled import DEFAULT_TILE_SIZE, SOFTPLUS_THRESHOLD, tiled_softplus_sum
+from modalign.losses.validation import check_finite_scalar, check_groups, check_positive
+
+
+def siglip_loss(
+    x: Tensor,
+    y: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float | None = -10.0,
+    *,
+    groups: Tensor | None = None,
+    negative_only: bool = False,
+    normalize: bool = True,
+    impl: Impl = "auto",
+    tile_size: int = DEFAULT_TILE_SIZE,
+    gather: GatherGrad | None = GatherGrad.GLOBAL,
+    process_group: ProcessGroup | None = None,
+    names: Sequence[str] = ("x", "y"),
+) -> LossOutput:
+    """Sigmoid loss over all pairs of rows of ``x`` and ``y``, divided by the batch size.
+
+    Args:
+        x, y: (B, d) embeddings; row i of x and row i of y are a positive pair.
+        logit_scale: t > 0 (pass ``log_logit_scale.exp()``). logit_bias: b (None: 0).
+        groups: optional (B,) integer ids; every pair within a group is a positive.
+        negative_only: score every pair as a negative (``sum softplus(l) / B``), as for blocks of
+            columns that hold no positive of these rows.
+        normalize, impl, tile_size, gather, process_group, names: as in
+            :func:`modalign.losses.clip.clip_loss`.
+
+    Returns:
+        ``LossOutput(loss, {})``.
+
+    Examples:
+        >>> import torch
+        >>> x, y = torch.randn(5, 3), torch.randn(5, 3)
+        >>> full = siglip_loss(x, y, 10.0, -10.0, impl="full").loss
+        >>> torch.allclose(full, siglip_loss(x, y, 10.0, -10.0, impl="tiled", tile_size=2).loss)
+        True
+    """
+    x, y = prepare_pair(x, y, names, normalize=normalize)
+    check_positive("logit_scale", logit_scale)
+    if logit_bias is not None:
+        check_finite_scalar("logit_bias", logit_bias)
+    if groups is not None:
+        check_groups("groups", groups, x.shape[0])
+    scale = torch.as_tensor(logit_scale, dtype=x.dtype, device=x.device)
+    bias = (
+        None if logit_bias is None else torch.as_tensor(logit_bias, dtype=x.dtype, device=x.device)
+    )
+    world = get_world_size(process_group) if gather is not None else 1
+
+    factor = 1.0 / x.shape[0]
+    cols, col_groups = y, groups
+    if world > 1:
+        assert gather is not None
+        sizes = all_sizes(x.shape[0], process_group, x.device)
+        ys = gather_with_grad(y, gather, process_group, sizes)
+        cols, factor = ys.tensor, ys.world_size / ys.total
+        if groups is not None:
+            col_groups = gather_with_grad(groups, GatherGrad.NONE, process_group, sizes).tensor
+
+    if use_tiled(impl, x.shape[0], cols.shape[0]):
+        negatives = tiled_softplus_sum(x, cols, scale, bias, tile_size=tile_size)
+    else:
+        logits = scale * x @ cols.T
+        if bias is not None:
+            logits = logits + bias
+        negatives = F.softplus(logits, threshold=SOFTPLUS_THRESHOLD).sum()
+    if negative_only:
+        return LossOutput(negatives * factor, {})
+    if groups is None:
+        positives = scale * (x * y).sum()
+        n_pos = x.shape[0]
+    else:
+        assert col_groups is not None
+        sums, counts = same_group_sums(groups, cols, col_groups)
+        positives = scale * (x * sums).sum()
+        n_pos = int(counts.sum())
+    if bias is not None:
+        positives = positives + bias * n_pos
+    return LossOutput((negatives - positives) * factor, {})
+
+
+@register_loss("siglip")
+class SigLipLoss(ScaledLoss):
+    """SigLIP sigmoid loss with learnable log scale (init log 10) and bias (init -10).
+
+    Args:
+        modalities: the two embedding keys.
+        init_logit_scale: initial log logit scale (default log 10).
+        init_logit_bias: initial bias (default -10).
+        learnable_scale, learnable_bias, scale_bounds: as in :class:`ScaledLoss`.
+        normalize, impl, tile_size, gather: as in :class:`modalign.losses.clip.ClipLoss`.
+
+    Examples:
+        >>> import torch
+        >>> loss = SigLipLoss(["image", "text"])
+        >>> float(loss.logit_bias), round(float(loss.logit_scale()), 3)
+        (-10.0, 10.0)
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        *,
+        init_logit_scale: float = math.log(10.0),
+        learnable_scale: bool = True,
+        init_logit_bias: float = -10.0,
+        learnable_bias: bool = True,
+        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
+        normalize: bool = True,
+        impl: Impl = "auto",
+        tile_size: int = DEFAULT_TILE_SIZE,
+        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+    ) -> None:
+        super().__init__(
+            modalities,
+            n_modalities=2,
+            init_logit_scale=init_logit_scale,
+            learnable_scale=learnable_scale,
+            init_logit_bias=init_logit_bias,
+            learnable_bias=learnable_bias,
+            scale_bounds=scale_bounds,
+        )
+        use_tiled(impl, 0, 0)
+        self.normalize = normalize
+        self.impl: Impl = impl
+        self.tile_size = tile_size
+        self.gather = parse_gather(gather)
+
+    def forward(
+        self,
+        embeddings: Mapping[str, Tensor],
+        *,
+        groups: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> LossOutput:
+        x, y = self.select(embeddings)
+        return siglip_loss(
+            x,
+            y,
+            self.logit_scale(),
+            self.logit_bias,
+            groups=groups,
+            normalize=self.normalize,
+            impl=self.impl,
+            tile_size=self.tile_size,
+            gather=self.gather,
+            names=self.modalities,
+        )

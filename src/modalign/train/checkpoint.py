@@ -1,0 +1,137 @@
+"""Crash-safe training checkpoints: weights in safetensors, the rest as plain tensors and dicts.
+
+A checkpoint is a folder ``ckpt-<step>`` under ``<run>/checkpoints`` holding
+
+- ``weights.safetensors``: every module's ``state_dict`` under ``<module name>.`` prefixes;
+- ``trainer.pt``: optimizer and scheduler state dicts, RNG states and the loop's counters, written
+  with ``torch.save`` and read back with ``torch.load(weights_only=True)`` (nothing is unpickled).
+
+The folder is filled under a temporary name and renamed into place; ``latest.json`` (written
+atomically afterwards) names the newest complete checkpoint, so a kill at any instant leaves either
+the previous or the new checkpoint readable. Older checkpoints beyond ``keep`` are deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modalign.io import read_json, write_json_atomic
+
+LATEST = "latest.json"
+WEIGHTS = "weights.safetensors"
+TRAINER = "trainer.pt"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: weights per module, trainer state, and where it lives."""
+
+    path: Path
+    step: int
+    weights: dict[str, dict[str, torch.Tensor]]
+    trainer: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG states of this process (CPU, and every CUDA device when present)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(root: str | os.PathLike[str], step: int, modules: Mapping[str, nn.Module],
+                    trainer: Mapping[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``ckpt-<step>`` under ``root`` and point ``latest.json`` at it.
+
+    Args:
+        root: the checkpoints folder.
+        step: optimizer steps done.
+        modules: name -> module whose ``state_dict`` is saved (``"model"``, ``"objective"``).
+        trainer: optimizer/scheduler state dicts, RNG states and counters (tensors, numbers,
+            strings, lists, dicts).
+        keep: how many of the newest checkpoints to keep (at least 1).
+
+    Examples:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = save_checkpoint(d, 3, {"model": nn.Linear(2, 2)}, {"step": 3})
+        >>> load_checkpoint(d).step
+        3
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{step:09d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        flat: dict[str, torch.Tensor] = {}
+        for mod_name, module in modules.items():
+            if "." in mod_name:
+                raise ValueError(f"module name {mod_name!r} must not contain '.'")
+            for k, v in module.state_dict().items():
+                flat[f"{mod_name}.{k}"] = v.detach().cpu().contiguous()
+        save_file(flat, str(tmp / WEIGHTS))
+        torch.save({**dict(trainer), "step": int(step), "modules": sorted(modules)},
+                   tmp / TRAINER)
+        for f in (tmp / WEIGHTS, tmp / TRAINER):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomic(root / LATEST, {"checkpoint": name, "step": int(step)})
+    existing = sorted(p for p in root.glob("ckpt-*") if p.is_dir() and not p.name.startswith("."))
+    for old in existing[:-keep]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
+    """The folder ``latest.json`` points at, or ``None`` when there is no checkpoint yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / read_json(pointer)["checkpoint"]
+    if not (path / WEIGHTS).is_file() or not (path / TRAINER).is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
+    return path
+
+
+def load_checkpoint(root_or_path: str | os.PathLike[str],
+                    map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read the latest checkpoint under a checkpoints folder (or one ``ckpt-*`` folder)."""
+    p = Path(root_or_path)
+    path = p if (p / WEIGHTS).is_file() else latest_checkpoint(p)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint under {p}: expected {LATEST} or a ckpt-* folder")
+    flat = load_file(str(path / WEIGHTS), device=str(map_location))
+    trainer = torch.load(path / TRAINER, map_location=map_location, weights_only=True)
+    weights: dict[str, dict[str, torch.Tensor]] = {m: {} for m in trainer["modules"]}
+    for k, v in flat.items():
+        mod, _, rest = k.partition(".")
+        weights.setdefault(mod, {})[rest] = v
+    return Checkpoint(path, int(trainer["step"]), weights, trainer)

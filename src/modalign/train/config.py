@@ -1,0 +1,449 @@
+"""Training configuration: typed sections read from TOML/YAML, every key overridable by name.
+
+A config file has the sections ``[data]``, ``[model]``, ``[[objectives]]``, ``[optim]``,
+``[train]``, ``[augment]``, ``[validate]`` and ``[run]``. Any key can be overridden with a dotted
+name, ``optim.lr=1e-3`` (``--set optim.lr=1e-3`` or ``--optim.lr 1e-3`` on the command line);
+values are parsed as TOML literals (``1e-3``, ``true``, ``["image", "text"]``, ``{text = 0.1}``)
+and fall back to plain strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from modalign.model import ModelConfig
+
+BUILTIN_CONFIGS = ("clip", "clip_unif_align", "clip_intra", "three_modal")
+
+
+@dataclass
+class DataConfig:
+    """Where the training pairs come from."""
+
+    embeddings: str = ""
+    dataset: str = ""
+    keys: list[str] = field(default_factory=lambda: ["image", "text"])
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+@dataclass
+class ModelSection:
+    """The model built on top of the towers (see ``modalign.model.ModelConfig``)."""
+
+    towers: dict[str, str] = field(default_factory=dict)
+    joint_dim: int = 256
+    head: str = "linear"
+    head_depth: int = 2
+    hidden_dim: int = 512
+    head_init: str = "xavier"
+    cone_offset: float = 1.0
+    input_norm: str = "l2"
+    center_features: bool = True
+    logit_scale_init: float = 1 / 0.07
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and a cosine or constant schedule."""
+
+    lr: float = 1e-3
+    tower_lr: float = 1e-5
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    """The loop."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    seed: int = 0
+    accumulate: int = 1
+    unfreeze: dict[str, int] = field(default_factory=dict)
+    precision: str = "fp32"
+    device: str = "auto"
+    num_threads: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    max_steps: int = 0
+    progress: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentations (see docs/training.md for which apply to cached features)."""
+
+    sample_items: bool = True
+    embedding_noise: dict[str, float] = field(default_factory=dict)
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    color_jitter: float = 0.2
+
+
+@dataclass
+class ValidateConfig:
+    """Per-epoch validation on ``data.val_split``."""
+
+    pair: list[str] = field(default_factory=list)
+    metric: str = "i2t_r1"
+    patience: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go."""
+
+    dir: str = ""
+    name: str = ""
+
+
+HELP: dict[str, str] = {
+    "data.embeddings": "embedding store folder (tower features of every item)",
+    "data.dataset": "dataset spec ('emoji', a manifest or a built folder); needed only for "
+                    "unfrozen towers, which encode raw inputs",
+    "data.keys": "embedding keys of one training tuple: a modality ('image': any of its views) "
+                 "or 'modality:view' ('image:noto')",
+    "data.train_split": "split to train on",
+    "data.val_split": "split to validate on ('' to skip validation)",
+    "model.towers": "encoder spec per modality, e.g. {image = 'effnet-lite0'}; empty: the "
+                    "encoders recorded in the store",
+    "model.joint_dim": "size of the joint space",
+    "model.head": "head kind: 'linear' or 'mlp'",
+    "model.head_depth": "linear layers of an mlp head (>= 2)",
+    "model.hidden_dim": "hidden width of an mlp head",
+    "model.head_init": "'xavier' or 'cone' (each modality starts in its own narrow cone)",
+    "model.cone_offset": "norm of the random final bias of a 'cone' head",
+    "model.input_norm": "'l2' normalises tower features before the head, 'none' keeps them",
+    "model.center_features": "subtract the training-split feature mean before the head",
+    "model.logit_scale_init": "logit scale stored with the model until training sets it",
+    "optim.lr": "learning rate of the heads and the objectives' temperatures",
+    "optim.tower_lr": "learning rate of unfrozen tower stages",
+    "optim.weight_decay": "AdamW weight decay of weight matrices (none on biases and "
+                          "temperatures)",
+    "optim.betas": "AdamW betas, e.g. [0.9, 0.98]",
+    "optim.eps": "AdamW epsilon",
+    "optim.warmup_steps": "linear warmup steps",
+    "optim.schedule": "'cosine' (decays to zero at the last step) or 'constant'",
+    "optim.grad_clip": "clip the gradient norm to this value (0: off)",
+    "train.epochs": "passes over the training groups",
+    "train.batch_size": "global contrastive batch (all processes together)",
+    "train.seed": "seed of initialisation, batch order and item sampling",
+    "train.accumulate": "micro-batches per step; > 1 caches embeddings (GradCache) so the "
+                        "contrastive batch stays global",
+    "train.unfreeze": "last k stages of a tower to fine-tune, e.g. {image = 2}; those items are "
+                      "encoded on the fly (needs data.dataset)",
+    "train.precision": "'fp32' or 'bf16' (autocast; CUDA only)",
+    "train.device": "'auto', 'cpu', 'cuda' or 'cuda:N'",
+    "train.num_threads": "torch CPU threads (0: torch's default)",
+    "train.checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
+    "train.keep_checkpoints": "how many recent checkpoints to keep",
+    "train.max_steps": "stop after this many steps (0: no limit)",
+    "train.progress": "show a progress bar",
+    "augment.sample_items": "draw a random item of each group per key at every step (a "
+                            "concept's names/aliases/prompts, an image's styles); false: the "
+                            "group's first item",
+    "augment.embedding_noise": "Gaussian noise std added to the joint embeddings of these keys "
+                               "during training, then renormalised (CLOSE), e.g. {text = 0.1}",
+    "augment.crop_scale": "random resized crop area range [low, high] (unfrozen image towers)",
+    "augment.color_jitter": "brightness/contrast/saturation jitter (unfrozen image towers)",
+    "validate.pair": "the two keys validation retrieves between (default: the first two "
+                     "data.keys)",
+    "validate.metric": "metric that picks the best epoch: i2t_r1, i2t_r5, t2i_r1, t2i_r5, "
+                       "mean_r1, or -gap (a leading '-' means lower is better)",
+    "validate.patience": "stop after this many epochs without improvement (0: never)",
+    "run.dir": "run folder (default: <modalign home>/runs/<run.name>)",
+    "run.name": "run name (default: the config file's name)",
+}
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelSection, "optim": OptimConfig, "train": TrainSection,
+    "augment": AugmentConfig, "validate": ValidateConfig, "run": RunConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run, as data.
+
+    Examples:
+        >>> cfg = TrainConfig.from_dict({"optim": {"lr": 0.01}},
+        ...                             overrides=["train.batch_size=32"])
+        >>> cfg.optim.lr, cfg.train.batch_size
+        (0.01, 32)
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    objectives: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"loss": "clip", "modalities": ["image", "text"], "weight": 1.0}])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what ``config.resolved.json`` holds)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], overrides: Iterable[str] = ()) -> TrainConfig:
+        """Build from a nested dict plus ``"section.key=value"`` overrides; validates."""
+        merged = json.loads(json.dumps(dict(d)))
+        for ov in overrides:
+            key, value = parse_override(ov)
+            set_dotted(merged, key, value)
+        unknown = sorted(set(merged) - set(SECTIONS) - {"objectives"})
+        if unknown:
+            raise ValueError(f"config has unknown sections {unknown}; expected "
+                             f"{sorted([*SECTIONS, 'objectives'])}")
+        kwargs: dict[str, Any] = {}
+        for name, section in SECTIONS.items():
+            values = merged.get(name, {})
+            if not isinstance(values, Mapping):
+                raise ValueError(f"config section [{name}] must be a table, got {values!r}")
+            kwargs[name] = _build_section(name, section, values)
+        if "objectives" in merged:
+            kwargs["objectives"] = _objectives(merged["objectives"])
+        cfg = cls(**kwargs)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad key."""
+        t, o, d = self.train, self.optim, self.data
+        if len(d.keys) < 1 or len(set(d.keys)) != len(d.keys):
+            raise ValueError(f"data.keys must be distinct embedding keys, got {d.keys!r}")
+        for name, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
+                        ("train.accumulate", t.accumulate)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if t.batch_size % t.accumulate:
+            raise ValueError(f"train.batch_size={t.batch_size} must be divisible by "
+                             f"train.accumulate={t.accumulate}")
+        if t.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+        if o.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {o.schedule!r}")
+        if not o.lr > 0 or not o.tower_lr > 0:
+            raise ValueError(f"optim.lr and optim.tower_lr must be > 0, got {o.lr}, {o.tower_lr}")
+        if len(o.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers, got {o.betas!r}")
+        for m, k in t.unfreeze.items():
+            if not isinstance(k, int) or k < 0:
+                raise ValueError(f"train.unfreeze[{m!r}] must be an int >= 0, got {k!r}")
+        if len(self.augment.crop_scale) != 2 or not (
+                0 < self.augment.crop_scale[0] <= self.augment.crop_scale[1] <= 1):
+            raise ValueError("augment.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                             f"got {self.augment.crop_scale!r}")
+        for k, s in self.augment.embedding_noise.items():
+            if not isinstance(s, (int, float)) or s < 0:
+                raise ValueError(f"augment.embedding_noise[{k!r}] must be a number >= 0, got {s!r}")
+        pair = self.validation_pair()
+        if pair is not None and len(pair) != 2:
+            raise ValueError(f"validate.pair must name two keys, got {self.validate.pair!r}")
+        metric = self.validate.metric.lstrip("-")
+        if metric not in VALIDATION_METRICS:
+            raise ValueError(f"validate.metric must be one of {sorted(VALIDATION_METRICS)} "
+                             f"(prefix '-' for lower-is-better), got {self.validate.metric!r}")
+        if not self.objectives:
+            raise ValueError("objectives must list at least one {loss = ..., modalities = [...]}")
+        # the model section must build a valid ModelConfig (with placeholder dims)
+        self.model_config({k: "x" for k in self.modalities()} if not self.model.towers
+                          else self.model.towers, {m: 1 for m in self.modalities()})
+
+    def modalities(self) -> list[str]:
+        """The modalities (keys without views) of ``data.keys``, sorted."""
+        return sorted({k.split(":", 1)[0] for k in self.data.keys})
+
+    def validation_pair(self) -> list[str] | None:
+        """The two keys validation compares, or ``None`` when validation is off."""
+        if not self.data.val_split:
+            return None
+        if self.validate.pair:
+            return list(self.validate.pair)
+        return list(self.data.keys[:2]) if len(self.data.keys) >= 2 else None
+
+    def model_config(self, towers: Mapping[str, str],
+                     feature_dims: Mapping[str, int]) -> ModelConfig:
+        """The :class:`~modalign.model.ModelConfig` this run trains, given the towers."""
+        m = self.model
+        mods = self.modalities()
+        towers = {k: towers[k] for k in mods if k in towers}
+        missing = sorted(set(mods) - set(towers))
+        if missing:
+            raise ValueError(f"model.towers has no encoder spec for {missing}; set it in the "
+                             "config or embed those modalities into the store first")
+        return ModelConfig(
+            towers=dict(towers), feature_dims={k: int(feature_dims[k]) for k in mods},
+            joint_dim=m.joint_dim, head=m.head, head_depth=m.head_depth,  # type: ignore[arg-type]
+            hidden_dim=m.hidden_dim, head_init=m.head_init,  # type: ignore[arg-type]
+            cone_offset=m.cone_offset, input_norm=m.input_norm,  # type: ignore[arg-type]
+            center_features=m.center_features, logit_scale_init=m.logit_scale_init,
+            trainable_towers=sorted(k for k, v in self.train.unfreeze.items() if v > 0))
+
+
+VALIDATION_METRICS = frozenset({"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_r1", "gap"})
+
+
+def _build_section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"[{name}] has unknown keys {unknown}; expected some of {sorted(known)}")
+    out = {}
+    for k, v in values.items():
+        default = known[k].default
+        if default is MISSING:
+            default = known[k].default_factory()  # type: ignore[misc]
+        out[k] = _coerce(f"{name}.{k}", v, default)
+    return cls(**out)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` has the type of ``default`` (ints accepted for floats)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return list(value)
+    if isinstance(default, dict):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key} must be a table like {{name = value}}, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _objectives(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise ValueError(f"objectives must be a list of tables, got {value!r}")
+    out = []
+    for i, spec in enumerate(value):
+        if not isinstance(spec, Mapping) or "loss" not in spec:
+            raise ValueError(f"objectives[{i}] must be a table with a 'loss' key, got {spec!r}")
+        out.append(dict(spec))
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as a TOML literal, falling back to the raw string.
+
+    Examples:
+        >>> parse_value("1e-3"), parse_value("true"), parse_value("[1, 2]"), parse_value("clip")
+        (0.001, True, [1, 2], 'clip')
+    """
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``"section.key=value"`` into the dotted key and the parsed value."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value, e.g. optim.lr=1e-3")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if "." not in key and key != "objectives":
+        raise ValueError(f"override key {key!r} must be dotted, e.g. optim.lr")
+    return key, parse_value(value.strip())
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``d["a"]["b"] = value`` for ``key = "a.b"`` (creating tables on the way)."""
+    parts = key.split(".")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"override {key!r}: {p!r} is not a table")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def builtin_config_path(name: str) -> Path:
+    """The file of a built-in config (``clip``, ``clip_unif_align``, ``clip_intra``, ...)."""
+    if name not in BUILTIN_CONFIGS:
+        raise ValueError(f"config={name!r} is not a built-in; expected one of {BUILTIN_CONFIGS} "
+                         "or a .toml/.yaml file")
+    return Path(__file__).resolve().parent.parent / "configs" / f"{name}.toml"
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML or YAML config file (or a built-in name) into a nested dict."""
+    p = Path(path)
+    if not p.suffix and not p.exists():
+        p = builtin_config_path(str(path))
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} not found; pass a .toml/.yaml file or "
+                                f"one of the built-ins {BUILTIN_CONFIGS}")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif p.suffix in (".toml", ""):
+        data = tomllib.loads(text)
+    else:
+        raise ValueError(f"config={str(p)!r}: expected a .toml, .yaml or .yml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"config {str(p)!r} must hold a table of sections")
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: Iterable[str] = ()) -> TrainConfig:
+    """Read a config file (TOML/YAML, or a built-in name) and apply ``section.key=value`` overrides.
+
+    Examples:
+        >>> cfg = load_config("clip", overrides=["train.epochs=2"])
+        >>> cfg.train.epochs, cfg.objectives[0]["loss"]
+        (2, 'clip')
+    """
+    data = read_config_file(path) if path is not None else {}
+    cfg = TrainConfig.from_dict(data, overrides)
+    if not cfg.run.name and path is not None:
+        cfg.run.name = Path(path).stem
+    return cfg
+
+
+def flag_specs() -> list[tuple[str, str]]:
+    """``(dotted key, help)`` of every settable key, for generating command-line flags."""
+    out = []
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            out.append((f"{name}.{f.name}", HELP.get(f"{name}.{f.name}", "")))
+    out.append(("objectives", "the objectives as a TOML list of tables"))
+    return out

@@ -1,0 +1,189 @@
+"""Training batches: groups of a split, one item per embedding key, drawn reproducibly.
+
+A training tuple is one *group* (an emoji concept, an image and its captions) seen through each
+embedding key of ``data.keys``: ``"image"`` picks any image item of the group (its styles act as
+views), ``"image:noto"`` only the Noto style, ``"text"`` any of the group's texts (names, aliases,
+prompt templates: sampling among them is the text augmentation on cached features).
+
+Every draw is a pure function of ``(seed, epoch, batch index)``, so a resumed run sees exactly the
+batches an uninterrupted run would, and ``N`` processes that each take their shard of the global
+batch see together exactly what one process sees.
+
+Image augmentation (random resized crop, colour jitter) changes pixels, so it applies only to
+towers that are fine-tuned (``train.unfreeze``) and encode raw images on the fly; frozen towers
+read their features from the embedding store unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from modalign.embed.store import Embeddings, EmbeddingStore
+
+
+@dataclass
+class KeyTable:
+    """The rows of one embedding key in one split: features, group ids and rows per group."""
+
+    key: str
+    features: torch.Tensor  # (n, feature_dim) float32
+    group_ids: np.ndarray  # (n,) int64
+    items: list[dict[str, Any]]
+    rows_of_group: dict[int, np.ndarray]
+
+    @classmethod
+    def from_embeddings(cls, key: str, emb: Embeddings) -> KeyTable:
+        gids = emb.group_ids()
+        order = np.argsort(gids, kind="stable")
+        uniq, starts = np.unique(gids[order], return_index=True)
+        bounds = [*starts[1:].tolist(), len(order)]
+        rows = {int(g): order[s:e] for g, s, e in zip(uniq, starts, bounds)}
+        feats = torch.from_numpy(np.array(emb.vectors, dtype=np.float32, copy=True))
+        return cls(key, feats, gids, list(emb.items), rows)
+
+
+def load_key(store: EmbeddingStore, key: str, split: str | None) -> Embeddings:
+    """The store rows of ``key`` (``"modality"`` or ``"modality:view"``) in ``split``."""
+    modality, _, view = key.partition(":")
+    if modality not in store.arrays:
+        raise ValueError(f"data.keys: {key!r} needs array {modality!r}, which the store "
+                         f"{store.path} lacks; it has {store.arrays}")
+    emb = store.load(modality, view=view or None, split=split)
+    if len(emb) == 0:
+        where = f"view {view!r} of " if view else ""
+        raise ValueError(f"data.keys: {key!r} has no rows in {where}split {split!r} "
+                         f"of {store.path}")
+    return emb
+
+
+class PairedFeatures:
+    """Paired training data read from an embedding store, batched by group.
+
+    Args:
+        store: the embedding store.
+        keys: embedding keys of one tuple.
+        split: the split to draw from.
+
+    Examples:
+        >>> import tempfile, numpy as np
+        >>> store = EmbeddingStore(tempfile.mkdtemp())
+        >>> for m in ("image", "text"):
+        ...     rows = [{"id": f"{m}{i}", "modality": m, "view": "v", "group": f"g{i % 4}",
+        ...              "split": "train"} for i in range(8)]
+        ...     store.add_array(m, np.random.rand(8, 3).astype(np.float32), rows)
+        >>> data = PairedFeatures(store, ["image", "text"], "train")
+        >>> groups = data.batch_groups(seed=0, epoch=0, index=0, batch_size=2)
+        >>> rows = data.draw_rows(groups, seed=0, epoch=0, index=0)
+        >>> [len(r) for r in rows.values()]
+        [2, 2]
+    """
+
+    def __init__(self, store: EmbeddingStore, keys: Sequence[str], split: str) -> None:
+        if not keys:
+            raise ValueError("keys must name at least one embedding key")
+        self.store = store
+        self.keys = list(keys)
+        self.split = split
+        self.tables = {k: KeyTable.from_embeddings(k, load_key(store, k, split)) for k in keys}
+        common: set[int] | None = None
+        for t in self.tables.values():
+            g = set(t.rows_of_group)
+            common = g if common is None else common & g
+        self.groups = np.array(sorted(common or ()), dtype=np.int64)
+        if len(self.groups) == 0:
+            raise ValueError(f"no group of split {split!r} has items for every key {self.keys}")
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def feature_dim(self, key: str) -> int:
+        return int(self.tables[key].features.shape[1])
+
+    def num_batches(self, batch_size: int) -> int:
+        """Full batches per epoch (a last partial batch is dropped: every batch has one size)."""
+        if batch_size > len(self.groups):
+            raise ValueError(f"train.batch_size={batch_size} exceeds the {len(self.groups)} "
+                             f"groups of split {self.split!r}; lower the batch size")
+        return len(self.groups) // batch_size
+
+    def batch_groups(self, *, seed: int, epoch: int, index: int, batch_size: int) -> np.ndarray:
+        """The group ids of global batch ``index`` of ``epoch`` (a seeded permutation per epoch)."""
+        perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(self.groups))
+        return self.groups[perm[index * batch_size:(index + 1) * batch_size]]
+
+    def draw_rows(self, groups: np.ndarray, *, seed: int, epoch: int, index: int,
+                  sample: bool = True) -> dict[str, np.ndarray]:
+        """One row per group for each key: uniform among the group's rows, or its first row."""
+        out: dict[str, np.ndarray] = {}
+        for k_i, key in enumerate(self.keys):
+            table = self.tables[key]
+            rng = np.random.default_rng([seed, epoch, index, k_i, 0xD2A3])
+            picks = np.empty(len(groups), dtype=np.int64)
+            for j, g in enumerate(groups.tolist()):
+                rows = table.rows_of_group[g]
+                picks[j] = rows[rng.integers(len(rows))] if sample else rows[0]
+            out[key] = picks
+        return out
+
+    def features(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Tower features of the chosen rows, per key."""
+        return {k: self.tables[k].features[torch.from_numpy(r)] for k, r in rows.items()}
+
+    def feature_mean(self, modality: str) -> torch.Tensor:
+        """Mean feature of a modality over the keys that use it (after L2 when ``l2``)."""
+        tabs = [t.features for k, t in self.tables.items() if k.split(":", 1)[0] == modality]
+        return torch.cat(tabs).mean(0)
+
+
+def shard(rows: np.ndarray | torch.Tensor, rank: int, world_size: int) -> Any:
+    """This process's contiguous slice of a global batch (batch size divisible by world size).
+
+    Examples:
+        >>> shard(np.arange(6), 1, 3).tolist()
+        [2, 3]
+    """
+    n = len(rows)
+    if n % world_size:
+        raise ValueError(f"global batch of {n} is not divisible by world size {world_size}; "
+                         "choose train.batch_size as a multiple of the number of processes")
+    per = n // world_size
+    return rows[rank * per:(rank + 1) * per]
+
+
+def augment_image(image: Image.Image, rng: np.random.Generator, *,
+                  crop_scale: Sequence[float] = (0.8, 1.0), color_jitter: float = 0.2,
+                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """Random resized crop (area fraction in ``crop_scale``, aspect in ``ratio``) + colour jitter.
+
+    The crop is resized back to the input size; brightness, contrast and saturation are each
+    scaled by a factor drawn from ``[1 - color_jitter, 1 + color_jitter]``.
+
+    Examples:
+        >>> img = Image.new("RGB", (32, 32), (200, 30, 30))
+        >>> augment_image(img, np.random.default_rng(0)).size
+        (32, 32)
+    """
+    img = image.convert("RGB")
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(crop_scale[0], crop_scale[1])
+        aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+        cw = round((target * aspect) ** 0.5)
+        ch = round((target / aspect) ** 0.5)
+        if 0 < cw <= w and 0 < ch <= h:
+            x0 = int(rng.integers(0, w - cw + 1))
+            y0 = int(rng.integers(0, h - ch + 1))
+            img = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BICUBIC)
+            break
+    if color_jitter > 0:
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            factor = float(rng.uniform(max(0.0, 1 - color_jitter), 1 + color_jitter))
+            img = enhancer(img).enhance(factor)
+    return img

@@ -1,0 +1,156 @@
+"""``modalign eval`` end to end on a small embedding store (and a model with real text tower)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modalign.cli import main
+from modalign.embed.store import EmbeddingStore
+from modalign.evaluate.records import read_record
+from modalign.evaluate.retrieval import cross_modal_retrieval, intra_modal_retrieval
+from modalign.evaluate.zeroshot import save_class_embeddings
+
+GROUPS = 24
+DIMS = {"image": 16, "text": 384}
+
+
+def make_store(path, dims=None, shared=True):
+    """Two image views and two text views per group; groups 0-15 train, 16-23 test."""
+    dims = dims or {"image": 16, "text": 16}
+    gen = np.random.default_rng(0)
+    centers = {m: gen.normal(size=(GROUPS, d)) for m, d in dims.items()}
+    if shared:
+        centers["text"] = centers["image"]
+    store = EmbeddingStore(path)
+    views = {"image": ("noto", "openmoji"), "text": ("name", "alias")}
+    for modality, d in dims.items():
+        rows, vecs = [], []
+        for g in range(GROUPS):
+            for v in views[modality]:
+                vecs.append(centers[modality][g] + 0.8 * gen.normal(size=d))
+                rows.append({"id": f"{modality}/{v}/{g}", "modality": modality, "view": v,
+                             "group": f"g{g}", "split": "train" if g < 16 else "test",
+                             "labels": {"subgroup": f"sub-{g % 3}", "group": f"grp-{g % 2}"}})
+        store.add_array(modality, np.asarray(vecs, np.float32), rows)
+    return store
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return make_store(tmp_path / "store")
+
+
+def run(*argv):
+    return main(["eval", *map(str, argv)])
+
+
+def only_record(folder):
+    files = list(folder.glob("*.json"))
+    assert len(files) == 1, files
+    return read_record(files[0])
+
+
+def test_retrieval_record_matches_the_library(store, tmp_path, capsys):
+    out = tmp_path / "records"
+    assert run("--embeddings", store.path, "--data", "toy", "--task", "retrieval",
+               "--k", 1, 5, "--out", out) == 0
+    rec = only_record(out)
+    test = {m: store.load(m, split="test") for m in ("image", "text")}
+    expected = cross_modal_retrieval(test, k_values=(1, 5)).metrics
+    assert rec["metrics"] == pytest.approx(expected)
+    assert rec["dataset"] == "toy" and rec["split"] == "test" and rec["task"] == "retrieval"
+    assert [d["query"] for d in rec["protocol"]["directions"]] == ["image", "text"]
+    assert rec["seed"] == 0 and rec["bridges"] == [] and rec["inversion"] is None
+    assert "image_retrieval_recall@5" in capsys.readouterr().out
+
+
+def test_bridges_and_merge(store, tmp_path):
+    out = tmp_path / "records"
+    assert run("--embeddings", store.path, "--out", out) == 0
+    assert run("--embeddings", store.path, "--bridge", "centering",
+               "--bridge", "localadj:r_gallery=0.3,pool_rate=0.1", "--out", out) == 0
+    records = [read_record(p) for p in sorted(out.glob("*.json"))]
+    assert sorted(len(r["bridges"]) for r in records) == [0, 2]
+    bridged = next(r for r in records if r["bridges"])
+    assert [b["name"] for b in bridged["bridges"]] == ["centering", "localadj"]
+    assert run("merge", out, "--out", tmp_path / "table.csv") == 0
+    lines = (tmp_path / "table.csv").read_text().splitlines()
+    assert len(lines) == 3 and "image_retrieval_map" in lines[0]
+
+
+def test_intra_modal(store, tmp_path):
+    out = tmp_path / "r.json"
+    assert run("--embeddings", store.path, "--task", "intra", "--modality", "image",
+               "--query-view", "noto", "--gallery-view", "openmoji", "--out", out) == 0
+    rec = read_record(out)
+    expected = intra_modal_retrieval(store.load("image", split="test"), "image",
+                                     query_view="noto", gallery_view="openmoji").metrics
+    assert rec["metrics"] == pytest.approx(expected)
+
+
+def test_inverted_queries_are_used_and_recorded(store, tmp_path):
+    test_images = store.load("image", split="test")
+    texts = store.load("text", split="test").filter(view="name")
+    by_group = {it["group"]: texts.vectors[i] for i, it in enumerate(texts.items)}
+    # "Inverted" image features: the name text of the same group (a perfect inversion).
+    vecs = np.stack([by_group[it["group"]] for it in test_images.items])
+    store.add_array("image_inv", vecs, test_images.items, info={"method": "test"})
+    out = tmp_path / "r.json"
+    assert run("--embeddings", store.path, "--inverted", "image=image_inv", "--out", out) == 0
+    rec = read_record(out)
+    assert rec["metrics"]["text_retrieval_recall@1"] == 1.0
+    assert rec["inversion"]["queries"]["image"]["array"] == "image_inv"
+    assert rec["protocol"]["directions"][0]["inverted_queries"] is True
+
+
+def test_zero_shot_with_class_embedding_file(store, tmp_path):
+    names = ["sub-0", "sub-1", "sub-2"]
+    text = store.load("text", split="train")
+    protos = torch.stack([torch.from_numpy(np.asarray(text.vectors))[
+        [i for i, it in enumerate(text.items) if it["labels"]["subgroup"] == n]].mean(0)
+        for n in names])
+    save_class_embeddings(tmp_path / "c.safetensors", names, protos)
+    out = tmp_path / "z.json"
+    assert run("--embeddings", store.path, "--task", "zeroshot", "--label", "subgroup",
+               "--class-embeddings", tmp_path / "c.safetensors", "--out", out) == 0
+    rec = read_record(out)
+    assert set(rec["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert rec["metrics"]["acc5"] == 1.0  # only three classes
+    assert rec["protocol"]["num_classes"] == 3
+
+
+def test_clear_errors(store, tmp_path, capsys):
+    assert run("--embeddings", store.path, "--task", "zeroshot", "--out", tmp_path) == 2
+    assert "--class-embeddings" in capsys.readouterr().err
+    assert run("--embeddings", store.path, "--split", "val", "--out", tmp_path) == 2
+    assert "no rows in that split" in capsys.readouterr().err
+    assert run("--embeddings", store.path, "--bridge", "whiten", "--out", tmp_path) == 2
+    assert "expected one of" in capsys.readouterr().err
+    assert run("--out", tmp_path) == 2
+    assert "--embeddings" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.slow
+def test_model_folder_projects_features_and_encodes_prompts(tmp_path):
+    from modalign.model import ModelConfig, MultiTowerModel
+
+    store = make_store(tmp_path / "features", dims=DIMS, shared=False)
+    torch.manual_seed(0)
+    cfg = ModelConfig(towers={"image": "effnet-lite0", "text": "minilm"},
+                      feature_dims=dict(DIMS), joint_dim=8)
+    model_dir = MultiTowerModel(cfg).save_pretrained(tmp_path / "model")
+    out = tmp_path / "records"
+    assert run("--model", model_dir, "--embeddings", store.path, "--out", out) == 0
+    rec = only_record(out)
+    assert rec["model"] == str(model_dir) and 0 <= rec["metrics"]["image_retrieval_map"] <= 1
+    assert run("--model", model_dir, "--embeddings", store.path, "--task", "zeroshot",
+               "--label", "group", "--template", "an emoji of {}.", "--out", out) == 0
+    zs = next(read_record(p) for p in out.glob("*.json") if "zeroshot" in p.name)
+    assert zs["protocol"]["templates"] == ["an emoji of {}."]
+    assert zs["protocol"]["num_classes"] == 2
+    json.dumps(zs)

@@ -1,0 +1,190 @@
+"""The training loop on synthetic stores: learning, run folder, determinism, GradCache, towers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from modalign.data.dataset import Item, PairedDataset
+from modalign.embed.encode import embed_dataset
+from modalign.model import MultiTowerModel
+from modalign.train.checkpoint import load_checkpoint
+from modalign.train.loop import Trainer, train
+from train_support import HashTextEncoder, TinyImageTower, small_config, synthetic_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store")
+    synthetic_store(path)
+    return path
+
+
+def _weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoints").weights
+
+
+def test_run_learns_and_writes_a_complete_run_folder(store, tmp_path):
+    torch.set_num_threads(1)
+    cfg = small_config(store, tmp_path / "run", train={"epochs": 6})
+    result = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
+    assert max(r["i2t_r1"] for r in rows) > 3 / 16  # chance is 1/8 on 8 val groups
+    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "gap", "logit_scales", "samples_per_s"):
+        assert key in rows[0]
+    best = max(rows, key=lambda r: r["i2t_r1"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best"]["i2t_r1"] == best["i2t_r1"] == result.summary["best"]["i2t_r1"]
+    assert len((tmp_path / "run" / "summary.json").read_text().strip().splitlines()) == 1
+    resolved = json.loads((tmp_path / "run" / "config.resolved.json").read_text())
+    assert resolved["config"]["train"]["epochs"] == 6
+    # the model folder holds the best epoch, and reproduces its validation retrieval
+    model = MultiTowerModel.from_pretrained(result.model_dir)
+    from modalign.embed.store import EmbeddingStore
+    from modalign.evaluate.metrics import retrieval_metrics
+
+    s = EmbeddingStore(store)
+    img, txt = s.load("image", split="val"), s.load("text", split="val")
+    r = retrieval_metrics(torch.from_numpy(model.project_array("image", img.vectors)),
+                          torch.from_numpy(model.project_array("text", txt.vectors)),
+                          torch.from_numpy(img.group_ids()), torch.from_numpy(txt.group_ids()),
+                          k_values=(1,))
+    assert r.metrics["recall@1"] == pytest.approx(best["i2t_r1"])
+    assert float(model.logit_scale.detach()) == pytest.approx(
+        next(iter(rows[best["epoch"] - 1]["logit_scales"].values())), rel=1e-5)
+
+
+def test_same_seed_same_weights_and_other_seed_differs(store, tmp_path):
+    torch.set_num_threads(1)
+    a = small_config(store, tmp_path / "a", train={"epochs": 2})
+    b = small_config(store, tmp_path / "b", train={"epochs": 2})
+    c = small_config(store, tmp_path / "c", train={"epochs": 2, "seed": 1})
+    for cfg in (a, b, c):
+        train(cfg)
+    wa, wb, wc = (_weights(tmp_path / n)["model"] for n in "abc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(wa["heads.image.layers.0.weight"], wc["heads.image.layers.0.weight"])
+
+
+def test_existing_run_folder_needs_resume(store, tmp_path):
+    cfg = small_config(store, tmp_path / "run", train={"epochs": 1})
+    train(cfg)
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg)
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(store, tmp_path):
+    # a learning rate this small leaves retrieval unchanged, so epoch 1 stays the best
+    cfg = small_config(store, tmp_path / "run", train={"epochs": 6},
+                       optim={"lr": 1e-12, "warmup_steps": 0}, validate={"patience": 2})
+    result = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[-1].get("early_stop") and result.summary["stopped_early"]
+    assert [bool(r.get("best")) for r in rows] == [True, False, False]
+
+
+def test_max_steps_and_embedding_noise_and_mlp_heads(store, tmp_path):
+    cfg = small_config(store, tmp_path / "run", train={"epochs": 5, "max_steps": 6},
+                       model={"head": "mlp", "hidden_dim": 16},
+                       augment={"embedding_noise": {"text": 0.1}})
+    result = train(cfg)
+    assert result.summary["steps"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and rows[-1]["epoch"] == pytest.approx(1.5)
+
+
+def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    named = {f"model.{k}": p for k, p in trainer.model.named_parameters()}
+    named |= {f"objective.{k}": p for k, p in trainer.objective.named_parameters()}
+    return {k: p.grad.clone() for k, p in named.items() if p.grad is not None}
+
+
+@pytest.mark.parametrize("objectives", [
+    [{"loss": "clip", "modalities": ["image", "text"]}],
+    [{"loss": "siglip", "modalities": ["image", "text"]},
+     {"loss": "uniformity", "modalities": ["image", "text"], "weight": 0.3}],
+])
+def test_gradcache_accumulation_equals_the_full_batch_gradient(store, tmp_path, objectives):
+    grads = {}
+    for k in (1, 4):
+        cfg = small_config(store, tmp_path / f"r{k}", objectives=objectives,
+                           train={"batch_size": 16, "accumulate": k},
+                           model={"head": "mlp", "hidden_dim": 16})
+        trainer = Trainer(cfg)
+        trainer.model.double()
+        trainer.objective.double()
+        trainer.compute_gradients(epoch=0, index=1)
+        grads[k] = _grads(trainer)
+    assert grads[1].keys() == grads[4].keys() and len(grads[1]) >= 5
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[4][name], g, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_three_keys_with_views_and_an_intra_modal_term(store, tmp_path):
+    cfg = small_config(
+        store, tmp_path / "run", train={"epochs": 2},
+        data={"keys": ["image:noto", "image:openmoji", "text"]},
+        objectives=[{"loss": "clip", "modalities": ["image:noto", "text"]},
+                    {"loss": "intra", "modalities": ["image:noto", "image:openmoji"]}],
+        validate={"pair": ["image:openmoji", "text"]})
+    result = train(cfg)
+    assert result.summary["steps"] == 8
+    assert sorted(MultiTowerModel.from_pretrained(result.model_dir).modalities) == ["image", "text"]
+
+
+@pytest.fixture(scope="module")
+def image_dataset(tmp_path_factory):
+    """24 concepts, a 16x16 image and two texts each, embedded with tiny towers."""
+    root = tmp_path_factory.mktemp("imgdata")
+    rng = np.random.default_rng(0)
+    items = []
+    for g in range(24):
+        split = "train" if g < 16 else ("val" if g < 20 else "test")
+        colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
+        (root / "img").mkdir(exist_ok=True)
+        Image.new("RGB", (16, 16), colour).save(root / "img" / f"{g}.png")
+        items.append(Item(f"i{g}", "image", "flat", f"img/{g}.png", f"g{g}", split))
+        for v in ("name", "alias"):
+            items.append(Item(f"t{g}{v}", "text", v, f"{v} of colour {colour}", f"g{g}", split))
+    ds = PairedDataset("tiny", items, root=root)
+    ds.save(root)
+    store = root / "store"
+    embed_dataset(PairedDataset.load(root), {"image": TinyImageTower(), "text": HashTextEncoder()},
+                  store, progress=False)
+    return root, store
+
+
+def test_unfrozen_tower_tail_trains_and_the_rest_stays_frozen(image_dataset, tmp_path):
+    root, store = image_dataset
+    cfg = small_config(store, tmp_path / "run", data={"dataset": str(root)},
+                       model={"towers": {"image": "tiny-image", "text": "hash-text"}},
+                       train={"epochs": 2, "unfreeze": {"image": 1}, "batch_size": 4},
+                       optim={"tower_lr": 1e-2})
+    start = TinyImageTower()
+    result = train(cfg, towers={"image": TinyImageTower()})
+    saved = load_file(str(result.model_dir / "model.safetensors"))
+    assert torch.equal(saved["towers.image.stem.weight"], start.stem.weight.detach())
+    assert not torch.equal(saved["towers.image.top.weight"], start.top.weight.detach())
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert config["model"]["trainable_towers"] == ["image"]
+
+
+def test_unfreeze_without_a_dataset_is_a_clear_error(image_dataset, tmp_path):
+    _, store = image_dataset
+    cfg = small_config(store, tmp_path / "run", train={"unfreeze": {"image": 1}},
+                       model={"towers": {"image": "tiny-image", "text": "hash-text"}})
+    with pytest.raises(ValueError, match=r"data\.dataset"):
+        Trainer(cfg, towers={"image": TinyImageTower()})
+
+
+def test_batch_larger_than_the_split_is_rejected(store, tmp_path):
+    cfg = small_config(store, tmp_path / "run", train={"batch_size": 64})
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(cfg)

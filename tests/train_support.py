@@ -1,0 +1,114 @@
+"""Small synthetic embedding stores and towers shared by the training tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modalign.embed.store import EmbeddingStore
+from modalign.encoders.tower import Tower
+from modalign.train.config import TrainConfig
+
+
+def synthetic_store(path: Path, n_groups: int = 48, image_dim: int = 12, text_dim: int = 8,
+                    audio_dim: int = 0, seed: int = 0) -> EmbeddingStore:
+    """A store with learnable structure: features are noisy linear maps of a group latent.
+
+    Images come in two views (``noto``, ``openmoji``), texts in two (``name``, ``alias``); the
+    groups are split 2/3 train, 1/6 val, 1/6 test.
+    """
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n_groups, 6))
+    splits = ["train"] * (n_groups * 2 // 3) + ["val"] * (n_groups // 6)
+    splits += ["test"] * (n_groups - len(splits))
+    store = EmbeddingStore(path)
+    specs = [("image", image_dim, ("noto", "openmoji")), ("text", text_dim, ("name", "alias"))]
+    if audio_dim:
+        specs.append(("audio", audio_dim, ("en",)))
+    for modality, dim, views in specs:
+        proj = rng.normal(size=(6, dim))
+        rows, vecs = [], []
+        for g in range(n_groups):
+            for v in views:
+                rows.append({"id": f"{modality}/{v}/{g}", "modality": modality, "view": v,
+                             "group": f"g{g:03d}", "split": splits[g], "labels": {}})
+                vecs.append(latent[g] @ proj + 0.3 * rng.normal(size=dim) + 0.5)
+        store.add_array(modality, np.asarray(vecs, np.float32), rows,
+                        info={"encoder": {"name": f"fake-{modality}"}})
+    return store
+
+
+def small_config(store: Path, run_dir: Path, **sections: dict[str, Any]) -> TrainConfig:
+    """A fast config on a synthetic store; ``sections`` update the defaults per section."""
+    base: dict[str, Any] = {
+        "data": {"embeddings": str(store)},
+        "model": {"towers": {"image": "fake-image", "text": "fake-text", "audio": "fake-audio"},
+                  "joint_dim": 8},
+        "optim": {"lr": 1e-2, "warmup_steps": 2},
+        "train": {"epochs": 3, "batch_size": 8, "seed": 0, "progress": False,
+                  "device": "cpu"},
+        "run": {"dir": str(run_dir)},
+    }
+    for name, values in sections.items():
+        if name == "objectives":
+            base["objectives"] = values
+        else:
+            base.setdefault(name, {}).update(values)
+    return TrainConfig.from_dict(base)
+
+
+class TinyImageTower(Tower):
+    """A two-stage random conv tower for 16x16 images (tests of partial unfreezing)."""
+
+    name = "tiny-image"
+    modality = "image"
+    dim = 12
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.top = nn.Linear(4, self.dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def blocks(self) -> list[nn.Module]:
+        return [self.stem, self.top]
+
+    def preprocess(self, inputs: Any) -> torch.Tensor:
+        from modalign.encoders.images import images_to_tensor
+
+        return images_to_tensor(list(inputs), 16)
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(batch)).mean(dim=(2, 3))
+        return self.top(h)
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class HashTextEncoder:
+    """A deterministic text 'tower': a seeded random vector per string."""
+
+    name = "hash-text"
+    modality = "text"
+    dim = 8
+
+    def preprocess(self, inputs: Any) -> list[str]:
+        return list(inputs)
+
+    def encode(self, batch: list[str]) -> torch.Tensor:
+        out = []
+        for s in batch:
+            g = torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(s)))
+            out.append(torch.randn(self.dim, generator=g))
+        return torch.stack(out)
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name}
