@@ -21,8 +21,8 @@ Cases (random weights: speed does not need trained ones):
   (``P = 16``), against the official-style loop around the same forward.
 
 Usage:
-    python benchmarks/inversion.py            # batch 32, 10 steps
-    python benchmarks/inversion.py --quick    # batch 8, 3 steps (under a minute)
+    python benchmarks/inversion.py            # OTI batch 32, OVI batch 8, 10 steps, best of 2
+    python benchmarks/inversion.py --quick    # OTI batch 8, OVI batch 2, 2 steps, one run
 """
 
 from __future__ import annotations
@@ -179,19 +179,23 @@ def build_case(tower_name: str, variant: str):
                      f"got {tower_name!r}")
 
 
-def time_case(tower_name: str, variant: str, batch: int, steps: int) -> tuple[float, float]:
+def time_case(tower_name: str, variant: str, batch: int, steps: int,
+              repeats: int) -> tuple[float, float]:
+    """Best-of-``repeats`` items/s of ours and of the baseline, run alternately (shared CPUs)."""
     ours_fwd, base_fwd, num_tokens, token_dim, out_dim = build_case(tower_name, variant)
     targets = torch.randn(batch, out_dim, generator=torch.Generator().manual_seed(0))
     settings = InversionSettings(steps=steps, batch_size=batch)
     # warm-up (one step each), then the timed runs
     invert(targets, ours_fwd, InversionSettings(steps=1, batch_size=batch))
     official_loop(base_fwd, targets, num_tokens, token_dim, 1)
-    t = time.perf_counter()
-    invert(targets, ours_fwd, settings)
-    ours = time.perf_counter() - t
-    t = time.perf_counter()
-    official_loop(base_fwd, targets, num_tokens, token_dim, steps)
-    base = time.perf_counter() - t
+    ours, base = float("inf"), float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        invert(targets, ours_fwd, settings)
+        ours = min(ours, time.perf_counter() - t)
+        t = time.perf_counter()
+        official_loop(base_fwd, targets, num_tokens, token_dim, steps)
+        base = min(base, time.perf_counter() - t)
     return batch / ours, batch / base
 
 
@@ -229,15 +233,19 @@ def child_peak(impl: str, batch: int, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 8, 3 steps (under a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 8, 2 steps, one repeat (about a minute on 2 idle cores)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=None, help="override the batch size")
     parser.add_argument("--steps", type=int, default=None, help="override the step count")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per implementation, best kept (default 2, quick 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch = args.batch or (8 if args.quick else 32)
-    steps = args.steps or (3 if args.quick else 10)
+    steps = args.steps or (2 if args.quick else 10)
+    repeats = args.repeats or (1 if args.quick else 2)
     if args.child:
         child_peak(args.child, batch, steps)
         return
@@ -246,9 +254,9 @@ def main() -> None:
     for method, tower_name, variant in cases:
         b = batch if method == "oti" else max(2, batch // 4)
         s = steps
-        ours, base = time_case(tower_name, variant, b, s)
+        ours, base = time_case(tower_name, variant, b, s, repeats)
         case = {"method": method, "tower": tower_name, "batch": b, "steps": s,
-                "threads": args.threads}
+                "threads": args.threads, "repeats": repeats}
         if variant:
             case["variant"] = variant
         print(json.dumps({"benchmark": NAME, "case": case, "metric": "items_per_s",

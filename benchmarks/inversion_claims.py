@@ -48,7 +48,7 @@ NAME = "inversion_claims"
 
 
 def unit(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    t = torch.as_tensor(np.array(x, dtype=np.float32))
     return torch.nn.functional.normalize(t, dim=1)
 
 
@@ -76,7 +76,7 @@ def invert_rows(model: Any, store: EmbeddingStore, source: Embeddings, dst: str,
     context = {"direction": f"{source.items[0]['modality']}-to-{dst}", "split": "test",
                "model_weights": file_hash(Path(model_dir) / "model.safetensors"),
                "tower": tower.identity()}
-    name = invert_into_store(store, torch.as_tensor(np.asarray(source.vectors)), source.items,
+    name = invert_into_store(store, torch.as_tensor(np.array(source.vectors)), source.items,
                              forward, settings, method=method, context=context)
     inverted = store.load(name)
     return unit(inverted.vectors), float(np.mean([it["final_cosine"] for it in inverted.items]))
@@ -132,7 +132,8 @@ def main() -> None:
         common = {"model": label, "model_dir": model_dir, "objectives": objectives,
                   "data": args.data, "split": "test", "concepts": len(groups)}
 
-        def emit(task: str, metric: str, case: dict[str, Any], ours: float, base: float) -> None:
+        def emit(task: str, metric: str, case: dict[str, Any], ours: float, base: float,
+                 label: str = label) -> None:
             print(json.dumps({"benchmark": NAME, "case": {"model": label, "task": task, **case},
                               "metric": metric, "ours": round(ours, 4), "baseline": round(base, 4),
                               "baseline_name": "native query"}), flush=True)
@@ -164,7 +165,7 @@ def main() -> None:
         write_json_atomic(out_dir / f"{label}.image_to_image.json", result)
 
         classnames = sorted({it["labels"]["subgroup"] for it in images.items})
-        prototypes = encode_prototypes(lambda p: model.encode("text", p),
+        prototypes = encode_prototypes(lambda p, m=model: m.encode("text", p),
                                        [class_name(c) for c in classnames])
         zs = {}
         for kind, override in (("inter-modal (image vs prompts)", None),

@@ -9,8 +9,8 @@ plain matmul throughput of this machine (``matmul_gflops``) and the share of it 
 reaches (``matmul_share``: time its matrix products would take at that throughput / its wall time).
 
 Usage:
-    python benchmarks/losses.py            # batch 1024, 4096, 16384 (about 2 minutes on 2 cores)
-    python benchmarks/losses.py --quick    # batch 1024 and 4096 (under a minute)
+    python benchmarks/losses.py            # batch 1024, 4096, 16384 (a few minutes on 2 cores)
+    python benchmarks/losses.py --quick    # batch 1024 and 4096, one round (under a minute)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 DIM = 512
 BASELINE_NAME = "open_clip-style full matrix"
-MATMULS = {"ours": 4, "baseline": 6}  # B x B x d products per forward + backward
+MATMULS = {"tiled": 4, "full": 3, "baseline": 6}  # B x B x d products per forward + backward
 
 
 def _rss_mb() -> float:
@@ -143,6 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1024 and 4096 only")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="fresh processes per implementation and case"
+    )
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--grads", help=argparse.SUPPRESS)
@@ -153,16 +156,27 @@ def main() -> None:
 
     import torch
 
+    from modalign.losses.clip import use_tiled
+
     gflops = _matmul_gflops(args.threads)
     batches = [1024, 4096] if args.quick else [1024, 4096, 16384]
+    if args.quick:
+        args.rounds = 1
     with tempfile.TemporaryDirectory() as tmp:
         for batch in batches:
             case = {"loss": "clip", "batch": batch, "dim": DIM}
-            res, grads = {}, {}
-            for impl in ("ours", "baseline"):
-                path = str(Path(tmp) / f"{impl}.pt")
-                res[impl] = _run_case(impl, batch, args.threads, path)
-                grads[impl] = torch.load(path, weights_only=True)
+            res: dict[str, dict[str, float]] = {}
+            grads = {}
+            # Alternate the implementations over rounds (the machine may be shared): best time,
+            # highest peak.
+            for _ in range(args.rounds):
+                for impl in ("ours", "baseline"):
+                    path = str(Path(tmp) / f"{impl}.pt")
+                    run = _run_case(impl, batch, args.threads, path)
+                    best = res.setdefault(impl, run)
+                    best["seconds"] = min(best["seconds"], run["seconds"])
+                    best["peak_mb"] = max(best["peak_mb"], run["peak_mb"])
+                    grads[impl] = torch.load(path, weights_only=True)
             for metric in ("seconds", "peak_mb"):
                 row = {
                     "benchmark": "losses",
@@ -173,8 +187,10 @@ def main() -> None:
                     "baseline_name": BASELINE_NAME,
                 }
                 print(json.dumps(row), flush=True)
+            ours_path = "tiled" if use_tiled("auto", batch, batch) else "full"
+            products = {"ours": MATMULS[ours_path], "baseline": MATMULS["baseline"]}
             share = {
-                k: MATMULS[k] * 2 * batch * batch * DIM / (gflops * 1e9) / res[k]["seconds"]
+                k: products[k] * 2 * batch * batch * DIM / (gflops * 1e9) / res[k]["seconds"]
                 for k in ("ours", "baseline")
             }
             diff = max(_max_rel(grads["ours"][k], grads["baseline"][k]) for k in grads["ours"])

@@ -9,9 +9,10 @@ Cases:
       items, ours against the loop-style form of the original release (full similarity matrix,
       per-row assignment of the top-k).
 
-Every (case, implementation) runs in a fresh subprocess: it loads the inputs, warms up on a tiny
-slice (imports, thread pools), then reports the time of the measured call and its peak resident
-memory above what the process held just before it.
+Every (case, implementation) runs in a fresh subprocess (2 torch threads): it loads the inputs,
+warms up on a tiny slice (imports, thread pools), then reports the wall time of the measured call,
+its CPU time (less sensitive to other load on a shared machine), and its peak resident memory
+above what the process held just before it.
 
 Usage: ``python benchmarks/retrieval.py [--quick]``.
 """
@@ -165,11 +166,12 @@ def worker(task: str, impl: str, data_dir: str) -> None:
     IMPLEMENTATIONS[(task, impl)](_warm_up_data(task, data))
     _reset_peak_rss()
     before = _status_mb("VmRSS")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     value = IMPLEMENTATIONS[(task, impl)](data)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _status_mb("VmHWM")
-    print(json.dumps({"seconds": seconds, "peak_mb": max(0.0, peak - before), "value": value}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "peak_mb": max(0.0, peak - before), "value": value}))
 
 
 def _reset_peak_rss() -> None:
@@ -199,7 +201,8 @@ def run_case(task: str, case: dict, data: dict[str, np.ndarray]) -> None:
             out = subprocess.run([sys.executable, __file__, "--worker", task, impl, tmp],
                                  capture_output=True, text=True, check=True)
             results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-    for metric, key in (("seconds", "seconds"), ("peak_mb", "peak_mb"),
+    for metric, key in (("seconds", "seconds"), ("cpu_seconds", "cpu_seconds"),
+                        ("peak_mb", "peak_mb"),
                         (task if task == "map" else "checksum", "value")):
         print(json.dumps({"benchmark": BENCHMARK, "case": case, "metric": metric,
                           "ours": results["ours"][key], "baseline": results["baseline"][key],

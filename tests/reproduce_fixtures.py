@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -219,3 +220,14 @@ def write_coop(root: Path, name: str, per_split: dict[str, int] | None = None) -
                 data[split].append([rel, c, cname])
     (folder / split_file).write_text(json.dumps(data))
     return folder
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread (tiny models only lose to thread hand-offs)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

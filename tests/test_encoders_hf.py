@@ -161,9 +161,10 @@ def test_load_encoder_picks_one_tower(clip_dir):
         load_encoder(f"hf-clip:{clip_dir}")
 
 
-@pytest.mark.parametrize("spec", ["hf-clip:openai/clip-vit-base-patch32",
-                                  "hf-siglip:google/siglip-base-patch16-224",
-                                  "minilm:sentence-transformers/all-mpnet-base-v2"])
+# Hub-shaped names that no cache holds (a real name could sit in a developer's cache).
+@pytest.mark.parametrize("spec", ["hf-clip:modalign-tests/no-such-clip",
+                                  "hf-siglip:modalign-tests/no-such-siglip",
+                                  "minilm:modalign-tests/no-such-minilm"])
 def test_hub_name_offline_fails_fast_naming_the_local_folder(monkeypatch, spec):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

@@ -221,3 +221,22 @@ def test_index_metrics_are_reported(monkeypatch):
                                   k_values=(1,))
     assert intra.metrics["text_retrieval_index_recall@1"] == pytest.approx(
         intra.metrics["text_retrieval_recall@1"])
+
+
+def test_invgc_in_intra_modal_moves_the_gallery_only():
+    from modalign.bridge.posthoc import InvGC
+
+    test = toy_embeddings(groups=10, seed=3)["text"]
+    bank = toy_embeddings(groups=40, seed=4)["text"]
+    r = intra_modal_retrieval(test, "text", query_view="name", bridges=["invgc:r_gallery=2"],
+                              bank=bank, k_values=(1,))
+    names = test.filter(view="name")
+    bridge = InvGC(gallery="text", query="text:name", r_gallery=2.0).fit(
+        {"text": as_unit_tensor(bank), "text:name": as_unit_tensor(bank.filter(view="name"))})
+    moved = bridge.transform({"text:name": as_unit_tensor(names), "text": as_unit_tensor(test)})
+    assert torch.equal(moved["text:name"], as_unit_tensor(names))
+    ids = [it["id"] for it in test.items]
+    exclude = torch.tensor([ids.index(it["id"]) for it in names.items])
+    direct = retrieval_metrics(moved["text:name"], moved["text"], torch.from_numpy(
+        names.group_ids()), torch.from_numpy(test.group_ids()), k_values=(1,), exclude=exclude)
+    assert r.metrics["text_retrieval_map"] == pytest.approx(direct.metrics["map"])

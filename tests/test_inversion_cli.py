@@ -82,14 +82,14 @@ def test_an_interrupted_run_resumes_and_equals_an_uninterrupted_one(tmp_path):
     whole = EmbeddingStore(tmp_path / "whole")
     name = invert_into_store(whole, targets, rows(7), Affine(), s, method="oti")
 
-    class Stop(Exception):
+    class StopError(Exception):
         pass
 
     def stop_after_first(done, cos_sum):
-        raise Stop
+        raise StopError
 
     store = EmbeddingStore(tmp_path / "cut")
-    with pytest.raises(Stop):
+    with pytest.raises(StopError):
         invert_into_store(store, targets, rows(7), Affine(), s, method="oti",
                           on_chunk=stop_after_first)
     assert (store.path / f"{name}.progress.json").exists() and name not in store.arrays

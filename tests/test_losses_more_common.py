@@ -110,3 +110,18 @@ def test_objective_combines_added_terms_as_data():
         max(float(p.detach()) for p in objective.parameters())
         <= torch.log(torch.tensor(100.0)) + 1e-6
     )
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("defect", ["nan", "dim"])
+def test_bad_tensor_error_names_the_users_modality(name, defect):
+    params, mods, extra, needs = SPECS[name]
+    loss = build_loss(name, modalities=mods, **params)
+    emb = {k: torch.randn(4, 3) for k in [*mods, *extra]}
+    bad = mods[-1]
+    emb[bad] = torch.full((4, 3), float("nan")) if defect == "nan" else torch.randn(4, 5)
+    kwargs = {"indices": torch.arange(4)} if needs == "indices" else {}
+    if needs == "groups":
+        kwargs["groups"] = torch.arange(4)
+    with pytest.raises(ValueError, match=bad):
+        loss(emb, **kwargs)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from modalign.cli import main
+from modalign.evaluate.records import merge_records
 from modalign.io import read_jsonl
 from modalign.reproduce import cross_the_gap, resolve_model
 from modalign.reproduce.figures import (
@@ -15,7 +16,8 @@ from modalign.reproduce.figures import (
     CROSS_THE_GAP_I2I_AVG,
     paper_model_for,
 )
-from reproduce_fixtures import (
+from reproduce_fixtures import (  # noqa: F401 (one_torch_thread is a fixture)
+    one_torch_thread,
     save_tiny_clip,
     write_coop,
     write_cub,
@@ -24,6 +26,9 @@ from reproduce_fixtures import (
     write_revisited,
     write_sop,
 )
+
+# tiny models lose to thread hand-offs: one torch thread per test
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CTG_DATASETS = ["dtd", "imagenet", "cub2011", "sop", "roxford5k", "coco", "nocaps"]
 
@@ -60,9 +65,12 @@ def test_cross_the_gap_end_to_end_and_resume(setup, tmp_path: Path, monkeypatch,
         assert {(name, "zero-shot", m) for m in ("native", "oti", "ovi")} <= got
     assert len(records) == len(got) == 5 * 2 + 2 * 2 + 2 * 3
     for r in records:
-        assert r["model"]["spec"] == f"hf-clip:{clip}" and r["version"]
-        assert all(0.0 <= v <= 1.0 for k, v in r["metrics"].items()
+        assert r["model_spec"] == f"hf-clip:{clip}" and r["model"] == str(clip)
+        assert r["modalign_version"] and r["suite"] == "cross-the-gap"
+        assert all(v is None or 0.0 <= v <= 1.0 for k, v in r["metrics"].items()
                    if k != "queries_without_relevant")
+    # one evaluation record per file, readable by modalign.evaluate
+    assert len(merge_records([out / "records"])) == len(records)
     rox = next(r for r in records if r["dataset"] == "roxford5k")
     assert {"easy/map", "medium/map", "hard/map", "medium/mp@10"} <= set(rox["metrics"])
     assert rox["protocol"]["distractors"] == 2
@@ -131,6 +139,9 @@ def test_errors_name_the_argument(setup, tmp_path: Path, capsys, monkeypatch) ->
     assert main(["reproduce", "cross-the-gap", "--model", str(clip), "--data-root", str(root),
                  "--paper-model", "CLIP B/16"]) == 2
     assert "--paper-model" in capsys.readouterr().err
+    assert main(["reproduce", "cross-the-gap", "--model", str(clip), "--data-root", str(root),
+                 "--oti-steps", "-1"]) == 2
+    assert "--oti-steps=-1" in capsys.readouterr().err
 
 
 def test_resolve_model(tmp_path: Path, setup) -> None:

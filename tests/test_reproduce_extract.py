@@ -16,7 +16,10 @@ from modalign.reproduce import inversion as inversion_module
 from modalign.reproduce.extract import extract_embeddings, shard_bounds
 from modalign.reproduce.inversion import InversionPlan, inversion_forward, invert_stored
 from modalign.reproduce.models import load_towers, resolve_model
-from reproduce_fixtures import save_tiny_clip
+from reproduce_fixtures import one_torch_thread, save_tiny_clip  # noqa: F401 (a fixture)
+
+# tiny models lose to thread hand-offs: one torch thread per test
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class CharTower:
@@ -100,7 +103,7 @@ def _targets(n: int, dim: int = 16) -> Embeddings:
 @pytest.mark.parametrize("direction", ["oti", "ovi"])
 def test_invert_stored_equals_invert_and_resumes(tmp_path: Path, towers, direction: str,
                                                  monkeypatch) -> None:
-    plan = InversionPlan(direction, steps=3, batch_size=2)
+    plan = InversionPlan(direction, steps=2, batch_size=2)
     targets = _targets(5)
     direct = invert(torch.from_numpy(np.asarray(targets.vectors)), inversion_forward(towers, plan),
                     plan.settings(), keys=[it["id"] for it in targets.items])
@@ -128,7 +131,7 @@ def test_invert_stored_equals_invert_and_resumes(tmp_path: Path, towers, directi
     calls.clear()
     invert_stored(store, direction, targets, towers, plan, chunk=2, progress=False)
     assert calls == []  # cached in the store
-    invert_stored(store, direction, targets, towers, InversionPlan(direction, steps=4,
+    invert_stored(store, direction, targets, towers, InversionPlan(direction, steps=1,
                                                                    batch_size=2),
                   chunk=8, progress=False)
     assert calls == [5]  # other settings: computed again

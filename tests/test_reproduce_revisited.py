@@ -94,6 +94,15 @@ def test_ignored_items_leave_the_ranking() -> None:
                                ).tolist() == [2, 4]
 
 
+def test_ties_rank_the_irrelevant_item_first() -> None:
+    scores = torch.tensor([0.5, 0.5, 0.1])
+    for relevant in (0, 1):
+        assert revisited_positions(scores, torch.tensor([relevant]),
+                                   torch.tensor([], dtype=torch.long)).tolist() == [2]
+    # tied relevant items take consecutive positions
+    assert revisited_positions(scores, torch.tensor([0, 1]), torch.tensor([2])).tolist() == [1, 2]
+
+
 def test_ap_extremes() -> None:
     assert revisited_average_precision(torch.arange(1, 6)) == 1.0
     # one relevant item at position p: (0 + 1/p) / 2 for p > 1

@@ -8,7 +8,7 @@ import torch
 
 from modalign.data.benchmarks import RetrievalProtocol, Side
 from modalign.embed import Embeddings
-from modalign.reproduce.scoring import class_weights, score_retrieval, zero_shot_scores
+from modalign.reproduce.scoring import class_prototypes_for, score_retrieval, zero_shot_scores
 
 
 def naive_map(q: np.ndarray, g: np.ndarray, qgroups, ggroups, qids, gids, exclude_self):
@@ -68,21 +68,28 @@ def test_inverted_queries_keep_item_relevance() -> None:
 
 def test_zero_shot_matches_loop() -> None:
     rng = np.random.default_rng(2)
-    feats = torch.nn.functional.normalize(torch.randn(50, 8, dtype=torch.float64), dim=-1)
-    weights = torch.nn.functional.normalize(torch.randn(7, 8, dtype=torch.float64), dim=-1)
-    labels = torch.from_numpy(rng.integers(0, 7, 50))
-    got = zero_shot_scores(feats, weights, labels, chunk=9)
-    top1, top5, per_class = 0, 0, {}
-    for f, y in zip(feats, labels.tolist()):
-        s = [(float(f @ w), c) for c, w in enumerate(weights)]
-        ranked = [c for _, c in sorted(s, key=lambda t: -t[0])]
-        top1 += ranked[0] == y
-        top5 += y in ranked[:5]
-        per_class.setdefault(y, []).append(ranked[0] == y)
-    assert got["acc1"] == pytest.approx(top1 / 50)
-    assert got["acc5"] == pytest.approx(top5 / 50)
-    assert got["mean_per_class_recall"] == pytest.approx(
-        np.mean([np.mean(v) for v in per_class.values()]))
+    names = [f"class {c}" for c in range(7)]
+    feats = rng.standard_normal((50, 8))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    protos = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    labels = rng.integers(0, 7, 50)
+    rows = [{"id": f"i{k}", "group": names[y], "labels": {"class": names[y]}}
+            for k, y in enumerate(labels)]
+    images = Embeddings(feats.astype(np.float32), rows, {})
+    override = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+    for vectors, kwargs in ((feats, {}), (override.numpy(), {"override": override})):
+        got = zero_shot_scores(images, protos, names, **kwargs)
+        top1, top5, per_class = 0, 0, {}
+        for f, y in zip(vectors.astype(np.float32), labels):
+            s = [(float(torch.from_numpy(f) @ w), c) for c, w in enumerate(protos)]
+            ranked = [c for _, c in sorted(s, key=lambda t: -t[0])]
+            top1 += ranked[0] == y
+            top5 += y in ranked[:5]
+            per_class.setdefault(y, []).append(ranked[0] == y)
+        assert got["acc1"] == pytest.approx(top1 / 50)
+        assert got["acc5"] == pytest.approx(top5 / 50)
+        assert got["mean_per_class_recall"] == pytest.approx(
+            np.mean([np.mean(v) for v in per_class.values()]))
 
 
 class _BagOfChars:
@@ -105,13 +112,13 @@ class _BagOfChars:
         return {"name": self.name}
 
 
-def test_class_weights_average_normalised_prompts() -> None:
+def test_prototypes_average_normalised_prompts() -> None:
     tower = _BagOfChars()
-    w = class_weights(tower, [["aa", "b"], ["c"]], batch_size=1)
-    expected0 = torch.nn.functional.normalize(torch.tensor([0.5, 0.5] + [0.0] * 24), dim=0)
-    assert torch.allclose(w[0], expected0) and w[1, 2] == pytest.approx(1.0)
-
-
-def test_zero_shot_bad_shapes() -> None:
-    with pytest.raises(ValueError, match="features"):
-        zero_shot_scores(torch.zeros(3, 4), torch.zeros(2, 5), torch.zeros(3))
+    # "a_a" -> "a a": underscores become spaces; each prompt is normalised before averaging
+    w = class_prototypes_for(tower, ["a_a", "c"], ["{}", "b{}"], batch_size=1)
+    a2 = torch.zeros(26)
+    a2[0] = 1.0  # "a a" normalised
+    ab = torch.zeros(26)
+    ab[:2] = torch.tensor([2.0, 1.0]) / 5 ** 0.5  # "ba a" normalised
+    assert torch.allclose(w[0], torch.nn.functional.normalize(a2 + ab, dim=0), atol=1e-6)
+    assert w[1, 2] > 0 and w[1, 1] > 0 and w[1, 0] == 0

@@ -188,3 +188,13 @@ def test_batch_larger_than_the_split_is_rejected(store, tmp_path):
     cfg = small_config(store, tmp_path / "run", train={"batch_size": 64})
     with pytest.raises(ValueError, match="batch_size"):
         Trainer(cfg)
+
+
+def test_resuming_a_finished_or_early_stopped_run_trains_no_further(store, tmp_path):
+    cfg = small_config(store, tmp_path / "run", train={"epochs": 6},
+                       optim={"lr": 1e-12, "warmup_steps": 0}, validate={"patience": 1})
+    first = train(cfg)
+    again = train(cfg, resume=True)
+    assert first.summary["stopped_early"] and again.summary["steps"] == first.summary["steps"] == 8
+    rows = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(rows) == 2

@@ -45,7 +45,7 @@ def synthetic_store(path: Path, n_groups: int = 48, image_dim: int = 12, text_di
 def small_config(store: Path, run_dir: Path, **sections: dict[str, Any]) -> TrainConfig:
     """A fast config on a synthetic store; ``sections`` update the defaults per section."""
     base: dict[str, Any] = {
-        "data": {"embeddings": str(store)},
+        "data": {"embeddings": str(store), "dataset": ""},
         "model": {"towers": {"image": "fake-image", "text": "fake-text", "audio": "fake-audio"},
                   "joint_dim": 8},
         "optim": {"lr": 1e-2, "warmup_steps": 2},

@@ -174,7 +174,7 @@ class Centering:
     def transform(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = {}
         for key, x in embeddings.items():
-            y = _check_matrix(f"embeddings[{key!r}]", x) - _lookup(self.means, key, self.name)
+            y = _check_matrix(f"embeddings[{key!r}]", x) - lookup_key(self.means, key, self.name)
             out[key] = F.normalize(y, dim=1) if self.renormalize else y
         return out
 
@@ -204,8 +204,8 @@ class MeanShift:
 
     def fit(self, bank: Mapping[str, Tensor]) -> MeanShift:
         bank = _check_bank(bank)
-        source = _check_matrix("bank source", _lookup(bank, self.source, self.name))
-        target = _check_matrix("bank target", _lookup(bank, self.target, self.name))
+        source = _check_matrix("bank source", lookup_key(bank, self.source, self.name))
+        target = _check_matrix("bank target", lookup_key(bank, self.target, self.name))
         self.gap = target.mean(0) - source.mean(0)
         return self
 
@@ -229,8 +229,10 @@ class InvGC:
 
     Two messages are computed for each gallery item, one against the training bank of the
     gallery modality (rate ``r_gallery``) and one against the bank of the query modality (rate
-    ``r_query``); the new gallery is ``normalize((m_gallery + m_query) / 2)``. Queries are left
-    unchanged. ``local_adj=True`` keeps only the top ``k = int(pool_rate * n)`` neighbours.
+    ``r_query``); the new gallery is ``normalize((m_gallery + m_query) / 2)``. Only the entry
+    whose key equals ``gallery`` is changed (or, when no key equals it, the entries of that
+    modality, e.g. ``"image:noto"`` for ``gallery="image"``); queries are left unchanged.
+    ``local_adj=True`` keeps only the top ``k = int(pool_rate * n)`` neighbours.
 
     Args:
         gallery: key of the gallery modality (the one modified).
@@ -264,8 +266,8 @@ class InvGC:
     def fit(self, bank: Mapping[str, Tensor]) -> InvGC:
         bank = _check_bank(bank)
         self.banks = {
-            "gallery": _check_matrix("bank gallery", _lookup(bank, self.gallery, self.name)),
-            "query": _check_matrix("bank query", _lookup(bank, self.query, self.name)),
+            "gallery": _check_matrix("bank gallery", lookup_key(bank, self.gallery, self.name)),
+            "query": _check_matrix("bank query", lookup_key(bank, self.query, self.name)),
         }
         return self
 
@@ -273,8 +275,9 @@ class InvGC:
         if not self.banks:
             raise ValueError("invgc: call fit(bank) before transform")
         out = dict(embeddings)
+        exact = self.gallery in embeddings
         for key, x in embeddings.items():
-            if _matches(key, self.gallery):
+            if key == self.gallery or (not exact and _matches(key, self.gallery)):
                 x = _check_matrix(f"embeddings[{key!r}]", x)
                 m_g = self._message(x, self.banks["gallery"], self.r_gallery)
                 m_q = self._message(x, self.banks["query"], self.r_query)
@@ -335,8 +338,8 @@ class CloseNoise:
         if self.shift_target is None:
             return self
         bank = _check_bank(bank)
-        target = _lookup(bank, self.shift_target, self.name).mean(0)
-        self.gaps = {m: target - _lookup(bank, m, self.name).mean(0) for m in self.modalities}
+        target = lookup_key(bank, self.shift_target, self.name).mean(0)
+        self.gaps = {m: target - lookup_key(bank, m, self.name).mean(0) for m in self.modalities}
         return self
 
     def transform(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -453,13 +456,19 @@ def _matches(key: str, modality: str) -> bool:
     return key == modality or key.split(":", 1)[0] == modality
 
 
-def _lookup(stats: Mapping[str, Any], key: str, bridge: str) -> Any:
+def lookup_key(stats: Mapping[str, Any], key: str, owner: str) -> Any:
+    """``stats[key]``, else ``stats[modality of key]``; else a ``ValueError`` naming ``owner``.
+
+    Examples:
+        >>> lookup_key({"image": 1}, "image:noto", "centering")
+        1
+    """
     if key in stats:
         return stats[key]
     base = key.split(":", 1)[0]
     if base in stats:
         return stats[base]
-    raise ValueError(f"{bridge}: no fitted bank for {key!r}; the bank has {sorted(stats)} "
+    raise ValueError(f"{owner}: nothing for {key!r}; it has {sorted(stats)} "
                      f"(expected {key!r} or {base!r})")
 
 

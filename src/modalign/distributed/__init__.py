@@ -24,7 +24,13 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # check.py pulls in multiprocessing machinery; import it only when asked for.
-    if name in ("check_distributed", "check_distributed_cases", "DistributedCheckReport"):
+    if name in (
+        "check_distributed",
+        "check_distributed_cases",
+        "DistributedCase",
+        "DistributedCheckReport",
+        "DistributedMismatchError",
+    ):
         from modalign.distributed import check
 
         return getattr(check, name)

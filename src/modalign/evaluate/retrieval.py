@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.bridge.posthoc import BridgeChain, build_chain
+from modalign.bridge.posthoc import BridgeChain, build_chain, lookup_key
 from modalign.embed.store import Embeddings
 from modalign.evaluate.metrics import (
     DEFAULT_CHUNK_SIZE,
@@ -144,8 +144,7 @@ def intra_modal_retrieval(
         >>> r.protocol["directions"][0]["query"], r.protocol["directions"][0]["gallery"]
         ('image:noto', 'image:openmoji')
     """
-    def part(view: str | None, split_bank: Embeddings | None = None) -> Embeddings:
-        source = embeddings if split_bank is None else split_bank
+    def rows(source: Embeddings, view: str | None) -> Embeddings:
         return source if view is None else source.filter(view=view)
 
     def key(view: str | None) -> str:
@@ -159,15 +158,15 @@ def intra_modal_retrieval(
     directions = []
     bank_parts: dict[str, Embeddings] = {}
     for qv, gv in views:
-        q, g = part(qv), part(gv)
+        q, g = rows(embeddings, qv), rows(embeddings, gv)
         for name, e, v in (("query_view", q, qv), ("gallery_view", g, gv)):
             if len(e) == 0:
                 raise ValueError(f"{name}={v!r}: no {modality} rows with that view "
                                  f"(views present: {present})")
         directions.append((key(qv), q, key(gv), g))
         if bank is not None:
-            bank_parts[key(qv)] = part(qv, bank)
-            bank_parts[key(gv)] = part(gv, bank)
+            bank_parts[key(qv)] = rows(bank, qv)
+            bank_parts[key(gv)] = rows(bank, gv)
     return _run(
         "intra", directions, relevance=relevance, k_values=k_values, bridges=bridges,
         bank=bank_parts if bank is not None else None, queries_override=queries_override,
@@ -263,16 +262,15 @@ def _run(
     for q_key, q_emb, g_key, g_emb in directions:
         q_vec, g_vec = as_unit_tensor(q_emb), as_unit_tensor(g_emb)
         if bridges:
-            assert bank is not None
+            assert bank is not None  # checked above
             chain: BridgeChain = build_chain(bridges, query=q_key, gallery=g_key)
-            chain.fit({q_key: as_unit_tensor(_bank_for(bank, q_key)),
-                       g_key: as_unit_tensor(_bank_for(bank, g_key))})
-            moved = chain.transform({q_key: q_vec, g_key: g_vec}) if q_key != g_key else None
-            if moved is not None:
-                q_vec, g_vec = moved[q_key], moved[g_key]
+            chain.fit({q_key: as_unit_tensor(lookup_key(bank, q_key, "bank")),
+                       g_key: as_unit_tensor(lookup_key(bank, g_key, "bank"))})
+            if q_key == g_key:  # one set is both queries and gallery: transformed once
+                q_vec = g_vec = chain.transform({g_key: g_vec})[g_key]
             else:
-                q_vec = chain.transform({q_key: q_vec})[q_key]
-                g_vec = chain.transform({g_key: g_vec})[g_key]
+                moved = chain.transform({q_key: q_vec, g_key: g_vec})
+                q_vec, g_vec = moved[q_key], moved[g_key]
             if not applied:
                 applied = chain.identity()
         if q_key in overrides:
@@ -325,11 +323,3 @@ def _index_metrics(kind: str, q: Tensor, g: Tensor, q_groups: Tensor, g_groups: 
     out[f"index_agreement@{k}"] = recall_against_exact(found, reference)
     return out
 
-
-def _bank_for(bank: Mapping[str, Embeddings], key: str) -> Embeddings:
-    if key in bank:
-        return bank[key]
-    base = key.split(":", 1)[0]
-    if base in bank:
-        return bank[base]
-    raise ValueError(f"bank: no training embeddings for {key!r} (bank has {sorted(bank)})")

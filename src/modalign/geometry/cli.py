@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         from modalign.model import MultiTowerModel
 
-        logit_scale = float(MultiTowerModel.from_pretrained(args.model).logit_scale)
+        logit_scale = float(MultiTowerModel.from_pretrained(args.model).logit_scale.detach())
         log = Path(args.log) if args.log else Path(args.model).parent / "log.jsonl"
         if log.is_file():
             history = logit_scale_history(log) or None

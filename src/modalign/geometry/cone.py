@@ -59,7 +59,7 @@ def mean_pairwise_cosine(x: ArrayLike, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) 
     xm = as_matrix(x, "x", min_rows=2)
     total = torch.zeros(xm.shape[1], dtype=torch.float64)
     for _, chunk in iter_chunks(xm, "x", normalize=True, chunk_rows=chunk_rows):
-        total += chunk.sum(dim=0, dtype=torch.float64)
+        total += chunk.sum(dim=0).to(torch.float64)
     return cone_from_sum(total, xm.shape[0])
 
 
@@ -94,9 +94,9 @@ def paired_sums(x: ArrayLike, y: ArrayLike, *,
     chunks_x = iter_chunks(xm, "x", normalize=True, chunk_rows=chunk_rows)
     chunks_y = iter_chunks(ym, "y", normalize=True, chunk_rows=chunk_rows)
     for (_, cx), (_, cy) in zip(chunks_x, chunks_y):
-        sx += cx.sum(dim=0, dtype=torch.float64)
-        sy += cy.sum(dim=0, dtype=torch.float64)
-        diag += float((cx * cy).sum(dtype=torch.float64))
+        sx += cx.sum(dim=0).to(torch.float64)
+        sy += cy.sum(dim=0).to(torch.float64)
+        diag += float((cx * cy).sum(dim=1).to(torch.float64).sum())
     return PairedSums(xm.shape[0], sx, sy, diag)
 
 

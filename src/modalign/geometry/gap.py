@@ -70,7 +70,7 @@ def centroid(x: ArrayLike, *, normalize: bool = True, name: str = "x",
     x = as_matrix(x, name)
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     for _, chunk in iter_chunks(x, name, normalize=normalize, chunk_rows=chunk_rows):
-        total += chunk.sum(dim=0, dtype=torch.float64)
+        total += chunk.sum(dim=0).to(torch.float64)
     return (total / x.shape[0]).numpy()
 
 

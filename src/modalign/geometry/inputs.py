@@ -8,7 +8,7 @@ joint space of a contrastive model is the unit sphere).
 
 Precision follows the input (:func:`working_dtype`): float64 inputs are computed in float64
 throughout; float32 and lower inputs use float32 for the large products (similarity blocks,
-outer products of a chunk) while every running sum across chunks is kept in float64.
+outer products and sums within a chunk) while every running sum across chunks is float64.
 
 Examples:
     >>> import numpy as np
@@ -95,12 +95,15 @@ def prepare(block: np.ndarray | torch.Tensor, name: str, *, normalize: bool,
     """A ``dtype`` tensor copy of ``block``; raises on NaN/inf and, if normalising, on zero rows."""
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     t = torch.from_numpy(np.array(block, dtype=np_dtype, order="C", copy=True))
-    finite = torch.isfinite(t).all(dim=1)
-    if not bool(finite.all()):
-        row = int(torch.nonzero(~finite)[0, 0]) + offset
-        raise ValueError(f"{name}: row {row} contains NaN or inf")
+    # one reduction checks finiteness: a row's norm is NaN/inf iff the row holds NaN/inf (or is
+    # too large to square in this precision, which is reported as well)
+    norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    if not bool(torch.isfinite(norms).all()):
+        row = int(torch.nonzero(~torch.isfinite(norms[:, 0]))[0, 0])
+        what = "contains NaN or inf" if not bool(torch.isfinite(t[row]).all()) else \
+            "is too large to normalise in this precision"
+        raise ValueError(f"{name}: row {row + offset} {what}")
     if normalize:
-        norms = t.norm(dim=1, keepdim=True)
         if bool((norms == 0).any()):
             row = int(torch.nonzero(norms[:, 0] == 0)[0, 0]) + offset
             raise ValueError(f"{name}: row {row} is a zero vector, which cannot be L2-normalised")

@@ -1,11 +1,12 @@
 """Linear separability of two modalities: held-out accuracy of a logistic regression.
 
-A logistic regression (weights and bias, L2 penalty ``||w||^2 / (2 C)`` on the summed loss as in the
-usual ``C = 1`` default, fitted by Newton's method in float64) learns to tell rows of ``x`` (label 0) from rows of
-``y`` (label 1). The same number ``m = min(n_x, n_y, max_rows)`` of rows is drawn from each modality
-(seeded), so chance level is 0.5; a seeded random 80 % of the 2m rows trains the model and the other
-20 % measures its accuracy. 1.0 means the modalities occupy disjoint, linearly separable regions (a
-modality gap); about 0.5 means a linear probe cannot tell which tower produced an embedding.
+A logistic regression (weights and bias, L2 penalty ``||w||^2 / (2 C)`` on the summed loss, as
+in the usual ``C = 1`` default, fitted by Newton's method in float64) learns to tell rows of ``x``
+(label 0) from rows of ``y`` (label 1). The same number ``m = min(n_x, n_y, max_rows)`` of rows is
+drawn from each modality (seeded), so chance level is 0.5; a seeded random 80 % of the 2m rows
+trains the model and the other 20 % measures its accuracy. 1.0 means the modalities occupy
+disjoint, linearly separable regions (a modality gap); about 0.5 means a linear probe cannot tell
+which tower produced an embedding.
 
 Examples:
     >>> import numpy as np

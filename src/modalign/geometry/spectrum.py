@@ -11,7 +11,8 @@ For rows ``x_i`` (L2-normalised by default) with covariance
   2007): 1 when one direction carries everything, d when all directions are used equally.
 
 The covariance is accumulated in float64 over streamed row chunks (``sum x`` and
-``sum x x^T``; each chunk's product in the input's precision), so memory stays ``O(d^2)`` for any n. :func:`joint_spectrum` pools several modalities from their sums.
+``sum x x^T``; each chunk's product in the input's precision), so memory stays ``O(d^2)`` for any
+n. :func:`joint_spectrum` pools several modalities from their sums.
 
 Examples:
     >>> import numpy as np
@@ -101,7 +102,7 @@ def moments(x: ArrayLike, *, normalize: bool = True, name: str = "x",
     total = torch.zeros(d, dtype=torch.float64)
     outer = torch.zeros(d, d, dtype=torch.float64)
     for _, chunk in iter_chunks(xm, name, normalize=normalize, chunk_rows=chunk_rows):
-        total += chunk.sum(dim=0, dtype=torch.float64)
+        total += chunk.sum(dim=0).to(torch.float64)
         outer += (chunk.T @ chunk).to(torch.float64)
     return Moments(xm.shape[0], total, outer)
 

@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup, gather_with_grad
-from modalign.losses.validation import check_embedding, check_modalities, validation_enabled
+from modalign.losses.validation import (
+    check_embedding,
+    check_modalities,
+    check_pair,
+    validation_enabled,
+)
 
 
 def checked(
@@ -49,10 +54,21 @@ def at_least_two(modalities: Sequence[str], name: str = "modalities") -> None:
         raise ValueError(f"{name} must name at least 2 embedding keys, got {list(modalities)}")
 
 
-def pick(embeddings: Mapping[str, Tensor], keys: Sequence[str]) -> list[Tensor]:
-    """The tensors of ``keys`` in order; ValueError naming any missing key."""
+def pick(
+    embeddings: Mapping[str, Tensor], keys: Sequence[str], *, normalize: bool = True,
+    same_batch: bool = True, same_dim: bool = True,
+) -> list[Tensor]:
+    """The tensors of ``keys`` in order, checked under their own names (the user's modalities).
+
+    ValueError names a missing key, a bad tensor (NaN/inf, empty, zero rows when ``normalize``)
+    or a key whose batch size / dim differs from the first key's.
+    """
     check_modalities("embeddings", embeddings, keys)
-    return [embeddings[k] for k in keys]
+    tensors = [embeddings[k] for k in keys]
+    for key, x in zip(keys, tensors, strict=True):
+        check_embedding(key, x, normalize=normalize)
+    check_pair(list(keys), tensors, same_batch=same_batch, same_dim=same_dim)
+    return tensors
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

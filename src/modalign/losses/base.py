@@ -47,6 +47,12 @@ def as_modalities(
     return mods
 
 
+def select_modalities(embeddings: Mapping[str, Tensor], modalities: Sequence[str]) -> list[Tensor]:
+    """The tensors of ``modalities`` in order (ValueError naming the missing keys otherwise)."""
+    check_modalities("embeddings", embeddings, modalities)
+    return [embeddings[m] for m in modalities]
+
+
 class ScaledLoss(nn.Module):
     """Base class of loss modules with declared modalities and a (learnable) logit scale.
 
@@ -110,8 +116,7 @@ class ScaledLoss(nn.Module):
 
     def select(self, embeddings: Mapping[str, Tensor]) -> list[Tensor]:
         """This loss's tensors in declared order (ValueError if a modality is missing)."""
-        check_modalities("embeddings", embeddings, self.modalities)
-        return [embeddings[m] for m in self.modalities]
+        return select_modalities(embeddings, self.modalities)
 
     def extra_repr(self) -> str:
         return f"modalities={self.modalities}"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.distributed.gather import GatherGrad, ProcessGroup, parse_gather
-from modalign.losses._support import gather_rows, local_labels, unit_rows
+from modalign.losses._support import gather_rows, local_labels, pick, unit_rows
 from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -31,6 +31,7 @@ def cwcl_weights(
     the row normalisation; a larger ``sharpness`` moves the targets towards one-hot.
 
     Examples:
+        >>> import torch
         >>> w = cwcl_weights(torch.eye(3))
         >>> torch.allclose(w.sum(1), torch.ones(3))
         True
@@ -59,6 +60,7 @@ def cwcl_loss(
     targets. Across processes the local rows are scored against every rank's columns.
 
     Examples:
+        >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> p, q = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
         >>> out = cwcl_loss(p, q, 10.0)
@@ -84,6 +86,7 @@ class CWCLLoss(ScaledLoss):
     """CWCL with a learnable logit scale; ``modalities = (frozen, trained)``.
 
     Examples:
+        >>> import torch
         >>> loss = CWCLLoss(["image", "text"])
         >>> g = torch.Generator().manual_seed(0)
         >>> emb = {"image": torch.randn(4, 8, generator=g), "text": torch.randn(4, 8, generator=g)}
@@ -120,7 +123,7 @@ class CWCLLoss(ScaledLoss):
         groups: Tensor | None = None,
         indices: Tensor | None = None,
     ) -> LossOutput:
-        frozen, trained = self.select(embeddings)
+        frozen, trained = pick(embeddings, self.modalities)
         return cwcl_loss(
             frozen, trained, self.logit_scale(), sharpness=self.sharpness, gather=self.gather
         )

@@ -40,7 +40,7 @@ from modalign.distributed.gather import (
     get_world_size,
     parse_gather,
 )
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, as_modalities
+from modalign.losses.base import DEFAULT_SCALE_BOUNDS, as_modalities, select_modalities
 from modalign.losses.clip import Impl, clip_loss, prepare_pair
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -48,7 +48,6 @@ from modalign.losses.tiled import DEFAULT_TILE_SIZE
 from modalign.losses.validation import (
     check_embedding,
     check_groups,
-    check_modalities,
     check_positive,
 )
 
@@ -207,8 +206,7 @@ class _GapTerm(nn.Module):
         self.gather = parse_gather(gather)
 
     def select(self, embeddings: Mapping[str, Tensor]) -> list[Tensor]:
-        check_modalities("embeddings", embeddings, self.modalities)
-        return [embeddings[m] for m in self.modalities]
+        return select_modalities(embeddings, self.modalities)
 
 
 @register_loss("uniformity")

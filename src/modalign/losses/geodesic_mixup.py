@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.distributed.gather import GatherGrad, ProcessGroup, parse_gather
-from modalign.losses._support import gather_rows, local_labels, unit_rows
+from modalign.losses._support import gather_rows, local_labels, pick, unit_rows
 from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -159,7 +159,7 @@ class M2MixLoss(ScaledLoss):
         groups: Tensor | None = None,
         indices: Tensor | None = None,
     ) -> LossOutput:
-        x, y = self.select(embeddings)
+        x, y = pick(embeddings, self.modalities)
         lam = sample_beta(self.beta, generator=self.generator)
         out = m2mix_loss(x, y, self.logit_scale(), lam, gather=self.gather)
         return LossOutput(out.loss, {**out.parts, "lam": lam.detach()})

@@ -21,6 +21,7 @@ from modalign.losses._support import (
     checked,
     gather_rows,
     local_labels,
+    pick,
     unit_rows,
 )
 from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
@@ -159,7 +160,7 @@ class GramLoss(ScaledLoss):
         groups: Tensor | None = None,
         indices: Tensor | None = None,
     ) -> LossOutput:
-        anchors, *tuples = self.select(embeddings)
+        anchors, *tuples = pick(embeddings, self.modalities)
         return gram_loss(
             anchors,
             tuples,

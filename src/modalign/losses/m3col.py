@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.losses._support import check_fraction, checked, soft_cross_entropy
+from modalign.losses._support import check_fraction, checked, pick, soft_cross_entropy
 from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
 from modalign.losses.geodesic_mixup import sample_beta
 from modalign.losses.output import LossOutput
@@ -165,7 +165,7 @@ class M3CoLLoss(ScaledLoss):
         groups: Tensor | None = None,
         indices: Tensor | None = None,
     ) -> LossOutput:
-        x, y = self.select(embeddings)
+        x, y = pick(embeddings, self.modalities)
         checked(x, self.modalities[0])
         perm, weights = sample_m3col_mixing(
             x.shape[0],

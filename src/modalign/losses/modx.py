@@ -124,5 +124,6 @@ class ModXLoss(nn.Module):
     ) -> LossOutput:
         x, y = pick(embeddings, self.modalities)
         ox, oy = pick(embeddings, self.old_keys)
+        pick(embeddings, [self.modalities[0], self.old_keys[0]], same_dim=False)
         return modx_loss(x, y, ox, oy, temperature=self.temperature, reduction=self.reduction,
                          gather=self.gather)

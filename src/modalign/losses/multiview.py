@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup, parse_gather
-from modalign.losses._support import at_least_two, gather_rows, unit_rows
+from modalign.losses._support import at_least_two, gather_rows, pick, unit_rows
 from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -187,7 +187,7 @@ class MVInfoNCELoss(_MultiViewLoss):
         indices: Tensor | None = None,
     ) -> LossOutput:
         return mv_infonce_loss(
-            self.select(embeddings),
+            pick(embeddings, self.modalities),
             self.logit_scale(),
             same_view_negatives=self.same_view_negatives,
             gather=self.gather,
@@ -232,7 +232,7 @@ class MVDHELLoss(_MultiViewLoss):
         indices: Tensor | None = None,
     ) -> LossOutput:
         return mv_dhel_loss(
-            self.select(embeddings),
+            pick(embeddings, self.modalities),
             self.logit_scale(),
             include_self=self.include_self,
             gather=self.gather,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.distributed.gather import GatherGrad, ProcessGroup, parse_gather
-from modalign.losses._support import gather_rows, local_labels, unit_rows
+from modalign.losses._support import gather_rows, local_labels, pick, unit_rows
 from modalign.losses.base import ScaledLoss
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -118,7 +118,7 @@ class OneToKLoss(ScaledLoss):
         groups: Tensor | None = None,
         indices: Tensor | None = None,
     ) -> LossOutput:
-        anchors, candidates = self.select(embeddings)
+        anchors, candidates = pick(embeddings, self.modalities, same_batch=False)
         if groups is None:
             raise ValueError("groups is required by one_to_k: the anchor row of every candidate")
         return one_to_k_loss(anchors, candidates, groups, self.logit_scale(), gather=self.gather)

@@ -124,4 +124,5 @@ class SLAPLoss(nn.Module):
     ) -> LossOutput:
         q_a, q_b = pick(embeddings, self.modalities)
         z_a, z_b = pick(embeddings, self.target_keys)
+        pick(embeddings, [self.modalities[0], self.target_keys[0]])  # predictions match targets
         return slap_loss(q_a, q_b, z_a, z_b, cross_weight=self.cross_weight, unimodal=self.unimodal)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.losses._support import at_least_two, checked
+from modalign.losses._support import at_least_two, checked, pick
 from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -177,7 +177,7 @@ class SymileLoss(ScaledLoss):
         indices: Tensor | None = None,
         observed: Mapping[str, Tensor] | None = None,
     ) -> LossOutput:
-        xs = self.select(embeddings)
+        xs = pick(embeddings, self.modalities, normalize=False)
         checked(xs[0], self.modalities[0])
         names = [f"anchor_{m}" for m in self.modalities]
         if observed is not None:

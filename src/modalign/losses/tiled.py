@@ -2,18 +2,19 @@
 
 For ``S = scale * X Y^T + bias`` (X: n x d, Y: m x d) the contrastive losses only need
 
-* the row and column log-sum-exps of ``S`` (InfoNCE / CLIP: ``tiled_logsumexp``), and
-* the sum of ``softplus(S)`` (SigLIP: ``tiled_softplus_sum``);
+* the row and column log-sum-exps of ``S``, or directly the per-row and per-column
+  cross-entropies ``LSE - S_target`` (InfoNCE / CLIP: ``tiled_logsumexp``), and
+* the sum of ``softplus(S)`` (SigLIP: ``tiled_softplus_sum``; its positive term is O(n d) and is
+  left to ordinary autograd).
 
-the positive-pair terms are O(n d) and are left to ordinary autograd. Both functions here walk ``S``
-in tiles of ``tile_size`` rows against all columns (one matmul per tile), accumulate the column
-reductions online, and in the backward pass recompute each tile once to form ``dL/dS`` for that
-tile, from which ``dX``, ``dY``, ``d scale`` and ``d bias`` follow with two more matmuls. Peak extra
-memory is O(tile_size x m) instead of O(n x m); values and gradients equal the full-matrix
-computation up to floating-point rounding.
+Both walk ``S`` in tiles of ``tile_size`` rows against all columns (one matmul per tile),
+accumulate the column reductions across tiles, and in the backward pass recompute each tile once
+to form ``dL/dS`` for it, from which ``dX``, ``dY``, ``d scale`` and ``d bias`` follow with two
+more matmuls. Peak extra memory is O(tile_size x m) instead of O(n x m); values and gradients
+equal the full-matrix computation up to floating-point rounding.
 
-FLOPs: forward one ``n m d`` product, backward three (recompute, ``G Y``, ``G^T X``). The bias never
-touches the tiles: ``LSE(S + b) = LSE(S) + b``.
+FLOPs: forward one ``n m d`` product, backward three (recompute, ``G Y``, ``G^T X``). In the
+log-sum-exps the bias never touches the tiles: ``LSE(S + b) = LSE(S) + b``.
 
 Examples:
     >>> import torch

@@ -118,7 +118,8 @@ def _common(p: argparse.ArgumentParser, datasets: tuple[str, ...] | None) -> Non
     p.add_argument("--device", default="auto",
                    help="cuda, cuda:N, cpu, or auto (cuda when available; default auto)")
     p.add_argument("--batch-size", type=int, default=256, help="embedding batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed of inversion inits and splits")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the inversion inits and of the separability split (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -159,9 +160,12 @@ def run(args: argparse.Namespace) -> int:
     from modalign.reproduce.records import RecordBook
     from modalign.reproduce.tables import cross_the_gap_tables, simple_table
 
-    for name in ("batch_size",):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
+    for name, low in (("batch_size", 1), ("inversion_batch_size", 1), ("oti_steps", 0),
+                      ("ovi_steps", 0), ("oti_tokens", 1), ("ovi_tokens", 1), ("max_queries", 1),
+                      ("max_pairs", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')}={value}: expected an integer >= {low}")
     if not args.data_root.is_dir():
         raise FileNotFoundError(f"--data-root {args.data_root}: no such folder")
     model = resolve_model(args.model)
@@ -216,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
     if args.suite != "cross-the-gap":
-        RecordBook(out).finish(records)
+        book = RecordBook(out)
+        book.write(records)
+        book.finish(records)
     write_bytes_atomic(out / "table.md", (table + "\n").encode("utf-8"))
     print(table)
     print(f"records: {out / 'records.jsonl'}\ntable:   {out / 'table.md'}", file=sys.stderr)

@@ -14,8 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from modalign.data.benchmarks import (
     CLASSIFICATION_BENCHMARKS,
     OPENAI_IMAGENET_TEMPLATES,
@@ -25,8 +23,8 @@ from modalign.data.dataset import PairedDataset
 from modalign.encoders.base import Encoder
 from modalign.reproduce.extract import extract_embeddings, process_rank
 from modalign.reproduce.models import ResolvedModel
-from modalign.reproduce.records import make_record
-from modalign.reproduce.scoring import class_weights, score_retrieval, unit_rows, zero_shot_scores
+from modalign.reproduce.records import protocol_record
+from modalign.reproduce.scoring import class_prototypes_for, score_retrieval, zero_shot_scores
 
 SUITE = "clip-benchmark"
 RETRIEVAL_DATASETS: tuple[str, ...] = ("coco", "flickr30k")
@@ -59,15 +57,13 @@ def run_clip_benchmark(model: ResolvedModel, towers: dict[str, Encoder], data_ro
         if name in CLASSIFICATION_BENCHMARKS:
             templates = OPENAI_IMAGENET_TEMPLATES if name == "imagenet" else bench.templates
             images = store.load("image")
-            labels = torch.tensor([int(it["labels"]["label"]) for it in images.items])
-            weights = class_weights(towers["text"], [[t.format(c.replace("_", " "))
-                                                      for t in templates]
-                                                     for c in bench.classnames], device=device)
-            metrics = zero_shot_scores(unit_rows(images.vectors), weights, labels)
-            records.append(make_record(
+            protos = class_prototypes_for(towers["text"], bench.classnames, templates,
+                                          device=device)
+            metrics = zero_shot_scores(images, protos, bench.classnames)
+            records.append(protocol_record(
                 suite=SUITE, dataset=name, task="zeroshot_classification", method="native",
                 model=model, split=split, metrics=metrics, counts={"images": len(images),
-                                                                   "classes": len(weights)},
+                                                                   "classes": len(protos)},
                 protocol={"templates": list(templates)}))
             continue
         image, text = store.load("image"), store.load("text")
@@ -76,7 +72,7 @@ def run_clip_benchmark(model: ResolvedModel, towers: dict[str, Encoder], data_ro
                                       ("image-to-text", image, text, "text_retrieval")):
             got = score_retrieval(bench.protocols[proto_name], q, g, device=device)
             metrics.update({f"{key}_recall@{k}": got[f"recall@{k}"] for k in RECALL_K})
-        records.append(make_record(
+        records.append(protocol_record(
             suite=SUITE, dataset=name, task="zeroshot_retrieval", method="native", model=model,
             split=split, metrics=metrics, counts={"images": len(image), "captions": len(text)},
             protocol={"recall": "CLIP-style: any relevant item in the top K"}))

@@ -31,7 +31,7 @@ from modalign.geometry.separability import linear_separability
 from modalign.geometry.uniformity import alignment, cross_uniformity, uniformity
 from modalign.reproduce.extract import extract_embeddings, process_rank
 from modalign.reproduce.models import ResolvedModel
-from modalign.reproduce.records import make_record
+from modalign.reproduce.records import protocol_record
 from modalign.reproduce.scoring import unit_rows
 
 SUITE = "contrastive-gap"
@@ -93,8 +93,8 @@ def run_contrastive_gap(model: ResolvedModel, towers: dict[str, Encoder],
     order = {g: i for i, g in enumerate(it["group"] for it in img.items)}
     txt_rows = sorted(range(len(txt)), key=lambda j: order[txt.items[j]["group"]])
     metrics = gap_metrics(unit_rows(img.vectors), unit_rows(txt.vectors[txt_rows]), seed=seed)
-    return [make_record(suite=SUITE, dataset="coco", task="gap-metrics", method="native",
-                        model=model, split=split, metrics=metrics, seed=seed,
-                        counts={"pairs": len(img)},
-                        protocol={"pairs": "image + first caption", "normalized": True,
-                                  "separability_train_fraction": 0.8})]
+    return [protocol_record(suite=SUITE, dataset="coco", task="gap-metrics", method="native",
+                            model=model, split=split, metrics=metrics, seed=seed,
+                            counts={"pairs": len(img)},
+                            protocol={"pairs": "image + first caption", "normalized": True,
+                                      "separability_train_fraction": 0.8})]

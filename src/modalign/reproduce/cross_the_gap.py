@@ -17,7 +17,6 @@ Only the queries are inverted; galleries and prompts keep native features.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +39,11 @@ from modalign.encoders.base import Encoder
 from modalign.reproduce.extract import extract_embeddings, process_rank
 from modalign.reproduce.inversion import InversionPlan, invert_stored
 from modalign.reproduce.models import ResolvedModel
-from modalign.reproduce.records import RecordBook, make_record
+from modalign.reproduce.records import RecordBook, protocol_record
 from modalign.reproduce.scoring import (
-    class_weights,
+    class_prototypes_for,
     encode_texts,
     score_retrieval,
-    unit_rows,
     zero_shot_scores,
 )
 
@@ -156,10 +154,10 @@ def run_dataset(name: str, model: ResolvedModel, towers: dict[str, Encoder],
                   "distractors": ds.info.get("distractors")}
 
     def record(task_name: str, method: str, metrics: dict[str, float],
-               bridges: Sequence[str] = (), extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        return make_record(suite=SUITE, dataset=name, task=task_name, method=method, model=model,
-                           split=split, protocol=proto_info, metrics=metrics, counts=counts,
-                           bridges=bridges, seed=config.oti.seed, extra=extra)
+               inversion: dict[str, Any] | None = None) -> dict[str, Any]:
+        return protocol_record(suite=SUITE, dataset=name, task=task_name, method=method,
+                               model=model, split=split, protocol=proto_info, metrics=metrics,
+                               counts=counts, inversion=inversion, seed=config.oti.seed)
 
     def score(q: Embeddings) -> dict[str, float]:
         return score_retrieval(protocol, q, gallery, revisited=bench.revisited,
@@ -170,9 +168,8 @@ def run_dataset(name: str, model: ResolvedModel, towers: dict[str, Encoder],
         records.append(record(task, "native", score(queries)))
     if inverted is not None:
         info = store.info(plan.direction)
-        records.append(record(task, plan.direction, score(inverted), [plan.direction],
-                              {"inversion": {**asdict(plan),
-                                             "items_per_s": info.get("items_per_s")}}))
+        records.append(record(task, plan.direction, score(inverted),
+                              {**asdict(plan), "items_per_s": info.get("items_per_s")}))
     if config.zero_shot and name in CLASSIFICATION_BENCHMARKS:
         records += _zero_shot(bench, store, queries, inverted, towers, config, record, progress)
     return records
@@ -181,15 +178,16 @@ def run_dataset(name: str, model: ResolvedModel, towers: dict[str, Encoder],
 def _zero_shot(bench: Benchmark, store: EmbeddingStore, images: Embeddings,
                oti: Embeddings | None, towers: dict[str, Encoder],
                config: CrossTheGapConfig, record: Any, progress: bool) -> list[dict[str, Any]]:
-    labels = torch.tensor([int(it["labels"]["label"]) for it in images.items])
-    weights = class_weights(towers["text"], bench.prompts(), device=config.device)
+    protos = class_prototypes_for(towers["text"], bench.classnames, bench.templates,
+                                  device=config.device)
     out = []
     if "native" in config.methods:
         out.append(record("zero-shot", "native",
-                          zero_shot_scores(unit_rows(images.vectors), weights, labels)))
+                          zero_shot_scores(images, protos, bench.classnames)))
     if oti is not None:
-        out.append(record("zero-shot", "oti",
-                          zero_shot_scores(unit_rows(oti.vectors), weights, labels), ["oti"]))
+        out.append(record("zero-shot", "oti", zero_shot_scores(
+            images, protos, bench.classnames, override=torch.from_numpy(np.array(oti.vectors))),
+            asdict(config.oti)))
     if "inversion" in config.methods:
         prompts = [INVERSION_TEMPLATE.format(c.replace("_", " ")) for c in bench.classnames]
         feats = encode_texts(towers["text"], prompts, device=config.device).numpy()
@@ -200,7 +198,8 @@ def _zero_shot(bench: Benchmark, store: EmbeddingStore, images: Embeddings,
                             device=config.device, rank=0, world_size=1, progress=progress)
         assert ovi is not None  # rank 0 of one
         out.append(record("zero-shot", "ovi", zero_shot_scores(
-            unit_rows(images.vectors), unit_rows(ovi.vectors), labels), ["ovi"]))
+            images, torch.from_numpy(np.array(ovi.vectors)), bench.classnames),
+            asdict(config.ovi)))
     return out
 
 

@@ -63,26 +63,35 @@ def revisited_precision_at(positions: Tensor, k: int) -> float:
 
 
 def revisited_positions(scores: Tensor | np.ndarray, relevant: Tensor | np.ndarray,
-                        ignored: Tensor | np.ndarray) -> Tensor:
+                        ignored: Tensor | np.ndarray, *,
+                        ascending: np.ndarray | None = None) -> Tensor:
     """Sorted 1-based positions of ``relevant`` gallery indices once ``ignored`` leave the ranking.
+
+    The ``k``-th relevant item (by descending score ``s_k``) sits at
+    ``k + #{all >= s_k} - #{ignored >= s_k} - #{relevant >= s_k}``: itself and the relevant items
+    above it, plus every kept irrelevant item scoring at least as high.
 
     Args:
         scores: ``(G,)`` scores of one query against the gallery.
         relevant: indices of the relevant items.
-        ignored: indices removed from the ranking.
+        ignored: indices removed from the ranking (disjoint from ``relevant``).
+        ascending: ``np.sort(scores)``, when the caller already has it (one sort serves the
+            three difficulty levels).
 
     Examples:
         >>> revisited_positions(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([2]), torch.tensor([0]))
         tensor([2])
     """
-    s = _numpy(scores).astype(np.float64, copy=True)
+    s = _numpy(scores)
+    ascending = np.sort(s) if ascending is None else ascending
     rel = np.sort(s[_numpy(relevant)])[::-1]
-    s[_numpy(ignored)] = -np.inf
-    s[_numpy(relevant)] = -np.inf
-    others = np.sort(s)  # ignored and relevant items sit at -inf, below every real score
-    # irrelevant items scoring >= each relevant score rank before it
-    above = len(others) - np.searchsorted(others, rel, side="left")
-    return torch.from_numpy(np.arange(1, len(rel) + 1) + above)
+    ign = np.sort(s[_numpy(ignored)])
+
+    def at_least(sorted_values: np.ndarray) -> np.ndarray:
+        return len(sorted_values) - np.searchsorted(sorted_values, rel, side="left")
+
+    k = np.arange(1, len(rel) + 1)
+    return torch.from_numpy(k + at_least(ascending) - at_least(ign) - at_least(rel[::-1]))
 
 
 def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
@@ -136,11 +145,12 @@ def revisited_metrics(queries: Tensor, gallery: Tensor, gallery_ids: Sequence[st
         scores = (queries[start:start + block] @ gallery.T).cpu().numpy()
         for i, row in enumerate(scores):
             q = start + i
+            ascending = np.sort(row)
             for lv in LEVELS:
                 relevant, ignored = per_level[lv][q]
                 if len(relevant) == 0:
                     continue
-                pos = revisited_positions(row, relevant, ignored)
+                pos = revisited_positions(row, relevant, ignored, ascending=ascending)
                 sums[lv]["map"].append(revisited_average_precision(pos))
                 for k in kappas:
                     sums[lv][f"mp@{k}"].append(revisited_precision_at(pos, k))

@@ -18,6 +18,7 @@ from modalign.data.benchmarks.base import RetrievalProtocol, RevisitedGroundTrut
 from modalign.embed import Embeddings
 from modalign.encoders.base import Encoder
 from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
+from modalign.evaluate.zeroshot import encode_prototypes, zero_shot_classification
 from modalign.reproduce.extract import mixed_precision
 from modalign.reproduce.revisited_metrics import revisited_metrics
 
@@ -105,43 +106,23 @@ def encode_texts(tower: Encoder, texts: Sequence[str], *, batch_size: int = 256,
     return torch.cat(out)
 
 
-def class_weights(tower: Encoder, prompts: Sequence[Sequence[str]], *, batch_size: int = 256,
-                  device: str | torch.device = "cpu") -> Tensor:
-    """Zero-shot classifier: per class, the normalised mean of its normalised prompt features."""
-    flat = [p for ps in prompts for p in ps]
-    feats = encode_texts(tower, flat, batch_size=batch_size, device=device)
-    sizes = [len(ps) for ps in prompts]
-    return torch.stack([F.normalize(chunk.mean(0), dim=-1)
-                        for chunk in torch.split(feats, sizes)])
+def class_prototypes_for(tower: Encoder, classnames: Sequence[str], templates: Sequence[str], *,
+                         batch_size: int = 256, device: str | torch.device = "cpu") -> Tensor:
+    """Zero-shot prototypes: per class, the renormalised mean of its normalised prompt features.
 
-
-def zero_shot_scores(features: Tensor, weights: Tensor, labels: Tensor, *,
-                     chunk: int = 8192) -> dict[str, float]:
-    """Top-1 / top-5 accuracy and mean per-class recall of ``argmax features @ weights.T``.
-
-    Args:
-        features: ``(n, d)`` normalised features to classify.
-        weights: ``(C, d)`` normalised class weights.
-        labels: ``(n,)`` true class indices.
-
-    Examples:
-        >>> w = torch.eye(3)
-        >>> zero_shot_scores(torch.eye(3)[[0, 1, 1]], w, torch.tensor([0, 1, 2]))["acc1"]
-        0.6666666666666666
+    Underscores in class names become spaces before they enter the templates (as CoOp does).
     """
-    if features.shape[1] != weights.shape[1] or len(features) != len(labels):
-        raise ValueError(f"features {tuple(features.shape)}, weights {tuple(weights.shape)}, "
-                         f"labels {tuple(labels.shape)}: expected (n, d), (C, d), (n,)")
-    k = min(5, weights.shape[0])
-    top1, top5 = [], []
-    for start in range(0, len(features), chunk):
-        logits = features[start:start + chunk] @ weights.T.to(features)
-        top = logits.topk(k, dim=1).indices.cpu()
-        y = labels[start:start + chunk].cpu()
-        top1.append(top[:, 0] == y)
-        top5.append((top == y[:, None]).any(1))
-    hit1, hit5 = torch.cat(top1), torch.cat(top5)
-    labels = labels.cpu()
-    recalls = [hit1[labels == c].double().mean() for c in labels.unique()]
-    return {"acc1": float(hit1.double().mean()), "acc5": float(hit5.double().mean()),
-            "mean_per_class_recall": float(torch.stack(recalls).mean())}
+    names = [c.replace("_", " ") for c in classnames]
+    return encode_prototypes(
+        lambda prompts: encode_texts(tower, prompts, batch_size=batch_size, device=device),
+        names, templates)
+
+
+def zero_shot_scores(images: Embeddings, prototypes: Tensor, classnames: Sequence[str], *,
+                     override: Tensor | None = None) -> dict[str, float]:
+    """``acc1``, ``acc5``, ``mean_per_class_recall`` of ``images`` (their ``class`` label).
+
+    ``override`` replaces the image features row for row (e.g. their OTI features).
+    """
+    return zero_shot_classification(images, prototypes, classnames, label="class",
+                                    query_override=override).metrics

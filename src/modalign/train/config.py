@@ -32,7 +32,7 @@ class DataConfig:
     """Where the training pairs come from."""
 
     embeddings: str = ""
-    dataset: str = ""
+    dataset: str = "emoji"
     keys: list[str] = field(default_factory=lambda: ["image", "text"])
     train_split: str = "train"
     val_split: str = "val"
@@ -115,8 +115,9 @@ class RunConfig:
 
 HELP: dict[str, str] = {
     "data.embeddings": "embedding store folder (tower features of every item)",
-    "data.dataset": "dataset spec ('emoji', a manifest or a built folder); needed only for "
-                    "unfrozen towers, which encode raw inputs",
+    "data.dataset": "dataset spec ('emoji', a manifest or a built folder): without "
+                    "data.embeddings its store for the configured towers is used (and built "
+                    "when missing); unfrozen towers read their raw inputs from it",
     "data.keys": "embedding keys of one training tuple: a modality ('image': any of its views) "
                  "or 'modality:view' ('image:noto')",
     "data.train_split": "split to train on",

@@ -433,6 +433,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                 "epoch": self.epoch, "index": self.index,
                 "best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "stopped_early": self.stopped_early,
                 "epoch_loss_sum": self.epoch_loss_sum, "epoch_samples": self.epoch_samples,
                 "epoch_seconds": self.epoch_seconds, "train_seconds": self.train_seconds,
                 "world_size": self.ctx.world_size}
@@ -459,6 +460,7 @@ class Trainer:
         self.epoch, self.index = int(t["epoch"]), int(t["index"])
         self.best = t["best"]
         self.best_epoch, self.bad_epochs = int(t["best_epoch"]), int(t["bad_epochs"])
+        self.stopped_early = bool(t["stopped_early"])
         self.epoch_loss_sum = float(t["epoch_loss_sum"])
         self.epoch_samples = int(t["epoch_samples"])
         self.epoch_seconds = float(t["epoch_seconds"])

@@ -1,4 +1,4 @@
-"""Exact fast OTI forward for causal text towers with EOS pooling (CLIP, OpenCLIP-style).
+"""Exact fast OTI forward for causal text towers with EOS pooling (transformers CLIP).
 
 With causal attention, position ``t`` only sees positions ``<= t``. Two consequences, both exact:
 

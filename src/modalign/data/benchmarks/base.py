@@ -87,8 +87,8 @@ class RevisitedGroundTruth:
 
         Examples:
             >>> gt = RevisitedGroundTruth(("q",), (("a",),), (("b",),), (("c",),))
-            >>> gt.relevant_and_ignored("medium")
-            [({'a', 'b'}, {'c'})]
+            >>> [(sorted(r), sorted(i)) for r, i in gt.relevant_and_ignored("medium")]
+            [(['a', 'b'], ['c'])]
         """
         out = []
         for e, h, j in zip(self.easy, self.hard, self.junk, strict=True):

@@ -1,0 +1,290 @@
+"""Everything measured on one trained space: geometry, retrieval, inversion, zero-shot, bridges.
+
+The model's heads project the store's tower features of the evaluation split (and the bank split
+for the bridges and the gap vector). Then:
+
+- geometry: centroid gap, linear separability of the modalities, cone (mean pairwise cosine
+  within a modality) and uniformity of each modality;
+- cross-modal retrieval both ways, natively and after each post-hoc bridge;
+- cross-style image -> image retrieval (Noto queries, OpenMoji gallery) and name -> text retrieval
+  (a concept's name querying every other text) natively and with inverted queries: OTI turns each
+  query image into a text feature, OVI each query name into an image feature, through the frozen
+  tower and the trained head; ``delta_map`` is inverted minus native mAP;
+- zero-shot classification into the label: inter-modal (images against prompt prototypes), with
+  each bridge, and intra-modal (the OTI features of the query images against the same prototypes);
+- the gap-shift curve (:mod:`modalign.lab.gapshift`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modalign.bridge.inversion import InversionForward, InversionSettings, ProjectedForward, invert
+from modalign.embed.store import Embeddings, EmbeddingStore
+from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
+from modalign.evaluate.retrieval import as_unit_tensor, cross_modal_retrieval
+from modalign.evaluate.zeroshot import build_prompts, class_name, class_prototypes
+from modalign.evaluate.zeroshot import zero_shot_classification
+from modalign.geometry.cone import mean_pairwise_cosine
+from modalign.geometry.gap import modality_gap
+from modalign.geometry.separability import linear_separability
+from modalign.geometry.uniformity import uniformity
+from modalign.lab.gapshift import gap_shift_curve
+from modalign.lab.settings import LabConfig
+from modalign.model import MultiTowerModel
+
+MODALITIES = ("image", "text")
+
+
+@dataclass
+class LabTowers:
+    """What the sweep needs from the frozen towers besides the cached features.
+
+    Attributes:
+        specs: encoder spec per modality (recorded in each trained model).
+        encode_text: text tower features of a list of strings (for zero-shot prompts).
+        inversion: modality -> the tower run from pseudo-tokens (its features, before a head).
+        identity: a JSON description of the towers (part of every cache key).
+    """
+
+    specs: dict[str, str]
+    encode_text: Callable[[list[str]], Tensor]
+    inversion: Callable[[str], InversionForward]
+    identity: dict[str, Any]
+
+    @classmethod
+    def from_specs(cls, specs: Mapping[str, str], *, ovi_stage: int = 0) -> LabTowers:
+        """Towers loaded by spec (``modalign.encoders.load_encoder``), each on first use.
+
+        Examples:
+            >>> towers = LabTowers.from_specs({"image": "effnet-lite0", "text": "minilm"})
+            >>> towers.specs["text"]
+            'minilm'
+        """
+        from modalign.bridge.inversion import encoder_inversion
+        from modalign.encoders import load_encoder
+
+        missing = [m for m in MODALITIES if m not in specs]
+        if missing:
+            raise ValueError(f"specs: no tower spec for {missing}; expected image and text")
+        loaded: dict[str, Any] = {}
+        forwards: dict[str, InversionForward] = {}
+
+        def tower(m: str) -> Any:
+            if m not in loaded:
+                loaded[m] = load_encoder(specs[m], modality=m)
+                if isinstance(loaded[m], torch.nn.Module):
+                    loaded[m].eval()
+            return loaded[m]
+
+        def encode_text(texts: list[str]) -> Tensor:
+            enc = tower("text")
+            with torch.no_grad():
+                return enc.encode(enc.preprocess(texts)).float()
+
+        def inversion(m: str) -> InversionForward:
+            if m not in forwards:
+                forwards[m] = encoder_inversion(tower(m), stage=ovi_stage)
+            return forwards[m]
+
+        return cls(dict(specs), encode_text, inversion,
+                   {"specs": dict(specs), "ovi_stage": ovi_stage})
+
+
+@dataclass
+class SpaceData:
+    """The evaluation and bank splits of one store, tower features (not yet projected)."""
+
+    test: dict[str, Embeddings]
+    bank: dict[str, Embeddings]
+    classnames: list[str]
+    prompt_features: Tensor  # (C * T, d_text) tower features of the prompts, class-major
+    image_queries: np.ndarray  # row indices into test["image"]
+    text_queries: np.ndarray  # row indices into test["text"]
+
+    @classmethod
+    def load(cls, store: EmbeddingStore, config: LabConfig,
+             encode_text: Callable[[list[str]], Tensor]) -> SpaceData:
+        """Read both splits, pick the inverted queries, encode the class prompts."""
+        test = {m: store.load(m, split=config.split) for m in MODALITIES}
+        bank = {m: store.load(m, split=config.bank_split) for m in MODALITIES}
+        for part, name in ((test, config.split), (bank, config.bank_split)):
+            for m, e in part.items():
+                if len(e) < 5:
+                    raise ValueError(f"split {name!r}: {len(e)} {m} rows in the store; the lab "
+                                     "needs at least 5 per modality")
+        qv, gv = config.image_views
+        img_items = test["image"].items
+        img_q = [i for i, it in enumerate(img_items) if it["view"] == qv]
+        gallery_groups = {it["group"] for it in img_items if it["view"] == gv}
+        img_q = [i for i in img_q if img_items[i]["group"] in gallery_groups]
+        name_view, alias_view = config.text_views
+        txt_items = test["text"].items
+        with_alias = {it["group"] for it in txt_items if it["view"] == alias_view}
+        txt_q = [i for i, it in enumerate(txt_items)
+                 if it["view"] == name_view and it["group"] in with_alias]
+        if not img_q or not txt_q:
+            raise ValueError(f"split {config.split!r} has no {qv!r} images with a {gv!r} "
+                             f"counterpart or no {name_view!r} texts with an {alias_view!r} one; "
+                             "check image_views / text_views")
+        labels = sorted({v for e in (*test.values(), *bank.values())
+                         for v in e.labels(config.label) if v})
+        if not labels:
+            raise ValueError(f"label={config.label!r}: no item of the store carries it")
+        prompts = build_prompts([class_name(c) for c in labels], config.templates)
+        feats = encode_text([p for per in prompts for p in per])
+        return cls(test, bank, labels, torch.as_tensor(feats).float(),
+                   np.asarray(img_q)[_spread(len(img_q), config.inverted_queries)],
+                   np.asarray(txt_q)[_spread(len(txt_q), config.inverted_queries)])
+
+
+def project(model: MultiTowerModel, part: Mapping[str, Embeddings]) -> dict[str, Embeddings]:
+    """Joint-space embeddings of each modality's tower features."""
+    return {m: Embeddings(model.project_array(m, e.vectors), e.items, e.group_index)
+            for m, e in part.items()}
+
+
+def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
+                  towers: LabTowers, *, seed: int = 0,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """All metrics of one trained model (see the module docstring); returns a JSON-ready dict."""
+    note = progress or (lambda _msg: None)
+    model.eval()
+    test, bank = project(model, data.test), project(model, data.bank)
+    img, txt = as_unit_tensor(test["image"]), as_unit_tensor(test["text"])
+    t0 = time.perf_counter()
+    m: dict[str, float] = {}
+    gap = modality_gap(img.numpy(), txt.numpy(), normalize=False)
+    m["gap"] = gap.centroid_distance
+    m["separability"] = linear_separability(img.numpy(), txt.numpy(), seed=seed)["accuracy"]
+    m["cone_image"] = mean_pairwise_cosine(img.numpy())
+    m["cone_text"] = mean_pairwise_cosine(txt.numpy())
+    m["uniformity_image"] = uniformity(img.numpy())
+    m["uniformity_text"] = uniformity(txt.numpy())
+    m["logit_scale"] = float(model.logit_scale())
+
+    def retrieval(prefix: str, bridges: Sequence[str] = ()) -> None:
+        r = cross_modal_retrieval(test, MODALITIES, k_values=(1, 5), bridges=bridges,
+                                  bank=bank if bridges else None).metrics
+        for k in ("text_retrieval_map", "text_retrieval_recall@1", "image_retrieval_map",
+                  "image_retrieval_recall@1"):
+            m[f"{prefix}{k}"] = r[k]
+
+    note("retrieval")
+    retrieval("")
+    protos = class_prototypes(model.project("text", data.prompt_features).detach().reshape(
+        len(data.classnames), len(config.templates), -1))
+    zs = zero_shot_classification(test["image"], protos, data.classnames, label=config.label)
+    m["zeroshot_inter_acc1"] = zs.metrics["acc1"]
+    for b in config.bridges:
+        name = b.split(":", 1)[0]
+        retrieval(f"{name}_", [b])
+        zb = zero_shot_classification(test["image"], protos, data.classnames, label=config.label,
+                                      bridges=[b], bank=bank)
+        m[f"{name}_zeroshot_inter_acc1"] = zb.metrics["acc1"]
+    eval_seconds = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    note("OTI image -> text")
+    inv: dict[str, Any] = {}
+    q_img = data.image_queries
+    oti = _invert(model, towers, "text", img[q_img], [test["image"].items[i]["id"] for i in q_img],
+                  config.oti_steps, config, seed)
+    inv["oti_final_cosine"] = float(oti[1].mean())
+    note("OVI text -> image")
+    q_txt = data.text_queries
+    ovi = _invert(model, towers, "image", txt[q_txt], [test["text"].items[i]["id"] for i in q_txt],
+                  config.ovi_steps, config, seed)
+    inv["ovi_final_cosine"] = float(ovi[1].mean())
+    inversion_seconds = time.perf_counter() - t1
+
+    # cross-style image -> image: query view vs gallery view, native vs OTI queries
+    gv = config.image_views[1]
+    g_rows = np.array([i for i, it in enumerate(test["image"].items) if it["view"] == gv])
+    g_groups = torch.from_numpy(test["image"].group_ids()[g_rows])
+    q_groups = torch.from_numpy(test["image"].group_ids()[q_img])
+    native = retrieval_metrics(img[q_img], img[g_rows], q_groups, g_groups, k_values=(1,)).metrics
+    inverted = retrieval_metrics(oti[0], img[g_rows], q_groups, g_groups, k_values=(1,)).metrics
+    m["i2i_native_map"], m["i2i_oti_map"] = native["map"], inverted["map"]
+    m["i2i_native_recall@1"], m["i2i_oti_recall@1"] = native["recall@1"], inverted["recall@1"]
+    # name -> every other text of the split, native vs OVI queries
+    t_ids = [it["id"] for it in test["text"].items]
+    q_ids = [t_ids[i] for i in q_txt]
+    t_groups = torch.from_numpy(test["text"].group_ids())
+    excl = self_exclusion(q_ids, t_ids)
+    native = retrieval_metrics(txt[q_txt], txt, t_groups[q_txt], t_groups, k_values=(1,),
+                               exclude=excl).metrics
+    inverted = retrieval_metrics(ovi[0], txt, t_groups[q_txt], t_groups, k_values=(1,),
+                                 exclude=excl).metrics
+    m["t2t_native_map"], m["t2t_ovi_map"] = native["map"], inverted["map"]
+    m["t2t_native_recall@1"], m["t2t_ovi_recall@1"] = native["recall@1"], inverted["recall@1"]
+    m["i2i_delta_map"] = m["i2i_oti_map"] - m["i2i_native_map"]
+    m["t2t_delta_map"] = m["t2t_ovi_map"] - m["t2t_native_map"]
+    m["delta_map"] = 0.5 * (m["i2i_delta_map"] + m["t2t_delta_map"])
+    # zero-shot on the OTI queries: inter (native images) vs intra (their OTI text features)
+    subset = test["image"].subset(q_img)
+    inter = zero_shot_classification(subset, protos, data.classnames, label=config.label)
+    intra = zero_shot_classification(subset, protos, data.classnames, label=config.label,
+                                     query_override=oti[0])
+    m["zeroshot_subset_inter_acc1"] = inter.metrics["acc1"]
+    m["zeroshot_subset_intra_acc1"] = intra.metrics["acc1"]
+
+    note("gap shift")
+    shift = gap_shift_curve(test, bank, amounts=config.shifts, prototypes=protos,
+                            classnames=data.classnames, label=config.label)
+    return {"metrics": m, "inversion": inv, "gap_shift": shift,
+            "pca": pca_2d(img, txt),
+            "seconds": {"evaluate": eval_seconds, "invert": inversion_seconds}}
+
+
+def _invert(model: MultiTowerModel, towers: LabTowers, modality: str, targets: Tensor,
+            keys: list[str], steps: int, config: LabConfig, seed: int) -> tuple[Tensor, Tensor]:
+    """Joint-space features of ``modality`` matching ``targets`` and their final cosines."""
+    if steps == 0:  # no optimisation: the starting point (useful to see the baseline)
+        pass
+    head = model.head_for(modality)
+
+    def to_joint(features: Tensor) -> Tensor:
+        return head(features)
+
+    forward = ProjectedForward(towers.inversion(modality), to_joint, head_name=f"head {modality}")
+    settings = InversionSettings(steps=steps, lr=config.inversion_lr, seed=seed,
+                                 batch_size=max(1, len(keys)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    res = invert(targets, forward, settings, keys=keys)
+    return F.normalize(res.features, dim=-1), res.final_cosine
+
+
+def pca_2d(image: Tensor, text: Tensor) -> dict[str, Any]:
+    """Both modalities on the first two principal axes of their union (for side-by-side plots).
+
+    Examples:
+        >>> out = pca_2d(torch.randn(5, 4), torch.randn(6, 4))
+        >>> len(out["image"]), len(out["text"]), len(out["explained"])
+        (5, 6, 2)
+    """
+    both = torch.cat([image, text]).double()
+    centred = both - both.mean(0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    coords = centred @ vh[:2].T
+    var = s.pow(2)
+    explained = (var[:2] / var.sum()).tolist()
+    n = len(image)
+    return {"image": np.round(coords[:n].numpy(), 4).tolist(),
+            "text": np.round(coords[n:].numpy(), 4).tolist(), "explained": explained}
+
+
+def _spread(n: int, k: int) -> np.ndarray:
+    """``k`` evenly spaced indices of ``range(n)`` (all of them when ``k >= n``)."""
+    if k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))

@@ -1,0 +1,203 @@
+"""What one gap-lab run varies: the settings of the heads and the objective, and the sweep's knobs.
+
+A :class:`GapSetting` is one point of the sweep (head init, head depth, temperature, training
+length); a :class:`LabConfig` lists the settings, the seeds, and how each trained space is
+measured (inverted queries, inversion steps, shift amounts, bridges).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from modalign.evaluate.zeroshot import DEFAULT_TEMPLATES
+from modalign.lab.gapshift import DEFAULT_SHIFTS
+
+HEAD_INITS = ("xavier", "cone")
+TEMPERATURES: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+"""Fixed temperatures of the full sweep (the objectives clamp the logit scale to [1, 100])."""
+
+
+@dataclass(frozen=True)
+class GapSetting:
+    """One trained space of the sweep.
+
+    Attributes:
+        head_init: ``"xavier"`` (centred linear map: Xavier weights, zero bias, centred inputs)
+            or ``"cone"`` (PyTorch's default init, ReLU and a random output bias: each modality
+            starts in its own narrow cone).
+        head_depth: linear layers per head; 1 is a linear head, >= 2 an MLP.
+        temperature: fixed CLIP temperature ``tau`` (the logit scale is ``1 / tau``), or
+            ``None`` for a learned one (initialised at 0.07).
+        epochs: training length in passes over the training concepts.
+
+    Examples:
+        >>> GapSetting(temperature=0.01).name
+        'xavier-d1-tau0.01-e20'
+    """
+
+    head_init: str = "xavier"
+    head_depth: int = 1
+    temperature: float | None = None
+    epochs: int = 20
+
+    def __post_init__(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+        if not isinstance(self.head_depth, int) or self.head_depth < 1:
+            raise ValueError(f"head_depth must be an int >= 1, got {self.head_depth!r}")
+        if self.temperature is not None and not (
+                isinstance(self.temperature, (int, float)) and 0.01 <= self.temperature <= 1.0):
+            raise ValueError(f"temperature must be None (learned) or a number in [0.01, 1.0] "
+                             f"(the clamp range of the logit scale), got {self.temperature!r}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+
+    @property
+    def name(self) -> str:
+        """A short readable name, e.g. ``cone-d3-learned-e20``."""
+        tau = "learned" if self.temperature is None else f"tau{self.temperature:g}"
+        return f"{self.head_init}-d{self.head_depth}-{tau}-e{self.epochs}"
+
+    def train_sections(self) -> dict[str, Any]:
+        """The ``model``/``objectives``/``train`` entries of a training config for this setting."""
+        model: dict[str, Any] = {"head_init": self.head_init}
+        if self.head_depth == 1:
+            model["head"] = "linear"
+        else:
+            model.update(head="mlp", head_depth=self.head_depth)
+        clip: dict[str, Any] = {"loss": "clip", "modalities": ["image", "text"], "weight": 1.0}
+        if self.temperature is not None:
+            clip.update(init_logit_scale=math.log(1.0 / self.temperature),
+                        learnable_scale=False)
+        return {"model": model, "objectives": [clip], "train": {"epochs": self.epochs}}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GapSetting:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """The sweep: its settings and seeds, and how each trained space is measured.
+
+    Attributes:
+        settings: the grid (see :func:`full_settings`, :func:`quick_settings`).
+        seeds: training seeds per setting (error bars are over seeds).
+        batch_size, lr, weight_decay, warmup_steps, joint_dim: training knobs shared by all
+            settings (AdamW, cosine schedule, CLIP objective on cached tower features).
+        inverted_queries: queries inverted per direction (OTI: Noto images, OVI: names), a fixed
+            evenly spread subset of the evaluation split.
+        oti_steps, ovi_steps: inversion steps (image -> text, text -> image).
+        ovi_stage: the image tower block whose input the OVI pseudo-patches replace.
+        inversion_lr: AdamW learning rate of the pseudo-tokens.
+        shifts: gap-shift amounts (multiples of the gap vector).
+        bridges: post-hoc bridges measured on cross-modal retrieval and zero-shot.
+        label: the label zero-shot classification predicts.
+        templates: zero-shot prompt templates.
+        split, bank_split: evaluated split; split the bridges and the gap vector are fitted on.
+        image_views, text_views: ``(query view, gallery view)`` of the intra-modal tasks; the text
+            gallery is every text of the split.
+        permutations, bootstrap: resamples of the trend test.
+    """
+
+    settings: tuple[GapSetting, ...]
+    seeds: tuple[int, ...] = (0, 1)
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    joint_dim: int = 256
+    inverted_queries: int = 48
+    oti_steps: int = 100
+    ovi_steps: int = 100
+    ovi_stage: int = 10
+    inversion_lr: float = 2e-2
+    shifts: tuple[float, ...] = DEFAULT_SHIFTS
+    bridges: tuple[str, ...] = ("centering", "invgc")
+    label: str = "subgroup"
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    split: str = "test"
+    bank_split: str = "train"
+    image_views: tuple[str, str] = ("noto", "openmoji")
+    text_views: tuple[str, str] = ("name", "alias")
+    permutations: int = 10000
+    bootstrap: int = 2000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.settings:
+            raise ValueError("settings: expected at least one GapSetting")
+        if len({s.name for s in self.settings}) != len(self.settings):
+            raise ValueError("settings: expected distinct settings, found duplicates")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: expected distinct seeds, got {self.seeds!r}")
+        for name in ("batch_size", "joint_dim", "inverted_queries"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("oti_steps", "ovi_steps", "ovi_stage"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if not self.lr > 0 or not self.inversion_lr > 0:
+            raise ValueError(f"lr and inversion_lr must be > 0, got {self.lr}, "
+                             f"{self.inversion_lr}")
+        if not self.shifts:
+            raise ValueError("shifts: expected at least one shift amount")
+
+    def training_dict(self) -> dict[str, Any]:
+        """The fields that change a trained model (part of each run's cache key)."""
+        return {k: getattr(self, k) for k in ("batch_size", "lr", "weight_decay",
+                                              "warmup_steps", "joint_dim")}
+
+    def measuring_dict(self) -> dict[str, Any]:
+        """The fields that change what is measured on a trained model (part of the record key)."""
+        skip = {"settings", "seeds", "permutations", "bootstrap", *self.training_dict()}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def with_seeds(self, n: int) -> LabConfig:
+        """The same sweep with seeds ``0..n-1``."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"seeds: expected a positive number of seeds, got {n!r}")
+        return replace(self, seeds=tuple(range(n)))
+
+
+def full_settings() -> tuple[GapSetting, ...]:
+    """The full grid: every factor varied around a linear Xavier head with a learned temperature.
+
+    - temperature: learned, and each of :data:`TEMPERATURES` fixed (linear Xavier head, 20 epochs);
+    - head init and depth: cone vs Xavier, 1 vs 3 layers (learned temperature, 20 epochs), and the
+      cone MLP with the sharpest fixed temperature;
+    - training length: the cone MLP after 1, 5 and 60 epochs, the sharpest fixed temperature after
+      5 and 60 epochs.
+    """
+    base = [GapSetting()] + [GapSetting(temperature=t) for t in TEMPERATURES]
+    heads = [GapSetting("cone", 1), GapSetting("xavier", 3), GapSetting("cone", 3),
+             GapSetting("cone", 3, 0.01)]
+    length = [GapSetting("cone", 3, epochs=e) for e in (1, 5, 60)]
+    length += [GapSetting(temperature=0.01, epochs=e) for e in (5, 60)]
+    return tuple(base + heads + length)
+
+
+def quick_settings() -> tuple[GapSetting, ...]:
+    """Five settings spanning the gaps the levers reach (learned vs fixed temperature, cone MLP
+    after 20 epochs and after 2)."""
+    return (GapSetting(), GapSetting(temperature=0.01), GapSetting(temperature=0.1),
+            GapSetting("cone", 3), GapSetting("cone", 3, epochs=2))
+
+
+def full_config() -> LabConfig:
+    """The full sweep: :func:`full_settings`, 2 seeds, 48 inverted queries per direction."""
+    return LabConfig(settings=full_settings(), seeds=(0, 1))
+
+
+def quick_config() -> LabConfig:
+    """A few-minute sweep: :func:`quick_settings`, 1 seed, 24 queries, short inversions."""
+    return LabConfig(settings=quick_settings(), seeds=(0,), inverted_queries=24, oti_steps=40,
+                     ovi_steps=40, shifts=(-0.5, 0.0, 0.5, 1.0), permutations=5000,
+                     bootstrap=1000)
