@@ -103,6 +103,7 @@ def _store(path, n=40, d=8, seed=0, shift=1.0):
     return store
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_html_and_compares(tmp_path, capsys):
     _store(tmp_path / "s1")
     _store(tmp_path / "s2", seed=1, shift=0.0)
@@ -131,3 +132,13 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["diagnose", "--help"])
     assert "modality gap" in capsys.readouterr().out
+
+
+def test_three_modalities_give_every_pair():
+    x, y = _pairs(40, 6, 8)
+    z = y - 2.0
+    rec = diagnose({"image": x, "text": y, "audio": z},
+                   options=DiagnoseOptions(compute_mir=False, projection_pairs=20,
+                                           histogram_pairs=200))
+    assert set(rec["pairs"]) == {"image|text", "image|audio", "text|audio"}
+    assert rec["joint"]["spectrum"]["n_rows"] == 120

@@ -143,8 +143,8 @@ def test_scale_as_float_and_no_bias():
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"tile_size": 0}, "tile_size must be a positive integer"),
-        ({"tile_size": 2.5}, "tile_size must be a positive integer"),
+        ({"tile_size": 0}, "tile_size must be a positive integer or None"),
+        ({"tile_size": 2.5}, "tile_size must be a positive integer or None"),
         ({"rows": False, "cols": False}, "must not both be False"),
         ({"row_targets": torch.arange(3)}, "row_targets must have shape (5,)"),
         ({"col_targets": torch.arange(4), "cols": False}, "col_targets must have shape (4,)"),

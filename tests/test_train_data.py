@@ -50,7 +50,7 @@ def test_sampling_covers_every_item_of_a_group_and_off_means_first_item(store):
     per_group = [{s[j] for s in seen} for j in range(4)]
     assert all(len(p) == 2 for p in per_group)  # both texts (name, alias) get drawn
     first = data.draw_rows(groups, seed=0, epoch=0, index=0, sample=False)["text"]
-    assert [data.tables["text"].rows_of_group[int(g)][0] for g in groups] == first.tolist()
+    assert [data.tables["text"].rows_of_group(int(g))[0] for g in groups] == first.tolist()
 
 
 def test_shards_concatenate_to_the_global_batch():

@@ -198,3 +198,19 @@ def test_resuming_a_finished_or_early_stopped_run_trains_no_further(store, tmp_p
     assert first.summary["stopped_early"] and again.summary["steps"] == first.summary["steps"] == 8
     rows = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert len(rows) == 2
+
+
+@pytest.mark.parametrize("n_modal", ["symile", "gram"])
+def test_three_modalities_with_an_n_modal_objective(tmp_path, n_modal):
+    synthetic_store(tmp_path / "store3", audio_dim=5)
+    cfg = small_config(tmp_path / "store3", tmp_path / "run", train={"epochs": 2},
+                       data={"keys": ["image", "text", "audio"]},
+                       objectives=[{"loss": n_modal, "modalities": ["image", "text", "audio"]},
+                                   {"loss": "clip", "modalities": ["image", "text"],
+                                    "weight": 0.5}])
+    result = train(cfg)
+    model = MultiTowerModel.from_pretrained(result.model_dir)
+    assert model.modalities == ["audio", "image", "text"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert len(rows[0]["logit_scales"]) == 2  # one temperature per objective term

@@ -2,7 +2,8 @@
 
 Inputs are ``(n, d)`` numpy arrays (memory-mapped float32 included) or torch tensors; rows are
 L2-normalised first unless a function says otherwise. :func:`diagnose` runs them all and returns one
-JSON-ready record; :func:`diagnosis_page` renders records as a self-contained HTML report.
+JSON-ready record; :func:`modalign.geometry.report.diagnosis_page` renders records as a
+self-contained HTML report.
 
 Examples:
     >>> import numpy as np
@@ -29,7 +30,6 @@ from modalign.geometry.mir import (
     sqrtm_psd,
     trace_sqrt_product,
 )
-from modalign.geometry.report import diagnosis_page
 from modalign.geometry.separability import linear_separability
 from modalign.geometry.spectrum import Spectrum, effective_rank, joint_spectrum, spectrum
 from modalign.geometry.temperature import (
@@ -50,7 +50,6 @@ __all__ = [
     "clamped_share",
     "cross_uniformity",
     "diagnose",
-    "diagnosis_page",
     "effective_rank",
     "frechet_distance",
     "hubness",

@@ -4,7 +4,8 @@ Input: embeddings per modality (``{"image": (n_i, d), "text": (n_t, d)}``, numpy
 torch) and, optionally, integer group ids per modality (rows with the same id are positives).
 Without group ids, the modalities must have the same number of rows and row i of each is a
 positive pair. With group ids, paired metrics use one pair per group present in both modalities
-(the first row of the group in each), and unpaired metrics use every row.
+(the first row of the group in each; those rows are read into memory unless they already are the
+rows in order), and unpaired metrics use every row.
 
 Per modality: cone effect, uniformity, spectrum. Per pair of modalities: gap, linear separability,
 alignment, cross-uniformity, hubness both ways, neighbour agreement, MIR (optional), similarity

@@ -59,6 +59,7 @@ def _metric_specs(record: dict[str, Any]) -> list[tuple[str, Getter, str]]:
              _get("modalities", m, "spectrum", "explained_variance", "10"),
              "Share of the variance in the 10 main directions (near 1 = low-dimensional)."),
         ]
+    k = record.get("options", {}).get("k", 10)
     for key in record["pairs"]:
         a, b = key.split("|")
         p = ("pairs", key)
@@ -83,13 +84,13 @@ def _metric_specs(record: dict[str, Any]) -> list[tuple[str, Getter, str]]:
             (f"{key}: share of anchors won", _get(*p, "temperature", "positive_margin_share"),
              f"Share of {a} anchors whose positive beats every negative (R@1 on the sample)."),
             (f"{key}: hubness skew {a}→{b}", _get(*p, "hubness", f"{a}->{b}", "skewness"),
-             f"Skewness of 10-occurrence of {b} items for {a} queries (large = hubs)."),
+             f"Skewness of {k}-occurrence of {b} items for {a} queries (large = hubs)."),
             (f"{key}: anti-hubs {a}→{b}", _get(*p, "hubness", f"{a}->{b}", "antihub_share"),
-             f"Share of {b} items never in any {a} query's 10-NN."),
+             f"Share of {b} items never in any {a} query's {k}-NN."),
             (f"{key}: hubness skew {b}→{a}", _get(*p, "hubness", f"{b}->{a}", "skewness"),
-             f"Skewness of 10-occurrence of {a} items for {b} queries."),
+             f"Skewness of {k}-occurrence of {a} items for {b} queries."),
             (f"{key}: anti-hubs {b}→{a}", _get(*p, "hubness", f"{b}->{a}", "antihub_share"),
-             f"Share of {a} items never in any {b} query's 10-NN."),
+             f"Share of {a} items never in any {b} query's {k}-NN."),
             (f"{key}: agreement of {a} neighbours", _get(*p, "agreement", "agreement_x"),
              f"Overlap of {a}-{a} k-NN with the k-NN found through the paired {b} (1 = same)."),
             (f"{key}: agreement of {b} neighbours", _get(*p, "agreement", "agreement_y"),

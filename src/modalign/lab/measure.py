@@ -31,8 +31,12 @@ from modalign.bridge.inversion import InversionForward, InversionSettings, Proje
 from modalign.embed.store import Embeddings, EmbeddingStore
 from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
 from modalign.evaluate.retrieval import as_unit_tensor, cross_modal_retrieval
-from modalign.evaluate.zeroshot import build_prompts, class_name, class_prototypes
-from modalign.evaluate.zeroshot import zero_shot_classification
+from modalign.evaluate.zeroshot import (
+    build_prompts,
+    class_name,
+    class_prototypes,
+    zero_shot_classification,
+)
 from modalign.geometry.cone import mean_pairwise_cosine
 from modalign.geometry.gap import modality_gap
 from modalign.geometry.separability import linear_separability
@@ -40,6 +44,7 @@ from modalign.geometry.uniformity import uniformity
 from modalign.lab.gapshift import gap_shift_curve
 from modalign.lab.settings import LabConfig
 from modalign.model import MultiTowerModel
+from modalign.reproduce.cross_the_gap import spread
 
 MODALITIES = ("image", "text")
 
@@ -142,8 +147,8 @@ class SpaceData:
         prompts = build_prompts([class_name(c) for c in labels], config.templates)
         feats = encode_text([p for per in prompts for p in per])
         return cls(test, bank, labels, torch.as_tensor(feats).float(),
-                   np.asarray(img_q)[_spread(len(img_q), config.inverted_queries)],
-                   np.asarray(txt_q)[_spread(len(txt_q), config.inverted_queries)])
+                   np.asarray(img_q)[spread(len(img_q), config.inverted_queries)],
+                   np.asarray(txt_q)[spread(len(txt_q), config.inverted_queries)])
 
 
 def project(model: MultiTowerModel, part: Mapping[str, Embeddings]) -> dict[str, Embeddings]:
@@ -169,7 +174,7 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     m["cone_text"] = mean_pairwise_cosine(txt.numpy())
     m["uniformity_image"] = uniformity(img.numpy())
     m["uniformity_text"] = uniformity(txt.numpy())
-    m["logit_scale"] = float(model.logit_scale())
+    m["logit_scale"] = float(model.logit_scale)
 
     def retrieval(prefix: str, bridges: Sequence[str] = ()) -> None:
         r = cross_modal_retrieval(test, MODALITIES, k_values=(1, 5), bridges=bridges,
@@ -248,12 +253,8 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
 def _invert(model: MultiTowerModel, towers: LabTowers, modality: str, targets: Tensor,
             keys: list[str], steps: int, config: LabConfig, seed: int) -> tuple[Tensor, Tensor]:
     """Joint-space features of ``modality`` matching ``targets`` and their final cosines."""
-    if steps == 0:  # no optimisation: the starting point (useful to see the baseline)
-        pass
-    head = model.head_for(modality)
-
     def to_joint(features: Tensor) -> Tensor:
-        return head(features)
+        return model.project(modality, features)
 
     forward = ProjectedForward(towers.inversion(modality), to_joint, head_name=f"head {modality}")
     settings = InversionSettings(steps=steps, lr=config.inversion_lr, seed=seed,
@@ -281,10 +282,3 @@ def pca_2d(image: Tensor, text: Tensor) -> dict[str, Any]:
     n = len(image)
     return {"image": np.round(coords[:n].numpy(), 4).tolist(),
             "text": np.round(coords[n:].numpy(), 4).tolist(), "explained": explained}
-
-
-def _spread(n: int, k: int) -> np.ndarray:
-    """``k`` evenly spaced indices of ``range(n)`` (all of them when ``k >= n``)."""
-    if k >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))

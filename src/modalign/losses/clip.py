@@ -50,7 +50,7 @@ from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
 from modalign.losses.groups import same_group_sums
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
-from modalign.losses.tiled import DEFAULT_TILE_SIZE, tiled_logsumexp
+from modalign.losses.tiled import tiled_logsumexp
 from modalign.losses.validation import (
     check_embedding,
     check_finite_scalar,
@@ -113,7 +113,7 @@ def _row_cross_entropy(
     q_groups: Tensor | None,
     k_groups: Tensor | None,
     tiled: bool,
-    tile_size: int,
+    tile_size: int | None,
 ) -> Tensor:
     """Per-row InfoNCE of queries ``q`` against all columns ``k``.
 
@@ -152,7 +152,7 @@ def clip_loss(
     groups: Tensor | None = None,
     normalize: bool = True,
     impl: Impl = "auto",
-    tile_size: int = DEFAULT_TILE_SIZE,
+    tile_size: int | None = None,
     gather: GatherGrad | None = GatherGrad.GLOBAL,
     process_group: ProcessGroup | None = None,
     names: Sequence[str] = ("x", "y"),
@@ -166,7 +166,7 @@ def clip_loss(
         groups: optional (B,) integer ids; rows sharing an id are all positives of each other.
         normalize: L2-normalise x and y first (False: use them as given).
         impl: ``"full"`` matrix, memory-bounded ``"tiled"``, or ``"auto"``.
-        tile_size: rows per tile of the tiled path.
+        tile_size: rows per tile of the tiled path (None: as many as fit 4M logits).
         gather: how gradients cross the all-gather when a process group with several ranks is
             initialised; None computes on the local batch only.
         process_group: the group to gather over (default group if None).
@@ -266,7 +266,7 @@ class ClipLoss(ScaledLoss):
         scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
         normalize: bool = True,
         impl: Impl = "auto",
-        tile_size: int = DEFAULT_TILE_SIZE,
+        tile_size: int | None = None,
         gather: GatherGrad | str | None = GatherGrad.GLOBAL,
     ) -> None:
         super().__init__(

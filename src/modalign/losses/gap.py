@@ -44,7 +44,6 @@ from modalign.losses.base import DEFAULT_SCALE_BOUNDS, as_modalities, select_mod
 from modalign.losses.clip import Impl, clip_loss, prepare_pair
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
-from modalign.losses.tiled import DEFAULT_TILE_SIZE
 from modalign.losses.validation import (
     check_embedding,
     check_groups,
@@ -365,7 +364,7 @@ class CuaLoss(_GapTerm):
         scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
         normalize: bool = True,
         impl: Impl = "auto",
-        tile_size: int = DEFAULT_TILE_SIZE,
+        tile_size: int | None = None,
         gather: GatherGrad | str | None = GatherGrad.GLOBAL,
     ) -> None:
         super().__init__(modalities, 2, normalize=normalize, gather=gather)

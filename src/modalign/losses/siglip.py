@@ -43,7 +43,7 @@ from modalign.losses.clip import Impl, prepare_pair, use_tiled
 from modalign.losses.groups import same_group_sums
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
-from modalign.losses.tiled import DEFAULT_TILE_SIZE, SOFTPLUS_THRESHOLD, tiled_softplus_sum
+from modalign.losses.tiled import SOFTPLUS_THRESHOLD, tiled_softplus_sum
 from modalign.losses.validation import check_finite_scalar, check_groups, check_positive
 
 
@@ -57,7 +57,7 @@ def siglip_loss(
     negative_only: bool = False,
     normalize: bool = True,
     impl: Impl = "auto",
-    tile_size: int = DEFAULT_TILE_SIZE,
+    tile_size: int | None = None,
     gather: GatherGrad | None = GatherGrad.GLOBAL,
     process_group: ProcessGroup | None = None,
     names: Sequence[str] = ("x", "y"),
@@ -156,7 +156,7 @@ class SigLipLoss(ScaledLoss):
         scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
         normalize: bool = True,
         impl: Impl = "auto",
-        tile_size: int = DEFAULT_TILE_SIZE,
+        tile_size: int | None = None,
         gather: GatherGrad | str | None = GatherGrad.GLOBAL,
     ) -> None:
         super().__init__(

@@ -33,8 +33,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-DEFAULT_TILE_SIZE = 256
-"""Rows of the logit matrix processed at a time (each tile holds tile_size x m logits)."""
+TILE_ELEMENTS = 1 << 22
+"""Logits per tile when ``tile_size`` is None: as many rows as fit 4M logits (16 MB in fp32)."""
+
+MIN_TILE_ROWS = 64
+"""Fewest rows per tile when ``tile_size`` is None (very wide matrices)."""
 
 SOFTPLUS_THRESHOLD = 40.0
 """``softplus(l)`` is taken as ``l`` above this (the error, exp(-40), is below float64 rounding)."""
@@ -46,9 +49,18 @@ def _as_scalar(value: Tensor | float, like: Tensor) -> Tensor:
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
-def _check_tile(tile_size: int) -> int:
+def resolve_tile_size(tile_size: int | None, m: int) -> int:
+    """Rows per tile: ``tile_size`` if given, else as many as fit :data:`TILE_ELEMENTS` logits
+    of an m-column matrix (at least :data:`MIN_TILE_ROWS`).
+
+    Examples:
+        >>> resolve_tile_size(None, 16384), resolve_tile_size(None, 4096), resolve_tile_size(3, 10)
+        (256, 1024, 3)
+    """
+    if tile_size is None:
+        return max(MIN_TILE_ROWS, TILE_ELEMENTS // max(m, 1))
     if not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1:
-        raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+        raise ValueError(f"tile_size must be a positive integer or None, got {tile_size!r}")
     return tile_size
 
 
@@ -62,7 +74,7 @@ def tiled_logsumexp(
     cols: bool = True,
     row_targets: Tensor | None = None,
     col_targets: Tensor | None = None,
-    tile_size: int = DEFAULT_TILE_SIZE,
+    tile_size: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Row and/or column log-sum-exp of ``S = scale * x @ y.T + bias`` in O(tile_size * m) memory.
 
@@ -82,14 +94,14 @@ def tiled_logsumexp(
         cols: return the reduction over each column (shape (m,)), else None.
         row_targets: optional (n,) column index of each row's positive.
         col_targets: optional (m,) row index of each column's positive.
-        tile_size: rows per tile.
+        tile_size: rows per tile (None: :func:`resolve_tile_size`).
 
     Returns:
         ``(row_values, col_values)``, differentiable w.r.t. x, y, scale and bias.
     """
     if not (rows or cols):
         raise ValueError("rows and cols must not both be False")
-    tile_size = _check_tile(tile_size)
+    tile_size = resolve_tile_size(tile_size, y.shape[0])
     if row_targets is not None and (row_targets.shape != (x.shape[0],) or not rows):
         raise ValueError(f"row_targets must have shape ({x.shape[0]},) and needs rows=True")
     if col_targets is not None and (col_targets.shape != (y.shape[0],) or not cols):
@@ -108,7 +120,7 @@ def tiled_softplus_sum(
     scale: Tensor | float,
     bias: Tensor | float | None = None,
     *,
-    tile_size: int = DEFAULT_TILE_SIZE,
+    tile_size: int | None = None,
 ) -> Tensor:
     """``sum_ij softplus(scale * x_i . y_j + bias)`` in O(tile_size * m) memory (a scalar).
 
@@ -119,7 +131,7 @@ def tiled_softplus_sum(
         >>> torch.allclose(tiled_softplus_sum(x, y, 2.0, -1.0, tile_size=2), full)
         True
     """
-    tile_size = _check_tile(tile_size)
+    tile_size = resolve_tile_size(tile_size, y.shape[0])
     s = _as_scalar(scale, x)
     b = None if bias is None else _as_scalar(bias, x)
     return _TiledSoftplusSum.apply(x, y, s, b, tile_size)

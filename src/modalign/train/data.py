@@ -35,17 +35,31 @@ class KeyTable:
     features: torch.Tensor  # (n, feature_dim) float32
     group_ids: np.ndarray  # (n,) int64
     items: list[dict[str, Any]]
-    rows_of_group: dict[int, np.ndarray]
+    order: np.ndarray  # row indices sorted by group (stable)
+    start: np.ndarray  # group id -> first position in ``order`` (-1: group absent)
+    count: np.ndarray  # group id -> number of rows
 
     @classmethod
     def from_embeddings(cls, key: str, emb: Embeddings) -> KeyTable:
         gids = emb.group_ids()
         order = np.argsort(gids, kind="stable")
-        uniq, starts = np.unique(gids[order], return_index=True)
-        bounds = [*starts[1:].tolist(), len(order)]
-        rows = {int(g): order[s:e] for g, s, e in zip(uniq, starts, bounds)}
+        uniq, starts, counts = np.unique(gids[order], return_index=True, return_counts=True)
+        size = int(gids.max()) + 1 if len(gids) else 0
+        start = np.full(size, -1, dtype=np.int64)
+        count = np.zeros(size, dtype=np.int64)
+        start[uniq], count[uniq] = starts, counts
         feats = torch.from_numpy(np.array(emb.vectors, dtype=np.float32, copy=True))
-        return cls(key, feats, gids, list(emb.items), rows)
+        return cls(key, feats, gids, list(emb.items), order, start, count)
+
+    @property
+    def groups(self) -> np.ndarray:
+        """The group ids present, sorted."""
+        return np.flatnonzero(self.count)
+
+    def rows_of_group(self, group: int) -> np.ndarray:
+        """Row indices of one group, in store order."""
+        s = self.start[group]
+        return self.order[s:s + self.count[group]]
 
 
 def load_key(store: EmbeddingStore, key: str, split: str | None) -> Embeddings:
@@ -91,11 +105,10 @@ class PairedFeatures:
         self.keys = list(keys)
         self.split = split
         self.tables = {k: KeyTable.from_embeddings(k, load_key(store, k, split)) for k in keys}
-        common: set[int] | None = None
+        common: np.ndarray | None = None
         for t in self.tables.values():
-            g = set(t.rows_of_group)
-            common = g if common is None else common & g
-        self.groups = np.array(sorted(common or ()), dtype=np.int64)
+            common = t.groups if common is None else np.intersect1d(common, t.groups)
+        self.groups = np.asarray(common, dtype=np.int64)
         if len(self.groups) == 0:
             raise ValueError(f"no group of split {split!r} has items for every key {self.keys}")
 
@@ -123,12 +136,11 @@ class PairedFeatures:
         out: dict[str, np.ndarray] = {}
         for k_i, key in enumerate(self.keys):
             table = self.tables[key]
-            rng = np.random.default_rng([seed, epoch, index, k_i, 0xD2A3])
-            picks = np.empty(len(groups), dtype=np.int64)
-            for j, g in enumerate(groups.tolist()):
-                rows = table.rows_of_group[g]
-                picks[j] = rows[rng.integers(len(rows))] if sample else rows[0]
-            out[key] = picks
+            offset = np.zeros(len(groups), dtype=np.int64)
+            if sample:
+                rng = np.random.default_rng([seed, epoch, index, k_i, 0xD2A3])
+                offset = rng.integers(0, table.count[groups])
+            out[key] = table.order[table.start[groups] + offset]
         return out
 
     def features(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -336,6 +336,8 @@ class Trainer:
         """Fill ``.grad`` of every trained parameter for global batch ``index`` of ``epoch``."""
         feats, raw, indices = self._batch(epoch, index)
         self.module.train()
+        for tower in self.model.towers.values():
+            tower.eval()  # unfrozen stages train their weights; BatchNorm statistics stay fixed
         self.optimizer.zero_grad(set_to_none=True)
         k = self.config.train.accumulate
         if k == 1:

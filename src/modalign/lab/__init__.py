@@ -1,0 +1,42 @@
+"""The gap laboratory: controlled sweeps showing how the modality gap forms and what bridges it.
+
+Examples:
+    >>> from modalign.lab import GapSetting, quick_config
+    >>> [s.name for s in quick_config().settings][:2]
+    ['xavier-d1-learned-e20', 'xavier-d1-tau0.01-e20']
+"""
+
+from modalign.lab.gapshift import gap_shift_curve, gap_vector, shift_along_gap
+from modalign.lab.measure import LabTowers, SpaceData, measure_space
+from modalign.lab.settings import (
+    GapSetting,
+    LabConfig,
+    full_config,
+    full_settings,
+    quick_config,
+    quick_settings,
+)
+from modalign.lab.sweep import LabResult, run_gap_lab, summarize
+from modalign.lab.trend import TrendTest, spearman, trend_test, verdict
+
+__all__ = [
+    "GapSetting",
+    "LabConfig",
+    "LabResult",
+    "LabTowers",
+    "SpaceData",
+    "TrendTest",
+    "full_config",
+    "full_settings",
+    "gap_shift_curve",
+    "gap_vector",
+    "measure_space",
+    "quick_config",
+    "quick_settings",
+    "run_gap_lab",
+    "shift_along_gap",
+    "spearman",
+    "summarize",
+    "trend_test",
+    "verdict",
+]

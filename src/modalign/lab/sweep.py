@@ -1,0 +1,252 @@
+"""The gap sweep: train every (setting, seed) from cached features, measure it, summarise.
+
+Each (setting, seed) is keyed by a content hash of the setting, the seed, the training and
+measuring knobs, the store's arrays and the towers. Its training run lives in
+``<out>/runs/<key>/`` (checkpointed every epoch, resumed when interrupted) and its result in
+``<out>/settings/<name>-s<seed>-<key>.json`` (written atomically). A sweep started again skips
+every finished record and resumes an unfinished run, so a killed sweep continues with the
+settings not done. ``lab.json`` holds the per-setting means and standard deviations over seeds,
+the trend test and its verdict; ``lab.html`` the plots and tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from modalign import __version__
+from modalign.embed.store import EmbeddingStore
+from modalign.io import content_hash, file_hash, read_json, read_jsonl, write_json_atomic
+from modalign.lab.measure import LabTowers, SpaceData, measure_space
+from modalign.lab.settings import GapSetting, LabConfig
+from modalign.lab.trend import TrendTest, trend_test, verdict
+from modalign.train.config import TrainConfig
+from modalign.train.loop import LOG_NAME, Trainer
+
+SCHEMA = 1
+SUMMARY_METRICS = (
+    "gap", "separability", "cone_image", "cone_text", "uniformity_image", "uniformity_text",
+    "logit_scale", "text_retrieval_recall@1", "image_retrieval_recall@1", "text_retrieval_map",
+    "image_retrieval_map", "centering_text_retrieval_map", "invgc_text_retrieval_map",
+    "i2i_native_map", "i2i_oti_map", "i2i_delta_map", "t2t_native_map", "t2t_ovi_map",
+    "t2t_delta_map", "delta_map", "zeroshot_inter_acc1", "centering_zeroshot_inter_acc1",
+    "invgc_zeroshot_inter_acc1", "zeroshot_subset_inter_acc1", "zeroshot_subset_intra_acc1",
+)
+
+
+@dataclass
+class LabResult:
+    """What :func:`run_gap_lab` returns.
+
+    Attributes:
+        records: one dict per (setting, seed) (what ``settings/*.json`` hold).
+        summary: what ``lab.json`` holds (per-setting means/stds, the trend test, the verdict).
+        verdict: the sentence on "the benefit of inversion grows with the gap".
+        figures: name -> matplotlib figure (benefit vs gap, gap shift, extremes, trajectories).
+        out_dir: where everything was written.
+    """
+
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    verdict: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+def store_fingerprint(store: EmbeddingStore) -> dict[str, Any]:
+    """The hashes of the store's image and text arrays (part of every cache key)."""
+    out = {}
+    for m in ("image", "text"):
+        info = store.info(m)
+        digest = info.get("hash") or file_hash(store.path / info["file"])
+        out[m] = {"hash": digest, "count": info.get("count"), "dim": info.get("dim")}
+    return out
+
+
+def run_key(setting: GapSetting, seed: int, config: LabConfig, fingerprint: dict[str, Any],
+            towers: dict[str, Any]) -> str:
+    """Content hash naming one (setting, seed) of the sweep."""
+    return content_hash(SCHEMA, setting.to_dict(), seed, config.training_dict(),
+                        config.measuring_dict(), fingerprint, towers)
+
+
+def training_config(setting: GapSetting, seed: int, config: LabConfig, store: EmbeddingStore,
+                    towers: dict[str, str], *, progress: bool = False) -> TrainConfig:
+    """The :class:`~modalign.train.config.TrainConfig` that trains ``setting`` with ``seed``."""
+    sections = setting.train_sections()
+    model = {"towers": dict(towers), "joint_dim": config.joint_dim, **sections["model"]}
+    return TrainConfig.from_dict({
+        "data": {"embeddings": str(store.path), "keys": ["image", "text"],
+                 "train_split": config.bank_split, "val_split": "val"
+                 if _has_split(store, "val") else ""},
+        "model": model,
+        "objectives": sections["objectives"],
+        "optim": {"lr": config.lr, "weight_decay": config.weight_decay,
+                  "warmup_steps": config.warmup_steps},
+        "train": {**sections["train"], "batch_size": config.batch_size, "seed": seed,
+                  "device": "cpu", "keep_checkpoints": 1, "progress": progress},
+        "validate": {"metric": "i2t_r1", "patience": 0},
+    })
+
+
+def _has_split(store: EmbeddingStore, split: str) -> bool:
+    return len(store.load("image", split=split)) > 0 and len(store.load("text", split=split)) > 0
+
+
+def train_setting(setting: GapSetting, seed: int, config: LabConfig, store: EmbeddingStore,
+                  towers: dict[str, str], run_dir: Path) -> tuple[Any, list[dict[str, Any]]]:
+    """Train (or resume, or reload) one run; returns the final model and the per-epoch log.
+
+    The model is the *last* epoch's (not the best validation epoch's): training length is one
+    of the factors of the sweep.
+    """
+    cfg = training_config(setting, seed, config, store, towers)
+    resume = (run_dir / "checkpoints" / "latest.json").is_file()
+    trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
+    with contextlib.redirect_stdout(io.StringIO()):  # the per-epoch lines go to log.jsonl
+        trainer.run()
+    scales = list(trainer.logit_scales().values())
+    with torch.no_grad():  # the last epoch's temperature (the run saved its best epoch's)
+        trainer.model.log_logit_scale.fill_(math.log(scales[0]))
+    log = read_jsonl(run_dir / LOG_NAME) if (run_dir / LOG_NAME).is_file() else []
+    return trainer.model, log
+
+
+def run_setting(setting: GapSetting, seed: int, config: LabConfig, store: EmbeddingStore,
+                data: SpaceData, towers: LabTowers, out_dir: Path, *,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train and measure one (setting, seed), or read its finished record; returns the record."""
+    key = run_key(setting, seed, config, store_fingerprint(store), towers.identity)
+    path = out_dir / "settings" / f"{setting.name}-s{seed}-{key}.json"
+    if path.is_file():
+        return read_json(path)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model, log = train_setting(setting, seed, config, store, towers.specs,
+                               out_dir / "runs" / key)
+    train_seconds = time.perf_counter() - t0
+    measured = measure_space(model, data, config, towers, seed=seed, progress=progress)
+    record = {
+        "schema": SCHEMA, "key": key, "name": setting.name, "setting": setting.to_dict(),
+        "seed": seed, "modalign_version": __version__, "store": str(store.path),
+        "towers": towers.identity,
+        "trajectory": [{k: row[k] for k in ("epoch", "gap", "i2t_r1", "t2i_r1", "train_loss")
+                        if k in row} for row in log],
+        **measured,
+    }
+    record["seconds"]["train"] = train_seconds
+    write_json_atomic(path, record)
+    return record
+
+
+def summarize(records: Sequence[dict[str, Any]], config: LabConfig) -> dict[str, Any]:
+    """Per-setting means and standard deviations over seeds, the trend test and its verdict."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_name.setdefault(r["name"], []).append(r)
+    rows = []
+    for s in config.settings:
+        runs = by_name.get(s.name, [])
+        if not runs:
+            continue
+        row: dict[str, Any] = {"name": s.name, "setting": s.to_dict(), "seeds": len(runs)}
+        for k in SUMMARY_METRICS:
+            vals = [r["metrics"][k] for r in runs if k in r["metrics"]]
+            if vals:
+                row[k] = float(np.mean(vals))
+                row[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        rows.append(row)
+    test: TrendTest | None = None
+    if len(rows) >= 3:
+        test = trend_test([r["gap"] for r in rows], [r["delta_map"] for r in rows],
+                          permutations=config.permutations, bootstrap=config.bootstrap)
+    clip_like = [r["name"] for r in rows if r["gap"] >= 0.5]
+    return {
+        "schema": SCHEMA, "modalign_version": __version__, "settings": rows,
+        "trend": test.to_dict() if test else None, "claim_held": test.held if test else None,
+        "verdict": verdict(test, len(rows)), "clip_like_gap_settings": clip_like,
+        "largest_gap": max(rows, key=lambda r: r["gap"])["name"] if rows else None,
+        "smallest_gap": min(rows, key=lambda r: r["gap"])["name"] if rows else None,
+        "config": {"seeds": list(config.seeds), **config.training_dict(),
+                   **config.measuring_dict()},
+    }
+
+
+def run_gap_lab(config: LabConfig, store: EmbeddingStore | str | Path,
+                out_dir: str | Path, *, towers: LabTowers | None = None,
+                progress: bool = True, report: bool = True) -> LabResult:
+    """Run (or continue) the sweep of ``config`` on a store of tower features.
+
+    Args:
+        config: settings, seeds and measuring knobs (``quick_config()``, ``full_config()``).
+        store: the embedding store of image and text tower features (train/val/test splits).
+        out_dir: where runs, records, ``lab.json`` and ``lab.html`` go.
+        towers: the frozen towers (default: loaded from the store's recorded encoders).
+        progress: show a progress bar over the runs.
+        report: write ``lab.html`` (the figures are returned either way).
+
+    Examples:
+        >>> from modalign.lab import quick_config, run_gap_lab        # doctest: +SKIP
+        >>> res = run_gap_lab(quick_config(), "STORE", "lab-out")
+        >>> print(res.verdict)
+        The claim ...
+    """
+    from modalign.lab.plots import lab_figures
+    from modalign.lab.report import write_report
+
+    store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
+    for m in ("image", "text"):
+        if m not in store.arrays:
+            raise ValueError(f"store {store.path}: no {m!r} array; the lab needs image and text "
+                             "tower features (build them with 'modalign embed')")
+    if towers is None:
+        towers = LabTowers.from_specs(store_tower_specs(store), ovi_stage=config.ovi_stage)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = SpaceData.load(store, config, towers.encode_text)
+    jobs = [(s, seed) for s in config.settings for seed in config.seeds]
+    records = []
+    t0 = time.perf_counter()
+    bar = tqdm(jobs, unit="run", desc="gap lab", disable=not progress, file=sys.stderr)
+    for setting, seed in bar:
+        bar.set_postfix_str(f"{setting.name} seed {seed}")
+
+        def note(stage: str, _s: GapSetting = setting, _seed: int = seed) -> None:
+            bar.set_postfix_str(f"{_s.name} seed {_seed}: {stage}")
+
+        records.append(run_setting(setting, seed, config, store, data, towers, out,
+                                   progress=note))
+    bar.close()
+    summary = summarize(records, config)
+    summary["seconds"] = time.perf_counter() - t0
+    summary["records"] = sorted(str(Path("settings") / f"{r['name']}-s{r['seed']}-{r['key']}.json")
+                                for r in records)
+    write_json_atomic(out / "lab.json", summary)
+    figures = lab_figures(records, summary)
+    if report:
+        write_report(out / "lab.html", records, summary, figures)
+    return LabResult(records, summary, summary["verdict"], figures, out)
+
+
+def store_tower_specs(store: EmbeddingStore) -> dict[str, str]:
+    """The encoder spec the store recorded for its image and text arrays."""
+    specs = {}
+    for m in ("image", "text"):
+        enc = store.info(m).get("encoder") or {}
+        name = enc.get("name") if isinstance(enc, dict) else None
+        if not name:
+            raise ValueError(f"store {store.path}: the {m!r} array records no encoder; pass "
+                             "towers=LabTowers.from_specs({...}) explicitly")
+        specs[m] = str(name)
+    return specs
