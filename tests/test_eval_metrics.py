@@ -157,6 +157,7 @@ def test_queries_without_relevant_items_are_skipped():
         retrieval_metrics(q, g, torch.full((5,), 50), gg)
 
 
+@pytest.mark.slow  # importing torchmetrics takes a few seconds
 def test_map_agrees_with_torchmetrics():
     # torchmetrics treats a relevant item with a score <= 0 as irrelevant; keep every score
     # positive (embeddings in a cone, as real contrastive embeddings are) to compare like for like.

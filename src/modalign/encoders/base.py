@@ -18,9 +18,10 @@ class Encoder(Protocol):
         dim: size of the vectors ``encode`` returns.
 
     ``preprocess`` turns a list of raw inputs (image paths or PIL images, strings, audio paths or
-    ``(waveform, sample_rate)`` pairs) into a batch; ``encode`` maps that batch to a ``(batch, dim)``
-    float tensor (not normalised: the caller decides). ``identity()`` describes the tower for
-    manifests and cache keys (name, weights hash, preprocessing).
+    ``(waveform, sample_rate)`` pairs) into a batch; ``encode`` maps that batch to a
+    ``(batch, dim)`` float tensor, the tower's native output (normalised only where the tower
+    itself normalises, as sentence-transformers models such as MiniLM do). ``identity()``
+    describes the tower for manifests and cache keys (name, weights hash, preprocessing).
 
     Examples:
         >>> import torch
@@ -45,7 +46,7 @@ class Encoder(Protocol):
 
 
 def check_encoder(obj: object) -> Encoder:
-    """Return ``obj`` if it follows :class:`Encoder`, else raise a ``TypeError`` naming what is missing."""
+    """Return ``obj`` if it follows :class:`Encoder`, else raise a ``TypeError`` saying why."""
     missing = [a for a in ("name", "modality", "dim", "preprocess", "encode", "identity")
                if not hasattr(obj, a)]
     if missing:

@@ -16,7 +16,7 @@ from modalign.lab.settings import (
     quick_config,
     quick_settings,
 )
-from modalign.lab.sweep import LabResult, run_gap_lab, summarize
+from modalign.lab.sweep import LabResult, data_store, run_gap_lab, run_quick_lab, summarize
 from modalign.lab.trend import TrendTest, spearman, trend_test, verdict
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "LabTowers",
     "SpaceData",
     "TrendTest",
+    "data_store",
     "full_config",
     "full_settings",
     "gap_shift_curve",
@@ -34,6 +35,7 @@ __all__ = [
     "quick_config",
     "quick_settings",
     "run_gap_lab",
+    "run_quick_lab",
     "shift_along_gap",
     "spearman",
     "summarize",

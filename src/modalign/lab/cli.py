@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from modalign.embed.store import EmbeddingStore
     from modalign.lab.settings import full_config, quick_config
-    from modalign.lab.sweep import run_gap_lab
+    from modalign.lab.sweep import data_store, run_gap_lab
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                                     "(no manifest.json); build one with 'modalign embed'")
         store = EmbeddingStore(args.embeddings)
     else:
-        store = default_store(args.data)
+        store = data_store(args.data)
     result = run_gap_lab(config, store, args.out, progress=not args.no_progress)
     print(result.verdict)
     print(f"wrote {Path(args.out) / 'lab.json'} and {Path(args.out) / 'lab.html'}")
@@ -94,11 +94,3 @@ def run(args: argparse.Namespace) -> int:
                       "claim_held": result.summary["claim_held"]}))
     return 0
 
-
-def default_store(data: str) -> Any:
-    """The store of the default image and text towers for ``data`` (encoded where missing)."""
-    from modalign.train.config import TrainConfig
-    from modalign.train.loop import resolve_store
-
-    cfg = TrainConfig.from_dict({"data": {"dataset": data, "keys": ["image", "text"]}})
-    return resolve_store(cfg)

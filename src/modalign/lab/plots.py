@@ -64,7 +64,7 @@ def gap_shift(records: Sequence[dict[str, Any]], names: Sequence[str]) -> Any:
     """Metrics against the shift amount for the settings ``names`` (first seed of each)."""
     chosen = [next(r for r in records if r["name"] == n) for n in names]
     fig = Figure(figsize=(5.2 * len(chosen), 4.0))
-    axes = fig.subplots(1, len(chosen), squeeze=False, sharey=True)
+    axes = fig.subplots(1, len(chosen), squeeze=False)
     series = (("text_retrieval_map", "image->text mAP"), ("image_retrieval_map", "text->image mAP"),
               ("zeroshot_acc1", "zero-shot acc@1"))
     for ax, rec in zip(axes[0], chosen, strict=True):
@@ -77,7 +77,8 @@ def gap_shift(records: Sequence[dict[str, Any]], names: Sequence[str]) -> Any:
         ax.set_xlabel("shift of the text embeddings along the gap vector (x gap)")
         ax.set_title(f"{rec['name']} (gap {rec['metrics']['gap']:.2f})", fontsize=10)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("metric on the test split")
+    for ax in axes[0]:
+        ax.set_ylabel("metric on the test split")
     fig.tight_layout()
     return fig
 

@@ -250,3 +250,34 @@ def store_tower_specs(store: EmbeddingStore) -> dict[str, str]:
                              "towers=LabTowers.from_specs({...}) explicitly")
         specs[m] = str(name)
     return specs
+
+
+def data_store(data: str = "emoji") -> EmbeddingStore:
+    """The store of the default image and text towers for ``data`` (encoded once, then cached).
+
+    Examples:
+        >>> store = data_store("emoji")  # doctest: +SKIP
+        >>> sorted(store.modalities)  # doctest: +SKIP
+        ['image', 'text']
+    """
+    from modalign.train.loop import resolve_store
+
+    return resolve_store(TrainConfig.from_dict({"data": {"dataset": data,
+                                                         "keys": ["image", "text"]}}))
+
+
+def run_quick_lab(out_dir: str | Path, data: str = "emoji", *,
+                  progress: bool = True) -> LabResult:
+    """The quick sweep (:func:`~modalign.lab.settings.quick_config`) on ``data``'s tower features.
+
+    What ``modalign demo`` calls for its report: ``result.figures["benefit_vs_gap"]`` and
+    ``result.verdict``. Finished runs in ``out_dir`` are reused.
+
+    Examples:
+        >>> res = run_quick_lab("lab-quick")  # doctest: +SKIP
+        >>> res.verdict  # doctest: +SKIP
+        'The claim ...'
+    """
+    from modalign.lab.settings import quick_config
+
+    return run_gap_lab(quick_config(), data_store(data), out_dir, progress=progress)

@@ -1,0 +1,200 @@
+"""The demo's report: conclusions drawn from the numbers, the comparison table, the diagnosis
+plots, a query gallery and the gap laboratory, in one self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from modalign import __version__
+from modalign.report.html import Page
+
+COLUMNS = [
+    ("gap", "gap", "centroid distance between image and text embeddings (test split)"),
+    ("i2t R@1", "text_retrieval_recall@1", "image -> text recall@1"),
+    ("t2i R@1", "image_retrieval_recall@1", "text -> image recall@1"),
+    ("i2i mAP", "i2i_native_map", "Noto image -> OpenMoji images, native queries"),
+    ("i2i mAP OTI", "i2i_oti_map", "the same with OTI-inverted queries"),
+    ("t2t mAP", "t2t_native_map", "name -> other texts of the concept, native queries"),
+    ("t2t mAP OVI", "t2t_ovi_map", "the same with OVI-inverted queries"),
+    ("zs inter", "zeroshot_subset_inter_acc1", "zero-shot subgroup acc@1, image vs prompts"),
+    ("zs intra", "zeroshot_subset_intra_acc1", "the same with OTI-inverted images"),
+    ("i2t R@1 centering", "centering_text_retrieval_recall@1", "after removing modality means"),
+    ("i2t R@1 InvGC", "invgc_text_retrieval_recall@1", "after InvGC (LocalAdj) on the gallery"),
+]
+
+
+def _m(info: Mapping[str, Any], key: str) -> float:
+    v = info.get("evaluation", {}).get("metrics", {}).get(key)
+    return float("nan") if v is None else float(v)
+
+
+def _fmt(v: float, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:+.3f}" if signed else f"{v:.3f}"
+
+
+def terminal_table(models: Mapping[str, Mapping[str, Any]]) -> str:
+    """A compact fixed-width summary: per model, the gap, R@1 both ways, intra-modal mAP native
+    vs inverted, zero-shot inter vs intra."""
+    head = ["model", "gap", "i2t R@1", "t2i R@1", "i2i mAP nat/OTI", "t2t mAP nat/OVI",
+            "zero-shot inter/intra"]
+    rows = [head]
+    for name, info in models.items():
+        rows.append([
+            name, _fmt(_m(info, "gap")), _fmt(_m(info, "text_retrieval_recall@1")),
+            _fmt(_m(info, "image_retrieval_recall@1")),
+            f"{_fmt(_m(info, 'i2i_native_map'))} / {_fmt(_m(info, 'i2i_oti_map'))}",
+            f"{_fmt(_m(info, 't2t_native_map'))} / {_fmt(_m(info, 't2t_ovi_map'))}",
+            f"{_fmt(_m(info, 'zeroshot_subset_inter_acc1'))} / "
+            f"{_fmt(_m(info, 'zeroshot_subset_intra_acc1'))}",
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def conclusions(models: Mapping[str, Mapping[str, Any]], lab_verdict: str) -> list[str]:
+    """Plain sentences drawn from the measured numbers (nothing here is written in advance)."""
+    out: list[str] = []
+    gaps = {n: _m(i, "gap") for n, i in models.items()}
+    gaps = {n: g for n, g in gaps.items() if not math.isnan(g)}
+    if gaps:
+        lo, hi = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
+        out.append(f"The smallest modality gap is {lo}'s ({gaps[lo]:.3f}) and the largest "
+                   f"{hi}'s ({gaps[hi]:.3f}); CLIP-scale models sit near 0.8, so every model "
+                   "here has a small gap.")
+        best = max(models, key=lambda n: _m(models[n], "text_retrieval_recall@1"))
+        out.append(f"{best} retrieves best across modalities: image->text R@1 "
+                   f"{_m(models[best], 'text_retrieval_recall@1'):.3f}, text->image R@1 "
+                   f"{_m(models[best], 'image_retrieval_recall@1'):.3f}.")
+    for task, nat, inv, method in (("image->image retrieval across styles", "i2i_native_map",
+                                    "i2i_oti_map", "OTI"),
+                                   ("name->text retrieval", "t2t_native_map", "t2t_ovi_map",
+                                    "OVI")):
+        deltas = {n: _m(i, inv) - _m(i, nat) for n, i in models.items()}
+        deltas = {n: d for n, d in deltas.items() if not math.isnan(d)}
+        if not deltas:
+            continue
+        helped = [n for n, d in deltas.items() if d > 0]
+        mean = sum(deltas.values()) / len(deltas)
+        verb = "helps" if mean > 0 else "does not help"
+        where = (f"it helps {', '.join(helped)}" if helped and len(helped) < len(deltas)
+                 else ("it helps every model" if helped else "it helps no model"))
+        out.append(f"Inversion ({method}) {verb} {task} here: mAP changes by {mean:+.3f} on "
+                   f"average over the models ({where}; per model "
+                   + ", ".join(f"{n} {d:+.3f}" for n, d in deltas.items()) + ").")
+    zs = {n: (_m(i, "zeroshot_subset_inter_acc1"), _m(i, "zeroshot_subset_intra_acc1"))
+          for n, i in models.items()}
+    zs = {n: v for n, v in zs.items() if not any(math.isnan(x) for x in v)}
+    if zs:
+        inter = sum(v[0] for v in zs.values()) / len(zs)
+        intra = sum(v[1] for v in zs.values()) / len(zs)
+        out.append(f"Zero-shot subgroup classification is {'better' if inter >= intra else 'worse'}"
+                   f" done inter-modally (acc@1 {inter:.3f}, images against class prompts) than "
+                   f"intra-modally ({intra:.3f}, OTI features against the same prompts), "
+                   "averaged over the models.")
+    for bridge in ("centering", "invgc"):
+        d = {n: _m(i, f"{bridge}_text_retrieval_recall@1") - _m(i, "text_retrieval_recall@1")
+             for n, i in models.items()}
+        d = {n: v for n, v in d.items() if not math.isnan(v)}
+        if d:
+            mean = sum(d.values()) / len(d)
+            out.append(f"The {bridge} bridge changes image->text R@1 by {mean:+.3f} on average "
+                       "(" + ", ".join(f"{n} {v:+.3f}" for n, v in d.items()) + ").")
+    if lab_verdict:
+        out.append("Gap laboratory: " + lab_verdict)
+    return out
+
+
+def _img(path: str, size: int = 56) -> str:
+    p = Path(path)
+    if not path or not p.is_file():
+        return "<span>?</span>"
+    data = base64.b64encode(p.read_bytes()).decode("ascii")
+    return (f'<img src="data:image/png;base64,{data}" width="{size}" height="{size}" '
+            f'alt="{html.escape(p.stem)}">')
+
+
+def _gallery_html(gallery: Mapping[str, Any], names: Mapping[str, str]) -> str:
+    rows = []
+    for q in gallery.get("queries", []):
+        def cells(results: list[dict[str, Any]], group: str = q["group"]) -> str:
+            return "".join(
+                f'<td style="{"outline:3px solid #2a9d8f;" if r["group"] == group else ""}">'
+                f'{_img(r["path"], 44)}<br><small>{html.escape(names.get(r["group"], ""))}'
+                f'<br>{r["score"]:.2f}</small></td>' for r in results)
+        rows.append(
+            f"<tr><td>{_img(q['query'])}<br><small>{html.escape(names.get(q['group'], ''))}"
+            f"</small></td><th>native</th>{cells(q['native'])}</tr>"
+            f"<tr><td><small>OTI cosine {q['oti_cosine']:.2f}</small></td><th>OTI</th>"
+            f"{cells(q['inverted'])}</tr>")
+    return ("<table><thead><tr><th>query</th><th></th><th colspan=5>top 5 in the "
+            f"{html.escape(gallery.get('gallery_view', ''))} gallery (framed: the right concept)"
+            "</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def write_demo_report(out: Path, models: Mapping[str, Mapping[str, Any]], lab: Any,
+                      gallery: Mapping[str, Any], times: Mapping[str, float],
+                      cached: Mapping[str, bool], *, dataset: Any, store: Any,
+                      quick: bool) -> Path:
+    """Write ``<out>/report.html`` and return its path."""
+    from modalign.geometry.report import diagnosis_page
+
+    names = {it.group: it.value for it in dataset.select(modality="text", view="name")}
+    page = Page("modalign demo: the modality gap on real towers and real data",
+                subtitle=f"emoji data ({len(dataset.groups())} concepts"
+                         f"{', quick run' if quick else ''}), frozen EfficientNet-Lite0 and "
+                         f"MiniLM towers, modalign {__version__}")
+    sec = page.section("Conclusions")
+    for sentence in conclusions(models, getattr(lab, "verdict", "")):
+        sec.paragraph(sentence)
+
+    sec = page.section("Comparison", intro="Test split. OTI/OVI: the query is replaced by its "
+                       "inversion into the other modality; the gallery keeps native features.")
+    rows = []
+    for name, info in models.items():
+        row: dict[str, Any] = {"model": name, "objectives": " + ".join(
+            f"{o.get('weight', 1)}x{o['loss']}" for o in info.get("objectives", []))}
+        for label, key, _ in COLUMNS:
+            row[label] = _m(info, key)
+        if "audio_to_text_recall@1" in info.get("evaluation", {}).get("metrics", {}):
+            row["audio->text R@1"] = _m(info, "audio_to_text_recall@1")
+        rows.append(row)
+    sec.table(rows, digits=3)
+    sec.paragraph("; ".join(f"{label}: {text}" for label, _, text in COLUMNS), note=True)
+
+    diag = diagnosis_page([(n, i["diagnosis"]) for n, i in models.items()])
+    for s in diag.sections:
+        new = page.section(f"Geometry - {s.title}")
+        new.blocks = list(s.blocks)
+
+    sec = page.section("Query gallery", intro=f"Model {gallery.get('model', '')}: a few "
+                       f"{gallery.get('query_view', '')} queries and their top 5 "
+                       f"{gallery.get('gallery_view', '')} results, with the native image "
+                       "feature as the query and with its OTI inversion.")
+    sec.raw_html(_gallery_html(gallery, names))
+
+    sec = page.section("Gap laboratory (quick sweep)", intro=getattr(lab, "verdict", ""))
+    figs = getattr(lab, "figures", {}) or {}
+    if figs:
+        sec.figures_side_by_side([(f, k.replace("_", " ")) for k, f in figs.items()])
+    summary = getattr(lab, "summary", {}) or {}
+    per = summary.get("settings") or []
+    if isinstance(per, list) and per:
+        sec.table([{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in per],
+                  digits=3)
+
+    sec = page.section("Run", intro="Stage times of this run on this machine (0: taken from the "
+                                    "cache of an earlier run).")
+    sec.table([{"stage": k, "seconds": round(v, 2), "cached": bool(cached.get(k, False))}
+               for k, v in times.items()])
+    sec.paragraph(f"Records: {out / 'records'}; embedding store: {store.path}; lab: "
+                  f"{out / 'lab'}.", note=True)
+    return page.write(out / "report.html")

@@ -1,0 +1,200 @@
+"""The gap sweep on a tiny synthetic store: records, caching/resume, metrics, report, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import modalign.lab.sweep as sweep_module
+from lab_fakes import fake_store, fake_towers
+from modalign.cli import build_parser
+from modalign.evaluate.retrieval import intra_modal_retrieval
+from modalign.geometry.gap import modality_gap
+from modalign.lab import GapSetting, LabConfig, run_gap_lab
+from modalign.lab.measure import SpaceData, pca_2d, project
+
+SETTINGS = (GapSetting(epochs=2), GapSetting(temperature=0.01, epochs=2),
+            GapSetting("cone", 2, epochs=1))
+
+
+def tiny_config(**kw) -> LabConfig:
+    base = dict(settings=SETTINGS, seeds=(0,), batch_size=8, joint_dim=6, inverted_queries=4,
+                oti_steps=3, ovi_steps=3, shifts=(0.0, 1.0), permutations=200, bootstrap=50,
+                warmup_steps=1)
+    base.update(kw)
+    return LabConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab")
+    store = fake_store(root / "store")
+    res = run_gap_lab(tiny_config(), store, root / "out", towers=fake_towers(), progress=False)
+    return store, root / "out", res
+
+
+def test_sweep_writes_one_record_per_run_and_the_summary(lab_run) -> None:
+    _, out, res = lab_run
+    assert len(res.records) == len(SETTINGS)
+    assert sorted(p.name for p in (out / "settings").iterdir()) == sorted(
+        f"{r['name']}-s0-{r['key']}.json" for r in res.records)
+    summary = json.loads((out / "lab.json").read_text())
+    assert [r["name"] for r in summary["settings"]] == [s.name for s in SETTINGS]
+    assert summary["verdict"] == res.verdict and summary["trend"]["n"] == 3
+    html = (out / "lab.html").read_text()
+    assert res.verdict.split(";")[0] in html and html.count("<img") == 4
+    assert set(res.figures) == {"benefit_vs_gap", "gap_shift", "extremes", "trajectories"}
+
+
+def test_fixed_temperature_is_kept_and_learned_one_moves(lab_run) -> None:
+    _, _, res = lab_run
+    by = {r["name"]: r for r in res.records}
+    assert by["xavier-d1-tau0.01-e2"]["metrics"]["logit_scale"] == pytest.approx(100.0, rel=1e-5)
+    assert by["xavier-d1-learned-e2"]["metrics"]["logit_scale"] != pytest.approx(1 / 0.07)
+
+
+def test_record_metrics_agree_with_independent_computations(lab_run) -> None:
+    store, _, res = lab_run
+    rec = res.records[0]
+    m = rec["metrics"]
+    assert m["delta_map"] == pytest.approx(0.5 * (m["i2i_delta_map"] + m["t2t_delta_map"]))
+    assert m["i2i_delta_map"] == pytest.approx(m["i2i_oti_map"] - m["i2i_native_map"])
+    assert 0.5 <= m["separability"] <= 1.0 and -1.0 <= m["cone_image"] <= 1.0
+    cfg = tiny_config(inverted_queries=10_000)
+    data = SpaceData.load(store, cfg, fake_towers().encode_text)
+    traj = rec["trajectory"]
+    assert [r["epoch"] for r in traj] == [1, 2]
+    # the gap-shift curve at 0 is the trained space
+    assert rec["gap_shift"][0]["amount"] == 0.0
+    assert rec["gap_shift"][0]["text_retrieval_map"] == pytest.approx(m["text_retrieval_map"])
+    assert rec["gap_shift"][0]["gap"] == pytest.approx(m["gap"], abs=1e-6)
+    assert len(data.image_queries) == len([i for i in store.load("image", split="test").items
+                                           if i["view"] == "noto"])
+
+
+def test_native_intra_retrieval_matches_the_evaluate_task(tmp_path) -> None:
+    store = fake_store(tmp_path / "store")
+    cfg = tiny_config(settings=SETTINGS[:1], inverted_queries=10_000)
+    towers = fake_towers()
+    model, _ = sweep_module.train_setting(SETTINGS[0], 0, cfg, store, towers.specs,
+                                          tmp_path / "run")
+    data = SpaceData.load(store, cfg, towers.encode_text)
+    rec = sweep_module.measure_space(model, data, cfg, towers)
+    test = project(model, data.test)
+    task = intra_modal_retrieval(test["image"], "image", query_view="noto",
+                                 gallery_view="openmoji", k_values=(1,)).metrics
+    assert rec["metrics"]["i2i_native_map"] == pytest.approx(task["image:openmoji_retrieval_map"])
+    img, txt = test["image"].vectors, test["text"].vectors
+    assert rec["metrics"]["gap"] == pytest.approx(
+        modality_gap(img, txt, normalize=True).centroid_distance, abs=1e-6)
+
+
+def test_sweep_resumes_without_retraining_finished_runs(lab_run, tmp_path, monkeypatch) -> None:
+    store, out, res = lab_run
+    work = tmp_path / "out"
+    import shutil
+
+    shutil.copytree(out, work)
+    killed = res.records[1]
+    (work / "settings" / f"{killed['name']}-s0-{killed['key']}.json").unlink()
+    built = []
+    real = sweep_module.Trainer
+
+    def counting(cfg, **kw):
+        built.append(kw.get("resume"))
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(sweep_module, "Trainer", counting)
+    again = run_gap_lab(tiny_config(), store, work, towers=fake_towers(), progress=False)
+    assert built == [True]  # only the missing record, from its finished run's checkpoint
+    redone = next(r for r in again.records if r["key"] == killed["key"])
+    for k in ("gap", "text_retrieval_map", "i2i_native_map", "logit_scale"):
+        assert redone["metrics"][k] == pytest.approx(killed["metrics"][k], abs=1e-6)
+    assert [r["metrics"] for r in again.records if r["key"] != killed["key"]] == [
+        r["metrics"] for r in res.records if r["key"] != killed["key"]]
+
+
+def test_keys_change_with_what_changes_the_result(lab_run) -> None:
+    store, _, _ = lab_run
+    fp, towers = sweep_module.store_fingerprint(store), {"fake": 1}
+    cfg = tiny_config()
+    key = sweep_module.run_key(SETTINGS[0], 0, cfg, fp, towers)
+    assert key == sweep_module.run_key(SETTINGS[0], 0, dataclasses.replace(cfg, bootstrap=7), fp,
+                                       towers)
+    for other in (sweep_module.run_key(SETTINGS[0], 1, cfg, fp, towers),
+                  sweep_module.run_key(SETTINGS[1], 0, cfg, fp, towers),
+                  sweep_module.run_key(SETTINGS[0], 0, dataclasses.replace(cfg, lr=0.5), fp,
+                                       towers),
+                  sweep_module.run_key(SETTINGS[0], 0, dataclasses.replace(cfg, oti_steps=9), fp,
+                                       towers)):
+        assert other != key
+
+
+def test_settings_and_config_validate() -> None:
+    s = GapSetting(temperature=0.3)
+    clip = s.train_sections()["objectives"][0]
+    assert clip["learnable_scale"] is False
+    assert math.exp(clip["init_logit_scale"]) == pytest.approx(1 / 0.3)
+    assert GapSetting("cone", 3).train_sections()["model"] == {"head_init": "cone",
+                                                               "head": "mlp", "head_depth": 3}
+    with pytest.raises(ValueError, match="temperature"):
+        GapSetting(temperature=0.001)
+    with pytest.raises(ValueError, match="head_init"):
+        GapSetting("orthogonal")
+    with pytest.raises(ValueError, match="head_depth"):
+        GapSetting(head_depth=0)
+    with pytest.raises(ValueError, match="settings"):
+        LabConfig(settings=(GapSetting(), GapSetting()))
+    with pytest.raises(ValueError, match="seeds"):
+        tiny_config().with_seeds(0)
+
+
+def test_store_without_test_split_is_rejected(tmp_path) -> None:
+    store = fake_store(tmp_path / "store")
+    with pytest.raises(ValueError, match="split 'nosuch'"):
+        run_gap_lab(tiny_config(split="nosuch"), store, tmp_path / "out", towers=fake_towers(),
+                    progress=False)
+
+
+def test_cli_help_and_bad_arguments(capsys) -> None:
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["lab", "gap", "--help"])
+    text = capsys.readouterr().out
+    assert "--quick" in text and "continues" in text and "lab.html" in text
+    args = parser.parse_args(["lab", "gap", "--threads", "0"])
+    with pytest.raises(ValueError, match="--threads"):
+        args.func(args)
+    args = parser.parse_args(["lab", "gap", "--embeddings", str(Path("no") / "store")])
+    with pytest.raises(FileNotFoundError, match="--embeddings"):
+        args.func(args)
+
+
+def test_pca_matches_the_covariance_eigendecomposition() -> None:
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(30, 5, generator=gen) + 2.0
+    txt = torch.randn(20, 5, generator=gen)
+    out = pca_2d(img, txt)
+    coords = np.vstack([out["image"], out["text"]])
+    both = torch.cat([img, txt]).double().numpy()
+    cov = np.cov(both, rowvar=False, bias=True)
+    eig = np.sort(np.linalg.eigvalsh(cov))[::-1]
+    np.testing.assert_allclose(coords.var(0), eig[:2], rtol=1e-3)
+    np.testing.assert_allclose(out["explained"], eig[:2] / eig.sum(), rtol=1e-6)
+    # the big centroid difference lies along the first axis
+    n = len(img)
+    assert abs(coords[:n, 0].mean() - coords[n:, 0].mean()) > 3.0
