@@ -15,7 +15,7 @@ memory (max RSS, memory-mapped pages included) of one case does not mask another
 Prints one JSON object per line: metrics ``seconds`` (wall clock), ``cpu_seconds`` (CPU time of
 the process, all threads: on a shared machine it shows the work done when the wall clock is
 inflated by other load) and ``peak_mb`` (max RSS).
-``--quick`` runs n = 2,000 and 5,000 (both) and 50,000 (ours only) in about a minute.
+``--quick`` runs n = 1,000 and 3,000 (both) and 20,000 (ours only) in about a minute.
 
 Examples:
     python benchmarks/geometry.py --quick
@@ -154,8 +154,8 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.n, args.folder, args.threads)
         return
-    both = [2000, 5000] if args.quick else [5000, 10000, 20000]
-    ours_only = [50000] if args.quick else [1_000_000]
+    both = [1000, 3000] if args.quick else [5000, 10000, 20000]
+    ours_only = [20000] if args.quick else [1_000_000]
     with tempfile.TemporaryDirectory(prefix="modalign-bench-", dir=args.folder) as tmp:
         folder = Path(tmp)
         for n in both + ours_only:

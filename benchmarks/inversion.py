@@ -242,7 +242,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="batch 8, 2 steps, one repeat (about a minute on 2 idle cores)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine, waiting threads spin "
+                             "and inflate the CPU time of multi-threaded runs)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=None, help="override the batch size")
     parser.add_argument("--steps", type=int, default=None, help="override the step count")

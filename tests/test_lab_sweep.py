@@ -142,6 +142,13 @@ def test_keys_change_with_what_changes_the_result(lab_run) -> None:
                   sweep_module.run_key(SETTINGS[0], 0, dataclasses.replace(cfg, oti_steps=9), fp,
                                        towers)):
         assert other != key
+    # measuring knobs re-measure the same training run; training knobs retrain
+    specs = {"image": "fake-image", "text": "fake-text"}
+    run = sweep_module.train_key(SETTINGS[0], 0, cfg, fp, specs)
+    assert run == sweep_module.train_key(SETTINGS[0], 0, dataclasses.replace(cfg, oti_steps=9),
+                                         fp, specs)
+    assert run != sweep_module.train_key(SETTINGS[0], 0, dataclasses.replace(cfg, lr=0.5), fp,
+                                         specs)
 
 
 def test_settings_and_config_validate() -> None:

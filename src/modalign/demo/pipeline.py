@@ -82,7 +82,7 @@ def _lab_config(quick: bool):
 
 
 def _train_overrides(quick: bool) -> list[str]:
-    return ["train.epochs=6", "validate.patience=3"] if quick else []
+    return ["train.epochs=6", "train.batch_size=128", "validate.patience=3"] if quick else []
 
 
 def run_demo(options: DemoOptions | None = None) -> DemoResult:
@@ -212,7 +212,7 @@ def _diagnose(info: dict[str, Any], store: EmbeddingStore, seed: int) -> dict[st
     model = MultiTowerModel.from_pretrained(info["model_dir"])
     return diagnose({m: np.asarray(e.vectors) for m, e in joint.items()},
                     groups={m: e.group_ids() for m, e in joint.items()},
-                    logit_scale=float(model.logit_scale()),
+                    logit_scale=float(model.logit_scale),
                     options=DiagnoseOptions(seed=seed))
 
 
@@ -249,7 +249,7 @@ def _evaluate(name: str, info: dict[str, Any], store: EmbeddingStore, data: Any,
 def _gallery(model: Any, store: EmbeddingStore, towers: Any, cfg: Any, root: Path | None,
              n_queries: int, seed: int) -> dict[str, Any]:
     """Top-5 OpenMoji results of a few Noto queries: native image query vs its OTI feature."""
-    from modalign.lab.measure import invert_queries
+    from modalign.lab.measure import _invert as invert_queries  # TODO public name
 
     img = store.load("image", split="test")
     qv, gv = cfg.image_views

@@ -170,10 +170,8 @@ def write_demo_report(out: Path, models: Mapping[str, Mapping[str, Any]], lab: A
     sec.table(rows, digits=3)
     sec.paragraph("; ".join(f"{label}: {text}" for label, _, text in COLUMNS), note=True)
 
-    diag = diagnosis_page([(n, i["diagnosis"]) for n, i in models.items()])
-    for s in diag.sections:
-        new = page.section(f"Geometry - {s.title}")
-        new.blocks = list(s.blocks)
+    page.include(diagnosis_page([(n, i["diagnosis"]) for n, i in models.items()]),
+                 prefix="Geometry: ")
 
     sec = page.section("Query gallery", intro=f"Model {gallery.get('model', '')}: a few "
                        f"{gallery.get('query_view', '')} queries and their top 5 "

@@ -39,6 +39,7 @@ def shift_along_gap(vectors: Tensor, gap_vector: Tensor, amount: float) -> Tenso
             normalisation).
 
     Examples:
+        >>> import torch
         >>> x = torch.tensor([[1.0, 0.0]])
         >>> shift_along_gap(x, torch.tensor([0.0, 1.0]), 1.0)
         tensor([[0.7071, 0.7071]])

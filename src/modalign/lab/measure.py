@@ -66,7 +66,8 @@ class LabTowers:
     identity: dict[str, Any]
 
     @classmethod
-    def from_specs(cls, specs: Mapping[str, str], *, ovi_stage: int = 0) -> LabTowers:
+    def from_specs(cls, specs: Mapping[str, str], *, ovi_stage: int = 0,
+                   ovi_tokens: int | None = None) -> LabTowers:
         """Towers loaded by spec (``modalign.encoders.load_encoder``), each on first use.
 
         Examples:
@@ -97,11 +98,12 @@ class LabTowers:
 
         def inversion(m: str) -> InversionForward:
             if m not in forwards:
-                forwards[m] = encoder_inversion(tower(m), stage=ovi_stage)
+                tokens = ovi_tokens if m == "image" else None
+                forwards[m] = encoder_inversion(tower(m), stage=ovi_stage, num_tokens=tokens)
             return forwards[m]
 
         return cls(dict(specs), encode_text, inversion,
-                   {"specs": dict(specs), "ovi_stage": ovi_stage})
+                   {"specs": dict(specs), "ovi_stage": ovi_stage, "ovi_tokens": ovi_tokens})
 
 
 @dataclass
@@ -202,12 +204,12 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     inv: dict[str, Any] = {}
     q_img = data.image_queries
     oti = _invert(model, towers, "text", img[q_img], [test["image"].items[i]["id"] for i in q_img],
-                  config.oti_steps, config, seed)
+                  config.oti_steps, config.oti_lr, seed)
     inv["oti_final_cosine"] = float(oti[1].mean())
     note("OVI text -> image")
     q_txt = data.text_queries
     ovi = _invert(model, towers, "image", txt[q_txt], [test["text"].items[i]["id"] for i in q_txt],
-                  config.ovi_steps, config, seed)
+                  config.ovi_steps, config.ovi_lr, seed)
     inv["ovi_final_cosine"] = float(ovi[1].mean())
     inversion_seconds = time.perf_counter() - t1
 
@@ -251,13 +253,13 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
 
 
 def _invert(model: MultiTowerModel, towers: LabTowers, modality: str, targets: Tensor,
-            keys: list[str], steps: int, config: LabConfig, seed: int) -> tuple[Tensor, Tensor]:
+            keys: list[str], steps: int, lr: float, seed: int) -> tuple[Tensor, Tensor]:
     """Joint-space features of ``modality`` matching ``targets`` and their final cosines."""
     def to_joint(features: Tensor) -> Tensor:
         return model.project(modality, features)
 
     forward = ProjectedForward(towers.inversion(modality), to_joint, head_name=f"head {modality}")
-    settings = InversionSettings(steps=steps, lr=config.inversion_lr, seed=seed,
+    settings = InversionSettings(steps=steps, lr=lr, seed=seed,
                                  batch_size=max(1, len(keys)))
     for p in model.parameters():
         p.requires_grad_(False)

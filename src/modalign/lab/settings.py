@@ -93,8 +93,10 @@ class LabConfig:
         inverted_queries: queries inverted per direction (OTI: Noto images, OVI: names), a fixed
             evenly spread subset of the evaluation split.
         oti_steps, ovi_steps: inversion steps (image -> text, text -> image).
-        ovi_stage: the image tower block whose input the OVI pseudo-patches replace.
-        inversion_lr: AdamW learning rate of the pseudo-tokens.
+        oti_lr, ovi_lr: AdamW learning rates of the pseudo-tokens (OTI: the official 0.02; OVI
+            enters deep in a CNN, where activations are far larger than the 0.02-std start).
+        ovi_stage, ovi_tokens: the image tower block whose input the OVI pseudo-patches replace,
+            and how many pseudo-patches tile its grid.
         shifts: gap-shift amounts (multiples of the gap vector).
         bridges: post-hoc bridges measured on cross-modal retrieval and zero-shot.
         label: the label zero-shot classification predicts.
@@ -115,8 +117,10 @@ class LabConfig:
     inverted_queries: int = 48
     oti_steps: int = 100
     ovi_steps: int = 100
-    ovi_stage: int = 10
-    inversion_lr: float = 2e-2
+    oti_lr: float = 2e-2
+    ovi_lr: float = 1.0
+    ovi_stage: int = 15
+    ovi_tokens: int = 9
     shifts: tuple[float, ...] = DEFAULT_SHIFTS
     bridges: tuple[str, ...] = ("centering", "invgc")
     label: str = "subgroup"
@@ -136,7 +140,7 @@ class LabConfig:
             raise ValueError("settings: expected distinct settings, found duplicates")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: expected distinct seeds, got {self.seeds!r}")
-        for name in ("batch_size", "joint_dim", "inverted_queries"):
+        for name in ("batch_size", "joint_dim", "inverted_queries", "ovi_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -144,9 +148,9 @@ class LabConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        if not self.lr > 0 or not self.inversion_lr > 0:
-            raise ValueError(f"lr and inversion_lr must be > 0, got {self.lr}, "
-                             f"{self.inversion_lr}")
+        for name in ("lr", "oti_lr", "ovi_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.shifts:
             raise ValueError("shifts: expected at least one shift amount")
 
@@ -197,7 +201,7 @@ def full_config() -> LabConfig:
 
 
 def quick_config() -> LabConfig:
-    """A few-minute sweep: :func:`quick_settings`, 1 seed, 24 queries, short inversions."""
+    """A short sweep: :func:`quick_settings`, 1 seed, 24 queries, 40 OTI / 60 OVI steps."""
     return LabConfig(settings=quick_settings(), seeds=(0,), inverted_queries=24, oti_steps=40,
-                     ovi_steps=40, shifts=(-0.5, 0.0, 0.5, 1.0), permutations=5000,
+                     ovi_steps=60, shifts=(-0.5, 0.0, 0.5, 1.0), permutations=5000,
                      bootstrap=1000)

@@ -1,12 +1,13 @@
 """The gap sweep: train every (setting, seed) from cached features, measure it, summarise.
 
-Each (setting, seed) is keyed by a content hash of the setting, the seed, the training and
-measuring knobs, the store's arrays and the towers. Its training run lives in
-``<out>/runs/<key>/`` (checkpointed every epoch, resumed when interrupted) and its result in
-``<out>/settings/<name>-s<seed>-<key>.json`` (written atomically). A sweep started again skips
-every finished record and resumes an unfinished run, so a killed sweep continues with the
-settings not done. ``lab.json`` holds the per-setting means and standard deviations over seeds,
-the trend test and its verdict; ``lab.html`` the plots and tables.
+Each (setting, seed) is keyed by content hashes: its training run, of the setting, the seed, the
+training knobs, the store's arrays and the tower specs, lives in ``<out>/runs/<train key>/``
+(checkpointed every epoch, resumed when interrupted); its record, whose key adds the measuring
+knobs and the inversion towers, in ``<out>/settings/<name>-s<seed>-<key>.json`` (written
+atomically), so changing only how spaces are measured re-measures without retraining. A sweep
+started again skips every finished record and resumes an unfinished run, so a killed sweep
+continues with the settings not done. ``lab.json`` holds the per-setting means and standard
+deviations over seeds, the trend test and its verdict; ``lab.html`` the plots and tables.
 """
 
 from __future__ import annotations
@@ -74,9 +75,16 @@ def store_fingerprint(store: EmbeddingStore) -> dict[str, Any]:
     return out
 
 
+def train_key(setting: GapSetting, seed: int, config: LabConfig, fingerprint: dict[str, Any],
+              specs: dict[str, str]) -> str:
+    """Content hash naming one training run (what changes the trained weights)."""
+    return content_hash(SCHEMA, setting.to_dict(), seed, config.training_dict(), fingerprint,
+                        specs)
+
+
 def run_key(setting: GapSetting, seed: int, config: LabConfig, fingerprint: dict[str, Any],
             towers: dict[str, Any]) -> str:
-    """Content hash naming one (setting, seed) of the sweep."""
+    """Content hash naming one record: the training run plus how it is measured."""
     return content_hash(SCHEMA, setting.to_dict(), seed, config.training_dict(),
                         config.measuring_dict(), fingerprint, towers)
 
@@ -127,18 +135,20 @@ def run_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embedd
                 data: SpaceData, towers: LabTowers, out_dir: Path, *,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train and measure one (setting, seed), or read its finished record; returns the record."""
-    key = run_key(setting, seed, config, store_fingerprint(store), towers.identity)
+    fingerprint = store_fingerprint(store)
+    key = run_key(setting, seed, config, fingerprint, towers.identity)
+    run_dir = out_dir / "runs" / train_key(setting, seed, config, fingerprint, towers.specs)
     path = out_dir / "settings" / f"{setting.name}-s{seed}-{key}.json"
     if path.is_file():
         return read_json(path)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model, log = train_setting(setting, seed, config, store, towers.specs,
-                               out_dir / "runs" / key)
+    model, log = train_setting(setting, seed, config, store, towers.specs, run_dir)
     train_seconds = time.perf_counter() - t0
     measured = measure_space(model, data, config, towers, seed=seed, progress=progress)
     record = {
-        "schema": SCHEMA, "key": key, "name": setting.name, "setting": setting.to_dict(),
+        "schema": SCHEMA, "key": key, "run": str(run_dir.relative_to(out_dir)),
+        "name": setting.name, "setting": setting.to_dict(),
         "seed": seed, "modalign_version": __version__, "store": str(store.path),
         "towers": towers.identity,
         "trajectory": [{k: row[k] for k in ("epoch", "gap", "i2t_r1", "t2i_r1", "train_loss")
@@ -197,9 +207,9 @@ def run_gap_lab(config: LabConfig, store: EmbeddingStore | str | Path,
         report: write ``lab.html`` (the figures are returned either way).
 
     Examples:
-        >>> from modalign.lab import quick_config, run_gap_lab        # doctest: +SKIP
-        >>> res = run_gap_lab(quick_config(), "STORE", "lab-out")
-        >>> print(res.verdict)
+        >>> from modalign.lab import quick_config, run_gap_lab
+        >>> res = run_gap_lab(quick_config(), "STORE", "lab-out")  # doctest: +SKIP
+        >>> print(res.verdict)  # doctest: +SKIP
         The claim ...
     """
     from modalign.lab.plots import lab_figures
@@ -211,7 +221,8 @@ def run_gap_lab(config: LabConfig, store: EmbeddingStore | str | Path,
             raise ValueError(f"store {store.path}: no {m!r} array; the lab needs image and text "
                              "tower features (build them with 'modalign embed')")
     if towers is None:
-        towers = LabTowers.from_specs(store_tower_specs(store), ovi_stage=config.ovi_stage)
+        towers = LabTowers.from_specs(store_tower_specs(store), ovi_stage=config.ovi_stage,
+                                      ovi_tokens=config.ovi_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = SpaceData.load(store, config, towers.encode_text)

@@ -141,7 +141,7 @@ class SigLipLoss(ScaledLoss):
     Examples:
         >>> import torch
         >>> loss = SigLipLoss(["image", "text"])
-        >>> float(loss.logit_bias), round(float(loss.logit_scale()), 3)
+        >>> float(loss.logit_bias.detach()), round(float(loss.logit_scale().detach()), 3)
         (-10.0, 10.0)
     """
 

@@ -195,6 +195,11 @@ class Page:
         self.sections.append(sec)
         return sec
 
+    def include(self, other: Page, prefix: str = "") -> None:
+        """Append the sections of ``other`` (titles prefixed with ``prefix``), re-anchored."""
+        for sec in other.sections:
+            self.section(f"{prefix}{sec.title}").blocks.extend(sec.blocks)
+
     def render(self) -> str:
         """The page as one HTML string (style inlined, no external resources, no scripts)."""
         css = resources.files("modalign.report").joinpath("style.css").read_text("utf-8")
