@@ -113,3 +113,25 @@ def test_real_towers_on_a_small_emoji_subset(tmp_path):
     k = names.index("grinning face with big eyes") if "grinning face with big eyes" in names else 2
     assert t[i] @ t[j] > 0.5 and (t[i] @ t[j]) != (t[i] @ t[k])
     assert store.info("image")["items_per_s"] > 0
+
+
+def test_concurrent_writers_keep_every_array(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_add_arrays, args=(str(tmp_path), k)) for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    store = EmbeddingStore(tmp_path)
+    assert sorted(store.arrays) == sorted(f"a{k}_{i}" for k in range(3) for i in range(10))
+
+
+def _add_arrays(path: str, k: int) -> None:
+    store = EmbeddingStore(path)
+    for i in range(10):
+        rows = [{"id": f"{k}-{i}", "modality": "x", "view": "", "group": f"g{k}{i}",
+                 "split": "test"}]
+        store.add_array(f"a{k}_{i}", np.ones((1, 2), np.float32), rows)

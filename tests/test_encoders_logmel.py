@@ -227,3 +227,14 @@ def test_bad_inputs_raise_value_errors(tmp_path, tower):
         LogMelEncoder(max_seconds=0)
     with pytest.raises(ValueError, match="f_min"):
         mel_filterbank(512, 64, 16000, 20.0, 9000.0)
+
+
+@pytest.mark.parametrize("rates", [(22050, 16000), (44100, 16000), (8000, 16000), (16001, 16000)])
+def test_polyphase_resampling_equals_the_direct_computation(rates):
+    from modalign.encoders.logmel import _resample_direct, resample
+
+    x = torch.randn(3001, dtype=torch.float64)
+    fast = resample(x, *rates)
+    direct = _resample_direct(x, *rates, 16, 0.99)
+    assert fast.shape == direct.shape
+    torch.testing.assert_close(fast, direct, rtol=0, atol=1e-12)

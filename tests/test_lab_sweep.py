@@ -55,6 +55,12 @@ def test_sweep_writes_one_record_per_run_and_the_summary(lab_run) -> None:
     summary = json.loads((out / "lab.json").read_text())
     assert [r["name"] for r in summary["settings"]] == [s.name for s in SETTINGS]
     assert summary["verdict"] == res.verdict and summary["trend"]["n"] == 3
+    largest = max(res.records, key=lambda r: r["metrics"]["gap"])
+    assert summary["largest_gap"] == largest["name"]
+    assert f"{largest['inversion']['oti_final_cosine']:.2f}" in summary["inversion_note"]
+    # per-setting means over seeds are the record values (one seed)
+    assert [r["delta_map"] for r in summary["settings"]] == [r["metrics"]["delta_map"]
+                                                            for r in res.records]
     html = (out / "lab.html").read_text()
     assert res.verdict.split(";")[0] in html and html.count("<img") == 4
     assert set(res.figures) == {"benefit_vs_gap", "gap_shift", "extremes", "trajectories"}

@@ -102,9 +102,16 @@ class EmbeddingStore:
         return read_json(p) if p.exists() else {"arrays": {}, "groups": []}
 
     def _update_manifest(self, fn: Callable[[dict[str, Any]], None]) -> None:
-        m = self.manifest
-        fn(m)
-        write_json_atomic(self.path / MANIFEST, m)
+        """Read-modify-write the manifest under an exclusive lock (several writers may share
+        one store, e.g. inversion runs adding arrays)."""
+        with open(self.path / ".manifest.lock", "a+") as lock:
+            _lock(lock)
+            try:
+                m = self.manifest
+                fn(m)
+                write_json_atomic(self.path / MANIFEST, m)
+            finally:
+                _unlock(lock)
 
     @property
     def arrays(self) -> list[str]:
@@ -178,6 +185,22 @@ class EmbeddingStore:
         self._update_manifest(lambda m: m["arrays"].pop(name, None))
         for suffix in (".npy", ".items.jsonl", ".partial.npy", ".progress.json"):
             (self.path / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def _lock(f: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: single-writer semantics
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+
+
+def _unlock(f: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _check_name(name: str) -> None:

@@ -16,6 +16,7 @@ tower:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import wave
@@ -98,20 +99,78 @@ def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int, lowpass_widt
         return waveform
     n_in = waveform.shape[0]
     n_out = math.ceil(n_in * new_rate / orig_rate)
+    # One strided convolution computes every phase: phase r of output block q reads inputs
+    # q * period_in + offsets[r] + k, so each phase's taps sit at offset offsets[r] - min(offsets)
+    # in a common wide kernel; the phases are then interleaved back into time order.
+    g = math.gcd(orig_rate, new_rate)
+    if (new_rate // g) * (orig_rate // g) > _MAX_POLYPHASE:  # e.g. 16001 -> 16000 Hz
+        return _resample_direct(waveform, orig_rate, new_rate, lowpass_width, rolloff)
+    weight, shift, period_in = _polyphase_weight(orig_rate, new_rate, lowpass_width, rolloff)
+    phases, width = weight.shape[0], weight.shape[2]
+    blocks = math.ceil(n_out / phases)
+    need = (blocks - 1) * period_in + width
+    x = F.pad(waveform.to(torch.float64), (shift, max(0, need - shift - n_in)))[None, None]
+    out = F.conv1d(x[..., :need], weight, stride=period_in)[0]           # (phases, blocks)
+    return out.T.reshape(-1)[:n_out].to(waveform.dtype)
+
+
+_MAX_POLYPHASE = 1 << 20  # phases x input period above which the per-output path is used
+
+
+def _resample_direct(waveform: torch.Tensor, orig_rate: int, new_rate: int, lowpass_width: int,
+                     rolloff: float) -> torch.Tensor:
+    """:func:`resample` computing each output's taps directly (any rate pair, more work)."""
+    n_in = waveform.shape[0]
+    n_out = math.ceil(n_in * new_rate / orig_rate)
     fc = rolloff * min(orig_rate, new_rate) / 2
-    half_width = lowpass_width / (2 * fc)              # seconds
+    half_width = lowpass_width / (2 * fc)
     taps = math.ceil(half_width * orig_rate)
     dtype = torch.float64
-    centre = torch.arange(n_out, dtype=dtype) * (orig_rate / new_rate)   # in input samples
-    first = torch.floor(centre).long() - taps
-    index = first[:, None] + torch.arange(2 * taps + 2)[None, :]         # (n_out, taps)
-    tau = (centre[:, None] - index.to(dtype)) / orig_rate                 # seconds
+    centre = torch.arange(n_out, dtype=dtype) * (orig_rate / new_rate)
+    index = (torch.floor(centre).long() - taps)[:, None] + torch.arange(2 * taps + 2)[None, :]
+    tau = (centre[:, None] - index.to(dtype)) / orig_rate
     hann = torch.cos(math.pi * tau / (2 * half_width)) ** 2
     window = torch.where(tau.abs() <= half_width, hann, torch.zeros((), dtype=dtype))
     kernel = (2 * fc / orig_rate) * torch.sinc(2 * fc * tau) * window
     valid = (index >= 0) & (index < n_in)
     x = waveform.to(dtype)[index.clamp(0, n_in - 1)] * valid
     return (x * kernel).sum(-1).to(waveform.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _polyphase_weight(orig_rate: int, new_rate: int, lowpass_width: int,
+                      rolloff: float) -> tuple[torch.Tensor, int, int]:
+    """``(weight (phases, 1, width), left padding, input period)`` for :func:`resample`."""
+    kernels, offsets, period_in = _polyphase_kernels(orig_rate, new_rate, lowpass_width, rolloff)
+    low = int(offsets.min())
+    width = int(offsets.max()) - low + kernels.shape[1]
+    weight = torch.zeros(kernels.shape[0], 1, width, dtype=torch.float64)
+    for r in range(kernels.shape[0]):
+        start = int(offsets[r]) - low
+        weight[r, 0, start:start + kernels.shape[1]] = kernels[r]
+    return weight, -low, period_in
+
+
+@functools.lru_cache(maxsize=16)
+def _polyphase_kernels(orig_rate: int, new_rate: int, lowpass_width: int,
+                       rolloff: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The windowed-sinc taps of each output phase (the kernel repeats every
+    ``new_rate / gcd`` outputs, shifted by ``orig_rate / gcd`` inputs), computed once per rate
+    pair: ``(kernels (phases, taps), first input offset per phase, input period)``."""
+    g = math.gcd(orig_rate, new_rate)
+    period_out, period_in = new_rate // g, orig_rate // g
+    fc = rolloff * min(orig_rate, new_rate) / 2
+    half_width = lowpass_width / (2 * fc)              # seconds
+    taps = math.ceil(half_width * orig_rate)
+    dtype = torch.float64
+    centre = torch.arange(period_out, dtype=dtype) * (orig_rate / new_rate)   # in input samples
+    first = torch.floor(centre).long() - taps
+    index = first[:, None] + torch.arange(2 * taps + 2)[None, :]
+    tau = (centre[:, None] - index.to(dtype)) / orig_rate                 # seconds
+    hann = torch.cos(math.pi * tau / (2 * half_width)) ** 2
+    window = torch.where(tau.abs() <= half_width, hann, torch.zeros((), dtype=dtype))
+    kernels = (2 * fc / orig_rate) * torch.sinc(2 * fc * tau) * window
+    return kernels, first, period_in
 
 
 def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ TABLE_COLUMNS = (
     "name", "seeds", "gap", "separability", "cone_image", "cone_text", "uniformity_image",
     "logit_scale", "text_retrieval_recall@1", "text_retrieval_map",
     "centering_text_retrieval_map", "invgc_text_retrieval_map", "i2i_native_map", "i2i_oti_map",
-    "t2t_native_map", "t2t_ovi_map", "delta_map", "zeroshot_inter_acc1",
-    "zeroshot_subset_inter_acc1", "zeroshot_subset_intra_acc1",
+    "t2t_native_map", "t2t_ovi_map", "oti_final_cosine", "ovi_final_cosine", "delta_map",
+    "zeroshot_inter_acc1", "zeroshot_subset_inter_acc1", "zeroshot_subset_intra_acc1",
 )
 
 
@@ -24,6 +24,8 @@ def write_report(path: str | Path, records: Sequence[dict[str, Any]], summary: d
                 f"{len(records)} trained spaces, seeds {summary['config']['seeds']}")
     sec = page.section("Verdict")
     sec.paragraph(summary["verdict"])
+    if summary.get("inversion_note"):
+        sec.paragraph(summary["inversion_note"])
     clip_like = summary["clip_like_gap_settings"]
     sec.paragraph("Settings reaching a CLIP-like gap (centroid distance >= 0.5): "
                   + (", ".join(clip_like) if clip_like else "none") + ".")
@@ -43,6 +45,7 @@ def write_report(path: str | Path, records: Sequence[dict[str, Any]], summary: d
     rows = [{k: r.get(k) for k in TABLE_COLUMNS} for r in summary["settings"]]
     page.section("Every setting", intro="Means over seeds (test split). Retrieval mAP over the "
                  "full ranking; i2i: Noto image queries against OpenMoji images; t2t: a "
-                 "concept's name against every other text; delta_map: inverted minus native, "
-                 "averaged over both.").table(rows, TABLE_COLUMNS, digits=3)
+                 "concept's name against every other text; *_final_cosine: how close the inverted "
+                 "features got to their targets; delta_map: inverted minus native, averaged over "
+                 "both.").table(rows, TABLE_COLUMNS, digits=3)
     return page.write(path)

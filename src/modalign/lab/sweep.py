@@ -43,6 +43,7 @@ SUMMARY_METRICS = (
     "i2i_native_map", "i2i_oti_map", "i2i_delta_map", "t2t_native_map", "t2t_ovi_map",
     "t2t_delta_map", "delta_map", "zeroshot_inter_acc1", "centering_zeroshot_inter_acc1",
     "invgc_zeroshot_inter_acc1", "zeroshot_subset_inter_acc1", "zeroshot_subset_intra_acc1",
+    "oti_final_cosine", "ovi_final_cosine",
 )
 
 
@@ -172,7 +173,8 @@ def summarize(records: Sequence[dict[str, Any]], config: LabConfig) -> dict[str,
             continue
         row: dict[str, Any] = {"name": s.name, "setting": s.to_dict(), "seeds": len(runs)}
         for k in SUMMARY_METRICS:
-            vals = [r["metrics"][k] for r in runs if k in r["metrics"]]
+            vals = [{**r["metrics"], **r["inversion"]}[k] for r in runs
+                    if k in r["metrics"] or k in r["inversion"]]
             if vals:
                 row[k] = float(np.mean(vals))
                 row[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
@@ -182,10 +184,18 @@ def summarize(records: Sequence[dict[str, Any]], config: LabConfig) -> dict[str,
         test = trend_test([r["gap"] for r in rows], [r["delta_map"] for r in rows],
                           permutations=config.permutations, bootstrap=config.bootstrap)
     clip_like = [r["name"] for r in rows if r["gap"] >= 0.5]
+    note = None
+    if rows and all("oti_final_cosine" in r and "ovi_final_cosine" in r for r in rows):
+        lo, hi = min(rows, key=lambda r: r["gap"]), max(rows, key=lambda r: r["gap"])
+        note = (f"Inversion quality: mean final cosine to the targets {lo['oti_final_cosine']:.2f} "
+                f"(OTI) / {lo['ovi_final_cosine']:.2f} (OVI) at the smallest gap ({lo['name']}), "
+                f"{hi['oti_final_cosine']:.2f} / {hi['ovi_final_cosine']:.2f} at the largest "
+                f"({hi['name']}).")
     return {
         "schema": SCHEMA, "modalign_version": __version__, "settings": rows,
         "trend": test.to_dict() if test else None, "claim_held": test.held if test else None,
-        "verdict": verdict(test, len(rows)), "clip_like_gap_settings": clip_like,
+        "verdict": verdict(test, len(rows)), "inversion_note": note,
+        "clip_like_gap_settings": clip_like,
         "largest_gap": max(rows, key=lambda r: r["gap"])["name"] if rows else None,
         "smallest_gap": min(rows, key=lambda r: r["gap"])["name"] if rows else None,
         "config": {"seeds": list(config.seeds), **config.training_dict(),
@@ -226,7 +236,8 @@ def run_gap_lab(config: LabConfig, store: EmbeddingStore | str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = SpaceData.load(store, config, towers.encode_text)
-    jobs = [(s, seed) for s in config.settings for seed in config.seeds]
+    # seed-major: an interrupted sweep has every setting at its first seed before any second
+    jobs = [(s, seed) for seed in config.seeds for s in config.settings]
     records = []
     t0 = time.perf_counter()
     bar = tqdm(jobs, unit="run", desc="gap lab", disable=not progress, file=sys.stderr)
