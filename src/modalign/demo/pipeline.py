@@ -38,6 +38,8 @@ class DemoOptions:
             "when espeak-ng is installed and not quick".
         seed: seed of training, inversion and sampling.
         progress: progress bars and stage lines on stderr.
+        configs: built-in training configs to run (``three_modal`` only with speech).
+        limit: keep only the first N concepts (default: all, or 300 when quick).
     """
 
     out: Path = Path("runs/demo")
@@ -46,6 +48,7 @@ class DemoOptions:
     seed: int = 0
     progress: bool = True
     configs: tuple[str, ...] = CONFIGS
+    limit: int | None = None
 
 
 @dataclass
@@ -81,8 +84,10 @@ def _lab_config(quick: bool):
                      shifts=(-0.5, 0.0, 0.5, 1.0), permutations=2000, bootstrap=500)
 
 
-def _train_overrides(quick: bool) -> list[str]:
-    return ["train.epochs=6", "train.batch_size=128", "validate.patience=3"] if quick else []
+def _train_overrides(quick: bool, train_groups: int) -> list[str]:
+    batch = min(128 if quick else 256, train_groups)
+    quick_runs = ["train.epochs=6", "validate.patience=3"] if quick else []
+    return [f"train.batch_size={batch}", *quick_runs]
 
 
 def run_demo(options: DemoOptions | None = None) -> DemoResult:
@@ -98,7 +103,8 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
     speech = opts.speech
     if speech is None:
         speech = bool(shutil.which("espeak-ng")) and not opts.quick
-    emoji_opts = EmojiOptions(limit=QUICK_CONCEPTS if opts.quick else None, speech=speech)
+    limit = opts.limit if opts.limit is not None else (QUICK_CONCEPTS if opts.quick else None)
+    emoji_opts = EmojiOptions(limit=limit, speech=speech)
     with st.timed("data", "Building the emoji dataset: every concept drawn by two artists "
                           "(Noto, OpenMoji), with its names" + (" and speech" if speech else "")):
         ds = build_emoji(emoji_opts, progress=opts.progress)
@@ -117,7 +123,8 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
     with st.timed("train", f"Training {len(configs)} frozen-tower models on cached features "
                            f"({', '.join(configs)})"):
         for name in configs:
-            models[name] = _train(name, store, out, fingerprint, opts)
+            models[name] = _train(name, store, out, fingerprint, opts,
+                                  len(ds.groups("train")))
 
     from modalign.lab.measure import LabTowers, SpaceData
 
@@ -176,12 +183,12 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
 
 
 def _train(name: str, store: EmbeddingStore, out: Path, fingerprint: dict[str, Any],
-           opts: DemoOptions) -> dict[str, Any]:
+           opts: DemoOptions, train_groups: int) -> dict[str, Any]:
     from modalign.train.config import load_config
     from modalign.train.loop import SUMMARY_NAME, train
 
     overrides = [f"data.embeddings={store.path}", f"train.seed={opts.seed}",
-                 *_train_overrides(opts.quick)]
+                 *_train_overrides(opts.quick, train_groups)]
     cfg = load_config(name, overrides)
     cfg.run.name = name
     key = content_hash(cfg.to_dict(), fingerprint, __version__)

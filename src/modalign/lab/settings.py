@@ -8,7 +8,7 @@ measured (inverted queries, inversion steps, shift amounts, bridges).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from modalign.evaluate.zeroshot import DEFAULT_TEMPLATES
@@ -131,7 +131,6 @@ class LabConfig:
     text_views: tuple[str, str] = ("name", "alias")
     permutations: int = 10000
     bootstrap: int = 2000
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.settings:
