@@ -62,18 +62,18 @@ class DemoResult:
 
 
 def _eval_config(quick: bool, seed: int):
+    """How each demo model is measured: the lab's measurement (see ``modalign.lab.measure``)
+    with the official OTI step count; OVI enters the CNN late (see docs/lab.md)."""
     from modalign.lab.settings import GapSetting, LabConfig
 
-    if quick:
-        return LabConfig(settings=(GapSetting(),), seeds=(seed,), inverted_queries=16,
-                         oti_steps=30, ovi_steps=30, shifts=(0.0,), permutations=100,
-                         bootstrap=100)
-    return LabConfig(settings=(GapSetting(),), seeds=(seed,), inverted_queries=96,
-                     oti_steps=150, ovi_steps=150, shifts=(0.0,), permutations=100,
-                     bootstrap=100)
+    return LabConfig(settings=(GapSetting(),), seeds=(seed,),
+                     inverted_queries=16 if quick else 64, oti_steps=30 if quick else 150,
+                     ovi_steps=30 if quick else 100, shifts=(-0.5, 0.0, 0.5, 1.0),
+                     permutations=100, bootstrap=100)
 
 
 def _lab_config(quick: bool):
+    """The lab's quick sweep; in a quick demo, three settings with short inversions."""
     from modalign.lab.settings import GapSetting, LabConfig, quick_config
 
     if not quick:
@@ -128,15 +128,15 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
 
     from modalign.lab.measure import LabTowers, SpaceData
 
+    eval_cfg = _eval_config(opts.quick, opts.seed)
     towers = LabTowers.from_specs({m: specs[m] for m in ("image", "text")},
-                                  ovi_stage=_eval_config(opts.quick, opts.seed).ovi_stage)
+                                  ovi_stage=eval_cfg.ovi_stage, ovi_tokens=eval_cfg.ovi_tokens)
     for name, info in models.items():
         key = {"weights": info["weights_hash"], "version": __version__}
         info["diagnosis"] = st.run(
             f"diagnose-{name}", f"Diagnosing the geometry of {name} (test split)", key,
             lambda info=info: _diagnose(info, store, opts.seed))
 
-    eval_cfg = _eval_config(opts.quick, opts.seed)
     data = None
     for name, info in models.items():
         key = {"weights": info["weights_hash"], "eval": eval_cfg.measuring_dict(),
@@ -192,6 +192,7 @@ def _train(name: str, store: EmbeddingStore, out: Path, fingerprint: dict[str, A
     cfg = load_config(name, overrides)
     cfg.run.name = name
     key = content_hash(cfg.to_dict(), fingerprint, __version__)
+    cfg.train.progress = opts.progress
     run_dir = out / "models" / f"{name}-{key}"
     if (run_dir / SUMMARY_NAME).exists():
         summary = read_json(run_dir / SUMMARY_NAME)
@@ -217,10 +218,11 @@ def _diagnose(info: dict[str, Any], store: EmbeddingStore, seed: int) -> dict[st
 
     joint = _joint_test(info, store)
     model = MultiTowerModel.from_pretrained(info["model_dir"])
+    shared = len(set(joint["image"].group_ids().tolist()) & set(joint["text"].group_ids().tolist()))
     return diagnose({m: np.asarray(e.vectors) for m, e in joint.items()},
                     groups={m: e.group_ids() for m, e in joint.items()},
-                    logit_scale=float(model.logit_scale),
-                    options=DiagnoseOptions(seed=seed))
+                    logit_scale=float(model.logit_scale.detach()),
+                    options=DiagnoseOptions(seed=seed, k=max(1, min(10, shared - 2))))
 
 
 def _evaluate(name: str, info: dict[str, Any], store: EmbeddingStore, data: Any, cfg: Any,
@@ -238,8 +240,7 @@ def _evaluate(name: str, info: dict[str, Any], store: EmbeddingStore, data: Any,
         joint = _joint_test(info, store, ("audio", "text"))
         r = cross_modal_retrieval(joint, ("audio", "text"), k_values=(1, 5))
         metrics["audio_to_text_recall@1"] = r.metrics["text_retrieval_recall@1"]
-        metrics["text_to_audio_recall@1"] = r.metrics["image_retrieval_recall@1"] \
-            if "image_retrieval_recall@1" in r.metrics else float("nan")
+        metrics["text_to_audio_recall@1"] = r.metrics["audio_retrieval_recall@1"]
     record = make_record(dataset="emoji", split="test", model=name, task="demo-suite",
                          protocol={"inverted_queries": cfg.inverted_queries,
                                    "oti_steps": cfg.oti_steps, "ovi_steps": cfg.ovi_steps,
@@ -256,18 +257,18 @@ def _evaluate(name: str, info: dict[str, Any], store: EmbeddingStore, data: Any,
 def _gallery(model: Any, store: EmbeddingStore, towers: Any, cfg: Any, root: Path | None,
              n_queries: int, seed: int) -> dict[str, Any]:
     """Top-5 OpenMoji results of a few Noto queries: native image query vs its OTI feature."""
-    from modalign.lab.measure import _invert as invert_queries  # TODO public name
+    from modalign.lab.measure import invert_queries
 
     img = store.load("image", split="test")
     qv, gv = cfg.image_views
-    q_rows = [i for i, it in enumerate(img.items) if it["view"] == qv][:: max(1, 1)]
+    q_rows = [i for i, it in enumerate(img.items) if it["view"] == qv]
     g_rows = np.array([i for i, it in enumerate(img.items) if it["view"] == gv])
     rng = np.random.default_rng(seed)
     q_rows = sorted(rng.choice(q_rows, size=min(n_queries, len(q_rows)), replace=False).tolist())
     joint = torch.from_numpy(model.project_array("image", img.vectors))
     ids = [img.items[i]["id"] for i in q_rows]
     inverted, cosines = invert_queries(model, towers, "text", joint[q_rows], ids, cfg.oti_steps,
-                                       cfg, seed)
+                                       cfg.oti_lr, seed)
     gallery = F.normalize(joint[g_rows], dim=-1)
 
     def top(q: torch.Tensor) -> list[dict[str, Any]]:

@@ -67,9 +67,11 @@ def conclusions(models: Mapping[str, Mapping[str, Any]], lab_verdict: str) -> li
     gaps = {n: g for n, g in gaps.items() if not math.isnan(g)}
     if gaps:
         lo, hi = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
+        scale = ("every model here has a small gap" if gaps[hi] < 0.5 else
+                 "some model here reaches a CLIP-like gap" if gaps[lo] < 0.5 else
+                 "every model here has a CLIP-like gap")
         out.append(f"The smallest modality gap is {lo}'s ({gaps[lo]:.3f}) and the largest "
-                   f"{hi}'s ({gaps[hi]:.3f}); CLIP-scale models sit near 0.8, so every model "
-                   "here has a small gap.")
+                   f"{hi}'s ({gaps[hi]:.3f}); CLIP-scale models sit near 0.8, so {scale}.")
         best = max(models, key=lambda n: _m(models[n], "text_retrieval_recall@1"))
         out.append(f"{best} retrieves best across modalities: image->text R@1 "
                    f"{_m(models[best], 'text_retrieval_recall@1'):.3f}, text->image R@1 "
@@ -166,6 +168,7 @@ def write_demo_report(out: Path, models: Mapping[str, Mapping[str, Any]], lab: A
             row[label] = _m(info, key)
         if "audio_to_text_recall@1" in info.get("evaluation", {}).get("metrics", {}):
             row["audio->text R@1"] = _m(info, "audio_to_text_recall@1")
+            row["text->audio R@1"] = _m(info, "text_to_audio_recall@1")
         rows.append(row)
     sec.table(rows, digits=3)
     sec.paragraph("; ".join(f"{label}: {text}" for label, _, text in COLUMNS), note=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ class Stages:
     def run(self, name: str, explanation: str, key: Any, fn: Callable[[], T]) -> T:
         """Run ``fn`` unless the stage ``name`` already finished with the same ``key``."""
         path = self.dir / f"{name}.json"
+        key = json.loads(json.dumps(key, sort_keys=True, default=str))  # as it reads back
         if path.exists():
             cached = read_json(path)
             if cached.get("key") == key:

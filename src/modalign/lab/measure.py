@@ -176,7 +176,7 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     m["cone_text"] = mean_pairwise_cosine(txt.numpy())
     m["uniformity_image"] = uniformity(img.numpy())
     m["uniformity_text"] = uniformity(txt.numpy())
-    m["logit_scale"] = float(model.logit_scale)
+    m["logit_scale"] = float(model.logit_scale.detach())
 
     def retrieval(prefix: str, bridges: Sequence[str] = ()) -> None:
         r = cross_modal_retrieval(test, MODALITIES, k_values=(1, 5), bridges=bridges,
@@ -203,13 +203,15 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     note("OTI image -> text")
     inv: dict[str, Any] = {}
     q_img = data.image_queries
-    oti = _invert(model, towers, "text", img[q_img], [test["image"].items[i]["id"] for i in q_img],
-                  config.oti_steps, config.oti_lr, seed)
+    oti = invert_queries(model, towers, "text", img[q_img],
+                         [test["image"].items[i]["id"] for i in q_img],
+                         config.oti_steps, config.oti_lr, seed)
     inv["oti_final_cosine"] = float(oti[1].mean())
     note("OVI text -> image")
     q_txt = data.text_queries
-    ovi = _invert(model, towers, "image", txt[q_txt], [test["text"].items[i]["id"] for i in q_txt],
-                  config.ovi_steps, config.ovi_lr, seed)
+    ovi = invert_queries(model, towers, "image", txt[q_txt],
+                         [test["text"].items[i]["id"] for i in q_txt],
+                         config.ovi_steps, config.ovi_lr, seed)
     inv["ovi_final_cosine"] = float(ovi[1].mean())
     inversion_seconds = time.perf_counter() - t1
 
@@ -252,9 +254,10 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
             "seconds": {"evaluate": eval_seconds, "invert": inversion_seconds}}
 
 
-def _invert(model: MultiTowerModel, towers: LabTowers, modality: str, targets: Tensor,
-            keys: list[str], steps: int, lr: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Joint-space features of ``modality`` matching ``targets`` and their final cosines."""
+def invert_queries(model: MultiTowerModel, towers: LabTowers, modality: str, targets: Tensor,
+                   keys: list[str], steps: int, lr: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Joint-space features of ``modality`` matching ``targets`` (unit joint embeddings of the
+    other modality) through the frozen tower and the model's head, and their final cosines."""
     def to_joint(features: Tensor) -> Tensor:
         return model.project(modality, features)
 

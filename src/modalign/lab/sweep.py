@@ -92,8 +92,13 @@ def run_key(setting: GapSetting, seed: int, config: LabConfig, fingerprint: dict
 
 def training_config(setting: GapSetting, seed: int, config: LabConfig, store: EmbeddingStore,
                     towers: dict[str, str], *, progress: bool = False) -> TrainConfig:
-    """The :class:`~modalign.train.config.TrainConfig` that trains ``setting`` with ``seed``."""
+    """The :class:`~modalign.train.config.TrainConfig` that trains ``setting`` with ``seed``.
+
+    The batch is ``config.batch_size``, or every training group when the split has fewer.
+    """
     sections = setting.train_sections()
+    train_groups = len(set(store.load("image", split=config.bank_split).group_ids().tolist()))
+    batch_size = max(2, min(config.batch_size, train_groups))
     model = {"towers": dict(towers), "joint_dim": config.joint_dim, **sections["model"]}
     return TrainConfig.from_dict({
         "data": {"embeddings": str(store.path), "keys": ["image", "text"],
@@ -103,7 +108,7 @@ def training_config(setting: GapSetting, seed: int, config: LabConfig, store: Em
         "objectives": sections["objectives"],
         "optim": {"lr": config.lr, "weight_decay": config.weight_decay,
                   "warmup_steps": config.warmup_steps},
-        "train": {**sections["train"], "batch_size": config.batch_size, "seed": seed,
+        "train": {**sections["train"], "batch_size": batch_size, "seed": seed,
                   "device": "cpu", "keep_checkpoints": 1, "progress": progress},
         "validate": {"metric": "i2t_r1", "patience": 0},
     })

@@ -31,7 +31,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -232,42 +232,29 @@ def clip_loss(
     return LossOutput((x2y + y2x) / 2, {f"{a}->{b}": x2y, f"{b}->{a}": y2x})
 
 
-@register_loss("clip")
-class ClipLoss(ScaledLoss):
-    """CLIP symmetric InfoNCE on two modalities with a learnable log logit scale.
+class PairLogitLoss(ScaledLoss):
+    """Two-modality loss module on the logits ``t X Y^T + b`` (shared by CLIP and SigLIP).
 
-    Args:
-        modalities: the two embedding keys, e.g. ``["image", "text"]``.
-        init_logit_scale: initial log logit scale (default log(1/0.07) = 2.659).
-        learnable_scale: learn the scale (False: fixed temperature).
-        init_logit_bias: initial bias of the logits, or None (default) for none.
-        scale_bounds: clamp range of the log scale applied by :meth:`clamp_` (default [0, log 100]).
-        normalize: L2-normalise the embeddings inside the loss (default True).
-        impl: ``"auto"``, ``"full"`` or ``"tiled"``; tile_size: rows per tile.
-        gather: :class:`GatherGrad` used when a multi-rank process group is initialised
-            (default GLOBAL, the exact one), or None to never gather.
-
-    Examples:
-        >>> import torch
-        >>> loss = ClipLoss(["image", "text"], impl="tiled", tile_size=3)
-        >>> out = loss({"image": torch.randn(5, 4), "text": torch.randn(5, 4)})
-        >>> sorted(out.parts)
-        ['image->text', 'text->image']
+    It validates ``impl``, keeps the normalisation / implementation / gather settings and calls
+    :attr:`pair_loss` (a pure function with the signature of :func:`clip_loss`) on the selected
+    pair. Subclasses set :attr:`pair_loss` and declare their own defaults in ``__init__``.
     """
+
+    pair_loss: Callable[..., LossOutput]
 
     def __init__(
         self,
         modalities: Sequence[str],
         *,
-        init_logit_scale: float = math.log(1 / 0.07),
-        learnable_scale: bool = True,
-        init_logit_bias: float | None = None,
-        learnable_bias: bool = True,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
-        normalize: bool = True,
-        impl: Impl = "auto",
-        tile_size: int | None = None,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+        init_logit_scale: float,
+        learnable_scale: bool,
+        init_logit_bias: float | None,
+        learnable_bias: bool,
+        scale_bounds: tuple[float, float],
+        normalize: bool,
+        impl: Impl,
+        tile_size: int | None,
+        gather: GatherGrad | str | None,
     ) -> None:
         super().__init__(
             modalities,
@@ -292,7 +279,7 @@ class ClipLoss(ScaledLoss):
         indices: Tensor | None = None,
     ) -> LossOutput:
         x, y = self.select(embeddings)
-        return clip_loss(
+        return self.pair_loss(
             x,
             y,
             self.logit_scale(),
@@ -303,4 +290,57 @@ class ClipLoss(ScaledLoss):
             tile_size=self.tile_size,
             gather=self.gather,
             names=self.modalities,
+        )
+
+
+@register_loss("clip")
+class ClipLoss(PairLogitLoss):
+    """CLIP symmetric InfoNCE on two modalities with a learnable log logit scale.
+
+    Args:
+        modalities: the two embedding keys, e.g. ``["image", "text"]``.
+        init_logit_scale: initial log logit scale (default log(1/0.07) = 2.659).
+        learnable_scale: learn the scale (False: fixed temperature).
+        init_logit_bias: initial bias of the logits, or None (default) for none.
+        scale_bounds: clamp range of the log scale applied by :meth:`clamp_` (default [0, log 100]).
+        normalize: L2-normalise the embeddings inside the loss (default True).
+        impl: ``"auto"``, ``"full"`` or ``"tiled"``; tile_size: rows per tile.
+        gather: :class:`GatherGrad` used when a multi-rank process group is initialised
+            (default GLOBAL, the exact one), or None to never gather.
+
+    Examples:
+        >>> import torch
+        >>> loss = ClipLoss(["image", "text"], impl="tiled", tile_size=3)
+        >>> out = loss({"image": torch.randn(5, 4), "text": torch.randn(5, 4)})
+        >>> sorted(out.parts)
+        ['image->text', 'text->image']
+    """
+
+    pair_loss = staticmethod(clip_loss)
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        *,
+        init_logit_scale: float = math.log(1 / 0.07),
+        learnable_scale: bool = True,
+        init_logit_bias: float | None = None,
+        learnable_bias: bool = True,
+        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
+        normalize: bool = True,
+        impl: Impl = "auto",
+        tile_size: int | None = None,
+        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+    ) -> None:
+        super().__init__(
+            modalities,
+            init_logit_scale=init_logit_scale,
+            learnable_scale=learnable_scale,
+            init_logit_bias=init_logit_bias,
+            learnable_bias=learnable_bias,
+            scale_bounds=scale_bounds,
+            normalize=normalize,
+            impl=impl,
+            tile_size=tile_size,
+            gather=gather,
         )

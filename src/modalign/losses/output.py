@@ -13,7 +13,8 @@ class LossOutput:
 
     Examples:
         >>> import torch
-        >>> out = LossOutput(torch.tensor(1.5), {"i2t": torch.tensor(1.0), "t2i": torch.tensor(2.0)})
+        >>> parts = {"i2t": torch.tensor(1.0), "t2i": torch.tensor(2.0)}
+        >>> out = LossOutput(torch.tensor(1.5), parts)
         >>> float(out.loss), sorted(out.parts)
         (1.5, ['i2t', 't2i'])
     """

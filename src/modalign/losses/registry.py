@@ -26,7 +26,8 @@ def register_loss(name: str) -> Callable[[T], T]:
 
     def deco(cls: T) -> T:
         if name in _LOSSES and _LOSSES[name] is not cls:
-            raise ValueError(f"loss name {name!r} is already registered by {_LOSSES[name].__name__}")
+            owner = _LOSSES[name].__name__
+            raise ValueError(f"loss name {name!r} is already registered by {owner}")
         _LOSSES[name] = cls
         return cls
 

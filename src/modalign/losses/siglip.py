@@ -24,7 +24,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +36,9 @@ from modalign.distributed.gather import (
     all_sizes,
     gather_with_grad,
     get_world_size,
-    parse_gather,
 )
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
-from modalign.losses.clip import Impl, prepare_pair, use_tiled
+from modalign.losses.base import DEFAULT_SCALE_BOUNDS
+from modalign.losses.clip import Impl, PairLogitLoss, prepare_pair, use_tiled
 from modalign.losses.groups import same_group_sums
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -128,7 +127,7 @@ def siglip_loss(
 
 
 @register_loss("siglip")
-class SigLipLoss(ScaledLoss):
+class SigLipLoss(PairLogitLoss):
     """SigLIP sigmoid loss with learnable log scale (init log 10) and bias (init -10).
 
     Args:
@@ -144,6 +143,8 @@ class SigLipLoss(ScaledLoss):
         >>> float(loss.logit_bias.detach()), round(float(loss.logit_scale().detach()), 3)
         (-10.0, 10.0)
     """
+
+    pair_loss = staticmethod(siglip_loss)
 
     def __init__(
         self,
@@ -161,36 +162,13 @@ class SigLipLoss(ScaledLoss):
     ) -> None:
         super().__init__(
             modalities,
-            n_modalities=2,
             init_logit_scale=init_logit_scale,
             learnable_scale=learnable_scale,
             init_logit_bias=init_logit_bias,
             learnable_bias=learnable_bias,
             scale_bounds=scale_bounds,
-        )
-        use_tiled(impl, 0, 0)
-        self.normalize = normalize
-        self.impl: Impl = impl
-        self.tile_size = tile_size
-        self.gather = parse_gather(gather)
-
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
-    ) -> LossOutput:
-        x, y = self.select(embeddings)
-        return siglip_loss(
-            x,
-            y,
-            self.logit_scale(),
-            self.logit_bias,
-            groups=groups,
-            normalize=self.normalize,
-            impl=self.impl,
-            tile_size=self.tile_size,
-            gather=self.gather,
-            names=self.modalities,
+            normalize=normalize,
+            impl=impl,
+            tile_size=tile_size,
+            gather=gather,
         )

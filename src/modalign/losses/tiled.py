@@ -141,6 +141,18 @@ def _tiles(n: int, tile_size: int) -> range:
     return range(0, n, tile_size)
 
 
+def _tile_logits(
+    buffer: Tensor, x: Tensor, yt: Tensor, scale: Tensor, i0: int, i1: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``scale x[i0:i1] y^T (+ bias)`` written into the first ``i1 - i0`` rows of ``buffer``."""
+    s = buffer[: i1 - i0]
+    torch.mm(x[i0:i1] * scale, yt, out=s)
+    if bias is not None:
+        s.add_(bias)
+    return s
+
+
 def _target_logits(a: Tensor, b: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
     """``scale * a_i . b_{targets[i]}`` for every row i (no bias: it cancels in a cross-entropy)."""
     return (a * b.index_select(0, targets)).sum(dim=1) * scale
@@ -184,8 +196,7 @@ class _TiledLogSumExp(torch.autograd.Function):
         col_off = x.new_zeros(m if col_shift is not None else 0)
         for i0 in _tiles(n, tile):
             i1 = min(n, i0 + tile)
-            s = logits[: i1 - i0]
-            torch.mm(x[i0:i1] * scale, yt, out=s)
+            s = _tile_logits(logits, x, yt, scale, i0, i1)
             if row_shift is not None and row_targets is not None:
                 picked = s.gather(1, row_targets[i0:i1, None]).squeeze(1)
                 row_off[i0:i1] = picked - row_shift[i0:i1]
@@ -262,8 +273,7 @@ class _TiledLogSumExp(torch.autograd.Function):
             work = x.new_empty((tile, m)) if (use_rows and use_cols) else logits
             for i0 in _tiles(n, tile):
                 i1 = min(n, i0 + tile)
-                s = logits[: i1 - i0]
-                torch.mm(x[i0:i1] * scale, yt, out=s)
+                s = _tile_logits(logits, x, yt, scale, i0, i1)
                 g = s
                 if use_rows:
                     assert row_shift is not None and grad_rows is not None
@@ -317,10 +327,7 @@ class _TiledSoftplusSum(torch.autograd.Function):
         total = x.new_zeros(())
         for i0 in _tiles(n, tile):
             i1 = min(n, i0 + tile)
-            s = logits[: i1 - i0]
-            torch.mm(x[i0:i1] * scale, yt, out=s)
-            if bias is not None:
-                s.add_(bias)
+            s = _tile_logits(logits, x, yt, scale, i0, i1, bias)
             total += torch.nn.functional.softplus(s, threshold=SOFTPLUS_THRESHOLD).sum()
         ctx.save_for_backward(x, y, scale, bias)
         ctx.tile = tile
@@ -338,10 +345,7 @@ class _TiledSoftplusSum(torch.autograd.Function):
         yt = y.t()
         for i0 in _tiles(n, tile):
             i1 = min(n, i0 + tile)
-            s = logits[: i1 - i0]
-            torch.mm(x[i0:i1] * scale, yt, out=s)
-            if bias is not None:
-                s.add_(bias)
+            s = _tile_logits(logits, x, yt, scale, i0, i1, bias)
             s.sigmoid_()  # d softplus(s) / ds
             sig_sum += s.sum()
             torch.mm(s, y, out=gx[i0:i1])

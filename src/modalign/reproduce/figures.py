@@ -22,6 +22,7 @@ Examples:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 HZ_SOURCE = ("Herzog & Wang, CVPR 2026 (arXiv 2603.16100), Table 3: image-to-image mAP following "
              "Cross the Gap (Mistretta et al., ICLR 2025)")
@@ -38,11 +39,24 @@ I2I_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 _ORDER = [k for k, _ in I2I_COLUMNS[:13]]
+_GAP_METRICS = ("mean_positive_cosine", "linear_separability", "centroid_distance",
+                "image_to_text_r@1", "text_to_image_r@1")
+
+
+def _named(keys: Sequence[str], values: str) -> dict[str, float]:
+    """The space-separated numbers of ``values`` keyed by ``keys``, in order."""
+    nums = [float(v) for v in values.split()]
+    return dict(zip(keys, nums, strict=True))
 
 
 def _row(values: str) -> dict[str, float]:
-    nums = [float(v) for v in values.split()]
-    return dict(zip(_ORDER, nums, strict=True))
+    """One row of the published image-to-image table (the first 13 columns of I2I_COLUMNS)."""
+    return _named(_ORDER, values)
+
+
+def _gap_metrics(values: str) -> dict[str, float]:
+    """One (projection dim, loss) entry of the contrastive-gap metrics (see _GAP_METRICS)."""
+    return _named(_GAP_METRICS, values)
 
 
 CROSS_THE_GAP_I2I: dict[str, dict[str, dict[str, float]]] = {
@@ -69,35 +83,18 @@ CROSS_THE_GAP_I2I_AVG: dict[str, dict[str, float]] = {
     "SigLIP B/16": {"Orig": 57.2, "OTI": 60.0}, "SLIP B/16": {"Orig": 35.6, "OTI": 35.7},
 }
 
-# (projection dim, loss) -> metric, from the contrastive-gap repository's gap_metrics.json.
+# (projection dim, loss) -> metric, from the contrastive-gap repository's gap_metrics.json;
+# the numbers follow the order of _GAP_METRICS.
 CONTRASTIVE_GAP: dict[tuple[int, str], dict[str, float]] = {
-    (128, "CLIP"): {"mean_positive_cosine": 0.567, "linear_separability": 1.000,
-                    "centroid_distance": 0.661, "image_to_text_r@1": 0.276,
-                    "text_to_image_r@1": 0.268},
-    (128, "CUA"): {"mean_positive_cosine": 0.728, "linear_separability": 0.726,
-                   "centroid_distance": 0.082, "image_to_text_r@1": 0.258,
-                   "text_to_image_r@1": 0.254},
-    (128, "CUAXU"): {"mean_positive_cosine": 0.637, "linear_separability": 0.817,
-                     "centroid_distance": 0.127, "image_to_text_r@1": 0.267,
-                     "text_to_image_r@1": 0.269},
-    (64, "CLIP"): {"mean_positive_cosine": 0.825, "linear_separability": 1.000,
-                   "centroid_distance": 0.314, "image_to_text_r@1": 0.259,
-                   "text_to_image_r@1": 0.255},
-    (64, "CUA"): {"mean_positive_cosine": 0.773, "linear_separability": 0.648,
-                  "centroid_distance": 0.068, "image_to_text_r@1": 0.251,
-                  "text_to_image_r@1": 0.245},
-    (64, "CUAXU"): {"mean_positive_cosine": 0.694, "linear_separability": 0.769,
-                    "centroid_distance": 0.136, "image_to_text_r@1": 0.259,
-                    "text_to_image_r@1": 0.250},
-    (32, "CLIP"): {"mean_positive_cosine": 0.909, "linear_separability": 0.782,
-                   "centroid_distance": 0.104, "image_to_text_r@1": 0.238,
-                   "text_to_image_r@1": 0.241},
-    (32, "CUA"): {"mean_positive_cosine": 0.813, "linear_separability": 0.586,
-                  "centroid_distance": 0.068, "image_to_text_r@1": 0.235,
-                  "text_to_image_r@1": 0.229},
-    (32, "CUAXU"): {"mean_positive_cosine": 0.758, "linear_separability": 0.682,
-                    "centroid_distance": 0.122, "image_to_text_r@1": 0.238,
-                    "text_to_image_r@1": 0.240},
+    (128, "CLIP"): _gap_metrics("0.567 1.000 0.661 0.276 0.268"),
+    (128, "CUA"): _gap_metrics("0.728 0.726 0.082 0.258 0.254"),
+    (128, "CUAXU"): _gap_metrics("0.637 0.817 0.127 0.267 0.269"),
+    (64, "CLIP"): _gap_metrics("0.825 1.000 0.314 0.259 0.255"),
+    (64, "CUA"): _gap_metrics("0.773 0.648 0.068 0.251 0.245"),
+    (64, "CUAXU"): _gap_metrics("0.694 0.769 0.136 0.259 0.250"),
+    (32, "CLIP"): _gap_metrics("0.909 0.782 0.104 0.238 0.241"),
+    (32, "CUA"): _gap_metrics("0.813 0.586 0.068 0.235 0.229"),
+    (32, "CUAXU"): _gap_metrics("0.758 0.682 0.122 0.238 0.240"),
 }
 
 _PAPER_MODELS: tuple[tuple[str, str], ...] = (

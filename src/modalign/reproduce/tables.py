@@ -55,6 +55,17 @@ def _section(title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
     return "\n".join([f"### {title}", "", markdown_table(header, rows), "", *notes, ""])
 
 
+def _our_rows(records: Sequence[Record], model_label: str, cols: Sequence[tuple[str, str]],
+              task: str, key: str, methods: Sequence[tuple[str, str]]) -> list[list[str]]:
+    """One row of our ``key`` per (method, label) with a value in some column, plus its Avg."""
+    rows = []
+    for method, label in methods:
+        vals = [_metric(records, k, task, method, key) for k, _ in cols]
+        if any(v is not None for v in vals):
+            rows.append([f"{model_label} (ours)", label, *map(_cell, vals), _cell(_avg(vals))])
+    return rows
+
+
 def cross_the_gap_tables(records: Sequence[Record], model_label: str,
                          paper_model: str | None) -> str:
     """The three Cross the Gap tables (image->image mAP, text->text mAP, zero-shot accuracy)."""
@@ -62,11 +73,8 @@ def cross_the_gap_tables(records: Sequence[Record], model_label: str,
     parts = []
     cols = [(k, name) for k, name in I2I_COLUMNS if k in present]
     if cols:
-        rows = []
-        for method, label in (("native", "Orig"), ("oti", "OTI")):
-            vals = [_metric(records, k, "image-to-image", method, "map") for k, _ in cols]
-            if any(v is not None for v in vals):
-                rows.append([f"{model_label} (ours)", label, *map(_cell, vals), _cell(_avg(vals))])
+        rows = _our_rows(records, model_label, cols, "image-to-image", "map",
+                         (("native", "Orig"), ("oti", "OTI")))
         if paper_model in CROSS_THE_GAP_I2I:
             for label in ("Orig", "OTI"):
                 published = CROSS_THE_GAP_I2I[paper_model][label]
@@ -82,11 +90,8 @@ def cross_the_gap_tables(records: Sequence[Record], model_label: str,
                               ["Model", "Method", *(n for _, n in cols), "Avg"], rows, notes))
     tcols = [(k, name) for k, name in TEXT_COLUMNS if k in present]
     if tcols:
-        rows = []
-        for method, label in (("native", "Orig"), ("ovi", "OVI")):
-            vals = [_metric(records, k, "text-to-text", method, "map") for k, _ in tcols]
-            if any(v is not None for v in vals):
-                rows.append([f"{model_label} (ours)", label, *map(_cell, vals), _cell(_avg(vals))])
+        rows = _our_rows(records, model_label, tcols, "text-to-text", "map",
+                         (("native", "Orig"), ("ovi", "OVI")))
         parts.append(_section(
             "Text-to-text retrieval (mAP): native vs OVI queries",
             ["Model", "Method", *(n for _, n in tcols), "Avg"], rows,
@@ -95,13 +100,10 @@ def cross_the_gap_tables(records: Sequence[Record], model_label: str,
     zcols = [(k, name) for k, name in I2I_COLUMNS
              if any(r["dataset"] == k and r["task"] == "zero-shot" for r in records)]
     if zcols:
-        rows = []
-        for method, label in (("native", "image vs text prompts (inter-modal)"),
-                              ("oti", "OTI image vs text prompts (text-text)"),
-                              ("ovi", "image vs OVI prompts (image-image)")):
-            vals = [_metric(records, k, "zero-shot", method, "acc1") for k, _ in zcols]
-            if any(v is not None for v in vals):
-                rows.append([f"{model_label} (ours)", label, *map(_cell, vals), _cell(_avg(vals))])
+        rows = _our_rows(records, model_label, zcols, "zero-shot", "acc1",
+                         (("native", "image vs text prompts (inter-modal)"),
+                          ("oti", "OTI image vs text prompts (text-text)"),
+                          ("ovi", "image vs OVI prompts (image-image)")))
         parts.append(_section(
             "Zero-shot classification (top-1 accuracy): inter- vs intra-modal",
             ["Model", "Classifier", *(n for _, n in zcols), "Avg"], rows,
