@@ -33,6 +33,7 @@ def test_conclusions_follow_the_numbers():
     text = " ".join(conclusions(flipped, ""))
     assert "every model here has a small gap" in text
     assert "Inversion (OTI) does not help" in text and "Inversion (OVI) helps" in text
+    assert "inter-modal wins" in text
 
 
 def test_terminal_table_lists_every_model_and_missing_values():

@@ -98,10 +98,12 @@ def conclusions(models: Mapping[str, Mapping[str, Any]], lab_verdict: str) -> li
     if zs:
         inter = sum(v[0] for v in zs.values()) / len(zs)
         intra = sum(v[1] for v in zs.values()) / len(zs)
-        out.append(f"Zero-shot subgroup classification is {'better' if inter >= intra else 'worse'}"
-                   f" done inter-modally (acc@1 {inter:.3f}, images against class prompts) than "
-                   f"intra-modally ({intra:.3f}, OTI features against the same prompts), "
-                   "averaged over the models.")
+        better = ("inter-modal wins" if inter > intra else
+                  "intra-modal wins" if intra > inter else "they tie")
+        out.append(f"Zero-shot subgroup classification of the inverted query images: inter-modal "
+                   f"acc@1 {inter:.3f} (image features against class prompts) vs intra-modal "
+                   f"{intra:.3f} (their OTI text features against the same prompts), averaged "
+                   f"over the models: {better}.")
     for bridge in ("centering", "invgc"):
         d = {n: _m(i, f"{bridge}_text_retrieval_recall@1") - _m(i, "text_retrieval_recall@1")
              for n, i in models.items()}
