@@ -233,8 +233,9 @@ def test_bad_inputs_raise_value_errors(tmp_path, tower):
 def test_polyphase_resampling_equals_the_direct_computation(rates):
     from modalign.encoders.logmel import _resample_direct, resample
 
-    x = torch.randn(3001, dtype=torch.float64)
+    x = torch.randn(3001, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     fast = resample(x, *rates)
     direct = _resample_direct(x, *rates, 16, 0.99)
     assert fast.shape == direct.shape
-    torch.testing.assert_close(fast, direct, rtol=0, atol=1e-12)
+    # same taps, summed in another order: float64 rounding only
+    torch.testing.assert_close(fast, direct, rtol=0, atol=1e-10)
