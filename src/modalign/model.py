@@ -313,7 +313,7 @@ class MultiTowerModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = [self.project(key, torch.as_tensor(np.asarray(features[i:i + batch_size])))
+            out = [self.project(key, _as_batch(features[i:i + batch_size]))
                    .float().cpu().numpy() for i in range(0, len(features), batch_size)]
         finally:
             self.train(was_training)
@@ -454,3 +454,10 @@ class MultiTowerModel(nn.Module):
             raise ValueError(f"{root / WEIGHTS_NAME} does not match its config: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
         return model.to(map_location)
+
+
+def _as_batch(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor of ``rows``; numpy rows (possibly a read-only memory map) are copied."""
+    if isinstance(rows, torch.Tensor):
+        return rows
+    return torch.from_numpy(np.array(rows, dtype=np.float32))
