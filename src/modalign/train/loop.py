@@ -82,7 +82,7 @@ def tower_specs(config: TrainConfig, store: EmbeddingStore) -> dict[str, str]:
 
 def resolve_store(config: TrainConfig, ctx: D.DistContext | None = None) -> EmbeddingStore:
     """The store of ``data.embeddings``; else the default store of ``data.dataset`` and the
-    configured towers, encoded first where a modality is missing (by rank 0)."""
+    configured towers, brought up to date by rank 0 (missing or stale arrays are encoded)."""
     if config.data.embeddings:
         path = Path(config.data.embeddings)
         if not (path / "manifest.json").is_file():
@@ -105,9 +105,9 @@ def resolve_store(config: TrainConfig, ctx: D.DistContext | None = None) -> Embe
                          f"default tower for them; it has {ds.modalities}")
     path = default_store_dir(ds, specs)
     store = EmbeddingStore(path)
-    todo = [m for m in specs if m not in store.arrays]
-    if todo and (ctx is None or ctx.is_main):
-        embed_dataset(ds, {m: _load_tower(specs[m], m) for m in todo}, path, progress=True)
+    if ctx is None or ctx.is_main:
+        # embed_dataset re-encodes an array whose inputs or tower changed and reuses the rest
+        embed_dataset(ds, {m: _load_tower(specs[m], m) for m in specs}, path, progress=True)
     if ctx is not None:
         D.barrier(ctx)
     return store
