@@ -161,13 +161,15 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
         lab = run_gap_lab(lab_cfg, store, out / "lab", towers=towers, progress=opts.progress)
 
     first = next(iter(models.values()))
-    with st.timed("gallery", "Picking a few queries to show their top results native vs "
-                             "inverted"):
-        from modalign.model import MultiTowerModel
+    from modalign.model import MultiTowerModel
 
-        gallery = _gallery(MultiTowerModel.from_pretrained(first["model_dir"]), store, towers,
-                           eval_cfg, ds.root, n_queries=4, seed=opts.seed)
-        gallery["model"] = first["name"]
+    gallery = st.run(
+        "gallery", "Picking a few queries to show their top results native vs inverted",
+        {"weights": first["weights_hash"], "eval": eval_cfg.measuring_dict(), "seed": opts.seed,
+         "version": __version__},
+        lambda: {**_gallery(MultiTowerModel.from_pretrained(first["model_dir"]), store, towers,
+                            eval_cfg, ds.root, n_queries=4, seed=opts.seed),
+                 "model": first["name"]})
     with st.timed("report", "Writing the report"):
         st.times.setdefault("report", 0.0)
         report = write_demo_report(out, models, lab, gallery, st.times, st.cached,

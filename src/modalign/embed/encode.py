@@ -23,7 +23,9 @@ FILE_MODALITIES = ("image", "audio")
 STORE_FORMAT = 2  # bump when the rows or arrays written for the same inputs change
 
 
-def _input_of(ds: PairedDataset, item: Item) -> Any:
+def raw_input(ds: PairedDataset, item: Item) -> Any:
+    """What a tower's ``preprocess`` takes for ``item``: a file path (images, audio, files of a
+    user's own modality) or the text."""
     if item.modality in FILE_MODALITIES:
         return str(ds.resolve(item))
     p = ds.resolve(item) if item.modality != "text" else None
@@ -114,7 +116,7 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
         with torch.inference_mode():
             for start in range(done, len(items), batch_size):
                 chunk = items[start:start + batch_size]
-                batch = enc.preprocess([_input_of(dataset, it) for it in chunk])
+                batch = enc.preprocess([raw_input(dataset, it) for it in chunk])
                 batch = _to_device(batch, device)
                 out = enc.encode(batch).float()
                 if out.shape != (len(chunk), enc.dim):

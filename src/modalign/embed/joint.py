@@ -82,10 +82,10 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
 
 
 def _encode_with_model(model, dataset, modality, split, store) -> Embeddings:
-    from modalign.embed.encode import _input_of
+    from modalign.embed.encode import raw_input
 
     items = dataset.select(modality=modality, split=split)
-    vecs = model.encode(modality, [_input_of(dataset, it) for it in items]).numpy()
+    vecs = model.encode(modality, [raw_input(dataset, it) for it in items]).numpy()
     rows = [it.to_dict() for it in items]
     return Embeddings(vecs.astype(np.float32), rows, store.group_index())
 
