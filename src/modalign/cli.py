@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from modalign import __version__
+from modalign.errors import ModalignError
 
 # (module, subcommand) in the order ``modalign --help`` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("modalign: interrupted; finished work is kept and the next run resumes it.",
               file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ModalignError, ValueError, FileNotFoundError, RuntimeError) as e:
         if getattr(args, "debug", False):
             raise
         print(f"modalign {args.command}: error: {e}", file=sys.stderr)

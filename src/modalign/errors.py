@@ -1,0 +1,23 @@
+"""The library's one family of user errors.
+
+Every mistake a user can fix (a bad argument, a malformed manifest, a refused file, a wrong setting)
+raises :class:`ModalignError` or a subclass. It derives from :class:`ValueError`, so code that
+already catches ``ValueError`` keeps working. The command line prints such an error as one line
+and exits with status 2; real failures (a torch ``RuntimeError``, a bug) keep their traceback.
+
+Example:
+    >>> from modalign.errors import ModalignError
+    >>> try:
+    ...     raise ModalignError("--k must be a positive integer, got 0")
+    ... except ValueError as e:
+    ...     print(e)
+    --k must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+__all__ = ["ModalignError"]
+
+
+class ModalignError(ValueError):
+    """A user error: the message says what was wrong, where, and what to do instead."""
