@@ -21,6 +21,7 @@ from modalign.bridge.inversion.core import (
     InversionResult,
     InversionSettings,
     ProjectedForward,
+    cache_key,
     cosine_loss,
     initial_tokens,
     invert,
@@ -37,22 +38,35 @@ from modalign.bridge.inversion.image_hooks import (
     clip_vision_inversion,
     tile_patches,
 )
+from modalign.bridge.inversion.openai_format import OpenAITextInversion, OpenAIVisionInversion
 from modalign.bridge.inversion.text_hooks import (
     BidirectionalTextInversion,
     TemplateTokens,
 )
-from modalign.bridge.inversion.towers import effnet_stage_inversion, encoder_inversion
+from modalign.bridge.inversion.towers import (
+    OFFICIAL_OVI_TOKENS,
+    effnet_stage_inversion,
+    encoder_inversion,
+    official_ovi_tokens,
+    text_model_inversion,
+    vision_model_inversion,
+    vit_geometry,
+)
 
 __all__ = [
+    "OFFICIAL_OVI_TOKENS",
     "BidirectionalTextInversion",
     "CausalTextInversion",
     "InversionForward",
     "InversionResult",
     "InversionSettings",
+    "OpenAITextInversion",
+    "OpenAIVisionInversion",
     "ProjectedForward",
     "StageInversion",
     "TemplateTokens",
     "ViTInversion",
+    "cache_key",
     "clip_text_inversion",
     "clip_vision_inversion",
     "cosine_loss",
@@ -61,6 +75,10 @@ __all__ = [
     "eos_position",
     "initial_tokens",
     "invert",
+    "official_ovi_tokens",
     "sample_seed",
+    "text_model_inversion",
     "tile_patches",
+    "vision_model_inversion",
+    "vit_geometry",
 ]

@@ -7,6 +7,12 @@ and an optional projection head map them into the joint space, and AdamW minimis
 gradient, and with Adam's element-wise update its whole trajectory, does not depend on which other
 samples share its batch. Each sample's initial tokens are drawn from its own seeded generator,
 keyed by ``(seed, key)``, so a sample inverted alone equals the same sample inverted in any batch.
+
+Precision: the optimisation runs in full precision, or under fp16 autocast with a gradient scaler
+(the official code's choice on CUDA; an overflow skips the step for the whole batch, as there), or
+under bf16 autocast (no scaler). Whatever the optimisation precision, the returned features are
+recomputed from the final tokens in the targets' dtype with autocast off, as the official
+evaluation re-encodes its saved tokens in fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @runtime_checkable
@@ -95,6 +104,9 @@ class InversionSettings:
         init_std: pseudo-tokens start from ``normal(0, init_std)``.
         seed: base seed; each sample's initial tokens come from ``(seed, key)``.
         batch_size: samples optimised together (independent problems stacked in one tensor).
+        precision: ``"fp32"`` (no autocast), ``"fp16"`` (autocast with a gradient scaler, as the
+            official code on CUDA) or ``"bf16"`` (autocast, no scaler), on the targets' device.
+            The returned features are recomputed in full precision either way.
 
     Examples:
         >>> InversionSettings(steps=1000).steps
@@ -109,8 +121,12 @@ class InversionSettings:
     init_std: float = 0.02
     seed: int = 0
     batch_size: int = 64
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
@@ -128,7 +144,7 @@ class InversionSettings:
         """The settings as JSON-ready data (for manifests and cache keys)."""
         return {"steps": self.steps, "lr": self.lr, "weight_decay": self.weight_decay,
                 "betas": list(self.betas), "eps": self.eps, "init_std": self.init_std,
-                "seed": self.seed}
+                "seed": self.seed, "precision": self.precision}
 
 
 @dataclass
@@ -177,6 +193,28 @@ def initial_tokens(keys: Sequence[str | int], num_tokens: int, token_dim: int, *
         gen = torch.Generator().manual_seed(sample_seed(seed, key))
         out[i].normal_(0.0, std, generator=gen)
     return out.to(dtype=dtype, device=device)
+
+
+def cache_key(module: torch.nn.Module, dtype: torch.dtype,
+              device: torch.device | str) -> tuple[Any, ...]:
+    """Key for values computed once from ``module``'s weights (template embeddings, a prefix).
+
+    It changes when a weight is replaced or modified in place (tensor versions), and with the
+    autocast state of ``device``, so a cache built under autocast or before a weight change is
+    never reused.
+
+    Examples:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> k = cache_key(lin, torch.float32, "cpu")
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.mul_(2)
+        >>> k == cache_key(lin, torch.float32, "cpu")
+        False
+    """
+    kind = torch.device(device).type
+    amp = torch.is_autocast_enabled(kind)
+    weights = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in module.parameters())
+    return (dtype, str(device), amp, torch.get_autocast_dtype(kind) if amp else None, weights)
 
 
 def cosine_loss(features: Tensor, targets: Tensor) -> Tensor:
@@ -263,15 +301,25 @@ def _invert_batch(targets: Tensor, keys: Sequence[str | int], forward: Inversion
     optimizer = torch.optim.AdamW([tokens], lr=settings.lr, betas=settings.betas,
                                   eps=settings.eps, weight_decay=settings.weight_decay)
     curve = torch.zeros(settings.steps, dtype=torch.float64)
+    kind = targets.device.type
+    amp = settings.precision != "fp32"
+    scaler = torch.amp.GradScaler(kind) if settings.precision == "fp16" else None
     for step in range(settings.steps):
-        with torch.enable_grad():
-            per_sample = cosine_loss(forward(tokens), targets)
+        with torch.enable_grad(), torch.autocast(kind, dtype=_AMP_DTYPES.get(settings.precision),
+                                                 enabled=amp):
+            per_sample = cosine_loss(forward(tokens).to(targets.dtype), targets)
             # A sum, not a mean: each sample's gradient is independent of the batch size.
-            (grad,) = torch.autograd.grad(per_sample.sum(), [tokens])
+            loss = per_sample.sum()
+            (grad,) = torch.autograd.grad(scaler.scale(loss) if scaler else loss, [tokens])
         tokens.grad = grad
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         curve[step] = per_sample.detach().double().mean()
-    with torch.no_grad():
-        features = F.normalize(forward(tokens), dim=-1)
+    # The stored features: full precision, autocast off (also any autocast of the caller).
+    with torch.no_grad(), torch.autocast(kind, enabled=False):
+        features = F.normalize(forward(tokens.detach()), dim=-1).to(targets.dtype)
     final = tokens.detach().clone()
     return InversionResult(features, final, (features * targets).sum(-1), curve)

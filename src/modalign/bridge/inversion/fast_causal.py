@@ -20,8 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modalign.bridge.inversion.core import ProjectedForward
+from modalign.bridge.inversion.core import ProjectedForward, cache_key
 from modalign.bridge.inversion.text_hooks import TemplateTokens, fill_slot
+from modalign.errors import ModalignError
+
+# transformers model types whose text tower is causal with EOS pooling (what this path computes).
+CAUSAL_TEXT_MODEL_TYPES = ("clip", "clip_text_model")
 
 
 def eos_position(ids: tuple[int, ...] | list[int], eos_token_id: int | None = None) -> int:
@@ -49,7 +53,10 @@ class CausalTextInversion:
     Args:
         text_model: ``CLIPTextModel`` (or a module with ``text_model``, e.g. ``CLIPModel``):
             ``embeddings.{token,position}_embedding``, ``encoder.layers`` of pre-LN blocks,
-            ``final_layer_norm``. Put in eval mode.
+            ``final_layer_norm``. Put in eval mode. Other model types (SigLIP's non-causal text
+            tower with last-token pooling and a head) are refused: use
+            :func:`modalign.bridge.inversion.towers.text_model_inversion`, which routes them to
+            the exact full-sequence path.
         template: the template's token ids and slot; must end at or after its EOS.
         eos_token_id: the pooled token; default the config's ``eos_token_id`` (the largest id
             when that is the legacy value 2 or missing).
@@ -73,8 +80,15 @@ class CausalTextInversion:
         tower = getattr(text_model, "text_model", text_model)
         for attr in ("embeddings", "encoder", "final_layer_norm"):
             if not hasattr(tower, attr):
-                raise ValueError(f"text_model must be a transformers CLIP text tower (with "
-                                 f"embeddings, encoder, final_layer_norm); lacks {attr}")
+                raise ModalignError(f"text_model must be a transformers CLIP text tower (with "
+                                    f"embeddings, encoder, final_layer_norm); lacks {attr}")
+        model_type = getattr(getattr(tower, "config", None), "model_type", None)
+        if model_type not in CAUSAL_TEXT_MODEL_TYPES:
+            raise ModalignError(
+                f"text_model: the causal fast path serves only CLIP text towers (model_type "
+                f"{' or '.join(CAUSAL_TEXT_MODEL_TYPES)}), got model_type={model_type!r}; a "
+                "non-causal tower (SigLIP) would be run with the wrong mask, cut at EOS and lose "
+                "its pooling and head. Use text_model_inversion(), which picks the exact path")
         self.tower = tower.eval()
         if eos_token_id is None:
             eos_token_id = getattr(tower.config, "eos_token_id", None)
@@ -86,13 +100,15 @@ class CausalTextInversion:
         self.cache_prefix = cache_prefix
         self.num_tokens = template.num_tokens
         self.token_dim = int(tower.embeddings.token_embedding.weight.shape[1])
-        self._cache: dict[tuple[torch.dtype, torch.device], dict[str, Any]] = {}
+        self._cache: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def _fixed(self, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        """Template embeddings, positions and (if cached) the prefix keys/values, once."""
-        key = (dtype, device)
+        """Template embeddings, positions and (if cached) the prefix keys/values, once per
+        weights, dtype, device and autocast state (see :func:`cache_key`)."""
+        key = cache_key(self.tower, dtype, device)
         if key in self._cache:
             return self._cache[key]
+        self._cache.clear()
         t, end = self.template, self.pool_index + 1
         emb = self.tower.embeddings
         with torch.no_grad():

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from modalign.bridge.inversion.core import ProjectedForward
+from modalign.errors import ModalignError
 
 
 def tile_patches(tokens: Tensor, num_patches: int) -> Tensor:
@@ -41,12 +42,15 @@ def tile_patches(tokens: Tensor, num_patches: int) -> Tensor:
 
 
 class ViTInversion:
-    """OVI forward for a transformers CLIP vision tower (``CLIPVisionModel`` or a ``CLIPModel``).
+    """OVI forward for a transformers CLIP or SigLIP vision tower.
 
     Args:
-        vision_model: a module with ``embeddings.{class_embedding, position_embedding}``,
-            ``pre_layrnorm``, ``encoder`` and ``post_layernorm`` (or with ``vision_model``).
-        num_tokens: pseudo-patches ``P`` (1 for B/32 in the official configs, 4 for L/14).
+        vision_model: a ``CLIPVisionModel``/``CLIPModel`` (``embeddings.{class_embedding,
+            position_embedding}``, ``pre_layrnorm``, ``encoder``, ``post_layernorm``; pooled at
+            the class token) or a ``SiglipVisionModel``/``SiglipModel`` (no class token, no
+            pre-norm; pooled by its attention-pooling ``head``).
+        num_tokens: pseudo-patches ``P`` (see :func:`~modalign.bridge.inversion.official_ovi_tokens`
+            for the official choice).
 
     Examples:
         >>> import torch
@@ -61,34 +65,48 @@ class ViTInversion:
 
     def __init__(self, vision_model: nn.Module, num_tokens: int = 1) -> None:
         tower = getattr(vision_model, "vision_model", vision_model)
-        for attr in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm"):
+        for attr in ("embeddings", "encoder", "post_layernorm"):
             if not hasattr(tower, attr):
-                raise ValueError(f"vision_model must be a transformers CLIP vision tower; "
-                                 f"lacks {attr}")
+                raise ModalignError(f"vision_model must be a transformers CLIP or SigLIP vision "
+                                    f"tower; lacks {attr}")
         self.tower = tower.eval()
-        self.num_patches = int(tower.embeddings.num_patches)
+        emb = tower.embeddings
+        self.class_token = hasattr(emb, "class_embedding")
+        if not self.class_token and getattr(tower, "head", None) is None:
+            raise ModalignError("vision_model: a tower without a class token must have a pooling "
+                                "head (SigLIP with vision_use_head=True)")
+        self.num_patches = int(emb.num_patches)
         if not 1 <= num_tokens <= self.num_patches:
-            raise ValueError(f"num_tokens must be in [1, {self.num_patches}], got {num_tokens}")
+            raise ModalignError(f"num_tokens must be in [1, {self.num_patches}], got {num_tokens}")
         self.num_tokens = num_tokens
-        self.token_dim = int(tower.embeddings.class_embedding.shape[0])
+        self.token_dim = int(emb.position_embedding.weight.shape[1])
 
     def __call__(self, tokens: Tensor) -> Tensor:
         emb = self.tower.embeddings
-        b = tokens.shape[0]
-        cls = emb.class_embedding.to(tokens.dtype).expand(b, 1, -1)
-        h = torch.cat([cls, tile_patches(tokens, self.num_patches)], dim=1)
+        h = tile_patches(tokens, self.num_patches)
+        if self.class_token:
+            cls = emb.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+            h = torch.cat([cls, h], dim=1)
         h = h + emb.position_embedding.weight.to(tokens.dtype)[None]
-        h = self.tower.pre_layrnorm(h)
+        pre = getattr(self.tower, "pre_layrnorm", None)
+        if pre is not None:
+            h = pre(h)
         h = self.tower.encoder(inputs_embeds=h).last_hidden_state
-        return self.tower.post_layernorm(h[:, 0])
+        if self.class_token:
+            return self.tower.post_layernorm(h[:, 0])
+        return self.tower.head(self.tower.post_layernorm(h))
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "vit", "tower": type(self.tower).__name__,
+                "pooling": "class token" if self.class_token else "attention-pooling head",
                 "num_patches": self.num_patches, "num_tokens": self.num_tokens}
 
 
 def clip_vision_inversion(model: nn.Module, num_tokens: int = 1) -> ProjectedForward | ViTInversion:
-    """OVI forward into a transformers ``CLIPModel``'s own joint space (its ``visual_projection``).
+    """OVI forward into a transformers model's own joint space.
+
+    ``CLIPModel``: the tower then its ``visual_projection``; ``SiglipModel``: the tower with its
+    pooling head (SigLIP has no separate projection).
 
     Examples:
         >>> import torch

