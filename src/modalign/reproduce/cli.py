@@ -47,6 +47,8 @@ def register(subparsers: Any) -> None:
     ctg = suites.add_parser(
         "cross-the-gap", help="image->image (native vs OTI), text->text (native vs OVI), "
                               "zero-shot inter- vs intra-modal (Mistretta et al., ICLR 2025)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_ctg_epilog(CTG_DATASETS),
         description=(
             "Cross the Gap protocol: image->image retrieval with native vs OTI queries on CUB, "
             "SOP, ROxford5k/RParis6k and the 11 CoOp datasets; text->text retrieval (first "
@@ -63,8 +65,13 @@ def register(subparsers: Any) -> None:
     ctg.add_argument("--ovi-steps", type=int, default=1000, help="OVI steps (default 1000)")
     ctg.add_argument("--oti-tokens", type=int, default=1, help="OTI pseudo-tokens R (default 1)")
     ctg.add_argument("--ovi-tokens", type=int, default=None,
-                     help="OVI pseudo-patches P (default: 4 for L/14 and SigLIP B/16, else 1, as "
-                          "in the paper's configs)")
+                     help="OVI pseudo-patches P (default: from the architecture and the official "
+                          "configs: OpenAI B/32 1, OpenAI L/14 4, OpenCLIP B/32 1, OpenCLIP L/14 "
+                          "2, SigLIP B/16 4; 1 with a warning otherwise)")
+    ctg.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16",
+                     help="inversion precision on CUDA: fp16 autocast with a gradient scaler "
+                          "(the official code; default), bf16 autocast, or fp32. The CPU runs "
+                          "fp32; stored features are always recomputed in fp32")
     ctg.add_argument("--template", default="a photo of {}",
                      help="OTI template and OVI class prompt (default 'a photo of {}')")
     ctg.add_argument("--inversion-batch-size", type=int, default=64,
@@ -100,6 +107,21 @@ def register(subparsers: Any) -> None:
     _common(cb, CB_DATASETS)
     cb.set_defaults(func=run)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def _ctg_epilog(datasets: tuple[str, ...]) -> str:
+    """The backbones and datasets ``reproduce cross-the-gap`` runs (its --help epilog)."""
+    return "\n".join([
+        "backbones (--model):",
+        "  hf-clip:DIR or a CLIPModel folder       OpenAI CLIP B/32, L/14 (fast exact causal OTI)",
+        "  hf-siglip:DIR or a SiglipModel folder   SigLIP B/16 (OTI over the full padded text)",
+        "  open_clip:ARCH/PRETRAINED               OpenAI CLIP, OpenCLIP, SigLIP (open_clip extra)",
+        "  SLIP                                    not loadable here (see docs/reproduce.md)",
+        "datasets (--datasets):",
+        "  image->image, OTI queries:  " + " ".join(d for d in datasets
+                                                      if d not in ("coco", "flickr30k", "nocaps")),
+        "  text->text, OVI queries:    coco flickr30k nocaps",
+    ]) + "\n"
 
 
 def _common(p: argparse.ArgumentParser, datasets: tuple[str, ...] | None) -> None:
@@ -182,12 +204,16 @@ def run(args: argparse.Namespace) -> int:
         if args.paper_model is not None and args.paper_model not in CROSS_THE_GAP_I2I:
             raise ValueError(f"--paper-model {args.paper_model!r}: expected one of "
                              + ", ".join(repr(k) for k in CROSS_THE_GAP_I2I))
+        from modalign.reproduce.inversion import ovi_tokens_for
+
         paper = args.paper_model or paper_model_for(model.given)
-        ovi_tokens = args.ovi_tokens or (4 if paper in ("CLIP L/14", "SigLIP B/16") else 1)
+        methods = tuple(args.methods)
+        ovi_tokens = args.ovi_tokens or (ovi_tokens_for(model, towers)
+                                         if "inversion" in methods else 1)
         common = {"template": args.template, "batch_size": args.inversion_batch_size,
-                  "seed": args.seed}
+                  "seed": args.seed, "precision": args.precision}
         config = CrossTheGapConfig(
-            datasets=_datasets(args, DATASETS), methods=tuple(args.methods),
+            datasets=_datasets(args, DATASETS), methods=methods,
             zero_shot=not args.no_zero_shot,
             oti=InversionPlan("oti", args.oti_steps, args.oti_tokens, **common),
             ovi=InversionPlan("ovi", args.ovi_steps, ovi_tokens, **common),

@@ -32,7 +32,6 @@ from modalign.data.benchmarks import (
     load_karpathy,
     load_nocaps,
 )
-from modalign.data.benchmarks.templates import INVERSION_TEMPLATE
 from modalign.data.dataset import PairedDataset
 from modalign.embed import Embeddings, EmbeddingStore
 from modalign.encoders.base import Encoder
@@ -189,7 +188,8 @@ def _zero_shot(bench: Benchmark, store: EmbeddingStore, images: Embeddings,
             images, protos, bench.classnames, override=torch.from_numpy(np.array(oti.vectors))),
             asdict(config.oti)))
     if "inversion" in config.methods:
-        prompts = [INVERSION_TEMPLATE.format(c.replace("_", " ")) for c in bench.classnames]
+        # the class prompts OVI inverts: the plan's template (--template; "a photo of {}")
+        prompts = [config.ovi.template.format(c.replace("_", " ")) for c in bench.classnames]
         feats = encode_texts(towers["text"], prompts, device=config.device).numpy()
         rows = [{"id": f"class:{i}", "modality": "text", "view": "class-prompt", "group": c,
                  "split": "test", "labels": {"class": c, "label": str(i)}}

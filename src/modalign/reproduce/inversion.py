@@ -11,9 +11,8 @@ embedding store, keyed by a content hash of the model, the settings and the targ
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,17 +22,19 @@ from tqdm.auto import tqdm
 
 from modalign.bridge.inversion import (
     InversionSettings,
-    TemplateTokens,
-    clip_text_inversion,
-    clip_vision_inversion,
+    encoder_inversion,
     invert,
+    official_ovi_tokens,
+    vit_geometry,
 )
-from modalign.bridge.inversion.core import InversionForward
+from modalign.bridge.inversion.core import PRECISIONS, InversionForward
 from modalign.data.benchmarks.templates import INVERSION_TEMPLATE
 from modalign.embed import Embeddings, EmbeddingStore
 from modalign.encoders.base import Encoder
+from modalign.errors import ModalignError
 from modalign.io import atomic_path, content_hash, read_json, write_json_atomic
 from modalign.reproduce.extract import barrier, process_rank
+from modalign.reproduce.models import ResolvedModel
 
 DIRECTIONS = ("oti", "ovi")
 CHUNK = 1024
@@ -41,11 +42,12 @@ CHUNK = 1024
 
 @dataclass(frozen=True)
 class InversionPlan:
-    """One inversion run: direction, steps, pseudo-tokens, template, batch and seed.
+    """One inversion run: direction, steps, pseudo-tokens, template, batch, seed and precision.
 
     Defaults follow Cross the Gap: OTI 150 steps with R=1 token in "a photo of {}"; OVI 1000
-    steps with P pseudo-patches (1 for B/32, 4 for L/14 and SigLIP B/16); AdamW lr 0.02, weight
-    decay 0.01, batch 64.
+    steps with P pseudo-patches (:func:`ovi_tokens_for`); AdamW lr 0.02, weight decay 0.01,
+    batch 64; fp16 autocast with a gradient scaler on CUDA. ``template`` is the OTI template and
+    the OVI class prompt of zero-shot classification.
 
     Examples:
         >>> InversionPlan("ovi").steps
@@ -58,8 +60,12 @@ class InversionPlan:
     template: str = INVERSION_TEMPLATE
     batch_size: int = 64
     seed: int = 0
+    precision: str = "fp16"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ModalignError(f"precision={self.precision!r}: expected one of "
+                                f"{', '.join(PRECISIONS)}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction={self.direction!r}: expected 'oti' or 'ovi'")
         if self.steps is None:
@@ -67,40 +73,65 @@ class InversionPlan:
         if self.num_tokens < 1:
             raise ValueError(f"num_tokens={self.num_tokens}: expected >= 1")
 
-    def settings(self) -> InversionSettings:
+    def settings(self, device: str | torch.device = "cpu") -> InversionSettings:
+        """The optimisation settings on ``device`` (mixed precision on CUDA only)."""
         assert self.steps is not None
-        return InversionSettings(steps=self.steps, batch_size=self.batch_size, seed=self.seed)
+        precision = self.precision if torch.device(device).type == "cuda" else "fp32"
+        return InversionSettings(steps=self.steps, batch_size=self.batch_size, seed=self.seed,
+                                 precision=precision)
+
+
+def ovi_family(model: ResolvedModel, towers: Mapping[str, Encoder]) -> str:
+    """The official-config family of ``model``: openai, openclip, siglip (or slip).
+
+    Examples:
+        >>> from modalign.reproduce.models import ResolvedModel
+        >>> ovi_family(ResolvedModel("x", "open_clip:ViT-L-14/datacomp_xl_s13b_b90k",
+        ...                          "open_clip"), {})
+        'openclip'
+    """
+    spec = model.spec.lower()
+    if model.family == "hf-siglip" or "siglip" in spec:
+        return "siglip"
+    if "slip" in spec.split(":", 1)[-1].replace("siglip", ""):
+        return "slip"
+    if model.family == "open_clip":
+        return "openai" if spec.rstrip("/").endswith("/openai") else "openclip"
+    image = towers.get("image")
+    source = str(getattr(getattr(getattr(image, "model", None), "config", None),
+                         "_name_or_path", ""))
+    text = f"{model.given} {source}".lower()
+    tags = ("laion", "datacomp", "dfn", "metaclip", "commonpool", "openclip", "open_clip")
+    return "openclip" if any(tag in text for tag in tags) else "openai"
+
+
+def ovi_tokens_for(model: ResolvedModel, towers: Mapping[str, Encoder]) -> int:
+    """OVI's ``P`` for ``model`` from its architecture (patch size, width, family) and the
+    official table; 1 with a warning for an architecture the paper did not run."""
+    image = towers["image"]
+    net = getattr(image, "model", None)
+    if net is None:
+        raise ModalignError(f"OVI needs a ViT image tower; {model.given!r} has none")
+    patch, width = vit_geometry(net)
+    return official_ovi_tokens(ovi_family(model, towers), patch, width)
 
 
 def inversion_forward(towers: Mapping[str, Encoder], plan: InversionPlan) -> InversionForward:
-    """The pseudo-token forward of ``towers`` for ``plan.direction``.
+    """The pseudo-token forward of ``towers`` for ``plan.direction``, into the model's joint space.
 
-    OTI runs the text tower (and its projection) from a pseudo-token in ``plan.template``; OVI runs
-    the image tower from pseudo-patches. Supported: transformers CLIP (``hf-clip``).
+    OTI runs the text tower (and its projection or head) from a pseudo-token in
+    ``plan.template``; OVI runs the image tower from pseudo-patches. Supported: transformers CLIP
+    and SigLIP, open_clip (see :func:`modalign.bridge.inversion.encoder_inversion`).
     """
     tower = towers["text" if plan.direction == "oti" else "image"]
-    model = getattr(tower, "model", None)
-    family = getattr(tower, "family", None)
-    if model is None or family != "clip":
-        raise ValueError(
-            f"{plan.direction.upper()} needs a transformers CLIP model (hf-clip); "
-            f"{getattr(tower, 'name', type(tower).__name__)!r} has no inversion hooks here. "
-            "Run with --methods native to skip the inversion.")
+    if getattr(tower, "model", None) is None:
+        raise ModalignError(
+            f"{plan.direction.upper()}: {getattr(tower, 'name', type(tower).__name__)!r} has no "
+            "inversion hooks (supported: hf-clip, hf-siglip, open_clip). Run with --methods "
+            "native to skip the inversion.")
     if plan.direction == "oti":
-        template = TemplateTokens.from_tokenizer(tower.tokenizer, plan.template,  # type: ignore[attr-defined]
-                                                 num_tokens=plan.num_tokens)
-        return clip_text_inversion(model, template)
-    return clip_vision_inversion(model, num_tokens=plan.num_tokens)
-
-
-@contextlib.contextmanager
-def inversion_precision(device: torch.device) -> Iterator[None]:
-    """bfloat16 autocast on CUDA, full precision elsewhere."""
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            yield
-    else:
-        yield
+        return encoder_inversion(tower, template=plan.template, num_tokens=plan.num_tokens)
+    return encoder_inversion(tower, num_tokens=plan.num_tokens)
 
 
 def invert_stored(store: EmbeddingStore, name: str, targets: Embeddings,
@@ -167,8 +198,8 @@ def invert_stored(store: EmbeddingStore, name: str, targets: Embeddings,
             bar.update(stop - start)
             continue
         t = torch.from_numpy(np.array(targets.vectors[start:stop], dtype=np.float32)).to(device)
-        with inversion_precision(device):
-            res = invert(t, forward, plan.settings(), keys=ids[start:stop], progress=bar.update)
+        res = invert(t, forward, plan.settings(device), keys=ids[start:stop],
+                     progress=bar.update)
         with atomic_path(part) as tmp, open(tmp, "wb") as f:
             np.save(f, res.features.float().cpu().numpy())
         fresh += stop - start
