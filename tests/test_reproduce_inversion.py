@@ -87,3 +87,18 @@ def test_plan_precision_is_official_on_cuda_and_fp32_on_cpu() -> None:
     assert InversionPlan("ovi", precision="bf16").settings("cuda:0").precision == "bf16"
     with pytest.raises(ValueError, match="precision='half'"):
         InversionPlan("ovi", precision="half")
+
+
+def test_revisited_table_prints_easy_medium_and_hard() -> None:
+    from modalign.reproduce.tables import cross_the_gap_tables
+
+    def rec(method: str, e: float, m: float, h: float) -> dict:
+        return {"dataset": "roxford5k", "task": "image-to-image", "method": method,
+                "metrics": {"easy/map": e, "medium/map": m, "hard/map": h}}
+
+    table = cross_the_gap_tables([rec("native", 0.5, 0.4, 0.2), rec("oti", 0.6, 0.45, 0.25)],
+                                 "m", "CLIP B/32")
+    assert "| m (ours) | ROx | Orig | 50.0 | 40.0 | 20.0 |" in table
+    assert "| m (ours) | ROx | OTI | 60.0 | 45.0 | 25.0 |" in table
+    assert "| m (ours) | Orig | 40.0 | 40.0 |" in table  # the main table: Medium
+    assert "secondary source" in table and "does not say which one" in table
