@@ -32,7 +32,6 @@ from modalign.bridge.inversion import (
     OpenAITextInversion,
     OpenAIVisionInversion,
     TemplateTokens,
-    ViTInversion,
     clip_text_inversion,
     clip_vision_inversion,
     invert,
@@ -80,7 +79,8 @@ def clip_bpe_tokenizer(tmp_path_factory) -> CLIPTokenizer:
     if path is None:
         pytest.skip("the CLIP BPE file is not installed (make setup installs clip-anytorch "
                     "without dependencies for it)")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
     chars = _bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
@@ -148,7 +148,8 @@ def _patches(vision: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 def test_causal_fast_path_refuses_a_siglip_text_tower() -> None:
     model = tiny_siglip()
-    with pytest.raises(ModalignError, match="model_type='siglip_text_model'.*text_model_inversion"):
+    with pytest.raises(ModalignError,
+                       match=r"model_type='siglip_text_model'.*text_model_inversion"):
         CausalTextInversion(model, SIGLIP_TEMPLATE)
     with pytest.raises(ModalignError, match="causal fast path"):
         clip_text_inversion(model, SIGLIP_TEMPLATE)
