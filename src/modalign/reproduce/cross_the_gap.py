@@ -8,6 +8,8 @@ For each dataset:
 - caption datasets (COCO, Flickr30k, nocaps): text -> text retrieval, the first caption of each
   image querying the other captions, native vs OVI queries (each query caption inverted to an
   image-tower feature);
+- purely textual sets (IMDB, 20 Newsgroups, 7 NanoBEIR sets): short queries against documents
+  (or their summaries), native vs OVI queries;
 - the 11 CoOp sets also get zero-shot classification three ways: image features vs class-prompt
   text features (inter-modal, the usual CLIP), OTI features of the images vs the same prompts
   (text-text), and image features vs OVI-inverted prompts "a photo of {class}" (image-image).
@@ -27,6 +29,7 @@ import torch
 from modalign.data.benchmarks import (
     CAPTION_BENCHMARKS,
     CLASSIFICATION_BENCHMARKS,
+    TEXTUAL_BENCHMARKS,
     Benchmark,
     load_benchmark,
     load_karpathy,
@@ -49,7 +52,7 @@ from modalign.reproduce.scoring import (
 SUITE = "cross-the-gap"
 IMAGE_DATASETS: tuple[str, ...] = ("cub2011", "sop", "roxford5k", "rparis6k",
                                    *CLASSIFICATION_BENCHMARKS)
-TEXT_DATASETS: tuple[str, ...] = CAPTION_BENCHMARKS
+TEXT_DATASETS: tuple[str, ...] = CAPTION_BENCHMARKS + TEXTUAL_BENCHMARKS
 DATASETS: tuple[str, ...] = IMAGE_DATASETS + TEXT_DATASETS
 METHODS: tuple[str, ...] = ("native", "inversion")
 
@@ -160,7 +163,7 @@ def run_dataset(name: str, model: ResolvedModel, towers: dict[str, Encoder],
 
     def score(q: Embeddings) -> dict[str, float]:
         return score_retrieval(protocol, q, gallery, revisited=bench.revisited,
-                               device=config.device)
+                               qrels=bench.qrels, device=config.device)
 
     records = []
     if "native" in config.methods:

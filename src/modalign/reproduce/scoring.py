@@ -7,7 +7,7 @@ its own ranking when the protocol says so. Metrics are reported as fractions in 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ def unit_rows(vectors: np.ndarray | Tensor, device: str | torch.device = "cpu") 
 
 def score_retrieval(protocol: RetrievalProtocol, queries: Embeddings, gallery: Embeddings, *,
                     revisited: RevisitedGroundTruth | None = None,
+                    qrels: Mapping[str, Sequence[str]] | None = None,
                     device: str | torch.device = "cpu") -> dict[str, float]:
     """Metrics of ``queries`` against ``gallery`` under ``protocol``.
 
@@ -57,6 +58,11 @@ def score_retrieval(protocol: RetrievalProtocol, queries: Embeddings, gallery: E
     """
     q = unit_rows(queries.vectors, device)
     g = unit_rows(gallery.vectors, device)
+    if protocol.relevance == "qrels":
+        if qrels is None:
+            raise ValueError("qrels: the protocol needs the per-query relevant gallery ids")
+        return qrels_metrics(q, g, [it["id"] for it in queries.items],
+                             [it["id"] for it in gallery.items], qrels)
     if protocol.relevance == "revisited":
         if revisited is None:
             raise ValueError("revisited: the protocol needs the revisited ground truth")
@@ -77,6 +83,48 @@ def score_retrieval(protocol: RetrievalProtocol, queries: Embeddings, gallery: E
     out = {k: result.metrics[k] for k in RETRIEVAL_KEYS}
     out["queries_without_relevant"] = float(result.num_skipped)
     return out
+
+
+def qrels_metrics(queries: Tensor, gallery: Tensor, query_ids: Sequence[str],
+                  gallery_ids: Sequence[str], qrels: Mapping[str, Sequence[str]],
+                  chunk_size: int = 256) -> dict[str, float]:
+    """mAP and R-precision over the full ranking with per-query relevant ids (BEIR qrels).
+
+    AP of a query is the mean, over its relevant items in rank order, of the precision at that
+    item's rank (ties broken pessimistically: an irrelevant item scoring the same ranks first).
+    Queries without a relevant gallery item are skipped and counted.
+
+    Examples:
+        >>> q = torch.tensor([[1.0, 0.0]])
+        >>> g = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+        >>> qrels_metrics(q, g, ["q"], ["a", "b", "c"], {"q": ["b", "a"]})["map"]
+        0.8333333333333333
+    """
+    column = {gid: j for j, gid in enumerate(gallery_ids)}
+    aps, rps, skipped = [], [], 0
+    for start in range(0, len(query_ids), chunk_size):
+        scores = (queries[start:start + chunk_size] @ gallery.T).double()
+        for row, qid in zip(scores, query_ids[start:start + chunk_size]):
+            rel = sorted({column[d] for d in qrels.get(qid, ()) if d in column})
+            if not rel:
+                skipped += 1
+                continue
+            relevant = torch.zeros(len(gallery_ids), dtype=torch.bool, device=row.device)
+            relevant[rel] = True
+            s_rel = row[relevant]
+            # pessimistic rank of each relevant item: items above it, irrelevant ties first
+            above = (row[None, :] > s_rel[:, None]).sum(1)
+            ties = ((row[None, :] == s_rel[:, None]) & ~relevant[None, :]).sum(1)
+            ranks = torch.sort(above + ties).values.double()
+            # relevant items tied with each other take consecutive ranks
+            step = torch.arange(len(rel), device=row.device).double()
+            ranks = torch.cummax(ranks - step, 0).values + step
+            hits = step + 1
+            aps.append(float((hits / (ranks + 1)).mean()))
+            rps.append(float((ranks < len(rel)).double().sum() / len(rel)))
+    n = max(len(aps), 1)
+    return {"map": sum(aps) / n, "r_precision": sum(rps) / n,
+            "queries_without_relevant": float(skipped)}
 
 
 def _truth_subset(truth: RevisitedGroundTruth, queries: Sequence[str]) -> RevisitedGroundTruth:

@@ -12,7 +12,12 @@ from typing import Any
 
 from modalign.reproduce.figures import CROSS_THE_GAP_I2I, HZ_SOURCE, I2I_COLUMNS
 
-TEXT_COLUMNS = (("coco", "COCO"), ("flickr30k", "Flickr30k"), ("nocaps", "nocaps"))
+TEXT_COLUMNS = (("coco", "COCO"), ("flickr30k", "Flickr30k"), ("nocaps", "nocaps"),
+                ("imdb", "IMDB"), ("20newsgroups", "20News"),
+                ("nanobeir_climatefever", "ClimateFEVER"), ("nanobeir_dbpedia", "DBPedia"),
+                ("nanobeir_fever", "FEVER"), ("nanobeir_nfcorpus", "NFCorpus"),
+                ("nanobeir_nq", "NQ"), ("nanobeir_scidocs", "SCIDOCS"),
+                ("nanobeir_scifact", "SciFact"))
 REVISITED_LEVEL = "medium"
 
 Record = Mapping[str, Any]
@@ -100,8 +105,11 @@ def cross_the_gap_tables(records: Sequence[Record], model_label: str,
         parts.append(_section(
             "Text-to-text retrieval (mAP): native vs OVI queries",
             ["Model", "Method", *(n for _, n in tcols), "Avg"], rows,
-            ["Query: the first caption of each image; gallery: the other captions; relevant: "
-             "same image.", "No published per-dataset figures were found for this table."]))
+            ["Captions: the first caption of each image queries the other captions (relevant: "
+             "same image). IMDB, 20News: label descriptions query the documents (relevant: "
+             "same label); NanoBEIR: the set's queries, relevant by its qrels. Galleries of "
+             "the textual sets are the official summaries when present (see the records' "
+             "gallery_text).", "No published per-dataset figures were found for this table."]))
     zcols = [(k, name) for k, name in I2I_COLUMNS
              if any(r["dataset"] == k and r["task"] == "zero-shot" for r in records)]
     if zcols:

@@ -11,7 +11,7 @@ Examples:
     >>> load_benchmark("pets", "/data")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: name='pets': expected one of caltech101, coco, cub2011, dtd, ...
+    ValueError: name='pets': expected one of 20newsgroups, caltech101, coco, cub2011, dtd, ...
 """
 
 from __future__ import annotations
@@ -36,10 +36,23 @@ from modalign.data.benchmarks.revisited import (
     read_ground_truth,
 )
 from modalign.data.benchmarks.sop import load_sop
+from modalign.data.benchmarks.summaries import (
+    PlainUnpickler,
+    convert_summaries,
+    read_summaries,
+)
 from modalign.data.benchmarks.templates import (
     COOP_TEMPLATES,
     INVERSION_TEMPLATE,
     OPENAI_IMAGENET_TEMPLATES,
+)
+from modalign.data.benchmarks.textual import (
+    NANOBEIR,
+    TEXTUAL_BENCHMARKS,
+    TEXTUAL_FOLDERS,
+    load_imdb,
+    load_nanobeir,
+    load_newsgroups,
 )
 
 Loader = Callable[[Path], Benchmark]
@@ -56,6 +69,10 @@ def _registry() -> dict[str, Loader]:
         reg[name] = lambda root, _n=name: load_revisited(_n, root)
     for name in COOP_LAYOUTS:
         reg[name] = lambda root, _n=name: load_coop(_n, root)
+    reg["imdb"] = load_imdb
+    reg["20newsgroups"] = load_newsgroups
+    for name in NANOBEIR:
+        reg[name] = lambda root, _n=name: load_nanobeir(_n, root)
     return dict(sorted(reg.items()))
 
 
@@ -76,7 +93,7 @@ def benchmark_folder(name: str) -> str:
     if name in KARPATHY_LAYOUTS:
         return KARPATHY_LAYOUTS[name].folder
     folders = {"nocaps": "nocaps", "cub2011": "CUB_200_2011", "sop": "Stanford_Online_Products",
-               **{n: n for n in REVISITED}}
+               **{n: n for n in REVISITED}, **TEXTUAL_FOLDERS}
     if name not in folders:
         raise ValueError(f"name={name!r}: expected one of {', '.join(BENCHMARKS)}")
     return folders[name]
@@ -105,20 +122,28 @@ __all__ = [
     "CLASSIFICATION_BENCHMARKS",
     "COOP_TEMPLATES",
     "INVERSION_TEMPLATE",
+    "NANOBEIR",
     "OPENAI_IMAGENET_TEMPLATES",
+    "TEXTUAL_BENCHMARKS",
     "Benchmark",
+    "PlainUnpickler",
     "RetrievalProtocol",
     "RevisitedGroundTruth",
     "Side",
     "available_benchmarks",
     "benchmark_folder",
     "convert_ground_truth",
+    "convert_summaries",
     "load_benchmark",
     "load_coop",
     "load_cub",
+    "load_imdb",
     "load_karpathy",
+    "load_nanobeir",
+    "load_newsgroups",
     "load_nocaps",
     "load_revisited",
     "load_sop",
     "read_ground_truth",
+    "read_summaries",
 ]

@@ -47,8 +47,9 @@ class RetrievalProtocol:
         query: the query side.
         gallery: the gallery side.
         exclude_self: drop the query item from its own ranking (query split == gallery split).
-        relevance: ``"group"`` (same ``Item.group`` is relevant) or ``"revisited"`` (the
-            ROxford/RParis easy/hard/junk lists of :class:`RevisitedGroundTruth`).
+        relevance: ``"group"`` (same ``Item.group`` is relevant), ``"revisited"`` (the
+            ROxford/RParis easy/hard/junk lists of :class:`RevisitedGroundTruth`) or ``"qrels"``
+            (per-query lists of relevant gallery ids, :attr:`Benchmark.qrels`).
 
     Examples:
         >>> p = RetrievalProtocol("image-to-image", Side("image"), Side("image"), exclude_self=True)
@@ -63,8 +64,9 @@ class RetrievalProtocol:
     relevance: str = "group"
 
     def __post_init__(self) -> None:
-        if self.relevance not in ("group", "revisited"):
-            raise ValueError(f"relevance={self.relevance!r}: expected 'group' or 'revisited'")
+        if self.relevance not in ("group", "revisited", "qrels"):
+            raise ValueError(f"relevance={self.relevance!r}: expected 'group', 'revisited' or "
+                             "'qrels'")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Benchmark:
         templates: prompt templates with one ``{}`` for the class name, else empty.
         classification_split: the split zero-shot classification is scored on, if any.
         revisited: the ROxford/RParis ground truth, if any.
+        qrels: query item id -> relevant gallery item ids (BEIR-style sets), if any.
     """
 
     name: str
@@ -124,6 +127,7 @@ class Benchmark:
     templates: tuple[str, ...] = ()
     classification_split: str | None = None
     revisited: RevisitedGroundTruth | None = None
+    qrels: dict[str, tuple[str, ...]] | None = None
 
     def prompts(self, template: str | None = None) -> list[list[str]]:
         """Class prompts: for each class, the filled templates (or the one ``template``).

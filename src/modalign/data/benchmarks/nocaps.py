@@ -2,7 +2,9 @@
 
 Layout: ``<root>/nocaps/nocaps_val_4500_captions.json`` (``{"images": [{"id", "file_name"}],
 "annotations": [{"image_id", "caption"}]}``) and the images at ``<root>/nocaps/val/<file_name>``.
-All 4,500 images form the ``test`` split; each has 10 captions.
+All 4,500 images form the ``test`` split; each has 10 captions, kept in the order of the
+annotation list (as the official Cross the Gap loader keeps them: the first one listed for an
+image is its query), not sorted by annotation id.
 
 Protocols: ``text-to-text`` (first caption -> the other captions, relevant = same image) and
 image <-> text retrieval.
@@ -42,7 +44,7 @@ def load_nocaps(root: str | Path, with_images: bool = True,
     try:
         images = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
         captions: dict[int, list[str]] = {i: [] for i in images}
-        for ann in sorted(data["annotations"], key=lambda a: int(a.get("id", 0))):
+        for ann in data["annotations"]:  # file order: the first listed is the query
             captions[int(ann["image_id"])].append(str(ann["caption"]).strip())
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: missing {e}; expected images[].id/file_name and "
