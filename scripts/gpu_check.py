@@ -122,9 +122,9 @@ def tiny_models() -> dict[str, tuple[Any, Any]]:
                 report(f"open_clip/{arch}", False, f"cannot build: {type(e).__name__}: {e}")
                 continue
             tok = open_clip.get_tokenizer(arch)
-            from modalign.bridge.inversion.towers import _open_clip_ids
+            from modalign.bridge.inversion.towers import _ids_of
 
-            tpl = TemplateTokens.from_tokenizer(_open_clip_ids(tok), "a photo of {}")
+            tpl = TemplateTokens.from_tokenizer(_ids_of(tok), "a photo of {}")
             out[f"open_clip/{arch}"] = (
                 lambda m=model, t=tpl: OpenAITextInversion(m, t),
                 lambda m=model: OpenAIVisionInversion(m, 1), model)

@@ -116,7 +116,7 @@ def _ctg_epilog(datasets: tuple[str, ...]) -> str:
         "  hf-clip:DIR or a CLIPModel folder       OpenAI CLIP B/32, L/14 (fast exact causal OTI)",
         "  hf-siglip:DIR or a SiglipModel folder   SigLIP B/16 (OTI over the full padded text)",
         "  open_clip:ARCH/PRETRAINED               OpenAI CLIP, OpenCLIP, SigLIP (open_clip extra)",
-        "  SLIP                                    not loadable here (see docs/reproduce.md)",
+        "  slip:CHECKPOINT.pt                      SLIP B/16, L/16 release files (BPE file beside)",
         "datasets (--datasets):",
         "  image->image, OTI queries:  " + " ".join(d for d in datasets
                                                       if d not in ("coco", "flickr30k", "nocaps")),
@@ -128,7 +128,7 @@ def _common(p: argparse.ArgumentParser, datasets: tuple[str, ...] | None) -> Non
     p.add_argument("--model", required=True, metavar="NAME_OR_DIR",
                    help="a transformers CLIPModel/SiglipModel folder, a hub name already in the "
                         "hub cache (org/model), or an encoder spec (hf-clip:DIR, hf-siglip:DIR, "
-                        "open_clip:ARCH/PRETRAINED, open_clip:local-dir:DIR)")
+                        "open_clip:ARCH/PRETRAINED, open_clip:local-dir:DIR, slip:FILE.pt)")
     p.add_argument("--data-root", required=True, type=Path, metavar="DIR",
                    help=f"folder holding the {_LAYOUT_HELP}")
     if datasets is not None:

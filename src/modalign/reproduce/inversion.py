@@ -93,7 +93,7 @@ def ovi_family(model: ResolvedModel, towers: Mapping[str, Encoder]) -> str:
     spec = model.spec.lower()
     if model.family == "hf-siglip" or "siglip" in spec:
         return "siglip"
-    if "slip" in spec.split(":", 1)[-1].replace("siglip", ""):
+    if model.family == "slip":
         return "slip"
     if model.family == "open_clip":
         return "openai" if spec.rstrip("/").endswith("/openai") else "openclip"

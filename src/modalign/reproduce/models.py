@@ -3,7 +3,8 @@
 Accepted forms:
 
 - an encoder spec: ``hf-clip:PATH_OR_NAME``, ``hf-siglip:PATH_OR_NAME``,
-  ``open_clip:ARCH/PRETRAINED``, ``open_clip:local-dir:PATH``;
+  ``open_clip:ARCH/PRETRAINED``, ``open_clip:local-dir:PATH``, ``slip:CHECKPOINT.pt`` (a SLIP
+  release file, :mod:`modalign.reproduce.slip`);
 - a local folder: a transformers ``save_pretrained`` folder (``config.json`` with ``model_type``
   ``clip`` or ``siglip``) or an open_clip folder (``open_clip_config.json``);
 - a hub name such as ``openai/clip-vit-base-patch32`` (a SigLIP when the name says ``siglip``),
@@ -19,7 +20,7 @@ from modalign.encoders.base import Encoder
 from modalign.encoders.hub import is_hub_name, resolve_model_dir
 from modalign.io import read_json
 
-SPEC_PREFIXES = ("hf-clip:", "hf-siglip:", "open_clip:")
+SPEC_PREFIXES = ("hf-clip:", "hf-siglip:", "open_clip:", "slip:")
 HF_MODEL_TYPES = {"clip": "hf-clip", "siglip": "hf-siglip"}
 
 
@@ -30,7 +31,7 @@ class ResolvedModel:
     Attributes:
         given: what the user typed.
         spec: the encoder spec (``hf-clip:/models/clip-b32``).
-        family: ``"hf-clip"``, ``"hf-siglip"`` or ``"open_clip"``.
+        family: ``"hf-clip"``, ``"hf-siglip"``, ``"open_clip"`` or ``"slip"``.
     """
 
     given: str
@@ -41,7 +42,7 @@ class ResolvedModel:
     def label(self) -> str:
         """A short, file-name-safe label for output folders."""
         tail = self.spec.split(":", 1)[1].rstrip("/")
-        name = Path(tail).name if Path(tail).is_dir() else tail
+        name = Path(tail).name if Path(tail).is_dir() or self.family == "slip" else tail
         return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or self.family
 
 
@@ -94,6 +95,10 @@ def _folder_spec(path: Path) -> str:
 def load_towers(model: ResolvedModel) -> dict[str, Encoder]:
     """The image and text towers of ``model``, sharing one set of weights where possible."""
     kind, _, arg = model.spec.partition(":")
+    if kind == "slip":
+        from modalign.reproduce.slip import load_slip_towers
+
+        return dict(load_slip_towers(arg))
     if kind in ("hf-clip", "hf-siglip"):
         from modalign.encoders.hf import load_hf_towers
 

@@ -171,13 +171,17 @@ def vision_model_inversion(model: nn.Module, num_tokens: int = 1
     return clip_vision_inversion(model, num_tokens)
 
 
-def _open_clip_ids(tokenizer: Any) -> Any:
-    """Wrap an open_clip tokenizer (strings -> padded id tensor) as ``text -> {"input_ids"}``."""
+def _ids_of(tokenizer: Any) -> Any:
+    """``text -> {"input_ids": ids}`` for a transformers tokenizer, an open_clip tokenizer
+    (strings -> padded id tensor) or any callable returning either."""
     def call(text: str) -> Mapping[str, list[int]]:
-        out = tokenizer([text])
-        if isinstance(out, Mapping):
-            return {"input_ids": list(out["input_ids"][0])}
-        return {"input_ids": [int(i) for i in out[0]]}
+        out = tokenizer(text)
+        ids = out["input_ids"] if isinstance(out, Mapping) else out
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1, ids.shape[-1])[0].tolist()
+        elif ids and isinstance(ids[0], (list, tuple)):
+            ids = ids[0]
+        return {"input_ids": [int(i) for i in ids]}
     return call
 
 
@@ -216,9 +220,9 @@ def encoder_inversion(encoder: Any, *, template: str = DEFAULT_TEMPLATE,
             return text_model_inversion(model, tokens)
         return clip_vision_inversion(model, num_tokens or 1)
     if model is not None and hasattr(model, "visual") and hasattr(encoder, "modality"):
-        # open_clip towers (and any OpenAI-layout model wrapped as a tower)
+        # open_clip and SLIP towers (any OpenAI-layout model wrapped as a tower)
         if encoder.modality == "text":
-            tokens = TemplateTokens.from_tokenizer(_open_clip_ids(encoder.tokenizer), template,
+            tokens = TemplateTokens.from_tokenizer(_ids_of(encoder.tokenizer), template,
                                                    num_tokens or 1, placeholder)
             return OpenAITextInversion(model, tokens)
         return OpenAIVisionInversion(model, num_tokens or 1)
