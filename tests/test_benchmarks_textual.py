@@ -189,5 +189,6 @@ def test_reproduce_runs_the_textual_sets(tmp_path: Path) -> None:
                          ("nanobeir_fever", "ovi")}
     assert recs[("nanobeir_fever", "native")]["metrics"]["queries_without_relevant"] == 1.0
     assert recs[("imdb", "ovi")]["counts"] == {"queries": 2, "gallery": 4}
+    assert recs[("imdb", "native")]["protocol"]["gallery_text"] == "summaries"
     table = (out / "table.md").read_text()
     assert "| Model | Method | IMDB | FEVER | Avg |" in table

@@ -153,7 +153,8 @@ def run_dataset(name: str, model: ResolvedModel, towers: dict[str, Encoder],
     split = f"{protocol.query.describe()} -> {protocol.gallery.describe()}"
     proto_info = {"query": protocol.query.describe(), "gallery": protocol.gallery.describe(),
                   "exclude_self": protocol.exclude_self, "relevance": protocol.relevance,
-                  "distractors": ds.info.get("distractors")}
+                  "distractors": ds.info.get("distractors"),
+                  "gallery_text": ds.info.get("gallery_text")}
 
     def record(task_name: str, method: str, metrics: dict[str, float],
                inversion: dict[str, Any] | None = None) -> dict[str, Any]:
