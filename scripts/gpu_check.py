@@ -12,6 +12,9 @@ Checks (each compared with the CPU result within the tolerance it prints):
   (transformers CLIP, transformers SigLIP, the OpenAI layout of the ``clip`` package, open_clip
   CLIP and SigLIP when open_clip is installed) from the same initial tokens, fp32; then the speed
   at batch 64 in the official precision (fp16 with a gradient scaler) and the peak GPU memory;
+* ``train/<config>``: 3 steps of each built-in training config on a small synthetic embedding
+  store (the configs' objectives and heads, fake towers), in bf16 on CUDA (fp32 on the CPU),
+  against fp32 on the CPU: the final training loss;
 * ``reproduce``: ``modalign reproduce cross-the-gap`` on tiny fixtures, the records on the device
   against those on the CPU.
 """
@@ -192,6 +195,44 @@ def _params(fwd: Any):
     return iter(())
 
 
+def check_training(device: str, repo: Path) -> None:
+    sys.path.insert(0, str(repo / "tests"))
+    from modalign.train.config import TrainConfig, builtin_config_path, read_config_file
+    from modalign.train.loop import train
+    from train_support import synthetic_store
+
+    cuda = torch.device(device).type == "cuda"
+    names = sorted(p.stem for p in builtin_config_path("clip").parent.glob("*.toml"))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        synthetic_store(store, audio_dim=6)
+        for name in names:
+            def run(name: str = name) -> None:
+                losses = {}
+                runs = (("cpu", "fp32"), (device, "bf16" if cuda else "fp32"))
+                for k, (dev, precision) in enumerate(runs):
+                    data = read_config_file(builtin_config_path(name))
+                    data["data"] = {**data["data"], "embeddings": str(store), "dataset": ""}
+                    data["model"] = {**data["model"], "joint_dim": 8, "towers": {
+                        m: f"fake-{m}" for m in data["model"]["towers"]}}
+                    data["train"] = {**data.get("train", {}), "epochs": 1, "max_steps": 3,
+                                     "batch_size": 8, "progress": False, "device": dev,
+                                     "precision": precision}
+                    data["run"] = {"dir": str(Path(tmp) / f"{name}-{k}")}
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        res = train(TrainConfig.from_dict(data))
+                    losses["cpu" if k == 0 else "device"] = float(
+                        res.summary["final_train_loss"])
+                rel = abs(losses["device"] - losses["cpu"]) / max(abs(losses["cpu"]), 1e-12)
+                tol = 5e-2 if cuda else 1e-6
+                report(f"train/{name}", rel <= tol,
+                       f"final loss {losses['device']:.4f} on {device} "
+                       f"({'bf16' if cuda else 'fp32'}) vs {losses['cpu']:.4f} fp32 cpu, "
+                       f"rel. diff {rel:.1e} <= {tol:g}")
+
+            guarded(f"train/{name}", run)
+
+
 def check_reproduce(device: str, repo: Path) -> None:
     sys.path.insert(0, str(repo / "tests"))
     from modalign.cli import main
@@ -234,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="device to check (default cuda)")
     parser.add_argument("--steps", type=int, default=10, help="inversion steps compared")
     parser.add_argument("--speed-batch", type=int, default=64, help="batch of the speed runs")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("loss", "inversion",
-                                                                  "reproduce"))
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=("loss", "inversion", "training", "reproduce"))
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"FAIL setup: --device {args.device} but CUDA is not available", flush=True)
@@ -248,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         guarded("loss-tiled", lambda: check_tiled_loss(args.device))
     if "inversion" not in args.skip:
         guarded("inversion", lambda: check_inversion(args.device, args.steps, args.speed_batch))
+    if "training" not in args.skip:
+        guarded("training", lambda: check_training(args.device, repo))
     if "reproduce" not in args.skip:
         guarded("reproduce", lambda: check_reproduce(args.device, repo))
     print(f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all checks passed'}")

@@ -27,12 +27,12 @@ def test_gpu_check_passes_on_cpu() -> None:
     checks = [ln for ln in lines if ln.startswith(("PASS ", "FAIL "))]
     names = {ln.split()[1].rstrip(":") for ln in checks}
     assert {"loss-tiled/fp32", "loss-tiled/bf16", "oti/hf-clip", "ovi/hf-clip", "oti/hf-siglip",
-            "ovi/hf-siglip", "reproduce"} <= names
+            "ovi/hf-siglip", "train/clip", "train/three_modal", "reproduce"} <= names
     assert all(ln.startswith("PASS ") for ln in checks) and lines[-1] == "all checks passed"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")
 def test_gpu_check_fails_without_cuda() -> None:
-    res = _run("--device", "cuda", "--skip", "loss", "inversion", "reproduce")
+    res = _run("--device", "cuda", "--skip", "loss", "inversion", "training", "reproduce")
     assert res.returncode == 1 and "FAIL setup: --device cuda but CUDA is not available" in (
         res.stdout)
