@@ -11,7 +11,8 @@ time). Random weights at the published sizes (nothing is downloaded):
   vision 196 patches, attention-pooling head), P = 4;
 * ``openai-layout``: the OpenAI ``clip`` package's ViT-B/32 model (the open_clip layout), full
   77-position text;
-* ``slip``: SLIP ViT-B/16 (timm-layout trunk, CLIP text tower), P = 1.
+* ``slip``: SLIP ViT-B/16 (timm-layout trunk, CLIP text tower with a model-level causal mask:
+  OTI cut at the EOT), P = 1.
 
 Usage:
     python benchmarks/inversion_families.py --batch 8 --steps 3
@@ -105,13 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--only", nargs="*", default=None, help="families to run")
+    p.add_argument("--methods", nargs="*", default=["oti", "ovi"], help="oti and/or ovi")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for family, (make_oti, make_ovi) in families().items():
         if args.only and family not in args.only:
             continue
         for method, make, paper_steps in (("oti", make_oti, 150), ("ovi", make_ovi, 1000)):
+            if method not in args.methods:
+                continue
             row = {"benchmark": "inversion_families", "family": family, "method": method,
                    "batch": args.batch, "steps": args.steps, "paper_steps": paper_steps,
                    "threads": args.threads, **measure(make(), args.batch, args.steps,

@@ -243,6 +243,7 @@ def test_openai_layout_text_equals_encode_text(openai_clip) -> None:
         want = openai_clip.encode_text(ids)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert fwd.pool_index == 6 and fwd.identity()["pool"] == "argmax"
+    assert fwd.identity()["positions"] == 12  # the mask lives in the blocks: the full context
 
 
 def test_openai_layout_vision_equals_encode_image(openai_clip) -> None:

@@ -88,6 +88,7 @@ def test_slip_towers_and_inversion_forwards(slip_file: Path, tmp_path) -> None:
     # OTI forward: the template with the placeholder's own embedding = the tower's encode
     oti = encoder_inversion(text, template="a photo of {}.")
     t: TemplateTokens = oti.template
+    assert oti.identity()["positions"] == t.ids.index(49407) + 1 == 7  # causal: cut at the EOT
     own = text.model.token_embedding(torch.tensor([t.ids[t.slot]]))[None].detach()
     with torch.no_grad():
         want = text.encode(torch.tensor([t.ids]))

@@ -119,7 +119,7 @@ class _QuickGELU(nn.Module):
 
 
 class _TextBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mask: Tensor) -> None:
+    def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads)
         self.ln_1 = _FP32LayerNorm(width)
@@ -127,23 +127,25 @@ class _TextBlock(nn.Module):
                                               ("gelu", _QuickGELU()),
                                               ("c_proj", nn.Linear(4 * width, width))]))
         self.ln_2 = _FP32LayerNorm(width)
-        self.register_buffer("attn_mask", mask, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (L, N, D), sequence first
+    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:  # x: (L, N, D)
         h = self.ln_1(x)
-        mask = self.attn_mask[: x.shape[0], : x.shape[0]].to(x.dtype)
+        mask = None if attn_mask is None else attn_mask.to(x.dtype)
         x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
         return x + self.mlp(self.ln_2(x))
 
 
 class _TextTransformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, context: int) -> None:
-        super().__init__()
-        mask = torch.full((context, context), float("-inf")).triu_(1)
-        self.resblocks = nn.Sequential(*[_TextBlock(width, heads, mask) for _ in range(layers)])
+    """Sequence-first residual blocks run under the mask they are given (open_clip's call)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.resblocks(x)
+    def __init__(self, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList([_TextBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        for block in self.resblocks:
+            x = block(x, attn_mask)
+        return x
 
 
 class SLIPModel(nn.Module):
@@ -157,7 +159,9 @@ class SLIPModel(nn.Module):
         self.visual = ViTTrunk(vision_width, vision_layers, vision_heads, image_size, patch)
         self.image_projection = nn.Parameter(torch.randn(vision_width, embed_dim)
                                              * vision_width ** -0.5)
-        self.transformer = _TextTransformer(text_width, text_layers, text_heads, context)
+        self.transformer = _TextTransformer(text_width, text_layers, text_heads)
+        self.register_buffer("attn_mask", torch.full((context, context), float("-inf")).triu_(1),
+                             persistent=False)
         self.token_embedding = nn.Embedding(vocab, text_width)
         self.positional_embedding = nn.Parameter(torch.randn(context, text_width) * 0.01)
         self.ln_final = _FP32LayerNorm(text_width)
@@ -172,7 +176,7 @@ class SLIPModel(nn.Module):
 
     def encode_text(self, ids: Tensor) -> Tensor:
         x = self.token_embedding(ids) + self.positional_embedding
-        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x = self.transformer(x.permute(1, 0, 2), attn_mask=self.attn_mask).permute(1, 0, 2)
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0]), ids.argmax(dim=-1)] @ self.text_projection
 

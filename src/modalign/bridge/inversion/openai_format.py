@@ -8,10 +8,13 @@ with a causal ``attn_mask`` or none; the image side is either a ``VisionTransfor
 or a timm ViT trunk (``pos_embed``, ``cls_token``, ``norm_pre``, ``blocks``, ``norm``,
 ``forward_head``), as in open_clip's SigLIP and in SLIP.
 
-Both forwards run the full sequence as the model's own ``encode_*`` does (the padded context for
-text, every patch for images), so they are exact for causal and non-causal towers alike; the
-pseudo-tokens replace the placeholder's token embeddings (text) or the patch-embedding output
-(images) before the positional embeddings are added, as in the official code.
+Both forwards run what the model's own ``encode_*`` runs, so they are exact for causal and
+non-causal towers alike: every patch for images; for text, the padded context, except that a
+causal tower pooled at its EOT (a model-level causal ``attn_mask`` passed to its transformer, as
+open_clip's CLIP and SLIP have) runs only the positions up to the EOT (6 of 77 for
+``"a photo of {}"``), which no earlier position can see past. The pseudo-tokens replace the
+placeholder's token embeddings (text) or the patch-embedding output (images) before the
+positional embeddings are added, as in the official code.
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ def _run_transformer(transformer: nn.Module, x: Tensor, attn_mask: Tensor | None
     else:  # the OpenAI ``clip`` package: the mask lives in each block
         x = transformer(x)
     return x if batch_first else x.permute(1, 0, 2)
+
+
+def _is_causal(mask: Tensor) -> bool:
+    """An additive (-inf above the diagonal, 0 elsewhere) or boolean (True above) causal mask."""
+    above = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, above))
+    return bool(torch.isneginf(mask[above]).all() and (mask[~above] == 0).all())
 
 
 class OpenAITextInversion:
@@ -95,6 +106,15 @@ class OpenAITextInversion:
         self.template = template
         self.num_tokens = template.num_tokens
         self.token_dim = int(root.token_embedding.weight.shape[1])
+        mask = getattr(root, "attn_mask", None)
+        takes_mask = "attn_mask" in inspect.signature(root.transformer.forward).parameters
+        # EOT truncation: exact when the mask is causal and the transformer takes a sliced mask
+        self.length = context
+        if (self.pool_type == "argmax" and takes_mask and isinstance(mask, Tensor)
+                and mask.shape == (context, context) and _is_causal(mask)):
+            self.length = self.pool_index + 1
+            if self.length < template.slot + template.num_tokens:
+                raise ModalignError("template: the EOT must come after the slot")
         self._fixed: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
 
     def _template_embeddings(self, dtype: torch.dtype, device: torch.device
@@ -104,15 +124,17 @@ class OpenAITextInversion:
             self._fixed.clear()
             t = self.template
             with torch.no_grad():
-                emb = self.root.token_embedding(torch.tensor(self.ids, device=device)[None])
-                emb = emb.to(dtype)
+                ids = torch.tensor(self.ids[: self.length], device=device)[None]
+                emb = self.root.token_embedding(ids).to(dtype)
             self._fixed[key] = (emb[:, : t.slot], emb[:, t.slot + t.num_tokens:])
         return self._fixed[key]
 
     def __call__(self, tokens: Tensor) -> Tensor:
         before, after = self._template_embeddings(tokens.dtype, tokens.device)
-        x = fill_slot(tokens, before, after) + self.root.positional_embedding.to(tokens.dtype)
-        x = _run_transformer(self.root.transformer, x, getattr(self.root, "attn_mask", None))
+        n = self.length
+        x = fill_slot(tokens, before, after) + self.root.positional_embedding[:n].to(tokens.dtype)
+        mask = getattr(self.root, "attn_mask", None)
+        x = _run_transformer(self.root.transformer, x, None if mask is None else mask[:n, :n])
         if getattr(self.root, "final_ln_after_pool", False):
             x = self.root.ln_final(x[:, self.pool_index])
         else:
@@ -123,7 +145,7 @@ class OpenAITextInversion:
         return {"kind": "openai-layout-text", "tower": type(self.model).__name__,
                 "template": self.template.text, "ids": list(self.template.ids),
                 "slot": self.template.slot, "num_tokens": self.num_tokens,
-                "pool": self.pool_type, "pool_index": self.pool_index}
+                "pool": self.pool_type, "pool_index": self.pool_index, "positions": self.length}
 
 
 class OpenAIVisionInversion:
