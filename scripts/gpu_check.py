@@ -118,16 +118,16 @@ def tiny_models() -> dict[str, tuple[Any, Any]]:
     if importlib.util.find_spec("open_clip") is not None:
         import open_clip
 
-        for arch in ("ViT-B-32", "ViT-B-16-SigLIP"):
+        # made-up ids (no tokenizer files offline): SOT a photo of <slot> EOT, padded by the
+        # forward to the model's context; SigLIP pools the last position of the padded text
+        for arch, ids in (("ViT-B-32", (49406, 320, 1125, 539, 333, 49407)),
+                          ("ViT-B-16-SigLIP", (262, 266, 1304, 267, 333, 1))):
             try:
                 model = open_clip.create_model(arch, pretrained=None).eval()
             except Exception as e:
                 report(f"open_clip/{arch}", False, f"cannot build: {type(e).__name__}: {e}")
                 continue
-            tok = open_clip.get_tokenizer(arch)
-            from modalign.bridge.inversion.towers import _ids_of
-
-            tpl = TemplateTokens.from_tokenizer(_ids_of(tok), "a photo of {}")
+            tpl = TemplateTokens(ids, slot=4)
             out[f"open_clip/{arch}"] = (
                 lambda m=model, t=tpl: OpenAITextInversion(m, t),
                 lambda m=model: OpenAIVisionInversion(m, 1), model)
