@@ -102,3 +102,13 @@ def test_revisited_table_prints_easy_medium_and_hard() -> None:
     assert "| m (ours) | ROx | OTI | 60.0 | 45.0 | 25.0 |" in table
     assert "| m (ours) | Orig | 40.0 | 40.0 |" in table  # the main table: Medium
     assert "secondary source" in table and "does not say which one" in table
+
+
+def test_help_lists_backbones_and_datasets(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["reproduce", "cross-the-gap", "--help"])
+    out = capsys.readouterr().out
+    for name in ("hf-clip:DIR", "hf-siglip:DIR", "open_clip:ARCH/PRETRAINED", "slip:CHECKPOINT",
+                 "cub2011", "roxford5k", "imagenet", "nocaps", "imdb", "20newsgroups",
+                 "nanobeir_scifact", "--precision"):
+        assert name in out, name

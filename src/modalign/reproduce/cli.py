@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,13 @@ def register(subparsers: Any) -> None:
                               "zero-shot inter- vs intra-modal (Mistretta et al., ICLR 2025)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_ctg_epilog(CTG_DATASETS),
-        description=(
+        description=textwrap.fill(
             "Cross the Gap protocol: image->image retrieval with native vs OTI queries on CUB, "
-            "SOP, ROxford5k/RParis6k and the 11 CoOp datasets; text->text retrieval (first "
-            "caption queries the other captions) with native vs OVI queries on COCO, Flickr30k "
-            "and nocaps; zero-shot classification on the CoOp datasets with image vs prompt, "
-            "OTI-image vs prompt and image vs OVI-prompt classifiers. mAP over the full ranking."))
+            "SOP, ROxford5k/RParis6k and the 11 CoOp datasets; text->text retrieval with native "
+            "vs OVI queries on COCO, Flickr30k and nocaps (the first caption queries the other "
+            "captions) and on IMDB, 20 Newsgroups and 7 NanoBEIR sets; zero-shot "
+            "classification on the CoOp datasets with image vs prompt, OTI-image vs prompt and "
+            "image vs OVI-prompt classifiers. mAP over the full ranking.", 79))
     _common(ctg, CTG_DATASETS)
     ctg.add_argument("--methods", nargs="+", choices=("native", "inversion"),
                      default=["native", "inversion"],
@@ -111,6 +113,10 @@ def register(subparsers: Any) -> None:
 
 def _ctg_epilog(datasets: tuple[str, ...]) -> str:
     """The backbones and datasets ``reproduce cross-the-gap`` runs (its --help epilog)."""
+    from modalign.reproduce.cross_the_gap import TEXT_DATASETS
+
+    images = [d for d in datasets if d not in TEXT_DATASETS]
+    texts = [d for d in datasets if d in TEXT_DATASETS]
     return "\n".join([
         "backbones (--model):",
         "  hf-clip:DIR or a CLIPModel folder       OpenAI CLIP B/32, L/14 (fast exact causal OTI)",
@@ -118,9 +124,8 @@ def _ctg_epilog(datasets: tuple[str, ...]) -> str:
         "  open_clip:ARCH/PRETRAINED               OpenAI CLIP, OpenCLIP, SigLIP (open_clip extra)",
         "  slip:CHECKPOINT.pt                      SLIP B/16, L/16 release files (BPE file beside)",
         "datasets (--datasets):",
-        "  image->image, OTI queries:  " + " ".join(d for d in datasets
-                                                      if d not in ("coco", "flickr30k", "nocaps")),
-        "  text->text, OVI queries:    coco flickr30k nocaps",
+        "  image->image, OTI queries:  " + " ".join(images),
+        "  text->text, OVI queries:    " + " ".join(texts),
     ]) + "\n"
 
 
