@@ -93,13 +93,16 @@ def test_newsgroups_in_scikit_learn_order(tmp_path: Path) -> None:
     test = write_newsgroups(tmp_path)
     bench = load_benchmark("20newsgroups", tmp_path)
     docs = bench.protocols["text-to-text"].gallery.select(bench.dataset)
-    # load_files: sorted folders, sorted files; then fetch_20newsgroups shuffles with seed 42
+    # scikit-learn: load_files lists sorted folders' sorted files and shuffles them with its
+    # default RandomState(0); fetch_20newsgroups shuffles the result with RandomState(42)
     files = [(g, test / g / f) for g in ("rec.autos", "sci.space") for f in ("3", "4", "5")]
-    perm = np.arange(6)
-    np.random.RandomState(42).shuffle(perm)
+    first, second = np.arange(6), np.arange(6)
+    np.random.RandomState(0).shuffle(first)
+    np.random.RandomState(42).shuffle(second)
+    expected = [files[first[j]] for j in second]
     assert [(d.group, d.value) for d in docs] == [
-        (files[i][0], files[i][1].read_bytes().decode("latin-1")) for i in perm]
-    assert newsgroups_test_order(test)[0] == files[perm[0]]
+        (g, p.read_bytes().decode("latin-1")) for g, p in expected]
+    assert newsgroups_test_order(test) == expected
     queries = bench.protocols["text-to-text"].query.select(bench.dataset)
     assert {q.group: q.value for q in queries} == {g: NEWSGROUPS_QUERIES[g]
                                                    for g in ("rec.autos", "sci.space")}

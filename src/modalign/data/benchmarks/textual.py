@@ -14,8 +14,9 @@ Layouts (under the data root):
   relevant: same sentiment.
 - ``20news-bydate/20news-bydate-test/<newsgroup>/<file>`` (the by-date release that scikit-learn
   downloads); documents in scikit-learn's ``fetch_20newsgroups(subset="test")`` order (files
-  sorted per sorted folder, then shuffled with ``RandomState(42)``), which is the order the
-  summaries are keyed by. Queries: one hand-written description per newsgroup (the official
+  sorted per sorted folder, shuffled by ``load_files`` with ``RandomState(0)``, then by
+  ``fetch_20newsgroups`` with ``RandomState(42)``), which is the order the summaries are keyed
+  by. Queries: one hand-written description per newsgroup (the official
   ones); relevant: same newsgroup.
 - ``NanoBEIR/<Name>/corpus.jsonl`` (``_id``, ``text``), ``queries.jsonl`` (``_id``, ``text``),
   ``qrels.tsv`` (``query-id``, ``corpus-id``, ``score``; a header line), summaries keyed by the
@@ -148,12 +149,19 @@ def load_imdb(root: str | Path) -> Benchmark:
 
 
 def newsgroups_test_order(test_dir: Path) -> list[tuple[str, Path]]:
-    """``(newsgroup, file)`` in scikit-learn's ``fetch_20newsgroups(subset="test")`` order."""
+    """``(newsgroup, file)`` in scikit-learn's ``fetch_20newsgroups(subset="test")`` order.
+
+    scikit-learn's ``load_files`` lists the sorted files of the sorted folders and shuffles them
+    with ``RandomState(0)`` (its default) when it builds its cache; ``fetch_20newsgroups`` then
+    shuffles that list again with ``RandomState(42)`` (its default).
+    """
     files = [(group.name, f) for group in sorted(test_dir.iterdir(), key=lambda p: p.name)
              if group.is_dir() for f in sorted(group.iterdir(), key=lambda p: p.name)]
-    order = np.arange(len(files))
-    np.random.RandomState(42).shuffle(order)
-    return [files[i] for i in order]
+    for seed in (0, 42):
+        order = np.arange(len(files))
+        np.random.RandomState(seed).shuffle(order)
+        files = [files[i] for i in order]
+    return files
 
 
 def load_newsgroups(root: str | Path) -> Benchmark:
