@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from modalign.data import load_dataset, load_manifest
+from modalign.errors import ModalignError
 
 
 @pytest.fixture()
@@ -71,7 +72,7 @@ def test_manifest_wrong_as_a_whole(tmp_path):
     j.write_text("{not json}\n")
     with pytest.raises(ValueError, match="line 1"):
         load_manifest(j)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModalignError, match="not found"):
         load_manifest(tmp_path / "absent.csv")
     allbad = tmp_path / "bad.csv"
     allbad.write_text("image\nnope.png\n")

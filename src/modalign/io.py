@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -49,14 +50,41 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (UTF-8, keys in insertion order)."""
-    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default)
+    text = dumps(obj, indent=indent)
     write_bytes_atomic(path, (text + "\n").encode("utf-8"))
 
 
 def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[Any]) -> None:
     """Write one JSON object per line to ``path`` atomically."""
-    lines = [json.dumps(r, ensure_ascii=False, default=_json_default) for r in rows]
+    lines = [dumps(r) for r in rows]
     write_bytes_atomic(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """JSON text of ``obj``, always valid JSON: NaN and infinities become ``null``.
+
+    Examples:
+        >>> dumps({"loss": float("-inf"), "x": [1.5, float("nan")]})
+        '{"loss": null, "x": [1.5, null]}'
+    """
+    try:
+        return json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default,
+                          allow_nan=False)
+    except ValueError:  # a non-finite float somewhere: rare, so only then walk the object
+        return json.dumps(_finite(obj), indent=indent, ensure_ascii=False,
+                          default=_json_default, allow_nan=False)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if hasattr(o, "tolist") or (hasattr(o, "item") and not isinstance(o, (str, bytes))):
+        return _finite(_json_default(o))
+    return o
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -75,7 +103,7 @@ def append_jsonl(path: str | os.PathLike[str], row: Any) -> None:
     """Append one JSON line to ``path`` and flush it to disk."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+        f.write(dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -94,13 +122,13 @@ def content_hash(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def file_hash(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """SHA-256 (first 16 hex digits) of a file's bytes."""
+def file_hash(path: str | os.PathLike[str], chunk: int = 1 << 20, full: bool = False) -> str:
+    """SHA-256 of a file's bytes: the first 16 hex digits, or all 64 with ``full=True``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest() if full else h.hexdigest()[:16]
 
 
 def _json_default(o: Any) -> Any:

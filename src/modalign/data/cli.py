@@ -38,9 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("data", help="emoji, emoji:limit=200, pairs.csv, pairs.jsonl or a folder")
     i.set_defaults(func=_info)
 
-    c = dsub.add_parser("check", help="validate a user manifest and report bad rows",
-                        description="Read a CSV/JSONL manifest and report what would be skipped.")
-    c.add_argument("manifest", help="a .csv or .jsonl file")
+    c = dsub.add_parser("check", help="validate a user manifest (or an embedding store)",
+                        description="Read a CSV/JSONL manifest, decode every image, and report "
+                                    "what would be skipped and why. Given an embedding store "
+                                    "folder instead, compare every array with its recorded "
+                                    "checksum (exit 1 if one differs).")
+    c.add_argument("manifest", help="a .csv or .jsonl file, or an embedding store folder")
     c.set_defaults(func=_check)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
@@ -70,11 +73,19 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if (Path(args.manifest) / "manifest.json").is_file():
+        from modalign.embed.cli import verify_store
+
+        return verify_store(args.manifest)
     ds, report = load_manifest(args.manifest)
     print(repr(ds))
     print(report.summary())
     for s in report.skipped[:20]:
-        print(f"  row {s.get('row')}: {s['reason']}")
+        where = f"line {s['line']}" if "line" in s else f"row {s.get('row')}"
+        col = f", column {s['column']}" if "column" in s else ""
+        print(f"  {where}{col}: {s['reason']}")
     if len(report.skipped) > 20:
         print(f"  ... and {len(report.skipped) - 20} more")
     return 0

@@ -15,6 +15,7 @@ Columns:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from modalign.data.dataset import SPLITS, Item, PairedDataset, split_of
+from modalign.errors import ModalignError
 
 FILE_MODALITIES = ("image", "audio")
 KNOWN_MODALITIES = ("image", "text", "audio")
@@ -35,37 +37,84 @@ class ManifestReport:
     rows: int = 0
     items: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    outside: set[str] = field(default_factory=set)
 
     def summary(self) -> str:
         reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
         extra = "; ".join(f"{n} x {r}" for r, n in reasons.most_common())
-        return (f"{self.rows} rows -> {self.items} items; skipped {len(self.skipped)} bad entries"
-                + (f" ({extra})" if extra else ""))
+        out = (f"{self.rows} rows -> {self.items} items; skipped {len(self.skipped)} bad entries"
+               + (f" ({extra})" if extra else ""))
+        if self.outside:
+            out += (f"; {len(self.outside)} file paths lead outside the manifest's folder "
+                    "(absolute or ../ paths: read as given)")
+        return out
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise ValueError(f"manifest {path}: empty file; expected a header row with "
-                                 "columns such as image,text[,group,label,split]")
-            return [dict(r) for r in reader]
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"manifest {path}, line {n}: not valid JSON ({e})") from e
-                if not isinstance(obj, dict):
-                    raise ValueError(f"manifest {path}, line {n}: expected a JSON object per line")
-                rows.append(obj)
-        return rows
-    raise ValueError(f"manifest={str(path)!r}: expected a .csv or .jsonl file")
+def _read_text(path: Path) -> str:
+    """The manifest's text: UTF-8, with or without a byte-order mark (spreadsheets write one)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ModalignError(
+            f"manifest {path}, line {line}: byte 0x{data[e.start]:02x} is not UTF-8; expected a "
+            "UTF-8 file (save it as 'CSV UTF-8' or convert it, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of a manifest (with their ``_line``) and the rows refused as malformed."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".ndjson"):
+        raise ModalignError(f"manifest={str(path)!r}: expected a .csv or .jsonl file")
+    text = _read_text(path)
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, Any]] = []
+    if suffix == ".csv":
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise ModalignError(f"manifest {path}: empty file; expected a header row with "
+                                "columns such as image,text[,group,label,split]")
+        header = [h.strip() for h in header]
+        dup = sorted({h for h in header if header.count(h) > 1})
+        if dup:
+            raise ModalignError(
+                f"manifest {path}: column names {dup} appear more than once in the header "
+                f"{header}; give each column its own name (e.g. text:caption,text:title for two "
+                "views of one modality)")
+        for fields in reader:
+            line = reader.line_num
+            if not any(f.strip() for f in fields):
+                continue
+            if len(fields) > len(header):
+                extra = fields[len(header):]
+                bad.append({"row": len(rows) + len(bad), "line": line,
+                            "reason": f"too many fields: {len(fields)} for {len(header)} columns "
+                                      f"(extra {extra}); quote a value that holds a comma"})
+                continue
+            row = dict(zip(header, fields + [""] * (len(header) - len(fields))))
+            row["_line"] = line
+            rows.append(row)
+        return rows, bad
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            bad.append({"row": len(rows) + len(bad), "line": line,
+                        "reason": f"not valid JSON: {e}"})
+            continue
+        if not isinstance(obj, dict):
+            bad.append({"row": len(rows) + len(bad), "line": line,
+                        "reason": f"expected a JSON object, got {type(obj).__name__}"})
+            continue
+        obj = {str(k): v for k, v in obj.items()}
+        obj["_line"] = line
+        rows.append(obj)
+    return rows, bad
 
 
 def _modality_columns(columns: list[str]) -> dict[str, tuple[str, str]]:
@@ -82,13 +131,23 @@ def _modality_columns(columns: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def _check_image(path: Path) -> str | None:
-    from PIL import Image, UnidentifiedImageError
+    """None if ``path`` decodes fully as an image, else why not (a decompression bomb, a
+    truncated or corrupt file). Large images are decoded at reduced size where the format allows
+    (JPEG draft mode), so a check never needs the full-resolution pixels in memory."""
+    import warnings
+
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        return f"unreadable image: {path} ({type(e).__name__})"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.draft("RGB", (512, 512))
+                im.load()
+    except Image.DecompressionBombError as e:
+        return f"unreadable image: {path} (decompression bomb: {e})"
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return f"unreadable image: {path} ({type(e).__name__}: {e})"
     return None
 
 
@@ -97,8 +156,11 @@ def load_manifest(path: str | Path, name: str | None = None, verify_images: bool
                   ) -> tuple[PairedDataset, ManifestReport]:
     """Read a user manifest into a :class:`PairedDataset`, skipping and counting bad rows.
 
-    A manifest that is wrong as a whole (unknown format, no modality column, no rows) raises
-    ``ValueError`` at once.
+    The file is read as UTF-8 (a byte-order mark is allowed). A manifest that is wrong as a whole
+    (unknown format, not UTF-8, repeated column names, no modality column, no rows) raises
+    :class:`~modalign.errors.ModalignError` at once; a bad row (too many fields, invalid JSON,
+    a duplicate id, a bad split, an empty cell, a missing or undecodable file) is skipped and
+    counted in the report with its line number and reason.
 
     Examples:
         >>> import tempfile, pathlib
@@ -109,29 +171,42 @@ def load_manifest(path: str | Path, name: str | None = None, verify_images: bool
         (['caption', 'title'], 4)
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"manifest {path} not found")
-    rows = _read_rows(path)
+    if not path.is_file():
+        raise ModalignError(f"manifest {path} not found (expected a .csv or .jsonl file)")
+    rows, malformed = _read_rows(path)
+    if not rows and not malformed:
+        raise ModalignError(f"manifest {path}: no rows; expected one row per pair or tuple")
     if not rows:
-        raise ValueError(f"manifest {path}: no rows; expected one row per pair or tuple")
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+        first = malformed[0]
+        raise ModalignError(f"manifest {path}: every row is malformed ({len(malformed)} rows; "
+                            f"line {first['line']}: {first['reason']})")
+    columns = list(dict.fromkeys(k for r in rows for k in r if k != "_line"))
     mod_cols = _modality_columns(columns)
     if not mod_cols:
-        raise ValueError(
+        raise ModalignError(
             f"manifest {path}: no modality column among {columns}; expected at least one of "
             "image, text, audio or MODALITY:VIEW (e.g. image:photo, text:caption)")
     label_cols = [c for c in columns if c == "label" or c.startswith("label:")]
     root = path.parent.resolve()
-    report = ManifestReport(rows=len(rows))
+    report = ManifestReport(rows=len(rows) + len(malformed), skipped=list(malformed))
     items: list[Item] = []
     seen: dict[tuple[str, str, str, str], str] = {}
     verified: dict[Path, str | None] = {}
+    row_ids: dict[str, int] = {}
     for n, row in enumerate(rows):
-        row_id = str(row.get("id") or n)
+        line = row.pop("_line")
+        row_id = str(row.get("id") if row.get("id") not in (None, "") else n)
+        if row_id in row_ids:
+            report.skipped.append({"row": n, "line": line,
+                                   "reason": f"duplicate id: {row_id!r} (first on line "
+                                             f"{row_ids[row_id]})"})
+            continue
+        row_ids[row_id] = line
         group = str(row.get("group") if row.get("group") not in (None, "") else f"row{n}")
         split = str(row.get("split") or "").strip().lower() or split_of(group, split_fractions)
         if split not in SPLITS:
-            report.skipped.append({"row": n, "reason": f"bad split: {split!r} not in {SPLITS}"})
+            report.skipped.append({"row": n, "line": line,
+                                   "reason": f"bad split: {split!r} not in {SPLITS}"})
             continue
         labels = {("label" if c == "label" else c.split(":", 1)[1]): str(row[c])
                   for c in label_cols if row.get(c) not in (None, "")}
@@ -139,21 +214,25 @@ def load_manifest(path: str | Path, name: str | None = None, verify_images: bool
             value = row.get(col)
             if value is None or (isinstance(value, str) and not value.strip()):
                 if col in row:
-                    report.skipped.append({"row": n, "column": col, "reason": "empty value"})
+                    report.skipped.append({"row": n, "line": line, "column": col,
+                                           "reason": "empty value"})
                 continue
             value = str(value).strip()
             if mod in FILE_MODALITIES or (mod not in KNOWN_MODALITIES and (root / value).is_file()):
                 file = Path(value) if Path(value).is_absolute() else root / value
                 if not file.is_file():
-                    report.skipped.append({"row": n, "column": col,
+                    report.skipped.append({"row": n, "line": line, "column": col,
                                            "reason": f"missing file: {file}"})
                     continue
                 if mod == "image" and verify_images:
                     if file not in verified:
                         verified[file] = _check_image(file)
                     if verified[file]:
-                        report.skipped.append({"row": n, "column": col, "reason": verified[file]})
+                        report.skipped.append({"row": n, "line": line, "column": col,
+                                               "reason": verified[file]})
                         continue
+                if not file.resolve().is_relative_to(root):
+                    report.outside.add(str(file))
                 value = str(file)
             key = (mod, view, value, group)
             if key in seen:  # the same image listed on several caption rows of one group
@@ -163,7 +242,7 @@ def load_manifest(path: str | Path, name: str | None = None, verify_images: bool
             items.append(Item(item_id, mod, view, value, group, split, labels))
     report.items = len(items)
     if not items:
-        raise ValueError(f"manifest {path}: every row was skipped ({report.summary()})")
+        raise ModalignError(f"manifest {path}: every row was skipped ({report.summary()})")
     ds = PairedDataset(name or path.stem, items, root=root,
                        info={"kind": "manifest", "source": str(path),
                              "skipped": report.skipped})

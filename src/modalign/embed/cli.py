@@ -31,7 +31,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", action="store_true",
                    help="L2-normalise stored vectors (for joint-space towers such as CLIP)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--verify", action="store_true",
+                   help="after embedding, compare every array of the store with its recorded "
+                        "checksum (reads every byte; exit 1 if one differs)")
     p.set_defaults(func=run)
+
+
+def verify_store(path: str) -> int:
+    """Print each array of the store at ``path`` with its checksum verdict; 1 if any is bad."""
+    from modalign.embed.store import EmbeddingStore
+
+    store = EmbeddingStore(path)
+    bad = 0
+    for name, problem in store.verify().items():
+        if problem is None:
+            print(f"  {name}: ok")
+        elif problem == "no checksum recorded":
+            print(f"  {name}: {problem} (written by an older version; size and shape checked)")
+        else:
+            bad += 1
+            print(f"  {name}: DAMAGED: {problem}; rerun `modalign embed` to re-encode it")
+    print(f"{store.path}: {bad} damaged arrays")
+    return 1 if bad else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,4 +89,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name}: {info['count']} x {info['dim']} ({info.get('encoder', {}).get('name')}"
               f"{rate})")
     print(json.dumps({"store": str(store.path), "arrays": store.arrays}))
-    return 0
+    return verify_store(str(store.path)) if args.verify else 0

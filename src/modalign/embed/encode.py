@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from modalign import __version__
 from modalign.data.dataset import Item, PairedDataset
+from modalign.embed.arrays import ArrayWriter, array_lock
 from modalign.embed.store import EmbeddingStore
 from modalign.encoders.base import Encoder, check_encoder
-from modalign.io import content_hash, read_json, write_json_atomic, write_jsonl_atomic
+from modalign.errors import ModalignError
+from modalign.io import content_hash, write_json_atomic
 
 FILE_MODALITIES = ("image", "audio")
 STORE_FORMAT = 2  # bump when the rows or arrays written for the same inputs change
@@ -55,9 +57,12 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
                   stop_after: int | None = None) -> EmbeddingStore:
     """Encode every item of the modalities in ``encoders`` into a store at ``out_dir``.
 
-    Resumable: rows are written into ``<modality>.partial.npy`` batch by batch, with the number
-    of finished rows in ``<modality>.progress.json``; a killed run continues where it stopped. An
-    array whose content hash (inputs + tower identity) matches is reused; any change re-encodes.
+    Resumable: rows are written batch by batch through the shared
+    :class:`~modalign.embed.arrays.ArrayWriter`; a killed run continues where it stopped. Each
+    array is written under its own lock: a second process embedding into the same store waits for
+    it and then reuses the array. An array whose content hash (inputs + tower identity) matches
+    and whose file is whole is reused; any change, or a damaged file, re-encodes. An input the
+    tower cannot decode is left out of the array and listed under ``skipped`` in the manifest.
 
     Args:
         dataset: the items to encode.
@@ -74,7 +79,7 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
         ...                       "runs/emb")                              # doctest: +SKIP
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+        raise ModalignError(f"batch_size={batch_size}: expected a positive integer")
     store = EmbeddingStore(out_dir)
     write_json_atomic(store.path / "dataset.json", {
         "name": dataset.name, "root": str(dataset.root) if dataset.root else None,
@@ -85,66 +90,118 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
         enc = check_encoder(enc)
         items = dataset.select(modality=modality)
         if not items:
-            raise ValueError(f"encoders: modality {modality!r} has no items in dataset "
-                             f"{dataset.name!r} (it has {dataset.modalities})")
+            raise ModalignError(f"encoders: modality {modality!r} has no items in dataset "
+                                f"{dataset.name!r} (it has {dataset.modalities})")
         h = inputs_hash(dataset, items, enc)
-        arrays = store.manifest["arrays"]
-        if arrays.get(modality, {}).get("hash") == h and (store.path / f"{modality}.npy").exists():
+        if store.is_current(modality, h):
             continue
-        partial = store.path / f"{modality}.partial.npy"
-        progress_file = store.path / f"{modality}.progress.json"
-        done = 0
-        if partial.exists() and progress_file.exists():
-            state = read_json(progress_file)
-            if state.get("hash") == h:
-                done = int(state["done"])
-        if done == 0:
-            partial.unlink(missing_ok=True)
-            mm = open_memmap(partial, mode="w+", dtype=np.float32, shape=(len(items), enc.dim))
-        else:
-            mm = open_memmap(partial, mode="r+")
-            if mm.shape != (len(items), enc.dim):
-                mm = open_memmap(partial, mode="w+", dtype=np.float32,
-                                 shape=(len(items), enc.dim))
-                done = 0
-        t0, n0 = time.perf_counter(), done
-        bar = tqdm(total=len(items), initial=done, desc=f"embedding {modality}", unit="item",
-                   disable=not progress)
-        module = enc if isinstance(enc, torch.nn.Module) else None
-        if module is not None:
-            module.to(device).eval()
-        with torch.inference_mode():
-            for start in range(done, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                batch = enc.preprocess([raw_input(dataset, it) for it in chunk])
-                batch = _to_device(batch, device)
-                out = enc.encode(batch).float()
-                if out.shape != (len(chunk), enc.dim):
-                    raise RuntimeError(f"encoder {enc.name!r} returned shape {tuple(out.shape)}, "
-                                       f"expected ({len(chunk)}, {enc.dim})")
+        with array_lock(store.path, modality):
+            entry = store.manifest["arrays"].get(modality)
+            if entry and entry.get("hash") == h:
+                problem = store.check(modality, entry)
+                if problem is None:  # another process finished it while this one waited
+                    continue
+                print(f"{store.path / entry['file']} is damaged ({problem}); re-encoding it",
+                      file=sys.stderr, flush=True)
+            writer = ArrayWriter(store.path, modality, key=h, rows=len(items), dim=enc.dim)
+            try:
+                finished = _encode_rows(dataset, items, enc, writer, batch_size=batch_size,
+                                        device=device, normalize=normalize, progress=progress,
+                                        budget=None if stop_after is None
+                                        else stop_after - batches_done)
+            finally:
+                writer.close()
+            batches_done += finished.batches
+            if not finished.complete:
+                return store
+            bad = sorted(int(r) for r in writer.state.get("bad", {}))
+            facts = writer.finish(drop=bad)
+            if bad:
+                reasons = writer.state["bad"]
+                print(f"skipped {len(bad)} undecodable {modality} inputs:", file=sys.stderr)
+                for r in bad[:20]:
+                    print(f"  {raw_input(dataset, items[r])}: {reasons[str(r)]}", file=sys.stderr)
+            kept = [it.to_dict() for i, it in enumerate(items) if i not in set(bad)]
+            store.register(modality, kept, {
+                "modality": modality, **facts, "dim": enc.dim, "hash": h,
+                "encoder": enc.identity(), "normalized": normalize,
+                "modalign_version": __version__, "items_per_s": finished.rate,
+                "skipped": [{"id": items[r].id, "reason": writer.state["bad"][str(r)]}
+                            for r in bad]})
+    return store
+
+
+@dataclass
+class _Pass:
+    complete: bool
+    batches: int
+    rate: float | None
+
+
+DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def _preprocess(enc: Encoder, inputs: list[Any]) -> tuple[Any, dict[int, str]]:
+    """A batch of ``inputs``; an input the tower cannot read is left out and reported
+    (position -> reason) instead of failing the whole batch."""
+    try:
+        return enc.preprocess(inputs), {}
+    except DECODE_ERRORS + (_bomb(),):
+        pass
+    bad: dict[int, str] = {}
+    for i, x in enumerate(inputs):
+        try:
+            enc.preprocess([x])
+        except DECODE_ERRORS + (_bomb(),) as e:
+            bad[i] = f"{type(e).__name__}: {e}"
+    good = [x for i, x in enumerate(inputs) if i not in bad]
+    return (enc.preprocess(good) if good else None), bad
+
+
+def _bomb() -> type[BaseException]:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        return OSError
+    return Image.DecompressionBombError
+
+
+def _encode_rows(dataset: PairedDataset, items: Sequence[Item], enc: Encoder,
+                 writer: ArrayWriter, *, batch_size: int, device: str | torch.device,
+                 normalize: bool, progress: bool, budget: int | None) -> _Pass:
+    """Encode rows ``writer.done ..`` into ``writer``; stop early after ``budget`` batches."""
+    t0, n0, batches = time.perf_counter(), writer.done, 0
+    bar = tqdm(total=len(items), initial=writer.done, desc=f"embedding {writer.name}",
+               unit="item", disable=not progress)
+    module = enc if isinstance(enc, torch.nn.Module) else None
+    if module is not None:
+        module.to(device).eval()
+    bad_all: dict[str, str] = dict(writer.state.get("bad", {}))
+    with torch.inference_mode():
+        for start in range(writer.done, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            batch, bad = _preprocess(enc, [raw_input(dataset, it) for it in chunk])
+            rows = np.zeros((len(chunk), enc.dim), np.float32)
+            good = [i for i in range(len(chunk)) if i not in bad]
+            if good:
+                out = enc.encode(_to_device(batch, device)).float()
+                if out.shape != (len(good), enc.dim):
+                    raise RuntimeError(f"encoder {enc.name!r} returned shape "
+                                       f"{tuple(out.shape)}, expected ({len(good)}, {enc.dim})")
                 if normalize:
                     out = torch.nn.functional.normalize(out, dim=-1)
-                mm[start:start + len(chunk)] = out.cpu().numpy()
-                mm.flush()
-                write_json_atomic(progress_file, {"hash": h, "done": start + len(chunk)})
-                bar.update(len(chunk))
-                batches_done += 1
-                if stop_after is not None and batches_done >= stop_after:
-                    bar.close()
-                    return store
-        bar.close()
-        elapsed = time.perf_counter() - t0
-        del mm
-        os.replace(partial, store.path / f"{modality}.npy")
-        rows = [it.to_dict() for it in items]
-        write_jsonl_atomic(store.path / f"{modality}.items.jsonl", rows)
-        entry = {"modality": modality, "file": f"{modality}.npy", "count": len(items),
-                 "dim": enc.dim, "dtype": "float32", "hash": h, "encoder": enc.identity(),
-                 "normalized": normalize, "modalign_version": __version__,
-                 "items_per_s": round((len(items) - n0) / elapsed, 2) if elapsed > 0 else None}
-        store._update_manifest(lambda m, e=entry, mod=modality: m["arrays"].__setitem__(mod, e))
-        progress_file.unlink(missing_ok=True)
-    return store
+                rows[good] = out.cpu().numpy()
+            bad_all.update({str(start + i): r for i, r in bad.items()})
+            writer.write(start, rows, bad=bad_all)
+            bar.update(len(chunk))
+            batches += 1
+            if budget is not None and batches >= budget and writer.done < len(items):
+                bar.close()
+                return _Pass(False, batches, None)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    rate = round((len(items) - n0) / elapsed, 2) if elapsed > 0 and len(items) > n0 else None
+    return _Pass(True, batches, rate)
 
 
 def _to_device(batch: Any, device: str | torch.device) -> Any:

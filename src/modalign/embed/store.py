@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from modalign.embed.arrays import array_facts, array_lock, check_array_file, verify_array_file
+from modalign.errors import ModalignError
 from modalign.io import atomic_path, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 MANIFEST = "manifest.json"
@@ -126,7 +128,7 @@ class EmbeddingStore:
     def info(self, name: str) -> dict[str, Any]:
         arrays = self.manifest["arrays"]
         if name not in arrays:
-            raise ValueError(f"array {name!r} is not in the store {self.path}; "
+            raise ModalignError(f"array {name!r} is not in the store {self.path}; "
                              f"it has {sorted(arrays)}")
         return arrays[name]
 
@@ -144,11 +146,43 @@ class EmbeddingStore:
              split: str | Iterable[str] | None = None) -> Embeddings:
         """Read array ``name`` (memory-mapped), optionally restricted to views and splits."""
         info = self.info(name)
+        problem = self.check(name, info)
+        if problem:
+            raise ModalignError(f"array {name!r} of the store {self.path}: "
+                                f"{self.path / info['file']} is damaged ({problem}); run "
+                                "`modalign embed` with the same data and towers to re-encode it")
         vectors = np.load(self.path / info["file"], mmap_mode="r")
         emb = Embeddings(vectors, self._items(name), self.group_index())
         if view is None and split is None:
             return emb
         return emb.filter(view=view, split=split)
+
+    def check(self, name: str, info: Mapping[str, Any] | None = None) -> str | None:
+        """Cheap integrity check of array ``name`` (header, shape, rows, file size; no hashing):
+        None when whole, else what is wrong."""
+        info = info if info is not None else self.info(name)
+        return check_array_file(self.path / info["file"], info)
+
+    def is_current(self, name: str, key: str) -> bool:
+        """True when array ``name`` exists with content key ``key`` and passes :meth:`check`."""
+        info = self.manifest["arrays"].get(name)
+        return bool(info) and info.get("hash") == key and self.check(name, info) is None
+
+    def verify(self) -> dict[str, str | None]:
+        """Every array checked against its recorded checksum: name -> None (whole) or the
+        problem. Reads every byte; see :meth:`check` for the cheap test."""
+        return {name: verify_array_file(self.path / info["file"], info)
+                for name, info in sorted(self.manifest["arrays"].items())}
+
+    def register(self, name: str, items: Sequence[Mapping[str, Any]], entry: Mapping[str, Any]
+                 ) -> None:
+        """Record a finished ``<name>.npy`` (written by an ``ArrayWriter``): rows, then the
+        manifest entry (``entry`` holds the writer's facts and the caller's info)."""
+        write_jsonl_atomic(self.path / f"{name}.items.jsonl", [dict(it) for it in items])
+        self._register_groups(it["group"] for it in items)
+        full = {"modality": items[0]["modality"] if items else name, **dict(entry),
+                "file": f"{name}.npy"}
+        self._update_manifest(lambda m: m["arrays"].__setitem__(name, full))
 
     # -- write ------------------------------------------------------------------------------
     def _register_groups(self, groups: Iterable[str]) -> None:
@@ -171,19 +205,17 @@ class EmbeddingStore:
         if not np.isfinite(vectors).all():
             raise ValueError(f"vectors of array {name!r} contain NaN or inf")
         _check_name(name)
-        with atomic_path(self.path / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, vectors)
-        write_jsonl_atomic(self.path / f"{name}.items.jsonl", [dict(it) for it in items])
-        self._register_groups(it["group"] for it in items)
-        entry = {"modality": items[0]["modality"] if items else name, **(info or {}),
-                 "file": f"{name}.npy", "count": int(vectors.shape[0]),
-                 "dim": int(vectors.shape[1]), "dtype": "float32"}
-        self._update_manifest(lambda m: m["arrays"].__setitem__(name, entry))
+        with array_lock(self.path, name):
+            with atomic_path(self.path / f"{name}.npy") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, vectors)
+                facts = array_facts(tmp)
+            self.register(name, items, {**(info or {}), **facts, "dim": int(vectors.shape[1])})
 
     def remove_array(self, name: str) -> None:
         """Forget an array and delete its files."""
         self._update_manifest(lambda m: m["arrays"].pop(name, None))
-        for suffix in (".npy", ".items.jsonl", ".partial.npy", ".progress.json"):
+        for suffix in (".npy", ".items.jsonl", ".partial.npy", ".progress.json", ".lock"):
             (self.path / f"{name}{suffix}").unlink(missing_ok=True)
 
 
@@ -205,4 +237,4 @@ def _unlock(f: Any) -> None:
 
 def _check_name(name: str) -> None:
     if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"array name {name!r}: expected a plain file-name-safe string")
+        raise ModalignError(f"array name {name!r}: expected a plain file-name-safe string")

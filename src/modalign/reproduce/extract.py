@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 
 from modalign import __version__
 from modalign.data.dataset import PairedDataset
 from modalign.embed import EmbeddingStore, embed_dataset
+from modalign.embed.arrays import ArrayWriter, array_lock
 from modalign.embed.encode import inputs_hash
 from modalign.encoders.base import Encoder
 from modalign.io import write_json_atomic
@@ -116,9 +116,7 @@ def extract_embeddings(dataset: PairedDataset, towers: Mapping[str, Encoder],
 
 
 def _cached(store: EmbeddingStore, dataset: PairedDataset, modality: str, enc: Encoder) -> bool:
-    entry = store.manifest["arrays"].get(modality, {})
-    h = inputs_hash(dataset, dataset.select(modality=modality), enc)
-    return entry.get("hash") == h and (store.path / f"{modality}.npy").exists()
+    return store.is_current(modality, inputs_hash(dataset, dataset.select(modality=modality), enc))
 
 
 def _shard_dir(store: EmbeddingStore, rank: int, world_size: int) -> Path:
@@ -154,17 +152,17 @@ def _merge_shards(store: EmbeddingStore, dataset: PairedDataset, towers: Mapping
             if [it["id"] for it in emb.items] != [it.id for it in items[start:stop]]:
                 raise RuntimeError(f"{shard.path}: rows do not match shard {r} of the dataset")
             parts.append(emb)
-        tmp = store.path / f".{modality}.merge.npy"
-        merged = open_memmap(tmp, mode="w+", dtype=np.float32,
-                             shape=(len(items), parts[0].dim))
-        row = 0
-        for emb in parts:
-            merged[row:row + len(emb)] = emb.vectors
-            row += len(emb)
-        merged.flush()
-        rows = [r for emb in parts for r in emb.items]
-        store.add_array(modality, merged, rows, info={
-            "hash": inputs_hash(dataset, items, enc), "encoder": enc.identity(),
-            "normalized": False, "modalign_version": __version__, "shards": world_size})
-        del merged
-        tmp.unlink(missing_ok=True)
+        h = inputs_hash(dataset, items, enc)
+        with array_lock(store.path, modality):
+            writer = ArrayWriter(store.path, modality, key=h, rows=len(items), dim=parts[0].dim)
+            row = 0
+            for emb in parts:
+                if row >= writer.done:
+                    writer.write(row, np.asarray(emb.vectors))
+                row += len(emb)
+            facts = writer.finish()
+            rows = [r for emb in parts for r in emb.items]
+            store.register(modality, rows, {
+                "modality": modality, **facts, "dim": parts[0].dim, "hash": h,
+                "encoder": enc.identity(), "normalized": False, "modalign_version": __version__,
+                "shards": world_size})

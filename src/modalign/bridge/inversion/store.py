@@ -6,8 +6,8 @@ group, split, labels), ``modality`` set to the tower that produced the feature, 
 to the item's own modality and the row's ``final_cosine``. ``key`` is a content hash of the
 settings, the forward (tower, template, slot), the caller's context (model weights, direction,
 split), the item ids and the target vectors, so changed settings never reuse stale rows. Rows are
-written chunk by chunk into ``<name>.partial.npy`` with ``<name>.progress.json``; a killed run
-resumes at the first unfinished chunk. Each sample depends only on its own key and settings, so a
+written chunk by chunk through the shared :class:`~modalign.embed.arrays.ArrayWriter` (one lock
+per array, resumable); a killed run resumes at the first unfinished chunk. Each sample depends only on its own key and settings, so a
 resumed run equals an uninterrupted one.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 
 from modalign.bridge.inversion.core import InversionForward, InversionSettings, invert
+from modalign.embed.arrays import ArrayWriter, array_lock
 from modalign.embed.store import EmbeddingStore
-from modalign.io import content_hash, read_json, write_json_atomic
+from modalign.io import content_hash
 
 
 def inversion_key(targets: torch.Tensor, ids: Sequence[str], forward: InversionForward,
@@ -95,50 +95,37 @@ def invert_into_store(store: EmbeddingStore, targets: torch.Tensor,
     context = dict(context or {})
     key = inversion_key(targets, ids, forward, settings, context)
     name = f"{forward.modality}.{method}.{key}"
-    if name in store.manifest["arrays"]:
+    if store.is_current(name, key):
         return name
 
     n, chunk = len(items), settings.batch_size
-    partial = store.path / f"{name}.partial.npy"
-    progress_file = store.path / f"{name}.progress.json"
-    done, cosines = 0, np.zeros(n, dtype=np.float64)
-    vectors: np.ndarray | None = None
-    if partial.exists() and progress_file.exists():
-        state = read_json(progress_file)
-        if state.get("key") == key:
-            vectors = open_memmap(partial, mode="r+")
-            done = int(state["done"])
-            cosines[:done] = state["final_cosine"][:done]
-            if on_chunk is not None and done:
+    with array_lock(store.path, name):
+        if store.is_current(name, key):  # another process finished it while this one waited
+            return name
+        writer = ArrayWriter(store.path, name, key=key, rows=n, dim=int(targets.shape[1]))
+        cosines = np.zeros(n, dtype=np.float64)
+        done = writer.done
+        if done:
+            cosines[:done] = writer.state["final_cosine"][:done]
+            if on_chunk is not None:
                 on_chunk(done, float(cosines[:done].sum()))
-    for start in range(done, n, chunk):
-        stop = min(start + chunk, n)
-        res = invert(targets[start:stop], forward, settings, keys=ids[start:stop])
-        if vectors is None:
-            partial.unlink(missing_ok=True)
-            vectors = open_memmap(partial, mode="w+", dtype=np.float32,
-                                  shape=(n, res.features.shape[1]))
-        vectors[start:stop] = res.features.detach().float().cpu().numpy()
-        vectors.flush()
-        cosines[start:stop] = res.final_cosine.detach().double().cpu().numpy()
-        write_json_atomic(progress_file, {"key": key, "done": stop,
-                                          "final_cosine": cosines[:stop].tolist()}, indent=0)
-        if on_chunk is not None:
-            on_chunk(stop - start, float(cosines[start:stop].sum()))
-
-    assert vectors is not None
-    rows = [{**dict(it), "modality": forward.modality, "source_modality": it.get("modality"),
-             "final_cosine": float(c)} for it, c in zip(items, cosines)]
-    info = {
-        "modality": forward.modality,
-        "space": "joint",
-        "inversion": {"method": method, "key": key, "settings": settings.as_dict(),
-                      "batch_size": settings.batch_size, "forward": forward.identity(),
-                      "mean_final_cosine": float(cosines.mean()), **context},
-    }
-    store.add_array(name, np.asarray(vectors), rows, info=info)
-    del vectors
-    partial.unlink(missing_ok=True)
-    progress_file.unlink(missing_ok=True)
+        for start in range(done, n, chunk):
+            stop = min(start + chunk, n)
+            res = invert(targets[start:stop], forward, settings, keys=ids[start:stop])
+            cosines[start:stop] = res.final_cosine.detach().double().cpu().numpy()
+            writer.write(start, res.features.detach().float().cpu().numpy(),
+                         final_cosine=cosines[:stop].tolist())
+            if on_chunk is not None:
+                on_chunk(stop - start, float(cosines[start:stop].sum()))
+        facts = writer.finish()
+        rows = [{**dict(it), "modality": forward.modality, "source_modality": it.get("modality"),
+                 "final_cosine": float(c)} for it, c in zip(items, cosines)]
+        info = {
+            "modality": forward.modality,
+            "space": "joint",
+            "inversion": {"method": method, "key": key, "settings": settings.as_dict(),
+                          "batch_size": settings.batch_size, "forward": forward.identity(),
+                          "mean_final_cosine": float(cosines.mean()), **context},
+        }
+        store.register(name, rows, {**info, **facts, "dim": int(targets.shape[1]), "hash": key})
     return name
-
