@@ -157,8 +157,9 @@ def test_trainable_tail_and_identity(towers):
 def test_load_encoder_picks_one_tower(clip_dir):
     tower = load_encoder(f"hf-clip:{clip_dir}", modality="text")
     assert tower.modality == "text" and tower.name == f"hf-clip:{clip_dir}"
-    with pytest.raises(ValueError, match="modality must be 'image' or 'text'"):
+    with pytest.raises(ValueError, match="tower=image or tower=text"):
         load_encoder(f"hf-clip:{clip_dir}")
+    assert load_encoder(f"hf-clip:{clip_dir}:tower=image", modality="sketch").modality == "image"
 
 
 # Hub-shaped names that no cache holds (a real name could sit in a developer's cache).

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from modalign.encoders import Encoder, available_encoders, check_encoder, load_encoder
+from modalign.errors import ModalignError
 
 
 def test_every_listed_spec_is_documented():
@@ -21,7 +22,8 @@ def test_every_listed_spec_is_documented():
     ("minilm", "image", "text tower"),
     ("logmel:extra", None, "takes no argument"),
     ("hf-clip", "image", "needs a model"),
-    ("hf-siglip:some/model", "audio", "modality must be 'image' or 'text'"),
+    ("hf-siglip:some/model", "audio", "say which one with the option tower=image"),
+    ("effnet-lite0:image_size=48,bogus=1", "image", "unexpected keyword argument 'bogus'"),
 ])
 def test_bad_specs_raise_value_errors(spec, modality, match):
     with pytest.raises(ValueError, match=match):
@@ -33,8 +35,16 @@ def test_built_in_towers_resolve_back_from_their_names():
     assert isinstance(tower, Encoder)
     again = load_encoder(tower.name)
     assert again.identity()["weights_hash"] == tower.identity()["weights_hash"]
-    with pytest.raises(TypeError):
+    with pytest.raises(ModalignError, match="no_such_option"):
         load_encoder("effnet-lite0", no_such_option=1)
+
+
+def test_spec_options_and_any_modality_name_of_the_kind():
+    """``--tower sketch=effnet-lite0`` (the --help example) and ``NAME:key=value`` options.
+    Before: "effnet-lite0 is a image tower, got modality='sketch'"."""
+    tower = load_encoder("effnet-lite0:image_size=48", modality="sketch")
+    assert tower.dim == 1280 and tower.image_size == 48
+    assert load_encoder("minilm", modality="x-ray report").dim == 384
 
 
 class CharCounts:

@@ -8,6 +8,8 @@ from pathlib import Path
 from modalign.data.dataset import SPLITS, Item, PairedDataset, split_of
 from modalign.data.emoji import EmojiOptions, build_emoji
 from modalign.data.manifest import ManifestReport, load_manifest
+from modalign.errors import ModalignError
+from modalign.spec import parse_spec
 
 __all__ = ["SPLITS", "EmojiOptions", "Item", "ManifestReport", "PairedDataset", "build_emoji",
            "load_dataset", "load_manifest", "split_of"]
@@ -33,29 +35,36 @@ def load_dataset(spec: str | Path, progress: bool = False) -> PairedDataset:
         if report.skipped:
             warnings.warn(f"{path}: {report.summary()}", stacklevel=2)
         return ds
-    raise ValueError(f"data={s!r}: expected 'emoji', a .csv/.jsonl manifest, or a dataset folder")
+    raise ModalignError(f"data={s!r}: expected 'emoji', a .csv/.jsonl manifest, or a dataset "
+                        "folder")
 
 
 def parse_emoji_spec(spec: str) -> EmojiOptions:
     """``"emoji:limit=200,speech=1"`` -> :class:`EmojiOptions`."""
     if spec in ("emoji", "emoji:"):
         return EmojiOptions()
+    parsed = parse_spec(spec, "data")
+    if parsed.arg:
+        raise ModalignError(f"data={spec!r}: options should look like key=value, e.g. "
+                            "emoji:limit=200,speech=1")
     kwargs: dict[str, object] = {}
-    for part in spec.split(":", 1)[1].split(","):
-        if not part.strip():
-            continue
-        if "=" not in part:
-            raise ValueError(f"data={spec!r}: option {part!r} should look like key=value")
-        k, v = (x.strip() for x in part.split("=", 1))
-        if k in ("size", "limit"):
-            kwargs[k] = int(v)
-        elif k == "max_version":
-            kwargs[k] = float(v)
-        elif k in ("speech", "skin_tones"):
-            kwargs[k] = v.lower() in ("1", "true", "yes", "on")
-        elif k in ("styles", "languages", "voices"):
-            kwargs[k] = tuple(x for x in v.split("+") if x)
-        else:
-            raise ValueError(f"data={spec!r}: unknown emoji option {k!r}; expected size, limit, "
-                             "speech, skin_tones, styles, languages, voices, max_version")
+    for k, v in parsed.options.items():
+        text = str(v).strip()
+        try:
+            if k in ("size", "limit"):
+                kwargs[k] = int(text)
+            elif k == "max_version":
+                kwargs[k] = float(text)
+            elif k in ("speech", "skin_tones"):
+                kwargs[k] = text.lower() in ("1", "true", "yes", "on")
+            elif k in ("styles", "languages", "voices"):
+                kwargs[k] = tuple(x for x in text.split("+") if x)
+            else:
+                raise ModalignError(f"data={spec!r}: unknown emoji option {k!r}; expected size, "
+                                    "limit, speech, skin_tones, styles, languages, voices, "
+                                    "max_version")
+        except ValueError as e:
+            if isinstance(e, ModalignError):
+                raise
+            raise ModalignError(f"data={spec!r}: option {k}={text!r} is not a number") from None
     return EmojiOptions(**kwargs)  # type: ignore[arg-type]

@@ -6,6 +6,8 @@ import argparse
 import json
 import time
 
+from modalign.errors import ModalignError
+
 DEFAULT_TOWERS = {"image": "effnet-lite0", "text": "minilm", "audio": "logmel"}
 
 
@@ -66,16 +68,17 @@ def run(args: argparse.Namespace) -> int:
               if args.modalities else ds.modalities)
     specs = {m: getattr(args, m) for m in DEFAULT_TOWERS if m in wanted}
     for t in args.tower:
-        if "=" not in t:
-            raise ValueError(f"--tower {t!r}: expected MODALITY=SPEC")
+        if "=" not in t.split(":", 1)[0]:
+            raise ModalignError(f"--tower {t!r}: expected MODALITY=SPEC, e.g. "
+                                "--tower sketch=effnet-lite0:image_size=48")
         m, s = t.split("=", 1)
         specs[m.strip()] = s.strip()
     missing = [m for m in wanted if m not in specs]
     if missing:
-        raise ValueError(f"no tower for modalities {missing}: pass --tower MODALITY=SPEC")
+        raise ModalignError(f"no tower for modalities {missing}: pass --tower MODALITY=SPEC")
     unknown = [m for m in specs if m not in ds.modalities]
     if args.modalities and unknown:
-        raise ValueError(f"--modalities {unknown} not in the data (it has {ds.modalities})")
+        raise ModalignError(f"--modalities {unknown} not in the data (it has {ds.modalities})")
     specs = {m: s for m, s in specs.items() if m in ds.modalities}
     out = args.out or default_store_dir(ds, specs)
     encoders = {m: load_encoder(s, modality=m) for m, s in specs.items()}

@@ -22,7 +22,7 @@ from modalign.errors import ModalignError
 from modalign.io import content_hash, write_json_atomic
 
 FILE_MODALITIES = ("image", "audio")
-STORE_FORMAT = 2  # bump when the rows or arrays written for the same inputs change
+STORE_FORMAT = 3  # bump when the rows or arrays written for the same inputs change
 
 
 def raw_input(ds: PairedDataset, item: Item) -> Any:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from modalign.encoders.base import Encoder, check_encoder
+from modalign.errors import ModalignError
+from modalign.spec import parse_spec
 
 __all__ = ["Encoder", "available_encoders", "check_encoder", "load_encoder"]
 
@@ -45,9 +47,13 @@ def load_encoder(spec: str, modality: str | None = None, **options: Any) -> Enco
     Args:
         spec: ``minilm``, ``minilm:PATH_OR_NAME``, ``effnet-lite0``, ``effnet-lite0:WEIGHTS``,
             ``logmel``, ``hf-clip:PATH_OR_NAME``, ``hf-siglip:PATH_OR_NAME``,
-            ``open_clip:ARCH/PRETRAINED`` or ``open_clip:local-dir:PATH``.
-        modality: which tower of a two-tower model (``"image"`` or ``"text"``); required for the
-            adapters, optional (and checked) for the built-in single-modality towers.
+            ``open_clip:ARCH/PRETRAINED`` or ``open_clip:local-dir:PATH``, each optionally
+            followed by ``:key=value,...`` options (``effnet-lite0:image_size=48``; parsed by
+            :func:`modalign.spec.parse_spec`).
+        modality: the modality name the tower will serve. A single-modality tower serves any
+            name of its kind (``effnet-lite0`` for ``sketch`` or ``x-ray``), not another
+            built-in modality. For the two-tower adapters it picks the tower (``"image"`` or
+            ``"text"``); another name needs the option ``tower=image`` or ``tower=text``.
         options: passed to the tower's constructor (e.g. ``image_size=224``, ``max_length=64``).
 
     Towers come in eval mode with gradients enabled; wrap calls in ``torch.no_grad()`` to embed.
@@ -58,23 +64,37 @@ def load_encoder(spec: str, modality: str | None = None, **options: Any) -> Enco
         >>> (tower.modality, tower.dim)
         ('image', 1280)
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"spec must be a non-empty string such as 'minilm', got {spec!r}")
-    kind, _, arg = spec.strip().partition(":")
+    parsed = parse_spec(spec, "tower spec")
+    kind, arg = parsed.name, parsed.arg
+    options = {**parsed.options, **options}
     if kind not in _SPECS:
-        raise ValueError(f"spec {spec!r}: unknown encoder {kind!r}; expected one of "
-                         f"{', '.join(_SPECS)} (see available_encoders())")
+        raise ModalignError(f"tower spec {spec!r}: unknown encoder {kind!r}; expected one of "
+                            f"{', '.join(_SPECS)} (see available_encoders())")
     if kind in _SINGLE_MODALITY:
         expected = _SINGLE_MODALITY[kind]
-        if modality is not None and modality != expected:
-            raise ValueError(f"modality: {kind} is a {expected} tower, got modality={modality!r}")
-    elif modality not in ("image", "text"):
-        raise ValueError(f"modality must be 'image' or 'text' for the two-tower spec {spec!r}, "
-                         f"got {modality!r}")
-    elif not arg:
+        other = [m for m in _SINGLE_MODALITY.values() if m != expected]
+        if modality in other:
+            raise ModalignError(f"tower spec {spec!r}: {kind} is an {expected} tower and cannot "
+                                f"encode {modality!r}; pick a {modality} tower")
+    elif modality not in ("image", "text") and "tower" not in options:
+        raise ModalignError(
+            f"tower spec {spec!r}: {kind} has an image and a text tower; for modality "
+            f"{modality!r} say which one with the option tower=image or tower=text "
+            f"(e.g. {kind}:MODEL:tower=image)")
+    if kind in _TWO_TOWER and not arg:
         example = _SPECS[kind].split(": ", 1)[1]
-        raise ValueError(f"spec {spec!r}: {kind} needs a model, e.g. {example}")
+        raise ModalignError(f"tower spec {spec!r}: {kind} needs a model, e.g. {example}")
+    try:
+        return _build(kind, arg, modality, options, spec)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ModalignError(f"tower spec {spec!r}: {e}; see `modalign embed --help` and "
+                            "docs/encoders.md for each tower's options") from None
 
+
+def _build(kind: str, arg: str, modality: str | None, options: dict[str, Any], spec: str
+           ) -> Encoder:
     if kind == "minilm":
         from modalign.encoders.minilm import MiniLMEncoder
 
@@ -87,12 +107,16 @@ def load_encoder(spec: str, modality: str | None = None, **options: Any) -> Enco
         from modalign.encoders.logmel import LogMelEncoder
 
         if arg:
-            raise ValueError(f"spec {spec!r}: logmel takes no argument; pass options instead")
+            raise ModalignError(f"tower spec {spec!r}: logmel takes no argument; pass options "
+                                "instead, e.g. logmel:n_mels=64")
         return LogMelEncoder(**options)
+    which = options.pop("tower", modality)
+    if which not in ("image", "text"):
+        raise ModalignError(f"tower spec {spec!r}: tower={which!r}, expected image or text")
     if kind in ("hf-clip", "hf-siglip"):
         from modalign.encoders.hf import load_hf_towers
 
-        return load_hf_towers(arg, family=kind.removeprefix("hf-"), **options)[modality]
+        return load_hf_towers(arg, family=kind.removeprefix("hf-"), **options)[which]
     from modalign.encoders.open_clip import load_open_clip_towers
 
-    return load_open_clip_towers(arg, **options)[modality]
+    return load_open_clip_towers(arg, **options)[which]
