@@ -62,8 +62,8 @@ def test_two_embed_processes_into_one_store(tmp_path):
         assert time.time() < deadline and a.poll() is None, a.communicate()
         time.sleep(0.05)
     b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out_a, err_a = a.communicate(timeout=120)
-    out_b, err_b = b.communicate(timeout=120)
+    _, err_a = a.communicate(timeout=120)
+    _, err_b = b.communicate(timeout=120)
     assert a.returncode == 0 and b.returncode == 0, (err_a, err_b)
     assert f"pid {a.pid}" in err_b and "waiting" in err_b
     store = EmbeddingStore(store_dir)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
 from torch import nn
 
+from modalign.errors import ModalignError
 from modalign.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -57,12 +56,25 @@ def test_latest_points_at_the_newest_and_old_ones_are_pruned(tmp_path):
 
 def test_missing_or_incomplete_checkpoints_are_clear_errors(tmp_path):
     assert latest_checkpoint(tmp_path) is None
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ModalignError, match="no checkpoint"):
         load_checkpoint(tmp_path)
     save_checkpoint(tmp_path, 1, _modules(), {})
     (tmp_path / "ckpt-000000001" / "trainer.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(ModalignError, match=r"no readable checkpoint.*trainer\.pt is missing"):
         load_checkpoint(tmp_path)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    """Before: a SafetensorError traceback on --resume."""
+    mods = _modules()
+    save_checkpoint(tmp_path, 1, mods, {"tag": 1}, keep=2)
+    save_checkpoint(tmp_path, 2, mods, {"tag": 2}, keep=2)
+    weights = tmp_path / "ckpt-000000002" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    ck = load_checkpoint(tmp_path)
+    assert ck.step == 1 and ck.trainer["tag"] == 1
+    err = capsys.readouterr().err
+    assert "ckpt-000000002" in err and "previous checkpoint ckpt-000000001" in err
 
 
 class _Evil:
@@ -74,5 +86,6 @@ def test_trainer_state_is_never_unpickled(tmp_path):
     save_checkpoint(tmp_path, 1, _modules(), {})
     torch.save({"step": 1, "modules": ["model"], "x": _Evil()},
                tmp_path / "ckpt-000000001" / "trainer.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ModalignError, match="trainer.pt: refused") as info:
         load_checkpoint(tmp_path)
+    assert "weights_only" not in str(info.value)  # never a hint to load it unsafely

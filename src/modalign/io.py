@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from modalign.errors import ModalignError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]):
@@ -129,6 +131,40 @@ def file_hash(path: str | os.PathLike[str], chunk: int = 1 << 20, full: bool = F
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest() if full else h.hexdigest()[:16]
+
+
+def read_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Any]:
+    """The tensors of a safetensors file; a file that is not one (a pickle renamed
+    ``.safetensors``, a truncated copy) raises a one-line ``ModalignError`` naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # SafetensorError, OSError, ValueError: the file is not readable as is
+        raise ModalignError(f"{path}: refused, not a valid safetensors file "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); modalign "
+                            "reads weights from safetensors only") from None
+
+
+def read_torch(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """``torch.load(..., weights_only=True)``: tensors and plain containers only. A file holding
+    other Python objects, or a damaged one, raises a one-line ``ModalignError`` naming it."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError:
+        raise ModalignError(f"{path}: refused, it holds Python objects other than tensors and "
+                            "plain containers, which modalign never loads") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ModalignError(f"{path}: refused, not a readable tensor file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]})") from None
 
 
 def _json_default(o: Any) -> Any:

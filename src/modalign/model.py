@@ -23,11 +23,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from modalign import __version__
-from modalign.io import atomic_path, read_json, write_json_atomic
+from modalign.io import atomic_path, read_json, read_safetensors, write_json_atomic
 
 HeadKind = Literal["linear", "mlp"]
 HeadInit = Literal["xavier", "cone"]
@@ -445,7 +445,7 @@ class MultiTowerModel(nn.Module):
             raise ValueError(f"{root} was written by a newer modalign (format "
                              f"{meta['format_version']} > {FORMAT_VERSION}); upgrade modalign")
         model = cls(ModelConfig.from_dict(meta["model"]))
-        state = load_file(str(root / WEIGHTS_NAME), device=str(map_location))
+        state = read_safetensors(root / WEIGHTS_NAME, device=str(map_location))
         for m in model.config.trainable_towers:
             if any(k.startswith(f"towers.{m}.") for k in state):
                 model.attach_tower(m, model.tower(m))

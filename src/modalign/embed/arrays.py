@@ -37,7 +37,7 @@ from numpy.lib.format import open_memmap
 from modalign.errors import ModalignError
 from modalign.io import file_hash, read_json, write_json_atomic
 
-__all__ = ["ArrayWriter", "array_lock", "check_array_file", "verify_array_file", "disk_full"]
+__all__ = ["ArrayWriter", "array_lock", "check_array_file", "disk_full", "verify_array_file"]
 
 
 def _flock(f: Any, blocking: bool) -> bool:
@@ -301,7 +301,8 @@ class ArrayWriter:
             keep = np.setdiff1d(np.arange(self.shape[0]), np.asarray(drop, dtype=np.int64))
             src = np.load(self.partial, mmap_mode="r")
             compact = self.folder / f".{self.name}.compact.npy"
-            out = open_memmap(compact, mode="w+", dtype=self.dtype, shape=(len(keep), self.shape[1]))
+            out = open_memmap(compact, mode="w+", dtype=self.dtype,
+                              shape=(len(keep), self.shape[1]))
             for s in range(0, len(keep), 65536):
                 out[s:s + 65536] = src[keep[s:s + 65536]]
             out.flush()

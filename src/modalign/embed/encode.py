@@ -146,13 +146,13 @@ def _preprocess(enc: Encoder, inputs: list[Any]) -> tuple[Any, dict[int, str]]:
     (position -> reason) instead of failing the whole batch."""
     try:
         return enc.preprocess(inputs), {}
-    except DECODE_ERRORS + (_bomb(),):
+    except (*DECODE_ERRORS, _bomb()):
         pass
     bad: dict[int, str] = {}
     for i, x in enumerate(inputs):
         try:
             enc.preprocess([x])
-        except DECODE_ERRORS + (_bomb(),) as e:
+        except (*DECODE_ERRORS, _bomb()) as e:
             bad[i] = f"{type(e).__name__}: {e}"
     good = [x for i, x in enumerate(inputs) if i not in bad]
     return (enc.preprocess(good) if good else None), bad

@@ -22,7 +22,7 @@ from torch import nn
 
 from modalign.encoders.images import ImageInput, images_to_tensor
 from modalign.encoders.tower import Tower
-from modalign.io import file_hash
+from modalign.io import file_hash, read_safetensors, read_torch
 
 BN_EPS = 1e-3
 PIXEL_MEAN = 127.0
@@ -192,11 +192,9 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise ValueError(f"weights must be an existing .safetensors or .pth file, "
                          f"got {str(path)!r}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path)
     if path.suffix in (".pth", ".pt", ".bin"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch(path, map_location="cpu")
         if not isinstance(state, dict):
             raise ValueError(f"weights file {str(path)!r} holds a {type(state).__name__}, "
                              "not a state dict")

@@ -91,8 +91,17 @@ def working_dtype(x: np.ndarray) -> torch.dtype:
 
 
 def prepare(block: np.ndarray | torch.Tensor, name: str, *, normalize: bool,
-            offset: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A ``dtype`` tensor copy of ``block``; raises on NaN/inf and, if normalising, on zero rows."""
+            offset: int = 0, dtype: torch.dtype = torch.float64,
+            rows: np.ndarray | None = None) -> torch.Tensor:
+    """A ``dtype`` tensor copy of ``block``; raises on NaN/inf and, if normalising, on zero rows.
+
+    Errors name the row of the whole array: ``offset + i``, or ``rows[i]`` when ``block`` holds
+    the rows ``rows`` of it (a sample).
+    """
+
+    def where(i: int) -> int:
+        return int(rows[i]) if rows is not None else i + offset
+
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     t = torch.from_numpy(np.array(block, dtype=np_dtype, order="C", copy=True))
     # one reduction checks finiteness: a row's norm is NaN/inf iff the row holds NaN/inf (or is
@@ -102,10 +111,10 @@ def prepare(block: np.ndarray | torch.Tensor, name: str, *, normalize: bool,
         row = int(torch.nonzero(~torch.isfinite(norms[:, 0]))[0, 0])
         what = "contains NaN or inf" if not bool(torch.isfinite(t[row]).all()) else \
             "is too large to normalise in this precision"
-        raise ValueError(f"{name}: row {row + offset} {what}")
+        raise ValueError(f"{name}: row {where(row)} {what}")
     if normalize:
         if bool((norms == 0).any()):
-            row = int(torch.nonzero(norms[:, 0] == 0)[0, 0]) + offset
+            row = where(int(torch.nonzero(norms[:, 0] == 0)[0, 0]))
             raise ValueError(f"{name}: row {row} is a zero vector, which cannot be L2-normalised")
         t = t / norms
     return t
@@ -149,4 +158,4 @@ def take_rows(x: np.ndarray, idx: np.ndarray, name: str, *, normalize: bool,
     dtype = dtype or working_dtype(x)
     if len(idx) == x.shape[0]:
         return prepare(x, name, normalize=normalize, dtype=dtype)
-    return prepare(x[idx], name, normalize=normalize, dtype=dtype)
+    return prepare(x[idx], name, normalize=normalize, dtype=dtype, rows=idx)

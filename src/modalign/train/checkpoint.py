@@ -13,8 +13,10 @@ the previous or the new checkpoint readable. Older checkpoints beyond ``keep`` a
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from modalign.io import read_json, write_json_atomic
+from modalign.embed.arrays import disk_full
+from modalign.errors import ModalignError
+from modalign.io import read_json, read_safetensors, read_torch, write_json_atomic
 
 LATEST = "latest.json"
 WEIGHTS = "weights.safetensors"
@@ -89,12 +93,21 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, modules: Mapping[st
                 raise ValueError(f"module name {mod_name!r} must not contain '.'")
             for k, v in module.state_dict().items():
                 flat[f"{mod_name}.{k}"] = v.detach().cpu().contiguous()
-        save_file(flat, str(tmp / WEIGHTS))
-        torch.save({**dict(trainer), "step": int(step), "modules": sorted(modules)},
-                   tmp / TRAINER)
-        for f in (tmp / WEIGHTS, tmp / TRAINER):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        try:
+            save_file(flat, str(tmp / WEIGHTS))
+            torch.save({**dict(trainer), "step": int(step), "modules": sorted(modules)},
+                       tmp / TRAINER)
+            for f in (tmp / WEIGHTS, tmp / TRAINER):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        except Exception as e:
+            needed = sum(t.numel() * t.element_size() for t in flat.values())
+            if "code: 28" in str(e) or "StorageFull" in str(e) or "No space left" in str(e):
+                e = OSError(errno.ENOSPC, str(e))
+            err = disk_full(e, root / name, needed)
+            if err is None:
+                raise
+            raise err from None
         final = root / name
         if final.exists():
             shutil.rmtree(final)
@@ -123,13 +136,42 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
 
 def load_checkpoint(root_or_path: str | os.PathLike[str],
                     map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read the latest checkpoint under a checkpoints folder (or one ``ckpt-*`` folder)."""
+    """Read the latest checkpoint under a checkpoints folder (or one ``ckpt-*`` folder).
+
+    When the latest one cannot be read (a truncated copy, a damaged file), the previous kept
+    checkpoint is used instead, saying so on stderr; when none can be read, a
+    :class:`~modalign.errors.ModalignError` lists each one with its reason.
+    """
     p = Path(root_or_path)
-    path = p if (p / WEIGHTS).is_file() else latest_checkpoint(p)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint under {p}: expected {LATEST} or a ckpt-* folder")
-    flat = load_file(str(path / WEIGHTS), device=str(map_location))
-    trainer = torch.load(path / TRAINER, map_location=map_location, weights_only=True)
+    if (p / WEIGHTS).is_file():
+        return _read_checkpoint(p, map_location)
+    pointer = p / LATEST
+    if not pointer.is_file():
+        raise ModalignError(f"no checkpoint under {p}: expected {LATEST} or a ckpt-* folder")
+    latest = read_json(pointer).get("checkpoint", "")
+    folders = sorted((d for d in p.glob("ckpt-*") if d.is_dir() and d.name <= latest),
+                     reverse=True)
+    problems = []
+    for folder in folders:
+        try:
+            ckpt = _read_checkpoint(folder, map_location)
+        except (ModalignError, FileNotFoundError, KeyError) as e:
+            problems.append(f"{folder.name}: {e}")
+            continue
+        if problems:
+            print(f"checkpoint {problems[0]}; resuming from the previous checkpoint "
+                  f"{folder.name} (step {ckpt.step}) instead", file=sys.stderr, flush=True)
+        return ckpt
+    raise ModalignError(f"no readable checkpoint under {p}: " + ("; ".join(problems) or
+                                                                  f"{latest} is missing"))
+
+
+def _read_checkpoint(path: Path, map_location: str | torch.device) -> Checkpoint:
+    for f in (WEIGHTS, TRAINER):
+        if not (path / f).is_file():
+            raise ModalignError(f"{path / f} is missing")
+    flat = read_safetensors(path / WEIGHTS, device=str(map_location))
+    trainer = read_torch(path / TRAINER, map_location=map_location)
     weights: dict[str, dict[str, torch.Tensor]] = {m: {} for m in trainer["modules"]}
     for k, v in flat.items():
         mod, _, rest = k.partition(".")

@@ -22,6 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from modalign.errors import ModalignError
 from modalign.model import ModelConfig
 
 BUILTIN_CONFIGS = ("clip", "clip_unif_align", "clip_intra", "three_modal")
@@ -213,13 +214,13 @@ class TrainConfig:
             set_dotted(merged, key, value)
         unknown = sorted(set(merged) - set(SECTIONS) - {"objectives"})
         if unknown:
-            raise ValueError(f"config has unknown sections {unknown}; expected "
+            raise ModalignError(f"config has unknown sections {unknown}; expected "
                              f"{sorted([*SECTIONS, 'objectives'])}")
         kwargs: dict[str, Any] = {}
         for name, section in SECTIONS.items():
             values = merged.get(name, {})
             if not isinstance(values, Mapping):
-                raise ValueError(f"config section [{name}] must be a table, got {values!r}")
+                raise ModalignError(f"config section [{name}] must be a table, got {values!r}")
             kwargs[name] = _build_section(name, section, values)
         if "objectives" in merged:
             kwargs["objectives"] = _objectives(merged["objectives"])
@@ -231,41 +232,46 @@ class TrainConfig:
         """Raise ``ValueError`` naming the first bad key."""
         t, o, d = self.train, self.optim, self.data
         if len(d.keys) < 1 or len(set(d.keys)) != len(d.keys):
-            raise ValueError(f"data.keys must be distinct embedding keys, got {d.keys!r}")
+            raise ModalignError(f"data.keys must be distinct embedding keys, got {d.keys!r}")
         for name, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
                         ("train.accumulate", t.accumulate)):
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise ModalignError(f"{name} must be a positive int, got {v!r}")
         if t.batch_size % t.accumulate:
-            raise ValueError(f"train.batch_size={t.batch_size} must be divisible by "
+            raise ModalignError(f"train.batch_size={t.batch_size} must be divisible by "
                              f"train.accumulate={t.accumulate}")
         if t.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+            raise ModalignError(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
         if o.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {o.schedule!r}")
+            raise ModalignError(f"optim.schedule must be 'cosine' or 'constant', "
+                                f"got {o.schedule!r}")
         if not o.lr > 0 or not o.tower_lr > 0:
-            raise ValueError(f"optim.lr and optim.tower_lr must be > 0, got {o.lr}, {o.tower_lr}")
+            raise ModalignError(f"optim.lr and optim.tower_lr must be > 0, "
+                                f"got {o.lr}, {o.tower_lr}")
         if len(o.betas) != 2:
-            raise ValueError(f"optim.betas must be two numbers, got {o.betas!r}")
+            raise ModalignError(f"optim.betas must be two numbers, got {o.betas!r}")
         for m, k in t.unfreeze.items():
             if not isinstance(k, int) or k < 0:
-                raise ValueError(f"train.unfreeze[{m!r}] must be an int >= 0, got {k!r}")
+                raise ModalignError(f"train.unfreeze[{m!r}] must be an int >= 0, got {k!r}")
         if len(self.augment.crop_scale) != 2 or not (
                 0 < self.augment.crop_scale[0] <= self.augment.crop_scale[1] <= 1):
-            raise ValueError("augment.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+            raise ModalignError("augment.crop_scale must be [low, high] with 0 < low <= high <= 1, "
                              f"got {self.augment.crop_scale!r}")
         for k, s in self.augment.embedding_noise.items():
             if not isinstance(s, (int, float)) or s < 0:
-                raise ValueError(f"augment.embedding_noise[{k!r}] must be a number >= 0, got {s!r}")
+                raise ModalignError(f"augment.embedding_noise[{k!r}] must be a number >= 0, "
+                                    f"got {s!r}")
         pair = self.validation_pair()
         if pair is not None and len(pair) != 2:
-            raise ValueError(f"validate.pair must name two keys, got {self.validate.pair!r}")
+            raise ModalignError(f"validate.pair must name two keys, got {self.validate.pair!r}")
         metric = self.validate.metric.lstrip("-")
         if metric not in VALIDATION_METRICS:
-            raise ValueError(f"validate.metric must be one of {sorted(VALIDATION_METRICS)} "
+            raise ModalignError(f"validate.metric must be one of {sorted(VALIDATION_METRICS)} "
                              f"(prefix '-' for lower-is-better), got {self.validate.metric!r}")
         if not self.objectives:
-            raise ValueError("objectives must list at least one {loss = ..., modalities = [...]}")
+            raise ModalignError("objectives must list at least one "
+                                "{loss = ..., modalities = [...]}")
+        check_objectives(self.objectives, self.data.keys)
         # the model section must build a valid ModelConfig (with placeholder dims)
         self.model_config({k: "x" for k in self.modalities()} if not self.model.towers
                           else self.model.towers, {m: 1 for m in self.modalities()})
@@ -290,7 +296,7 @@ class TrainConfig:
         towers = {k: towers[k] for k in mods if k in towers}
         missing = sorted(set(mods) - set(towers))
         if missing:
-            raise ValueError(f"model.towers has no encoder spec for {missing}; set it in the "
+            raise ModalignError(f"model.towers has no encoder spec for {missing}; set it in the "
                              "config or embed those modalities into the store first")
         return ModelConfig(
             towers=dict(towers), feature_dims={k: int(feature_dims[k]) for k in mods},
@@ -301,6 +307,75 @@ class TrainConfig:
             trainable_towers=sorted(k for k, v in self.train.unfreeze.items() if v > 0))
 
 
+def check_objectives(objectives: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
+    """Build every objective term now (before any data is read) and name what is wrong: an
+    unknown loss, a misspelled parameter (with the accepted ones), modalities that are not in
+    ``data.keys``, a negative or non-finite weight."""
+    import inspect
+    import math
+
+    from modalign.losses.objective import LossTerm
+    from modalign.losses.registry import _LOSSES, available_losses, build_loss
+
+    for i, spec in enumerate(objectives):
+        where = f"objectives[{i}]"
+        loss = spec.get("loss")
+        if loss not in available_losses():
+            raise ModalignError(f"{where}.loss={loss!r} is unknown; expected one of "
+                                f"{available_losses()}")
+        try:
+            term = LossTerm.from_dict(spec)
+        except (TypeError, ValueError) as e:
+            raise ModalignError(f"{where} ({loss}): {e}") from None
+        missing = [m for m in term.modalities if m not in keys]
+        if missing:
+            raise ModalignError(f"{where}.modalities {list(term.modalities)}: {missing} not in "
+                                f"data.keys {list(keys)}; add them to data.keys or use those keys")
+        if not math.isfinite(term.weight) or term.weight < 0:
+            raise ModalignError(f"{where}.weight={term.weight}: expected a finite number >= 0 "
+                                "(a negative weight would maximise the loss)")
+        params = dict(term.params)
+        if loss == "isogclr":
+            params.setdefault("dataset_size", 2)  # set from the data when training starts
+        signature = inspect.signature(_LOSSES[loss]).parameters
+        accepted = sorted(n for n in signature if n not in ("self", "modalities"))
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.values())
+        unknown = sorted(set(params) - set(accepted))
+        if unknown and not open_ended:
+            raise ModalignError(f"{where} ({loss}): unknown parameters {unknown}; {loss} accepts "
+                                f"{accepted} besides loss, modalities, weight and label")
+        try:
+            build_loss(loss, modalities=list(term.modalities), **params)
+        except (TypeError, ValueError) as e:
+            raise ModalignError(f"{where} ({loss}): {e}") from None
+
+
+RESUMABLE_KEYS = frozenset({"train.epochs", "train.max_steps", "train.progress",
+                            "train.checkpoint_every", "train.keep_checkpoints",
+                            "validate.patience", "run.dir", "run.name"})
+"""Settings a ``--resume`` may change: how long to train and how often to log and checkpoint."""
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> ``(old, new)`` for every setting that differs between two config dicts.
+
+    Examples:
+        >>> config_changes({"optim": {"lr": 0.1}, "objectives": []},
+        ...                {"optim": {"lr": 0.5}, "objectives": []})
+        {'optim.lr': (0.1, 0.5)}
+    """
+    out: dict[str, tuple[Any, Any]] = {}
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    out[f"{section}.{k}"] = (a.get(k), b.get(k))
+        elif a != b:
+            out[section] = (a, b)
+    return out
+
+
 VALIDATION_METRICS = frozenset({"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_r1", "gap"})
 
 
@@ -308,7 +383,8 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"[{name}] has unknown keys {unknown}; expected some of {sorted(known)}")
+        raise ModalignError(f"[{name}] has unknown keys {unknown}; "
+                            f"expected some of {sorted(known)}")
     out = {}
     for k, v in values.items():
         default = known[k].default
@@ -322,38 +398,54 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check ``value`` has the type of ``default`` (ints accepted for floats)."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
+            raise ModalignError(f"{key} must be true or false, got {value!r}")
         return value
     if isinstance(default, float):
+        value = _number_string(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
+            raise ModalignError(f"{key} must be a number, got {value!r}")
         return float(value)
     if isinstance(default, int):
+        value = _number_string(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
+            raise ModalignError(f"{key} must be an integer, got {value!r}")
         return value
     if isinstance(default, str):
         if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
+            raise ModalignError(f"{key} must be a string, got {value!r}")
         return value
     if isinstance(default, list):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list, got {value!r}")
+            raise ModalignError(f"{key} must be a list, got {value!r}")
         return list(value)
     if isinstance(default, dict):
         if not isinstance(value, Mapping):
-            raise ValueError(f"{key} must be a table like {{name = value}}, got {value!r}")
+            raise ModalignError(f"{key} must be a table like {{name = value}}, got {value!r}")
         return dict(value)
+    return value
+
+
+def _number_string(value: Any) -> Any:
+    """A string that spells a number, as that number (YAML reads ``5e-3`` as a string)."""
+    if not isinstance(value, str):
+        return value
+    for cast in (int, float):
+        try:
+            return cast(value.strip())
+        except ValueError:
+            pass
     return value
 
 
 def _objectives(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, Sequence) or isinstance(value, str):
-        raise ValueError(f"objectives must be a list of tables, got {value!r}")
+        raise ModalignError(f"objectives must be a list of tables, got {value!r}")
     out = []
     for i, spec in enumerate(value):
         if not isinstance(spec, Mapping) or "loss" not in spec:
-            raise ValueError(f"objectives[{i}] must be a table with a 'loss' key, got {spec!r}")
+            raise ModalignError(f"objectives[{i}] must be a table with a 'loss' key, got {spec!r}")
         out.append(dict(spec))
     return out
 
@@ -374,11 +466,12 @@ def parse_value(text: str) -> Any:
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``"section.key=value"`` into the dotted key and the parsed value."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.key=value, e.g. optim.lr=1e-3")
+        raise ModalignError(f"override {text!r} must look like section.key=value, "
+                            "e.g. optim.lr=1e-3")
     key, value = text.split("=", 1)
     key = key.strip()
     if "." not in key and key != "objectives":
-        raise ValueError(f"override key {key!r} must be dotted, e.g. optim.lr")
+        raise ModalignError(f"override key {key!r} must be dotted, e.g. optim.lr")
     return key, parse_value(value.strip())
 
 
@@ -389,7 +482,7 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ValueError(f"override {key!r}: {p!r} is not a table")
+            raise ModalignError(f"override {key!r}: {p!r} is not a table")
         node = nxt
     node[parts[-1]] = value
 
@@ -397,7 +490,7 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 def builtin_config_path(name: str) -> Path:
     """The file of a built-in config (``clip``, ``clip_unif_align``, ``clip_intra``, ...)."""
     if name not in BUILTIN_CONFIGS:
-        raise ValueError(f"config={name!r} is not a built-in; expected one of {BUILTIN_CONFIGS} "
+        raise ModalignError(f"config={name!r} is not a built-in; expected one of {BUILTIN_CONFIGS} "
                          "or a .toml/.yaml file")
     return Path(__file__).resolve().parent.parent / "configs" / f"{name}.toml"
 
@@ -414,13 +507,24 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.constructor.ConstructorError as e:
+            line = e.problem_mark.line + 1 if e.problem_mark else "?"
+            raise ModalignError(f"config {str(p)!r}, line {line}: "
+                                f"refused, {e.problem}; a config holds plain values only "
+                                "(numbers, strings, lists, tables)") from None
+        except yaml.YAMLError as e:
+            raise ModalignError(f"config {str(p)!r}: not valid YAML ({e})") from None
     elif p.suffix in (".toml", ""):
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ModalignError(f"config {str(p)!r}: not valid TOML ({e})") from None
     else:
-        raise ValueError(f"config={str(p)!r}: expected a .toml, .yaml or .yml file")
+        raise ModalignError(f"config={str(p)!r}: expected a .toml, .yaml or .yml file")
     if not isinstance(data, dict):
-        raise ValueError(f"config {str(p)!r} must hold a table of sections")
+        raise ModalignError(f"config {str(p)!r} must hold a table of sections")
     return data
 
 

@@ -31,14 +31,21 @@ from tqdm import tqdm
 
 from modalign import __version__
 from modalign.embed.store import EmbeddingStore
-from modalign.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
+from modalign.errors import ModalignError
+from modalign.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from modalign.losses.objective import Objective, build_objective
 from modalign.losses.output import LossOutput
 from modalign.model import MultiTowerModel, base_modality
 from modalign.paths import home
 from modalign.train import distributed as D
-from modalign.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from modalign.train.config import TrainConfig
+from modalign.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from modalign.train.config import RESUMABLE_KEYS, TrainConfig, config_changes
 from modalign.train.data import KeyTable, PairedFeatures, augment_image, load_key, shard
 
 LOG_NAME = "log.jsonl"
@@ -62,6 +69,23 @@ def default_run_dir(config: TrainConfig) -> Path:
     if config.run.dir:
         return Path(config.run.dir)
     return home() / "runs" / (config.run.name or "run")
+
+
+def check_resume(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse a ``--resume`` whose settings differ from the run's, except the keys in
+    :data:`~modalign.train.config.RESUMABLE_KEYS` (how long to train, logging cadence)."""
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        return
+    old = read_json(path).get("config", {})
+    refused = {k: v for k, v in config_changes(old, config.to_dict()).items()
+               if k not in RESUMABLE_KEYS}
+    if refused:
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ModalignError(
+            f"--resume: {run_dir} was started with other settings ({diff}); a resume may only "
+            f"change {', '.join(sorted(RESUMABLE_KEYS))}. Start a new run (another run.dir) "
+            "to train with the new settings")
 
 
 def tower_specs(config: TrainConfig, store: EmbeddingStore) -> dict[str, str]:
@@ -90,7 +114,7 @@ def resolve_store(config: TrainConfig, ctx: D.DistContext | None = None) -> Embe
                                     "(no manifest.json); build one with 'modalign embed'")
         return EmbeddingStore(path)
     if not config.data.dataset:
-        raise ValueError("set data.embeddings (a store folder) or data.dataset (e.g. 'emoji')")
+        raise ModalignError("set data.embeddings (a store folder) or data.dataset (e.g. 'emoji')")
     from modalign.data import load_dataset
     from modalign.embed.cli import DEFAULT_TOWERS
     from modalign.embed.encode import embed_dataset
@@ -101,7 +125,7 @@ def resolve_store(config: TrainConfig, ctx: D.DistContext | None = None) -> Embe
              if m in config.modalities()}
     missing = [m for m in config.modalities() if not specs.get(m)]
     if missing:
-        raise ValueError(f"data.dataset={config.data.dataset!r} has no items of {missing} or no "
+        raise ModalignError(f"data.dataset={config.data.dataset!r} has no items of {missing} or no "
                          f"default tower for them; it has {ds.modalities}")
     path = default_store_dir(ds, specs)
     store = EmbeddingStore(path)
@@ -120,7 +144,7 @@ class _RawInputs:
         from modalign.data import load_dataset
 
         if not dataset_spec:
-            raise ValueError("data.dataset must name the dataset when train.unfreeze is set "
+            raise ModalignError("data.dataset must name the dataset when train.unfreeze is set "
                              "(unfrozen towers encode raw inputs)")
         self.dataset = load_dataset(dataset_spec)
         self.by_id = {it.id: it for it in self.dataset.items}
@@ -130,7 +154,7 @@ class _RawInputs:
         for row in items:
             it = self.by_id.get(row["id"])
             if it is None:
-                raise ValueError(f"item {row['id']!r} of the store is not in data.dataset")
+                raise ModalignError(f"item {row['id']!r} of the store is not in data.dataset")
             out.append(str(self.dataset.resolve(it)) if it.modality != "text" else it.value)
         return out
 
@@ -153,18 +177,25 @@ class Trainer:
         if config.train.num_threads > 0:
             torch.set_num_threads(config.train.num_threads)
         if config.train.precision == "bf16" and self.ctx.device.type != "cuda":
-            raise ValueError("train.precision='bf16' needs a CUDA device; use 'fp32' on CPU")
+            raise ModalignError("train.precision='bf16' needs a CUDA device; use 'fp32' on CPU")
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
         self.resume = resume
+        if resume:
+            check_resume(self.run_dir, config)
         self.store = resolve_store(config, self.ctx)
         self.data = PairedFeatures(self.store, config.data.keys, config.data.train_split)
+        if len(self.data) < 2:
+            raise ModalignError(
+                f"data.train_split={config.data.train_split!r} holds {len(self.data)} group(s) "
+                f"with every key of {config.data.keys}; contrastive training needs at least 2 "
+                "(each batch needs negatives)")
         self.batch_size = config.train.batch_size
         self.local_batch = self.batch_size // self.ctx.world_size
         if self.batch_size % self.ctx.world_size:
-            raise ValueError(f"train.batch_size={self.batch_size} must be divisible by the "
+            raise ModalignError(f"train.batch_size={self.batch_size} must be divisible by the "
                              f"{self.ctx.world_size} processes")
         if self.local_batch % config.train.accumulate:
-            raise ValueError(f"the per-process batch {self.local_batch} must be divisible by "
+            raise ModalignError(f"the per-process batch {self.local_batch} must be divisible by "
                              f"train.accumulate={config.train.accumulate}")
         self.steps_per_epoch = self.data.num_batches(self.batch_size)
         total = self.steps_per_epoch * config.train.epochs
@@ -193,7 +224,7 @@ class Trainer:
                 continue
             tower = (towers or {}).get(m) or _load_tower(specs[m], m)
             if not hasattr(tower, "trainable_tail"):
-                raise ValueError(f"train.unfreeze[{m!r}]: tower {specs[m]!r} cannot be partly "
+                raise ModalignError(f"train.unfreeze[{m!r}]: tower {specs[m]!r} cannot be partly "
                                  "unfrozen (it has no trainable_tail(k))")
             tower.freeze()
             tower_params += tower.trainable_tail(k)
@@ -231,7 +262,7 @@ class Trainer:
         dims = {self.data.feature_dim(k) for k in self.config.data.keys
                 if base_modality(k) == modality}
         if len(dims) != 1:
-            raise ValueError(f"keys of modality {modality!r} have different feature dims {dims}")
+            raise ModalignError(f"keys of modality {modality!r} have different feature dims {dims}")
         return dims.pop()
 
     def _optimizer(self, tower_params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -396,7 +427,7 @@ class Trainer:
         """The two validation keys' rows of ``split`` (to evaluate another split the same way)."""
         pair = self.config.validation_pair() or list(self.config.data.keys[:2])
         if len(pair) != 2:
-            raise ValueError(f"evaluation needs two keys, got {pair}")
+            raise ModalignError(f"evaluation needs two keys, got {pair}")
         return {k: KeyTable.from_embeddings(k, load_key(self.store, k, split)) for k in pair}
 
     @torch.no_grad()
@@ -480,9 +511,18 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         D.barrier(self.ctx)
         resumed = self._restore() if self.resume else False
+        if resumed and self.ctx.is_main:  # record the settings this run continues with
+            old = read_json(self.run_dir / CONFIG_NAME) if (
+                self.run_dir / CONFIG_NAME).is_file() else {}
+            changes = config_changes(old.get("config", cfg.to_dict()), cfg.to_dict())
+            history = [*old.get("resumed", []), {"step": self.step, "changed": {
+                k: {"old": a, "new": b} for k, (a, b) in changes.items()}}]
+            write_json_atomic(self.run_dir / CONFIG_NAME, {
+                **old, "config": cfg.to_dict(), "total_steps": self.total_steps,
+                "resumed": history})
         if not resumed and self.ctx.is_main:
             if (self.run_dir / CHECKPOINTS / "latest.json").exists():
-                raise ValueError(f"run folder {self.run_dir} already holds checkpoints; pass "
+                raise ModalignError(f"run folder {self.run_dir} already holds checkpoints; pass "
                                  "--resume to continue it or choose another run.dir")
             (self.run_dir / LOG_NAME).unlink(missing_ok=True)
             write_json_atomic(self.run_dir / CONFIG_NAME, {
@@ -499,6 +539,9 @@ class Trainer:
             while self.index < self.steps_per_epoch and self.step < self.total_steps:
                 t0 = time.perf_counter()
                 logged = self.train_step(self.epoch, self.index)
+                if not math.isfinite(logged["loss"]):
+                    bar.close()
+                    raise self._non_finite(logged)
                 dt = time.perf_counter() - t0
                 self.index += 1
                 self.epoch_loss_sum += logged["loss"] * self.batch_size
@@ -524,6 +567,19 @@ class Trainer:
                 done = True
         bar.close()
         return self._finish()
+
+    def _non_finite(self, logged: Mapping[str, float]) -> ModalignError:
+        parts = ", ".join(f"{k}={v:.4g}" for k, v in logged.items() if k != "loss")
+        try:
+            last = latest_checkpoint(self.run_dir / CHECKPOINTS)
+        except FileNotFoundError:
+            last = None
+        kept = (f"the last checkpoint ({last.name}) is kept; " if last is not None else "")
+        return ModalignError(
+            f"training stopped: the loss is {logged['loss']} at epoch {self.epoch}, step "
+            f"{self.step} ({parts or 'no parts'}); nothing of this step was saved; {kept}"
+            "lower optim.lr, raise train.batch_size (some losses need 2+ rows per batch) or "
+            "check the embeddings for NaN rows (modalign data check STORE)")
 
     def _end_of_epoch(self, metric: str, sign: float, complete: bool) -> dict[str, Any] | None:
         if self.epoch_samples == 0:

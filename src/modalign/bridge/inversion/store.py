@@ -7,8 +7,8 @@ to the item's own modality and the row's ``final_cosine``. ``key`` is a content 
 settings, the forward (tower, template, slot), the caller's context (model weights, direction,
 split), the item ids and the target vectors, so changed settings never reuse stale rows. Rows are
 written chunk by chunk through the shared :class:`~modalign.embed.arrays.ArrayWriter` (one lock
-per array, resumable); a killed run resumes at the first unfinished chunk. Each sample depends only on its own key and settings, so a
-resumed run equals an uninterrupted one.
+per array, resumable); a killed run resumes at the first unfinished chunk. Each sample depends only
+on its own key and settings, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
