@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup, parse_gather
+from modalign.errors import ModalignError
 from modalign.losses._support import at_least_two, gather_rows, pick, unit_rows
 from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
 from modalign.losses.output import LossOutput
@@ -115,6 +116,9 @@ def mv_dhel_loss(
 ) -> LossOutput:
     """MV-DHEL: ``-(1/M) sum_i [LSE_{l != l'} S_il,il' - sum_l LSE_j S_il,jl]`` (j != i by default).
 
+    A batch of one instance raises a ``ModalignError`` (without ``include_self`` there is nothing
+    to sum over, and the loss would be ``-inf``).
+
     Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> views = [torch.randn(5, 8, generator=g) for _ in range(2)]
@@ -122,6 +126,11 @@ def mv_dhel_loss(
         0
     """
     sim, rows = view_similarity(views, logit_scale, gather=gather, process_group=process_group)
+    if rows.total < 2 and not include_self:
+        raise ModalignError(
+            f"MV-DHEL needs at least 2 instances in the batch (its uniformity term compares each "
+            f"instance with the others), got {rows.total}; use a batch of 2 or more, or "
+            "include_self=True")
     per_instance = mv_dhel_from_similarity(sim, include_self=include_self, offset=rows.offset)
     return LossOutput(per_instance.sum() * rows.world_size / rows.total, {})
 

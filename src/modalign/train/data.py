@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from modalign.errors import ModalignError
 from modalign.embed.store import Embeddings, EmbeddingStore
 
 
@@ -49,6 +50,14 @@ class KeyTable:
         count = np.zeros(size, dtype=np.int64)
         start[uniq], count[uniq] = starts, counts
         feats = torch.from_numpy(np.array(emb.vectors, dtype=np.float32, copy=True))
+        finite = torch.isfinite(feats).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite)[:, 0].tolist()
+            ids = [emb.items[i]["id"] for i in bad[:5]]
+            raise ModalignError(
+                f"data.keys {key!r}: {len(bad)} rows of the store hold NaN or inf (items "
+                f"{ids}{' ...' if len(bad) > 5 else ''}); re-encode them "
+                "(modalign embed) or drop those items from the data")
         return cls(key, feats, gids, list(emb.items), order, start, count)
 
     @property

@@ -576,8 +576,8 @@ class Trainer:
             last = None
         kept = (f"the last checkpoint ({last.name}) is kept; " if last is not None else "")
         return ModalignError(
-            f"training stopped: the loss is {logged['loss']} at epoch {self.epoch}, step "
-            f"{self.step} ({parts or 'no parts'}); nothing of this step was saved; {kept}"
+            f"training stopped: the loss is {logged['loss']} at step {self.step} (epoch "
+            f"{self.epoch + 1}; {parts or 'no parts'}); nothing of this step was saved; {kept}"
             "lower optim.lr, raise train.batch_size (some losses need 2+ rows per batch) or "
             "check the embeddings for NaN rows (modalign data check STORE)")
 
