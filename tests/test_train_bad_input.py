@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from modalign.cli import main
+from modalign.embed.arrays import array_facts
 from modalign.errors import ModalignError
 from modalign.io import dumps, read_json
 from modalign.losses.output import LossOutput
-from modalign.embed.arrays import array_facts
 from modalign.losses.registry import _LOSSES, available_losses, build_loss, register_loss
 from modalign.train.config import TrainConfig, load_config
 from modalign.train.loop import train
@@ -67,7 +67,7 @@ def test_yaml_numeric_strings_and_unsafe_tags(tmp_path):
     cfg = load_config(y)
     assert cfg.optim.lr == 0.005 and cfg.train.epochs == 3
     y.write_text("optim:\n  lr: hello\n")
-    with pytest.raises(ModalignError, match="optim.lr must be a number, got 'hello'"):
+    with pytest.raises(ModalignError, match=r"optim\.lr must be a number, got 'hello'"):
         load_config(y)
     y.write_text("optim: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ModalignError, match=r"line 1: refused.*plain values only"):
@@ -127,7 +127,11 @@ def test_non_finite_loss_stops_the_run_with_a_message(tmp_path):
         p = tmp_path / "run" / f
         if p.exists():
             for line in p.read_text().splitlines():
-                json.loads(line, parse_constant=lambda c: pytest.fail(f"{f} holds {c}"))
+                json.loads(line, parse_constant=_refuse)
+
+
+def _refuse(constant: str) -> None:
+    pytest.fail(f"non-finite {constant} in JSON")
 
 
 def test_nan_rows_are_named_by_item_id(tmp_path):

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from modalign.errors import ModalignError
 from modalign.embed.store import Embeddings, EmbeddingStore
+from modalign.errors import ModalignError
 
 
 @dataclass
