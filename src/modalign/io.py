@@ -133,6 +133,19 @@ def file_hash(path: str | os.PathLike[str], chunk: int = 1 << 20, full: bool = F
     return h.hexdigest() if full else h.hexdigest()[:16]
 
 
+def csv_cell(value: Any) -> Any:
+    """A value safe to open in a spreadsheet: text starting with ``=``, ``+``, ``-``, ``@`` (or a
+    tab/carriage return) gets a leading ``'`` so it is never run as a formula; numbers unchanged.
+
+    Examples:
+        >>> csv_cell("=HYPERLINK(1)"), csv_cell("-run"), csv_cell(-0.5), csv_cell("clip")
+        ("'=HYPERLINK(1)", "'-run", -0.5, 'clip')
+    """
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def read_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Any]:
     """The tensors of a safetensors file; a file that is not one (a pickle renamed
     ``.safetensors``, a truncated copy) raises a one-line ``ModalignError`` naming it."""

@@ -34,7 +34,6 @@ Metric definitions, with ``p_1 < ... < p_R`` the positions of the relevant items
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -251,6 +250,9 @@ def retrieval_metrics(
     """
     k_values = _check_k_values(k_values)
     Q = len(queries)
+    if Q == 0:
+        raise ValueError("queries: no query rows (0 x d); expected at least one query (is the "
+                         "split or view you evaluate empty?)")
     per_query = {name: torch.full((Q,), torch.nan, dtype=torch.float64)
                  for name in metric_names(k_values)}
     num_relevant = torch.zeros(Q, dtype=torch.int64)
@@ -272,8 +274,7 @@ def retrieval_metrics(
             "query_groups/gallery_groups: no query has a relevant gallery item; expected at least "
             "one query whose group id appears in gallery_groups"
         )
-    metrics = {name: float(v[has_relevant].mean()) if Q else math.nan
-               for name, v in per_query.items()}
+    metrics = {name: float(v[has_relevant].mean()) for name, v in per_query.items()}
     return RetrievalResult(metrics, per_query, Q, num_skipped, num_relevant)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import modalign
-from modalign.io import content_hash, read_json, write_bytes_atomic, write_json_atomic
+from modalign.io import content_hash, csv_cell, read_json, write_bytes_atomic, write_json_atomic
 
 RECORD_SCHEMA = 1
 REQUIRED_FIELDS: tuple[str, ...] = (
@@ -182,7 +182,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -
                             lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: "" if v is None else v for k, v in r.items()})
+        writer.writerow({k: "" if v is None else csv_cell(v) for k, v in r.items()})
     write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
     return Path(path)
 

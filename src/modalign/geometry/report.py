@@ -61,7 +61,7 @@ def _metric_specs(record: dict[str, Any]) -> list[tuple[str, Getter, str]]:
         ]
     k = record.get("options", {}).get("k", 10)
     for key in record["pairs"]:
-        a, b = key.split("|")
+        a, b = key.split("|", 1)
         p = ("pairs", key)
         specs += [
             (f"{key}: pairs", _get(*p, "n_pairs"), "Positive pairs used by the paired metrics."),
@@ -151,7 +151,10 @@ def _histogram_figure(fig_data: dict[str, Any], title: str) -> Any:
     hist = fig_data["histograms"]
     edges = hist["edges"]
     series = hist["series"]
-    cross = [k for k in series if k.split(" ")[0].split("-")[0] != k.split(" ")[0].split("-")[1]]
+    # the pair's two names come from the data, never from parsing labels: a name may hold
+    # spaces or hyphens ("my scan", "x-ray")
+    a, b = list(fig_data["projection"]["points"])[:2]
+    cross = [k for k in series if k.startswith((f"{a}-{b} ", f"{b}-{a} "))]
     intra = [k for k in series if k not in cross]
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.2), sharex=True)
     for ax, keys, sub in ((axes[0], cross, "cross-modal"), (axes[1], intra, "intra-modal")):
