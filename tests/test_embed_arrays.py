@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bad_files import garbage_png
 from modalign.cli import main
 from modalign.data import Item, PairedDataset
 from modalign.embed import EmbeddingStore, embed_dataset
@@ -180,20 +181,6 @@ def test_undecodable_image_is_skipped_and_named(tmp_path):
     np.testing.assert_allclose(emb.vectors, [[255, 0, 0], [0, 0, 255]])
     skipped = store.info("image")["skipped"]
     assert len(skipped) == 1 and skipped[0]["id"] == "i1"
-
-
-def garbage_png(side: int = 32) -> bytes:
-    """A PNG whose chunks all have valid CRCs but whose IDAT is not a zlib stream."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x78\x9c" + bytes(
-        range(7, 250))) + chunk(b"IEND", b""))
 
 
 def test_writer_disk_full_is_one_line(tmp_path, monkeypatch):

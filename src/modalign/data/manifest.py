@@ -32,12 +32,18 @@ RESERVED = ("group", "label", "split", "id")
 
 @dataclass
 class ManifestReport:
-    """What was read and what was skipped, with reasons."""
+    """What was read and what was skipped, with reasons.
+
+    ``rows`` counts every data row; each one is in ``loaded_lines`` (its items are in the
+    dataset), in ``skipped`` (with its ``line`` and ``reason``), or both (some cells loaded,
+    others skipped). ``outside`` lists file paths that lead outside the manifest's folder.
+    """
 
     rows: int = 0
     items: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
     outside: set[str] = field(default_factory=set)
+    loaded_lines: set[int] = field(default_factory=set)
 
     def summary(self) -> str:
         reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
@@ -86,7 +92,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                 "views of one modality)")
         for fields in reader:
             line = reader.line_num
-            if not any(f.strip() for f in fields):
+            if not fields:  # a blank line
                 continue
             if len(fields) > len(header):
                 extra = fields[len(header):]
@@ -210,6 +216,7 @@ def load_manifest(path: str | Path, name: str | None = None, verify_images: bool
             continue
         labels = {("label" if c == "label" else c.split(":", 1)[1]): str(row[c])
                   for c in label_cols if row.get(c) not in (None, "")}
+        skipped_before = len(report.skipped)
         for col, (mod, view) in mod_cols.items():
             value = row.get(col)
             if value is None or (isinstance(value, str) and not value.strip()):
@@ -235,11 +242,15 @@ def load_manifest(path: str | Path, name: str | None = None, verify_images: bool
                     report.outside.add(str(file))
                 value = str(file)
             key = (mod, view, value, group)
+            report.loaded_lines.add(line)
             if key in seen:  # the same image listed on several caption rows of one group
                 continue
             item_id = f"{row_id}/{mod}/{view}"
             seen[key] = item_id
             items.append(Item(item_id, mod, view, value, group, split, labels))
+        if line not in report.loaded_lines and len(report.skipped) == skipped_before:
+            report.skipped.append({"row": n, "line": line,
+                                   "reason": f"no value in any modality column {list(mod_cols)}"})
     report.items = len(items)
     if not items:
         raise ModalignError(f"manifest {path}: every row was skipped ({report.summary()})")
