@@ -164,3 +164,36 @@ def test_one_training_group_is_a_clear_error(tmp_path):
         store.add_array(name, sub.vectors, sub.items, info={"encoder": {"name": f"fake-{name}"}})
     with pytest.raises(ModalignError, match=r"holds 1 group\(s\).*at least 2"):
         train(small_config(store.path, tmp_path / "run"))
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    """Before: a SafetensorError traceback."""
+    from modalign.train import checkpoint as ck
+
+    mods = {"model": torch.nn.Linear(2, 2)}
+    ck.save_checkpoint(tmp_path, 1, mods, {})
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                           'message: "No space left on device" })')
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(ModalignError, match=r"no space left on the device of .*ckpt-000000002, "
+                                            r"0\.0 MB needed"):
+        ck.save_checkpoint(tmp_path, 2, mods, {})
+    assert ck.load_checkpoint(tmp_path).step == 1
+    assert not list(tmp_path.glob(".ckpt-*"))
+
+
+def test_a_pickle_named_model_safetensors_is_refused_in_one_line(tmp_path):
+    import pickle
+
+    from modalign.model import MultiTowerModel
+
+    store = synthetic_store(tmp_path / "store", n_groups=12)
+    result = train(small_config(store.path, tmp_path / "run", train={"epochs": 1}))
+    (result.model_dir / "model.safetensors").write_bytes(pickle.dumps({"w": [1, 2]}))
+    with pytest.raises(ModalignError, match=r"model\.safetensors: refused, not a valid "
+                                            r"safetensors file") as info:
+        MultiTowerModel.from_pretrained(result.model_dir)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
