@@ -179,6 +179,15 @@ def manifests(draw):
         rows.append(row)
     newline = draw(st.sampled_from(["\n", "\r\n"]))
     buf = io.StringIO()
+    if draw(st.booleans()):  # JSON lines: one object per row, some lines broken
+        ascii_only = draw(st.booleans())
+        for row in rows:
+            if draw(st.integers(0, 5)) == 0:
+                buf.write('{"text": "unterminated' + newline)
+            else:
+                buf.write(json.dumps(dict(zip(header, row)), ensure_ascii=ascii_only) + newline)
+        header = list(dict.fromkeys(header))  # a JSON object cannot repeat a key
+        return ".jsonl", header, rows, _encode(draw, buf.getvalue())
     if quoted:
         # csv.writer quotes a cell holding only the line terminator's characters; a lone "\r"
         # under a "\n" terminator would be written bare (a line break to every reader)
@@ -186,20 +195,23 @@ def manifests(draw):
         csv.writer(buf, lineterminator=newline, quoting=quoting).writerows([header, *rows])
     else:
         buf.write(newline.join(",".join(r) for r in [header, *rows]) + newline)
+    return ".csv", header, rows, _encode(draw, buf.getvalue())
+
+
+def _encode(draw, text: str) -> bytes:
     encoding = draw(st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16"]))
     try:
-        data = buf.getvalue().encode(encoding)
+        return text.encode(encoding)
     except UnicodeEncodeError:
-        data = buf.getvalue().encode("utf-8")
-    return header, rows, data
+        return text.encode("utf-8")
 
 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(manifest=manifests())
 def test_fuzzed_manifests_never_lose_a_row_silently(images, manifest):
-    header, rows, data = manifest
-    path = images / "fuzz.csv"
+    suffix, header, rows, data = manifest
+    path = images / f"fuzz{suffix}"
     path.write_bytes(data)
     try:
         data.decode("utf-8-sig")
@@ -210,7 +222,7 @@ def test_fuzzed_manifests_never_lose_a_row_silently(images, manifest):
         ds, report = load_manifest(path)
     except ModalignError as e:  # refused as a whole: one clear error
         msg = str(e)
-        assert "fuzz.csv" in msg
+        assert path.name in msg
         assert (not utf8 and "not UTF-8" in msg) or "appear more than once" in msg or \
             "every row" in msg, msg
         if len(set(header)) == len(header) and utf8:

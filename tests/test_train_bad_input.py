@@ -69,6 +69,11 @@ def test_yaml_numeric_strings_and_unsafe_tags(tmp_path):
     y.write_text("optim:\n  lr: hello\n")
     with pytest.raises(ModalignError, match=r"optim\.lr must be a number, got 'hello'"):
         load_config(y)
+    y.write_bytes(b"\xef\xbb\xbfoptim:\n  lr: 0.1\n")  # a byte-order mark (Notepad)
+    assert load_config(y).optim.lr == 0.1
+    y.write_bytes("optim:\n  lr: 0.1  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ModalignError, match=r"c\.yaml, line 2: byte 0xe9 is not UTF-8"):
+        load_config(y)
     y.write_text("optim: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ModalignError, match=r"line 1: refused.*plain values only"):
         load_config(y)

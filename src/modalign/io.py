@@ -133,6 +133,28 @@ def file_hash(path: str | os.PathLike[str], chunk: int = 1 << 20, full: bool = F
     return h.hexdigest() if full else h.hexdigest()[:16]
 
 
+def read_user_text(path: str | os.PathLike[str], what: str = "file") -> str:
+    """The text of a user's file: UTF-8 with or without a byte-order mark (spreadsheets and some
+    editors write one). Other encodings raise a one-line ``ModalignError`` with the line.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.csv"
+        >>> _ = p.write_bytes(b"\xef\xbb\xbftext\nhi\n")
+        >>> read_user_text(p)
+        'text\nhi\n'
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ModalignError(
+            f"{what} {path}, line {line}: byte 0x{data[e.start]:02x} is not UTF-8; expected a "
+            "UTF-8 file (save it as 'CSV UTF-8' or convert it, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def csv_cell(value: Any) -> Any:
     """A value safe to open in a spreadsheet: text starting with ``=``, ``+``, ``-``, ``@`` (or a
     tab/carriage return) gets a leading ``'`` so it is never run as a formula; numbers unchanged.

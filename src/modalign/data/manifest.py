@@ -24,6 +24,7 @@ from typing import Any
 
 from modalign.data.dataset import SPLITS, Item, PairedDataset, split_of
 from modalign.errors import ModalignError
+from modalign.io import read_user_text
 
 FILE_MODALITIES = ("image", "audio")
 KNOWN_MODALITIES = ("image", "text", "audio")
@@ -56,25 +57,12 @@ class ManifestReport:
         return out
 
 
-def _read_text(path: Path) -> str:
-    """The manifest's text: UTF-8, with or without a byte-order mark (spreadsheets write one)."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ModalignError(
-            f"manifest {path}, line {line}: byte 0x{data[e.start]:02x} is not UTF-8; expected a "
-            "UTF-8 file (save it as 'CSV UTF-8' or convert it, e.g. iconv -f latin1 -t utf-8)"
-        ) from None
-
-
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The rows of a manifest (with their ``_line``) and the rows refused as malformed."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".ndjson"):
         raise ModalignError(f"manifest={str(path)!r}: expected a .csv or .jsonl file")
-    text = _read_text(path)
+    text = read_user_text(path, "manifest")
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     if suffix == ".csv":
@@ -104,7 +92,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             row["_line"] = line
             rows.append(row)
         return rows, bad
-    for line, raw in enumerate(text.splitlines(), 1):
+    for line, raw in enumerate(text.split("\n"), 1):  # not splitlines(): U+0085 is text
         if not raw.strip():
             continue
         try:

@@ -23,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from modalign.errors import ModalignError
+from modalign.io import read_user_text
 from modalign.model import ModelConfig
 
 BUILTIN_CONFIGS = ("clip", "clip_unif_align", "clip_intra", "three_modal")
@@ -503,7 +504,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} not found; pass a .toml/.yaml file or "
                                 f"one of the built-ins {BUILTIN_CONFIGS}")
-    text = p.read_text(encoding="utf-8")
+    text = read_user_text(p, "config")
     if p.suffix in (".yaml", ".yml"):
         import yaml
 

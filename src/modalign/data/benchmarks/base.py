@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modalign.data.dataset import Item, PairedDataset
+from modalign.io import read_user_text
 
 LAYOUT_DOC = "docs/reproduce.md"
 
@@ -179,7 +180,7 @@ def find_dataset_dir(root: str | Path, names: Sequence[str], what: str) -> Path:
 def read_text_lines(path: Path, what: str) -> list[str]:
     """Non-empty, stripped lines of a required text file."""
     require_file(path, what)
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [ln.strip() for ln in read_user_text(path, what).splitlines() if ln.strip()]
 
 
 def check_files(dataset_dir: Path, relpaths: Sequence[str], what: str, limit: int = 3) -> None:
