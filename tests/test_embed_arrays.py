@@ -24,21 +24,30 @@ from modalign.errors import ModalignError
 
 WORKER = textwrap.dedent("""
     import sys, time, torch
+    from pathlib import Path
     from modalign.data import Item, PairedDataset
     from modalign.embed import embed_dataset
+
+    store, role = Path(sys.argv[1]), sys.argv[2]
+    go = store.parent / "second-started"
 
     class SlowText:
         name, modality, dim = "slow-text", "text", 4
         def preprocess(self, inputs):
             return list(inputs)
         def encode(self, batch):
+            deadline = time.time() + 60
+            while role == "first" and not go.exists() and time.time() < deadline:
+                time.sleep(0.02)  # hold the lock until the second process is about to write
             time.sleep(0.15)
             return torch.tensor([[float(len(s)), 1.0, float(s.count("x")), 2.0] for s in batch])
         def identity(self):
             return {"name": self.name}
 
     items = [Item(f"t{i}", "text", "name", "x" * (i + 1), f"g{i}", "train") for i in range(24)]
-    embed_dataset(PairedDataset("toy", items), {"text": SlowText()}, sys.argv[1], batch_size=2,
+    if role == "second":
+        go.touch()
+    embed_dataset(PairedDataset("toy", items), {"text": SlowText()}, store, batch_size=2,
                   progress=False)
     print("done")
 """)
@@ -56,13 +65,15 @@ def test_two_embed_processes_into_one_store(tmp_path):
     store_dir = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, str(script), str(store_dir)]
-    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    a = subprocess.Popen([*cmd, "first"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
     lock = store_dir / "text.lock"
     deadline = time.time() + 60
     while not (lock.exists() and lock.read_text().startswith("pid")):  # A holds the lock
         assert time.time() < deadline and a.poll() is None, a.communicate()
         time.sleep(0.05)
-    b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    b = subprocess.Popen([*cmd, "second"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
     _, err_a = a.communicate(timeout=120)
     _, err_b = b.communicate(timeout=120)
     assert a.returncode == 0 and b.returncode == 0, (err_a, err_b)
@@ -84,7 +95,7 @@ def test_killed_writer_resumes_and_lock_is_released(tmp_path):
     script.write_text(WORKER)
     store_dir = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    a = subprocess.Popen([sys.executable, str(script), str(store_dir)], env=env,
+    a = subprocess.Popen([sys.executable, str(script), str(store_dir), "solo"], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = store_dir / "text.progress.json"
     deadline = time.time() + 60
@@ -95,7 +106,7 @@ def test_killed_writer_resumes_and_lock_is_released(tmp_path):
     a.wait()
     done_before = json.loads(progress.read_text())["done"]
     assert 6 <= done_before < 24
-    b = subprocess.run([sys.executable, str(script), str(store_dir)], env=env,
+    b = subprocess.run([sys.executable, str(script), str(store_dir), "solo"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert b.returncode == 0, b.stderr
     assert "waiting" not in b.stderr

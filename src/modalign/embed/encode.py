@@ -95,6 +95,8 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
         h = inputs_hash(dataset, items, enc)
         if store.is_current(modality, h):
             continue
+        if stop_after is not None and batches_done >= stop_after:
+            return store
         with array_lock(store.path, modality):
             entry = store.manifest["arrays"].get(modality)
             if entry and entry.get("hash") == h:
@@ -121,7 +123,8 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
                 print(f"skipped {len(bad)} undecodable {modality} inputs:", file=sys.stderr)
                 for r in bad[:20]:
                     print(f"  {raw_input(dataset, items[r])}: {reasons[str(r)]}", file=sys.stderr)
-            kept = [it.to_dict() for i, it in enumerate(items) if i not in set(bad)]
+            dropped = set(bad)
+            kept = [it.to_dict() for i, it in enumerate(items) if i not in dropped]
             store.register(modality, kept, {
                 "modality": modality, **facts, "dim": enc.dim, "hash": h,
                 "encoder": enc.identity(), "normalized": normalize,
