@@ -30,9 +30,10 @@ from modalign.bridge.inversion import (
 from modalign.bridge.inversion.core import PRECISIONS, InversionForward
 from modalign.data.benchmarks.templates import INVERSION_TEMPLATE
 from modalign.embed import Embeddings, EmbeddingStore
+from modalign.embed.arrays import ArrayWriter, array_lock
 from modalign.encoders.base import Encoder
 from modalign.errors import ModalignError
-from modalign.io import atomic_path, content_hash, read_json, write_json_atomic
+from modalign.io import content_hash, read_json, write_json_atomic
 from modalign.reproduce.extract import barrier, process_rank
 from modalign.reproduce.models import ResolvedModel
 
@@ -200,8 +201,13 @@ def invert_stored(store: EmbeddingStore, name: str, targets: Embeddings,
         t = torch.from_numpy(np.array(targets.vectors[start:stop], dtype=np.float32)).to(device)
         res = invert(t, forward, plan.settings(device), keys=ids[start:stop],
                      progress=bar.update)
-        with atomic_path(part) as tmp, open(tmp, "wb") as f:
-            np.save(f, res.features.float().cpu().numpy())
+        rows = res.features.float().cpu().numpy()
+        with array_lock(parts_dir, part.stem, quiet=True):  # the shared resumable writer
+            if not part.exists():
+                writer = ArrayWriter(parts_dir, part.stem, key=key, rows=len(rows),
+                                     dim=rows.shape[1])
+                writer.write(0, rows)
+                writer.finish()
         fresh += stop - start
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -221,6 +227,7 @@ def invert_stored(store: EmbeddingStore, name: str, targets: Embeddings,
         "items_per_s": round(world_size * fresh / elapsed, 3) if fresh and elapsed > 0 else None})
     for s in starts:
         _part(parts_dir, s).unlink()
+        _part(parts_dir, s).with_suffix(".lock").unlink(missing_ok=True)
     state_file.unlink(missing_ok=True)
     parts_dir.rmdir()
     sync()
