@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from modalign.bridge.posthoc import build_chain
 from modalign.embed.store import Embeddings
 from modalign.evaluate.metrics import DEFAULT_CHUNK_SIZE, Ties, relevant_positions
 from modalign.evaluate.retrieval import TaskResult, as_unit_tensor
-from modalign.io import atomic_path
+from modalign.io import atomic_path, read_safetensors
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -132,7 +132,7 @@ def load_class_embeddings(path: str | os.PathLike[str]) -> tuple[list[str], Tens
         raise ValueError(f"class embeddings {path}: expected a 'classes' entry in the metadata "
                          "(write the file with save_class_embeddings)")
     names = json.loads(meta["classes"])
-    return names, class_prototypes(load_file(str(path))["embeddings"])
+    return names, class_prototypes(read_safetensors(path)["embeddings"])
 
 
 def zero_shot_classification(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from modalign.geometry.diagnose import DiagnoseOptions, diagnose
     from modalign.geometry.report import diagnosis_page
     from modalign.geometry.temperature import logit_scale_history
-    from modalign.io import write_json_atomic
+    from modalign.io import dumps, write_json_atomic
 
     if args.embeddings is None and args.model is None:
         raise ValueError("pass --embeddings DIR, or --model DIR with --data DATA")
@@ -116,5 +115,5 @@ def run(args: argparse.Namespace) -> int:
     for key, pair in record["pairs"].items():
         summary[key] = {"centroid_distance": pair["gap"]["centroid_distance"],
                         "separability": pair["separability"]["accuracy"]}
-    print(json.dumps(summary))
+    print(dumps(summary))
     return 0

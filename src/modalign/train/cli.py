@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from modalign.io import dumps
 from modalign.train.config import BUILTIN_CONFIGS, SECTIONS, flag_specs, load_config
 
 _DESCRIPTION = """\
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(_short(result.summary)))
+        print(dumps(_short(result.summary)))
     return 0
 
 
