@@ -74,3 +74,19 @@ def test_a_tower_of_ones_own_plugs_in():
     assert v[0, :3].tolist() == [1, 1, 1] and v[1, 25] == 2
     with pytest.raises(TypeError, match="encode"):
         check_encoder(object())
+
+
+def test_unsafe_tower_weights_are_refused_in_one_line(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    pth = tmp_path / "w.pth"
+    torch.save({"x": Evil()}, pth)
+    with pytest.raises(ModalignError, match=r"w\.pth: refused, it holds Python objects") as info:
+        load_encoder(f"effnet-lite0:{pth}")
+    assert "weights_only" not in str(info.value)
+    fake = tmp_path / "w.safetensors"
+    fake.write_bytes(pth.read_bytes())
+    with pytest.raises(ModalignError, match=r"w\.safetensors: refused, not a valid safetensors"):
+        load_encoder(f"effnet-lite0:{fake}")
