@@ -16,7 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "embed", help="encode a dataset into an embedding store",
         description="Encode every item of a dataset with one tower per modality into a folder of "
                     "memory-mappable arrays (one per modality) with row metadata and a manifest. "
-                    "Resumable; a changed input or tower re-encodes, an unchanged one is reused.")
+                    "Resumable; a changed input or tower re-encodes, an unchanged one is reused. "
+                    "Several runs may share a store: each array is written under its own lock, "
+                    "and a second run waits for it and reuses it (on a network filesystem keep "
+                    "a single writer).")
     p.add_argument("--data", default="emoji",
                    help="emoji[:options], a .csv/.jsonl manifest or a dataset folder "
                         "(default emoji)")
