@@ -28,7 +28,12 @@ from reproduce_fixtures import (  # noqa: F401 (one_torch_thread is a fixture)
 )
 
 # tiny models lose to thread hand-offs: one torch thread per test
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# The fixture's tiny ViT has no official OVI setting; its warning is asserted in
+# test_reproduce_inversion.py and expected here.
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:no official OVI setting:UserWarning"),
+]
 
 CTG_DATASETS = ["dtd", "imagenet", "cub2011", "sop", "roxford5k", "coco", "nocaps"]
 

@@ -23,6 +23,7 @@ from reproduce_fixtures import (  # noqa: F401 (one_torch_thread is a fixture)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.mark.filterwarnings("ignore:no official OVI setting:UserWarning")  # tiny fixture ViT
 def test_template_reaches_the_ovi_class_prompts(tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "data"
     write_coop(root, "dtd")
