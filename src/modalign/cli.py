@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from modalign import __version__
 from modalign.errors import ModalignError
@@ -52,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _warning_formatter(command: str):  # type: ignore[no-untyped-def]
+    """``warnings.formatwarning`` for the CLI: the package's own warnings as one plain line.
+
+    Only the formatting changes, so filters and recorders (``pytest.warns``) work as usual.
+    """
+    default = warnings.formatwarning
+
+    def format(message, category, filename, lineno, line=None):  # type: ignore[no-untyped-def]
+        if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+            return f"modalign {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    return format
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
@@ -59,6 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _warning_formatter(args.command)
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = default_format
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
