@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "modalign.evaluate.cli",
     "modalign.lab.cli",
     "modalign.reproduce.cli",
+    "modalign.explore.cli",
     "modalign.demo",
 )
 

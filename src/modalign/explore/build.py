@@ -49,7 +49,7 @@ from modalign.geometry.separability import linear_separability
 from modalign.geometry.uniformity import uniformity
 from modalign.lab.gapshift import DEFAULT_SHIFTS, shift_along_gap
 
-__all__ = ["ExploreOptions", "build_explore", "sample_groups", "top_k_per_modality"]
+__all__ = ["ExploreOptions", "ExploreSpace", "build_explore", "sample_groups", "top_k_per_modality"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
@@ -127,6 +127,79 @@ def sample_groups(groups: Mapping[str, Sequence[str]], max_rows: int, seed: int
              for m, gs in groups.items()}, len(keep))
 
 
+@dataclass
+class ExploreSpace:
+    """The shown rows (unit vectors, metadata) and the fitted 2-d projection.
+
+    Built by :meth:`from_embeddings`; :meth:`query` places any joint-space vector on the map and
+    lists its top-k per modality (what the served query box does).
+    """
+
+    names: list[str]
+    vectors: dict[str, Tensor]
+    items: dict[str, list[dict[str, Any]]]
+    offsets: list[int]
+    projection: Any
+    xy: np.ndarray
+    pair: tuple[str, str]
+    k: int
+    total_rows: int
+    groups_shown: int
+
+    @classmethod
+    def from_embeddings(cls, shown: Mapping[str, Embeddings], opts: ExploreOptions
+                        ) -> ExploreSpace:
+        """Validate, sample (whole groups), normalise and project ``shown``."""
+        names = list(shown)
+        if len(names) < 2:
+            raise ModalignError(f"explore: needs at least two modalities, got {names}")
+        dims = {m: shown[m].dim for m in names}
+        if len(set(dims.values())) != 1:
+            raise ModalignError(f"explore: the modalities have different dimensions {dims}; "
+                                "pass joint-space vectors (or --model to project tower features)")
+        a, b = opts.pair or (names[0], names[1])
+        for m in (a, b):
+            if m not in shown:
+                raise ModalignError(f"--pair: modality {m!r} is not among {names}")
+        if a == b:
+            raise ModalignError(f"--pair: expected two different modalities, got {a!r} twice")
+        groups = {m: [str(it["group"]) for it in shown[m].items] for m in names}
+        rows, n_groups = sample_groups(groups, opts.max_points, opts.seed)
+        for m in names:
+            if len(rows[m]) < 2:
+                raise ModalignError(f"explore: modality {m!r} has {len(rows[m])} rows to show; "
+                                    "need at least 2 (a larger --max-points or another --split)")
+        vecs = {m: _unit(shown[m].vectors, rows[m], m) for m in names}
+        items = {m: [shown[m].items[i] for i in rows[m].tolist()] for m in names}
+        offsets = np.cumsum([0] + [len(vecs[m]) for m in names]).tolist()
+        proj = make_projection(opts.projection, seed=opts.seed)
+        native_all = torch.cat([vecs[m] for m in names]).double().numpy()
+        xy = proj.fit(native_all).transform(native_all)
+        return cls(names, vecs, items, offsets, proj, xy, (a, b), opts.k,
+                   sum(len(shown[m]) for m in names), n_groups)
+
+    def query(self, vector: Tensor | np.ndarray) -> dict[str, Any]:
+        """Map position and top-k per modality (native space) of one joint-space vector."""
+        v = torch.as_tensor(np.asarray(vector, dtype=np.float32)).reshape(1, -1)
+        dim = self.vectors[self.names[0]].shape[1]
+        if v.shape[1] != dim:
+            raise ModalignError(f"query: expected a {dim}-d joint-space vector, got {v.shape[1]}")
+        v = F.normalize(v, dim=1)
+        nn: dict[str, list[int]] = {}
+        score: dict[str, list[float]] = {}
+        for i, m in enumerate(self.names):
+            index = ExactIndex()
+            index.add(self.vectors[m])
+            res = index.search(v, self.k)
+            idx = res.indices.numpy()[0]
+            nn[m] = [int(j) + self.offsets[i] if j >= 0 else -1 for j in idx]
+            score[m] = [round(float(s), 3) if j >= 0 else 0.0 for j, s in
+                        zip(idx, res.scores.numpy()[0])]
+        xy = self.projection.transform(v.double().numpy())[0]
+        return {"xy": [round(float(xy[0]), 4), round(float(xy[1]), 4)], "nn": nn,
+                "score": score}
+
+
 def top_k_per_modality(vectors: Mapping[str, Tensor], k: int
                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Exact cosine top-k of every row (all modalities, in order) within each modality.
@@ -158,6 +231,7 @@ def build_explore(
     values: Mapping[str, str] | None = None,
     options: ExploreOptions | None = None,
     source: Mapping[str, Any] | None = None,
+    space: ExploreSpace | None = None,
 ) -> dict[str, Any]:
     """The page data (see the module docstring); JSON-ready.
 
@@ -171,36 +245,14 @@ def build_explore(
         values: item id -> its text, or the path of its image (drawn as a thumbnail).
         options: see :class:`ExploreOptions`.
         source: model/data description shown in the page header.
+        space: a space already built from ``shown`` with the same options (reused as is).
     """
     opts = options or ExploreOptions()
-    names = list(shown)
-    if len(names) < 2:
-        raise ModalignError(f"explore: needs at least two modalities, got {names}")
-    dims = {m: shown[m].dim for m in names}
-    if len(set(dims.values())) != 1:
-        raise ModalignError(f"explore: the modalities have different dimensions {dims}; pass "
-                            "joint-space vectors (or --model to project tower features)")
-    a, b = opts.pair or (names[0], names[1])
-    for m in (a, b):
-        if m not in shown:
-            raise ModalignError(f"--pair: modality {m!r} is not among {names}")
-    if a == b:
-        raise ModalignError(f"--pair: expected two different modalities, got {a!r} twice")
-
-    groups = {m: [str(it["group"]) for it in shown[m].items] for m in names}
-    rows, n_groups = sample_groups(groups, opts.max_points, opts.seed)
-    total = sum(len(shown[m]) for m in names)
-    for m in names:
-        if len(rows[m]) < 2:
-            raise ModalignError(f"explore: modality {m!r} has {len(rows[m])} rows to show; "
-                                "need at least 2 (a larger --max-points or another --split)")
-    vecs = {m: _unit(shown[m].vectors, rows[m], m) for m in names}
-    items = {m: [shown[m].items[i] for i in rows[m].tolist()] for m in names}
-    offsets = np.cumsum([0] + [len(vecs[m]) for m in names]).tolist()
-
-    proj = make_projection(opts.projection, seed=opts.seed)
-    native_all = torch.cat([vecs[m] for m in names]).double().numpy()
-    xy = proj.fit(native_all).transform(native_all)
+    space = space or ExploreSpace.from_embeddings(shown, opts)
+    names, vecs, items, offsets, xy, proj = (space.names, space.vectors, space.items,
+                                             space.offsets, space.xy, space.projection)
+    a, b = space.pair
+    total, n_groups = space.total_rows, space.groups_shown
 
     bank_vecs = ({m: _unit(bank[m].vectors, None, f"bank[{m!r}]") for m in names if m in bank}
                  if bank is not None else {})

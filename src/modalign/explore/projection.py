@@ -22,7 +22,7 @@ import numpy as np
 
 from modalign.errors import ModalignError
 
-__all__ = ["PROJECTIONS", "PCA2", "Projection", "UMAP2", "make_projection", "umap_available"]
+__all__ = ["PCA2", "PROJECTIONS", "UMAP2", "Projection", "make_projection", "umap_available"]
 
 PROJECTIONS: tuple[str, ...] = ("pca", "umap")
 
