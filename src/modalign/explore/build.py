@@ -8,8 +8,8 @@ Given joint-space embeddings per modality (row metadata included), :func:`build_
   :mod:`modalign.bridge.posthoc`) and the space with modality ``b`` moved along the gap vector by
   each amount of the slider (:func:`modalign.lab.gapshift.shift_along_gap`); for each state, the
   exact top-k of every point in every modality (:class:`modalign.evaluate.search.ExactIndex`,
-  cosine, the point itself excluded) and the diagnosis numbers (gap, separability, uniformity,
-  cone; :mod:`modalign.geometry`);
+  cosine, the point itself excluded; cosines in thousandths for the native and bridged states)
+  and the diagnosis numbers (gap, separability, uniformity, cone; :mod:`modalign.geometry`);
 * ``twins``: inverted features (OTI/OVI arrays of the embedding store), each linked to the point
   it was inverted from, with its 2-d position and its top-k in the native space;
 * ``sampling``: when there are more than ``max_points`` rows, whole groups are sampled (seeded)
@@ -186,15 +186,14 @@ class ExploreSpace:
             raise ModalignError(f"query: expected a {dim}-d joint-space vector, got {v.shape[1]}")
         v = F.normalize(v, dim=1)
         nn: dict[str, list[int]] = {}
-        score: dict[str, list[float]] = {}
+        score: dict[str, list[int]] = {}
         for i, m in enumerate(self.names):
             index = ExactIndex()
             index.add(self.vectors[m])
             res = index.search(v, self.k)
             idx = res.indices.numpy()[0]
             nn[m] = [int(j) + self.offsets[i] if j >= 0 else -1 for j in idx]
-            score[m] = [round(float(s), 3) if j >= 0 else 0.0 for j, s in
-                        zip(idx, res.scores.numpy()[0])]
+            score[m] = _permille(res.scores.numpy()[0]).tolist()
         xy = self.projection.transform(v.double().numpy())[0]
         return {"xy": [round(float(xy[0]), 4), round(float(xy[1]), 4)], "nn": nn,
                 "score": score}
@@ -286,7 +285,8 @@ def build_explore(
             continue
         moved = dict(vecs)
         moved[b] = shift_along_gap(vecs[b].double(), g, amount).float()
-        states[key] = _state(f"{b} moved by {amount:g} x gap", moved, names, a, b, opts)
+        states[key] = _state(f"{b} moved by {amount:g} x gap", moved, names, a, b, opts,
+                             scores=False)
         shift_xy[key] = _round_xy(proj.transform(moved[b].double().numpy()))
 
     index_of = {str(it["id"]): offsets[i] + j for i, m in enumerate(names)
@@ -356,14 +356,19 @@ def _round_xy(xy: np.ndarray) -> list[list[float]]:
     return [np.round(xy[:, 0], 4).tolist(), np.round(xy[:, 1], 4).tolist()]
 
 
+def _permille(scores: np.ndarray) -> np.ndarray:
+    """Cosines as integers in thousandths (padding -inf becomes 0): compact in the page."""
+    return np.rint(1000 * np.nan_to_num(scores, neginf=0.0, posinf=0.0)).astype(int)
+
+
 def _state(label: str, vecs: Mapping[str, Tensor], names: Sequence[str], a: str, b: str,
-           opts: ExploreOptions) -> dict[str, Any]:
+           opts: ExploreOptions, scores: bool = True) -> dict[str, Any]:
     nn = top_k_per_modality({m: vecs[m] for m in names}, opts.k)
     return {
         "label": label,
         "nn": {m: nn[m][0].astype(int).ravel().tolist() for m in names},
-        "score": {m: np.round(np.nan_to_num(nn[m][1], neginf=0.0), 3).ravel().tolist()
-                  for m in names},
+        "score": ({m: _permille(nn[m][1]).ravel().tolist() for m in names}
+                  if scores else None),
         "diagnosis": _diagnosis(vecs, names, a, b, opts.seed),
     }
 
@@ -400,7 +405,7 @@ def _twins(name: str, emb: Embeddings, index_of: Mapping[str, int],
         raise ModalignError(f"inverted array {name!r} has dimension {tv.shape[1]}; the joint "
                             f"space has {next(iter(dims.values()))}")
     parts = name.split(".")
-    scores: dict[str, list[float]] = {}
+    scores: dict[str, list[int]] = {}
     nn: dict[str, list[int]] = {}
     offsets = np.cumsum([0] + [len(v) for v in vecs.values()])
     for i, (m, v) in enumerate(vecs.items()):
@@ -409,7 +414,7 @@ def _twins(name: str, emb: Embeddings, index_of: Mapping[str, int],
         res = index.search(tv, k)
         idx = res.indices.numpy()
         nn[m] = np.where(idx >= 0, idx + offsets[i], -1).astype(int).ravel().tolist()
-        scores[m] = np.round(np.nan_to_num(res.scores.numpy(), neginf=0.0), 3).ravel().tolist()
+        scores[m] = _permille(res.scores.numpy()).ravel().tolist()
     cosine = [float(emb.items[i].get("final_cosine", float("nan"))) for i in src.tolist()]
     return {
         "name": name,

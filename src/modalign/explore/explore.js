@@ -119,7 +119,7 @@
     if (P.thumb[g]) { li.appendChild(el("img", {src: P.thumb[g], alt: P.id[g]})); }
     var s = el("span", {}, (P.text[g] || P.id[g]));
     li.appendChild(s);
-    if (score !== undefined) { li.appendChild(el("small", {}, " " + fmt(score, 3))); }
+    if (score !== undefined) { li.appendChild(el("small", {}, " " + fmt(score / 1000, 3))); }
     if (selected >= 0 && P.group[g] === P.group[selected]) { li.className = "positive"; }
     li.addEventListener("click", function () { select(g); });
     return li;
@@ -232,6 +232,7 @@
         if (p && p.customdata !== undefined && p.curveNumber < names.length) { showCard(p.customdata); }
       });
       window.modalignExplore.ready = true;
+      window.modalignExplore.readyMs = performance.now();
       document.body.setAttribute("data-ready", "1");
     });
     if (D.serve) { initQuery(); }
