@@ -33,8 +33,8 @@ $(STAMP): $(VENV)/bin/python pyproject.toml Makefile
 	$(BIN)/pip install $(PIP_FLAGS) --no-deps "clip-anytorch==2.6.0"
 	touch $(STAMP)
 
-# Optional system packages (fonts, espeak-ng, unicode-data, chromium): installed when root and
-# apt-get are there; the script returns at once when everything is present.
+# Optional system packages (fonts, espeak-ng, unicode-data, chromium, chromium-driver): installed
+# when root and apt-get are there; the script returns at once when everything is present.
 system:
 	@sh scripts/install-system-packages.sh
 

@@ -70,6 +70,9 @@ def test_tiny_demo_end_to_end_and_report_in_a_browser(tmp_path):
     assert (tmp_path / "demo" / "records").is_dir()
     assert any((tmp_path / "demo" / "records").glob("*.json"))
     assert "model" in result.summary_table and "clip_unif_align" in result.summary_table
+    explore = tmp_path / "demo" / "explore.html"
+    assert explore.is_file() and 'href="explore.html"' in result.report.read_text()
+    assert '"model":"' in explore.read_text()[:200000]
     # a second run takes every stage from its cache and only re-renders
     again = run_demo(opts)
     assert again.stage_seconds["train"] < 5 and all(

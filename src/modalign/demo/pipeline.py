@@ -170,6 +170,8 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
         lambda: {**_gallery(MultiTowerModel.from_pretrained(first["model_dir"]), store, towers,
                             eval_cfg, ds.root, n_queries=4, seed=opts.seed),
                  "model": first["name"]})
+    with st.timed("explore", f"Writing the explore page of {first['name']}"):
+        _explore(first, store, ds, out, opts.seed)
     with st.timed("report", "Writing the report"):
         st.times.setdefault("report", 0.0)
         report = write_demo_report(out, models, lab, gallery, st.times, st.cached,
@@ -205,6 +207,19 @@ def _train(name: str, store: EmbeddingStore, out: Path, fingerprint: dict[str, A
     return {"name": name, "run_dir": str(run_dir), "model_dir": str(model_dir),
             "weights_hash": file_hash(model_dir / "model.safetensors"),
             "objectives": cfg.objectives, "summary": summary}
+
+
+def _explore(info: dict[str, Any], store: EmbeddingStore, ds: Any, out: Path, seed: int) -> Path:
+    """``out/explore.html``: the interactive page of one model's joint space (test split)."""
+    from modalign.explore import ExploreOptions, build_explore, write_page
+    from modalign.explore.sources import load_sources
+
+    src = load_sources(model_dir=info["model_dir"], data=ds, embeddings_dir=store.path,
+                       split="test", progress=False)
+    opts = ExploreOptions(seed=seed, title=f"modalign demo: the joint space of {info['name']}")
+    return write_page(build_explore(src.shown, bank=src.bank, inverted=src.inverted,
+                                    values=src.values, options=opts, source=src.source),
+                      out / "explore.html")
 
 
 def _joint_test(info: dict[str, Any], store: EmbeddingStore, modalities=("image", "text")):

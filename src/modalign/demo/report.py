@@ -183,6 +183,9 @@ def write_demo_report(out: Path, models: Mapping[str, Mapping[str, Any]], lab: A
                        f"{gallery.get('gallery_view', '')} results, with the native image "
                        "feature as the query and with its OTI inversion.")
     sec.raw_html(_gallery_html(gallery, names))
+    if (out / "explore.html").is_file():
+        sec.raw_html('<p><a href="explore.html">Explore this joint space</a>: the map, the '
+                     "neighbours of any item natively and after a bridge, the gap slider.</p>")
 
     sec = page.section("Gap laboratory (quick sweep)", intro=getattr(lab, "verdict", ""))
     figs = getattr(lab, "figures", {}) or {}
