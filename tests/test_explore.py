@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 import types
 import urllib.error
 import urllib.request
@@ -352,3 +353,33 @@ def test_server_binds_loopback_and_answers_text_and_image_queries():
         server.server_close()
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_serve_command_listens_on_loopback_and_stops_on_ctrl_c(tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    store, model_dir = _model_and_store(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modalign", "explore", "--model", str(model_dir),
+         "--embeddings", str(store.path), "--out", str(tmp_path / "e.html"), "--serve",
+         "--port", "0"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        deadline = time.monotonic() + 60
+        while "serving on" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            line = proc.stderr.readline()
+        url = line.split("serving on ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert 'id="query-form"' in r.read().decode()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
