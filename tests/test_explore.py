@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import sys
 import threading
@@ -156,6 +158,23 @@ def test_sampling_above_max_points_says_so():
     assert f"Sampled: {s['shown_rows']:,} of 80 rows shown" in html
 
 
+def test_hover_values_thumbnail_images_name_other_files_and_cut_long_text(tmp_path):
+    from PIL import Image
+
+    from modalign.explore.build import _describe
+
+    Image.new("RGBA", (64, 32), (255, 0, 0, 128)).save(tmp_path / "a.png")
+    (tmp_path / "b.wav").write_bytes(b"RIFF")
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    text, thumb = _describe(str(tmp_path / "a.png"), 40)
+    with Image.open(io.BytesIO(base64.b64decode(thumb.split(",", 1)[1]))) as im:
+        assert text == "a.png" and im.size == (40, 20)
+    assert _describe(str(tmp_path / "b.wav"), 40) == ("b.wav", "")
+    assert _describe(str(tmp_path / "c.png"), 40) == (str(tmp_path / "c.png"), "")
+    long = "x" * 500
+    assert _describe(long, 40)[0] == "x" * 199 + "…" and _describe(None, 40) == ("", "")
+
+
 def test_bad_input_raises_modalign_errors():
     joint, _ = synthetic_joint(n_groups=10, dim=8, splits=False)
     with pytest.raises(ModalignError, match="at least two modalities"):
@@ -302,9 +321,6 @@ def _post(url, body, timeout=10):
 
 
 def test_server_binds_loopback_and_answers_text_and_image_queries():
-    import base64
-    import io
-
     from PIL import Image
 
     from modalign.explore.serve import make_server

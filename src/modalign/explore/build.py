@@ -369,7 +369,7 @@ def _state(label: str, vecs: Mapping[str, Tensor], names: Sequence[str], a: str,
         "nn": {m: nn[m][0].astype(int).ravel().tolist() for m in names},
         "score": ({m: _permille(nn[m][1]).ravel().tolist() for m in names}
                   if scores else None),
-        "diagnosis": _diagnosis(vecs, names, a, b, opts.seed),
+        "diagnosis": _finite_or_none(_diagnosis(vecs, names, a, b, opts.seed)),
     }
 
 
@@ -390,6 +390,15 @@ def _diagnosis(vecs: Mapping[str, Tensor], names: Sequence[str], a: str, b: str,
                          for m in names}
     out["cone"] = {m: round(mean_pairwise_cosine(vecs[m].double().numpy()), 5) for m in names}
     return out
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    return obj
 
 
 def _twins(name: str, emb: Embeddings, index_of: Mapping[str, int],
@@ -446,16 +455,21 @@ def _pair_lines(names: Sequence[str], items: Mapping[str, list[dict[str, Any]]],
 
 
 def _describe(value: str | None, size: int) -> tuple[str, str]:
-    """Hover text and thumbnail data URL (``""`` if none) of an item value."""
+    """Hover text and thumbnail data URL (``""`` if none) of an item value.
+
+    An image file gives its name and a thumbnail, another file (audio) its name, anything else
+    is text (cut at 200 characters).
+    """
     if value is None:
         return "", ""
-    p = Path(value)
-    if p.suffix.lower() in IMAGE_SUFFIXES and len(value) < 4096:
-        try:
-            if p.is_file():
+    try:
+        p = Path(value) if len(value) < 4096 and "\n" not in value else None
+        if p is not None and p.is_file():
+            if p.suffix.lower() in IMAGE_SUFFIXES:
                 return p.name, thumbnail_data_url(p, size)
-        except OSError:
-            pass
+            return p.name, ""
+    except OSError:  # an unreadable file or an unidentifiable image: show the text
+        pass
     text = value if len(value) <= 200 else value[:199] + "…"
     return text, ""
 
