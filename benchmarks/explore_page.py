@@ -70,7 +70,7 @@ def drive(page: Path, screenshots: Path | None) -> dict[str, float]:
     opts = webdriver.ChromeOptions()
     opts.binary_location = find_chromium() or "chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1400,900", "--hide-scrollbars"):
+                 "--window-size=1400,1250", "--hide-scrollbars"):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "chromedriver"),
