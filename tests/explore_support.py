@@ -44,8 +44,8 @@ def synthetic_joint(n_groups: int = 30, dim: int = 16, seed: int = 0, gap: float
                 values[rid] = f"caption of concept {g}"
             elif image_dir is not None:
                 p = image_dir / f"{g}.png"
-                colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
-                Image.new("RGB", (24, 24), colour).save(p)
+                noise = rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)
+                Image.fromarray(noise).save(p)  # compresses as badly as a detailed icon
                 values[rid] = str(p)
         joint[m] = Embeddings(vecs.astype(np.float32), rows, group_index)
     return joint, values

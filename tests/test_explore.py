@@ -166,9 +166,9 @@ def test_hover_values_thumbnail_images_name_other_files_and_cut_long_text(tmp_pa
     Image.new("RGBA", (64, 32), (255, 0, 0, 128)).save(tmp_path / "a.png")
     (tmp_path / "b.wav").write_bytes(b"RIFF")
     (tmp_path / "c.png").write_bytes(b"not an image")
-    text, thumb = _describe(str(tmp_path / "a.png"), 40)
+    text, thumb = _describe(str(tmp_path / "a.png"), 32)
     with Image.open(io.BytesIO(base64.b64decode(thumb.split(",", 1)[1]))) as im:
-        assert text == "a.png" and im.size == (40, 20)
+        assert text == "a.png" and im.size == (32, 16)
     assert _describe(str(tmp_path / "b.wav"), 40) == ("b.wav", "")
     assert _describe(str(tmp_path / "c.png"), 40) == (str(tmp_path / "c.png"), "")
     long = "x" * 500

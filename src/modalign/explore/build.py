@@ -80,7 +80,7 @@ class ExploreOptions:
     amounts: tuple[float, ...] = DEFAULT_SHIFTS
     projection: str = "pca"
     seed: int = 0
-    thumb_size: int = 40
+    thumb_size: int = 32
     title: str = "modalign explore"
 
     def __post_init__(self) -> None:
@@ -474,7 +474,7 @@ def _describe(value: str | None, size: int) -> tuple[str, str]:
     return text, ""
 
 
-def thumbnail_data_url(path: str | Path, size: int = 40) -> str:
+def thumbnail_data_url(path: str | Path, size: int = 32) -> str:
     """A ``size`` x ``size`` PNG thumbnail of an image file, as a ``data:`` URL."""
     from PIL import Image
 
