@@ -117,6 +117,12 @@ def test_states_match_naive_neighbours_native_bridged_and_shifted():
     assert shifted["diagnosis"]["gap"] < native["diagnosis"]["gap"]
     cone_t = (np.sum(txt.sum(0) ** 2) - len(txt)) / (len(txt) * (len(txt) - 1))
     assert native["diagnosis"]["cone"]["text"] == pytest.approx(cone_t, abs=1e-4)
+    sq = ((txt[:, None] - txt[None]) ** 2).sum(-1)[np.triu_indices(len(txt), 1)]
+    assert native["diagnosis"]["uniformity"]["text"] == pytest.approx(
+        np.log(np.exp(-2 * sq).mean()), abs=1e-4)
+    # the image modality does not move: its numbers are the native ones
+    assert shifted["diagnosis"]["uniformity"]["image"] == native["diagnosis"]["uniformity"]["image"]
+    assert shifted["diagnosis"]["cone"]["text"] != native["diagnosis"]["cone"]["text"]
     assert 0.5 <= native["diagnosis"]["separability"] <= 1
     # the moved modality's map positions are the same projection applied to the moved rows
     pca = PCA2().fit(allv)

@@ -152,3 +152,46 @@ def test_five_thousand_points_load_in_under_3s_and_weigh_under_20mb(driver, tmp_
     assert ms < 3000
     assert "Sampled: 5,000 of 5,200 rows" in driver.find_element("id", "sample-note").text
     assert _console(driver) == []
+
+
+def test_served_page_query_box_lists_the_neighbours_of_the_encoded_text(driver):
+    import threading
+
+    from modalign.explore.build import ExploreSpace
+    from modalign.explore.page import render_page
+    from modalign.explore.serve import make_server
+
+    joint, values = synthetic_joint(n_groups=20, dim=8, splits=False)
+    opts = ExploreOptions(k=3, bridge=None)
+    space = ExploreSpace.from_embeddings(joint, opts)
+    data = build_explore(joint, values=values, options=opts, space=space)
+    vec = np.linspace(-1, 1, 8).astype(np.float32)
+    got = []
+
+    def encode(modality, value):
+        got.append((modality, value))
+        return vec
+
+    server = make_server(render_page(data, serve=True), space, encode, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        t0 = time.monotonic()
+        while driver.execute_script("return document.body.getAttribute('data-ready')") != "1":
+            assert time.monotonic() - t0 < 20
+            time.sleep(0.05)
+        driver.find_element("id", "query-text").send_keys("a red heart")
+        driver.find_element("css selector", "#query-form button").click()
+        while not _ids(driver, "served", "text"):
+            assert time.monotonic() - t0 < 20, "no answer to the query"
+            time.sleep(0.05)
+        txt = unit(joint["text"].vectors)
+        assert got == [("text", "a red heart")]
+        assert _ids(driver, "served", "text") == [joint["text"].items[j]["id"]
+                                                  for j in naive_top_k(vec, txt, 3)]
+        assert _console(driver) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

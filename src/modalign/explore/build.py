@@ -70,6 +70,8 @@ class ExploreOptions:
         projection: ``"pca"`` or ``"umap"``.
         seed: seeds the sample, the projection and the separability split.
         thumb_size: pixel size of image thumbnails.
+        uniformity_rows: uniformity is a U-statistic over all pairs up to this many rows per
+            modality, else over a seeded sample of this many rows.
         title: the page title.
     """
 
@@ -81,6 +83,7 @@ class ExploreOptions:
     projection: str = "pca"
     seed: int = 0
     thumb_size: int = 32
+    uniformity_rows: int = 2048
     title: str = "modalign explore"
 
     def __post_init__(self) -> None:
@@ -91,6 +94,8 @@ class ExploreOptions:
                                 f"{self.max_points!r}")
         if not self.amounts or not all(math.isfinite(float(a)) for a in self.amounts):
             raise ModalignError(f"--shifts: expected finite numbers, got {self.amounts!r}")
+        if self.uniformity_rows < 2:
+            raise ModalignError(f"uniformity_rows: expected >= 2, got {self.uniformity_rows}")
         if self.thumb_size < 8:
             raise ModalignError(f"thumb_size: expected >= 8 pixels, got {self.thumb_size}")
 
@@ -261,7 +266,8 @@ def build_explore(
         bank_vecs = dict(vecs)
 
     states: dict[str, dict[str, Any]] = {}
-    states["native"] = _state("native", vecs, names, a, b, opts)
+    cache: dict[int, Any] = {}
+    states["native"] = _state("native", vecs, names, a, b, opts, cache)
     bridge_info = None
     if opts.bridge:
         from modalign.bridge.posthoc import build_chain
@@ -271,7 +277,7 @@ def build_explore(
         chain.fit(bank_vecs)
         moved = chain.transform(vecs)
         bridged = {m: F.normalize(moved[m].float(), dim=1) for m in names}
-        states["bridge"] = _state(f"after {opts.bridge}", bridged, names, a, b, opts)
+        states["bridge"] = _state(f"after {opts.bridge}", bridged, names, a, b, opts, cache)
         bridge_info = {"spec": opts.bridge, "identity": chain.identity()}
 
     g = bank_vecs[a].double().mean(0) - bank_vecs[b].double().mean(0)
@@ -286,7 +292,7 @@ def build_explore(
         moved = dict(vecs)
         moved[b] = shift_along_gap(vecs[b].double(), g, amount).float()
         states[key] = _state(f"{b} moved by {amount:g} x gap", moved, names, a, b, opts,
-                             scores=False)
+                             cache, scores=False)
         shift_xy[key] = _round_xy(proj.transform(moved[b].double().numpy()))
 
     index_of = {str(it["id"]): offsets[i] + j for i, m in enumerate(names)
@@ -362,19 +368,25 @@ def _permille(scores: np.ndarray) -> np.ndarray:
 
 
 def _state(label: str, vecs: Mapping[str, Tensor], names: Sequence[str], a: str, b: str,
-           opts: ExploreOptions, scores: bool = True) -> dict[str, Any]:
+           opts: ExploreOptions, cache: dict[int, Any], scores: bool = True) -> dict[str, Any]:
     nn = top_k_per_modality({m: vecs[m] for m in names}, opts.k)
     return {
         "label": label,
         "nn": {m: nn[m][0].astype(int).ravel().tolist() for m in names},
         "score": ({m: _permille(nn[m][1]).ravel().tolist() for m in names}
                   if scores else None),
-        "diagnosis": _finite_or_none(_diagnosis(vecs, names, a, b, opts.seed)),
+        "diagnosis": _finite_or_none(_diagnosis(vecs, names, a, b, opts, cache)),
     }
 
 
-def _diagnosis(vecs: Mapping[str, Tensor], names: Sequence[str], a: str, b: str, seed: int
-               ) -> dict[str, Any]:
+def _diagnosis(vecs: Mapping[str, Tensor], names: Sequence[str], a: str, b: str,
+               opts: ExploreOptions, cache: dict[int, Any]) -> dict[str, Any]:
+    """Gap and separability of ``(a, b)``; uniformity and cone of each modality.
+
+    Per-modality numbers of a tensor already measured (a modality the slider does not move)
+    come from ``cache`` (which keeps the tensor alive, so its ``id`` stays unique).
+    """
+    seed = opts.seed
     xa, xb = vecs[a].double().numpy(), vecs[b].double().numpy()
     gap = modality_gap(xa, xb)
     out: dict[str, Any] = {
@@ -386,9 +398,14 @@ def _diagnosis(vecs: Mapping[str, Tensor], names: Sequence[str], a: str, b: str,
         out["separability"] = round(float(linear_separability(xa, xb, seed=seed)["accuracy"]), 5)
     else:
         out["separability"] = None
-    out["uniformity"] = {m: round(uniformity(vecs[m].double().numpy(), seed=seed), 5)
-                         for m in names}
-    out["cone"] = {m: round(mean_pairwise_cosine(vecs[m].double().numpy()), 5) for m in names}
+    out["uniformity"], out["cone"] = {}, {}
+    for m in names:
+        if id(vecs[m]) not in cache:
+            x = vecs[m].double().numpy()
+            cache[id(vecs[m])] = (vecs[m], round(uniformity(x, max_rows=opts.uniformity_rows,
+                                                            seed=seed), 5),
+                                  round(mean_pairwise_cosine(x), 5))
+        _, out["uniformity"][m], out["cone"][m] = cache[id(vecs[m])]
     return out
 
 

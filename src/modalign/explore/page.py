@@ -91,6 +91,7 @@ def render_page(data: dict[str, Any], *, serve: bool = False) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="icon" href="data:,">'
         f"<title>{title}</title><style>{_CSS}</style></head>\n<body>"
         f"<header><h1>{title}</h1><p>{_html.escape(src_line)}</p>{''.join(notes)}"
         f"<p>modalign {_html.escape(data['version'])}; map: {data['projection']['name'].upper()}"
@@ -110,8 +111,9 @@ def render_page(data: dict[str, Any], *, serve: bool = False) -> str:
         '<h2>Diagnosis of what is shown</h2><div id="diagnosis"></div>'
         '<p class="hint">gap: distance between the centroids of the unit rows; separability: '
         "held-out accuracy of a logistic regression telling the two modalities apart; "
-        "uniformity: log E exp(-2||x-y||²) (lower is more uniform); cone: mean cosine of "
-        "distinct pairs within a modality.</p></div></div>"
+        "uniformity: log E exp(-2||x-y||²) (lower is more uniform; over a seeded sample of "
+        f"{data['options']['uniformity_rows']:,} rows per modality above that many); cone: mean "
+        "cosine of distinct pairs within a modality.</p></div></div>"
         f'<script type="application/json" id="explore-data">{payload}</script>'
         f"<script>{plotly_js()}</script><script>{_client_js()}</script>"
         "</body></html>\n"
