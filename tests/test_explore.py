@@ -154,6 +154,24 @@ def test_twins_link_to_their_source_and_list_naive_neighbours():
         build_explore(joint, inverted=bad, options=ExploreOptions(bridge=None))
 
 
+def test_three_modalities_list_neighbours_in_each_and_move_the_chosen_pair():
+    joint, _ = synthetic_joint(n_groups=15, dim=8, splits=False)
+    audio = Embeddings(joint["text"].vectors[::-1].copy() + 0.1,
+                       [{**it, "id": it["id"].replace("text", "audio"), "modality": "audio"}
+                        for it in joint["text"].items], joint["text"].group_index)
+    three = {**joint, "audio": audio}
+    data = build_explore(three, options=ExploreOptions(k=2, bridge="centering",
+                                                       pair=("text", "audio"), amounts=(0, 1)))
+    assert data["modalities"] == ["image", "text", "audio"] and data["offsets"] == [0, 15, 30, 45]
+    assert set(data["states"]["native"]["nn"]) == {"image", "text", "audio"}
+    assert len(data["pairs"]) == 3 * 15
+    assert data["shift"]["moved"] == "audio" and len(data["shift"]["xy"]["shift:1"][0]) == 15
+    au = unit(audio.vectors)
+    assert data["states"]["native"]["nn"]["audio"][:2] == [30 + j for j in
+                                                           naive_top_k(unit(joint["image"]
+                                                                            .vectors)[0], au, 2)]
+
+
 def test_sampling_above_max_points_says_so():
     joint, _ = synthetic_joint(n_groups=40, dim=8, splits=False)
     data = build_explore(joint, options=ExploreOptions(max_points=30, bridge=None))
