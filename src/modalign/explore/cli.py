@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from modalign.explore.build import ExploreOptions, ExploreSpace, build_explore
     from modalign.explore.page import render_page
     from modalign.explore.sources import load_sources
-    from modalign.io import write_bytes_atomic
+    from modalign.io import dumps, write_bytes_atomic
     from modalign.lab.gapshift import DEFAULT_SHIFTS
 
     if args.serve and args.model is None:
@@ -114,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     html = render_page(data)
     write_bytes_atomic(out, html.encode("utf-8"))
     samp = data["sampling"]
-    print(json.dumps({"html": str(out), "bytes": len(html.encode("utf-8")),
+    print(dumps({"html": str(out), "bytes": len(html.encode("utf-8")),
                       "points": samp["shown_rows"], "total_rows": samp["total_rows"],
                       "sampled": samp["sampled"], "twins": [t["name"] for t in data["twins"]],
                       "seconds": round(time.perf_counter() - t0, 2)}))
