@@ -65,7 +65,7 @@ def test_retrieval_record_matches_the_library(store, tmp_path, capsys):
     assert rec["dataset"] == "toy" and rec["split"] == "test" and rec["task"] == "retrieval"
     assert [d["query"] for d in rec["protocol"]["directions"]] == ["image", "text"]
     assert rec["seed"] == 0 and rec["bridges"] == [] and rec["inversion"] is None
-    assert "image_retrieval_recall@5" in capsys.readouterr().out
+    assert "text → image recall@5" in capsys.readouterr().out
 
 
 def test_bridges_and_merge(store, tmp_path):

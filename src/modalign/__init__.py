@@ -6,3 +6,11 @@ classification with reproducible records.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: ``import modalign`` stays light for the command line
+    if name == "search":
+        from modalign.evaluate.semantic import search
+
+        return search
+    raise AttributeError(f"module 'modalign' has no attribute {name!r}")

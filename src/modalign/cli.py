@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "modalign.geometry.cli",
     "modalign.bridge.cli",
     "modalign.evaluate.cli",
+    "modalign.evaluate.search_cli",
     "modalign.lab.cli",
     "modalign.reproduce.cli",
     "modalign.explore.cli",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--task", choices=TASKS, default="retrieval",
                      help="retrieval: cross-modal both ways; intra: within one modality; "
                           "zeroshot: classification (default retrieval)")
-    src.add_argument("--split", default="test", help="split evaluated (default test)")
+    src.add_argument("--split", default="test",
+                     help="split evaluated: train, val, test or all (default test)")
     proto = p.add_argument_group("protocol")
     proto.add_argument("--modalities", default="image,text", metavar="A,B",
                        help="the two modalities of --task retrieval (default image,text)")
@@ -98,14 +100,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="a post-hoc bridge, NAME[:key=value,...]; repeat to chain (see below)")
     bridge.add_argument("--bank-split", default="train",
                         help="split the bridges are fitted on (default train)")
-    bridge.add_argument("--inverted", action="append", default=[], metavar="QUERY=ARRAY",
-                        help="replace the queries QUERY (e.g. image, or image:noto) by array "
-                             "ARRAY of the --embeddings store (e.g. inverted features), matched "
-                             "by item id; the record says so")
+    bridge.add_argument("--inverted", action="append", default=[], metavar="QUERY=METHOD",
+                        help="replace the queries QUERY (image, or image:noto) by their "
+                             "inversion from 'modalign invert' (METHOD oti or ovi, found in the "
+                             "store of this model, data and split; METHOD:latest picks the "
+                             "newest of several; or an exact array name), matched by item id")
     out = p.add_argument_group("output")
     out.add_argument("--out", default="eval-records", metavar="DIR|FILE.json",
                      help="record folder or file (default ./eval-records)")
-    out.add_argument("--seed", type=int, default=0, help="seed, stored in the record (default 0)")
+    out.add_argument("--name", default=None,
+                     help="a name for this run in the record and the table (default: the "
+                          "model's run folder)")
+    out.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                     help="resamples of the queries for 95%% intervals, and for paired "
+                          "differences against native with --bridge/--inverted (default 1000; "
+                          "0: off)")
+    out.add_argument("--seed", type=int, default=0,
+                     help="seed of the bootstrap, stored in the record (default 0)")
     out.add_argument("--chunk-size", type=int, default=1 << 22, metavar="N",
                      help="query-gallery scores held in memory at once (default 4194304)")
     out.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -134,66 +145,150 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from modalign.embed.joint import load_joint
-    from modalign.evaluate.records import make_record, write_record
 
+    _check_arguments(args)
     torch.manual_seed(args.seed)
-    if args.model is None and args.embeddings is None:
-        raise ValueError("pass --model DIR (with --data DATA) or --embeddings DIR")
+    inverted = _resolve_inverted(args)  # before any tower runs: a wrong name fails at once
     joint = load_joint(model_dir=args.model, embeddings_dir=args.embeddings,
-                       data=args.data if args.model else None, split=None)
-    test = {m: e.filter(split=args.split) for m, e in joint.items()}
-    bank = {m: e.filter(split=args.bank_split) for m, e in joint.items()} if args.bridge else None
-    for m, e in test.items():
+                       data=args.data if args.model else None, split=None,
+                       progress=sys.stderr.isatty())
+    test = _split_rows(joint, args.split, "--split")
+    bank = _split_rows(joint, args.bank_split, "--bank-split") if args.bridge else None
+    test, overrides, inversion = _inverted_queries(args, test, inverted)
+    result = _evaluate(args, joint, test, bank, overrides, inversion)
+    baseline = None
+    if args.bootstrap and (args.bridge or overrides):
+        baseline = _evaluate(args, joint, test, None, {}, None)
+    _write_and_print(args, result, baseline)
+    return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be checked without loading data or towers."""
+    from modalign.errors import ModalignError
+    from modalign.evaluate.inverted import parse_inverted
+
+    if args.model is None and args.embeddings is None:
+        raise ModalignError("pass --model DIR (with --data DATA) or --embeddings DIR")
+    if args.model is not None:
+        from modalign.evaluate.semantic import resolve_model_dir
+
+        resolve_model_dir(args.model)
+        if args.data is None and args.embeddings is None:
+            raise ModalignError("--model needs --data DATA (or --embeddings DIR of tower "
+                                "features)")
+    if any(k < 1 for k in args.k):
+        raise ModalignError(f"--k {args.k}: expected positive cut-offs")
+    if args.bootstrap < 0:
+        raise ModalignError(f"--bootstrap {args.bootstrap}: expected 0 (off) or a number of "
+                            "resamples such as 1000")
+    if args.task == "retrieval":
+        _pair(args)
+    for spec in args.inverted:
+        parse_inverted(spec)
+
+
+def _pair(args: argparse.Namespace) -> tuple[str, str]:
+    from modalign.errors import ModalignError
+
+    pair = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    if len(pair) != 2 or pair[0] == pair[1]:
+        raise ModalignError(f"--modalities {args.modalities!r}: expected two different "
+                            "modalities, e.g. image,text")
+    return pair[0], pair[1]
+
+
+def _split_rows(joint: Mapping[str, Any], split: str, option: str) -> dict[str, Any]:
+    """The rows of ``split`` (``all``: every row), with a clear error when one is empty."""
+    from modalign.errors import ModalignError
+
+    if split == "all":
+        return dict(joint)
+    out = {m: e.filter(split=split) for m, e in joint.items()}
+    for m, e in out.items():
         if len(e) == 0:
-            raise ValueError(f"--split {args.split!r}: modality {m!r} has no rows in that split")
-    overrides, inversion = _inverted_queries(args, test)
-    common: dict[str, Any] = {"bridges": args.bridge, "ties": args.ties,
+            present = sorted({it.get("split", "") for it in joint[m].items})
+            raise ModalignError(f"{option} {split!r}: the {m} items have no rows in that split "
+                                f"(splits present: {present}); pass {option} all to use every "
+                                "row")
+    return out
+
+
+def _evaluate(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping[str, Any],
+              bank: Mapping[str, Any] | None, overrides: Mapping[str, Any],
+              inversion: Mapping[str, Any] | None) -> Any:
+    bridges = args.bridge if bank is not None else []
+    common: dict[str, Any] = {"bridges": bridges, "ties": args.ties,
                               "chunk_size": args.chunk_size}
+    progress = sys.stderr.isatty()
     if args.task == "retrieval":
         from modalign.evaluate.retrieval import cross_modal_retrieval
 
-        pair = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-        if len(pair) != 2:
-            raise ValueError(f"--modalities {args.modalities!r}: expected two, e.g. image,text")
-        result = cross_modal_retrieval(test, pair, relevance=args.relevance, k_values=args.k,
-                                       bank=bank, queries_override=overrides,
-                                       inversion=inversion, progress=True, index=args.index,
-                                       **common)
-    elif args.task == "intra":
+        return cross_modal_retrieval(test, _pair(args), relevance=args.relevance,
+                                     k_values=args.k, bank=bank, queries_override=overrides,
+                                     inversion=inversion, progress=progress, index=args.index,
+                                     **common)
+    if args.task == "intra":
         from modalign.evaluate.retrieval import intra_modal_retrieval
 
         emb = _modality(test, args.modality)
-        result = intra_modal_retrieval(
+        return intra_modal_retrieval(
             emb, args.modality, query_view=args.query_view, gallery_view=args.gallery_view,
             relevance=args.relevance, k_values=args.k,
             bank=bank[args.modality] if bank is not None else None, queries_override=overrides,
-            inversion=inversion, progress=True, index=args.index, **common)
-    else:
-        result = _zero_shot(args, joint, test, bank, overrides, inversion, common)
-    model_name = args.model or f"embeddings:{args.embeddings}"
-    dataset = args.data or Path(str(args.embeddings)).name
-    record = make_record(dataset=dataset, split=args.split, model=model_name,
-                         task=result.task, protocol=result.protocol, metrics=result.metrics,
-                         bridges=result.bridges, inversion=result.inversion, seed=args.seed)
+            inversion=inversion, progress=progress, index=args.index, **common)
+    return _zero_shot(args, joint, test, bank, overrides, inversion, common)
+
+
+def _write_and_print(args: argparse.Namespace, result: Any, baseline: Any | None) -> None:
+    from modalign.evaluate.bootstrap import bootstrap_intervals, paired_bootstrap
+    from modalign.evaluate.records import dataset_name, make_record, write_record
+
+    intervals: dict[str, tuple[float, float]] = {}
+    comparisons = []
+    boot = None
+    if args.bootstrap:
+        boot = {"samples": args.bootstrap, "seed": args.seed, "level": 0.95, "unit": "query",
+                "method": "percentile"}
+        intervals = bootstrap_intervals(result.per_query, samples=args.bootstrap, seed=args.seed)
+        if baseline is not None:
+            what = [w for w, on in (("bridges", bool(args.bridge)),
+                                    ("inverted queries", bool(result.inversion))) if on]
+            comparisons.append({
+                "baseline": "native", "treatment": " + ".join(what), "paired": True,
+                "differences": paired_bootstrap(result.per_query, baseline.per_query,
+                                                samples=args.bootstrap, seed=args.seed)})
+    model = args.model or f"embeddings:{args.embeddings}"
+    dataset = dataset_name(args.data) if args.data else Path(str(args.embeddings)).name
+    record = make_record(dataset=dataset, split=args.split, model=model, task=result.task,
+                         protocol=result.protocol, metrics=result.metrics,
+                         bridges=result.bridges, inversion=result.inversion, seed=args.seed,
+                         name=args.name, intervals=intervals, bootstrap=boot,
+                         comparisons=comparisons)
     path = write_record(record, args.out)
-    _print_summary(result.metrics)
+    _print_summary(result, intervals, comparisons,
+                   _pair(args) if args.task == "retrieval" else None)
     print(f"record: {path}")
-    return 0
 
 
 def _zero_shot(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping[str, Any],
                bank: Mapping[str, Any] | None, overrides: Mapping[str, Any],
                inversion: Mapping[str, Any] | None, common: Mapping[str, Any]) -> Any:
     from modalign.evaluate.zeroshot import (
-        DEFAULT_TEMPLATES,
         class_name,
+        default_templates,
         encode_prototypes,
         load_class_embeddings,
         zero_shot_classification,
     )
 
+    if args.label == "group":
+        joint = {m: _group_as_label(e) for m, e in joint.items()}
+        test = {m: _group_as_label(e) for m, e in test.items()}
+        bank = {m: _group_as_label(e) for m, e in bank.items()} if bank is not None else None
     inputs = _modality(test, args.modality)
-    templates = tuple(args.template) if args.template else DEFAULT_TEMPLATES
+    templates = (tuple(args.template) if args.template
+                 else default_templates(str(args.data or "")))
     if args.class_embeddings:
         classnames, prototypes = load_class_embeddings(args.class_embeddings)
         templates = ()
@@ -214,6 +309,9 @@ def _zero_shot(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping
         raise ValueError("--task zeroshot with --embeddings needs class prototypes: pass "
                          "--model DIR (its text tower encodes the prompts) or "
                          "--class-embeddings FILE")
+    if len(classnames) <= 5:
+        print(f"warning: zero-shot with {len(classnames)} classes: acc5 counts the true class "
+              f"among the top 5 of {len(classnames)}, so it means little", file=sys.stderr)
     return zero_shot_classification(
         inputs, prototypes, classnames, label=args.label, input_key=args.modality,
         prototype_key="text", bridges=common["bridges"], bank=bank,
@@ -221,40 +319,83 @@ def _zero_shot(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping
         templates=templates, ties=common["ties"], chunk_size=common["chunk_size"])
 
 
-def _inverted_queries(args: argparse.Namespace, test: Mapping[str, Any]
-                      ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _resolve_inverted(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
+    """``--inverted`` values -> query key -> (store, array name), resolved before loading."""
     if not args.inverted:
-        return {}, None
+        return {}
+    from modalign.embed.store import EmbeddingStore
+    from modalign.evaluate.inverted import parse_inverted, resolve_inverted
+    from modalign.io import file_hash
+
+    if args.embeddings is not None:
+        store = EmbeddingStore(args.embeddings)
+    else:
+        from modalign.data import load_dataset
+        from modalign.embed.paths import default_store_dir
+        from modalign.model import MultiTowerModel
+
+        towers = MultiTowerModel.from_pretrained(args.model).config.towers
+        store = EmbeddingStore(default_store_dir(load_dataset(args.data), towers))
+    weights = (file_hash(Path(args.model) / "model.safetensors") if args.model is not None
+               else None)
+    out = {}
+    for raw in args.inverted:
+        spec = parse_inverted(raw)
+        out[spec.query] = (store, resolve_inverted(spec, store, split=args.split,
+                                                   model_weights=weights))
+    return out
+
+
+def _inverted_queries(args: argparse.Namespace, test: Mapping[str, Any],
+                      inverted: Mapping[str, tuple[Any, str]]
+                      ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """Replace query sets by inverted arrays, matched by item id.
+
+    An array that covers only some of the queries (``modalign invert --limit``) restricts the
+    evaluation to those items of that modality; the record says how many.
+    """
+    if not inverted:
+        return dict(test), {}, None
     import numpy as np
     import torch
 
-    from modalign.embed.store import EmbeddingStore
+    from modalign.errors import ModalignError
 
-    if args.embeddings is None:
-        raise ValueError("--inverted QUERY=ARRAY reads ARRAY from the --embeddings store; pass "
-                         "--embeddings DIR")
-    store = EmbeddingStore(args.embeddings)
+    test = dict(test)
     overrides: dict[str, Any] = {}
     arrays: dict[str, Any] = {}
-    for spec in args.inverted:
-        key, eq, name = spec.partition("=")
-        if not eq or not key or not name:
-            raise ValueError(f"--inverted {spec!r}: expected QUERY=ARRAY, e.g. image=image_oti")
+    for key, (store, name) in inverted.items():
         modality, _, view = key.partition(":")
-        queries = _modality(test, modality)
-        if view:
-            queries = queries.filter(view=view)
-        features = store.load(name, split=args.split)
+        features = store.load(name, split=None if args.split == "all" else args.split)
         row = {it["id"]: i for i, it in enumerate(features.items)}
-        missing = [it["id"] for it in queries.items if it["id"] not in row]
-        if missing:
-            raise ValueError(f"--inverted {spec!r}: array {name!r} has no rows for "
-                             f"{len(missing)} query ids (e.g. {missing[:3]})")
+        rows = _modality(test, modality)
+        queries = rows.filter(view=view) if view else rows
+        covered = [it["id"] in row for it in queries.items]
+        if not any(covered):
+            raise ModalignError(f"--inverted {key}={name}: the array has none of the "
+                                f"{len(queries)} {key} query ids of split {args.split!r}")
+        total = len(queries)
+        if not all(covered):  # evaluate on the inverted subset of this modality
+            keep = [it["id"] in row or (view and it.get("view") != view) for it in rows.items]
+            test[modality] = rows.subset(np.array(keep, dtype=bool))
+            rows = test[modality]
+            queries = rows.filter(view=view) if view else rows
         order = np.array([row[it["id"]] for it in queries.items], dtype=np.int64)
         overrides[key] = torch.from_numpy(np.asarray(features.vectors[order], dtype=np.float32))
-        arrays[key] = {"array": name, **{k: v for k, v in store.info(name).items()
-                                         if k not in ("file", "count", "dtype")}}
-    return overrides, {"name": "inverted-queries", "queries": arrays}
+        arrays[key] = {"array": name, "num_queries": len(queries), "of": total,
+                       **{k: v for k, v in store.info(name).items()
+                          if k not in ("file", "count", "dtype")}}
+    return test, overrides, {"name": "inverted-queries", "queries": arrays}
+
+
+def _group_as_label(emb: Any) -> Any:
+    """The rows with their group as the label ``group`` (where they carry no such label)."""
+    from modalign.embed.store import Embeddings
+
+    items = [it if (it.get("labels") or {}).get("group")
+             else {**it, "labels": {**(it.get("labels") or {}), "group": it["group"]}}
+             for it in emb.items]
+    return Embeddings(emb.vectors, items, emb.group_index)
 
 
 def _modality(embeddings: Mapping[str, Any], modality: str) -> Any:
@@ -264,9 +405,29 @@ def _modality(embeddings: Mapping[str, Any], modality: str) -> Any:
     return embeddings[modality]
 
 
-def _print_summary(metrics: Mapping[str, float]) -> None:
+def _print_summary(result: Any, intervals: Mapping[str, Any],
+                   comparisons: list[dict[str, Any]], pair: tuple[str, str] | None) -> None:
+    """The headline metrics, directions in words, with intervals and paired differences."""
+    from modalign.evaluate.vocabulary import describe_metric
+
     headline = re.compile(r"(_retrieval_recall@\d+|_map|_mrr|^acc1|^acc5|^mean_per_class_recall)$")
-    shown = [k for k in metrics if headline.search(k)]
-    width = max((len(k) for k in shown), default=0)
+    shown = [k for k in result.metrics if headline.search(k)]
+    labels = {k: describe_metric(k, pair) for k in shown}
+    width = max((len(v) for v in labels.values()), default=0)
+    diffs = comparisons[0]["differences"] if comparisons else {}
     for key in shown:
-        print(f"  {key:<{width}}  {metrics[key]:.4f}")
+        value = result.metrics[key]
+        line = f"  {labels[key]:<{width}}  {value:.4f}"
+        if key in intervals:
+            lo, hi = intervals[key]
+            line += f"  [{lo:.4f}, {hi:.4f}]"
+        if key in diffs:
+            d = diffs[key]
+            lo, hi = d["interval"]
+            verdict = "" if lo <= 0.0 <= hi else "  *"
+            line += f"  vs native {d['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]{verdict}"
+        print(line)
+    if intervals:
+        print("  [..]: 95% bootstrap interval over queries"
+              + ("; vs native: paired difference, * where the interval excludes 0"
+                 if diffs else ""))

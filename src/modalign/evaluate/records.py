@@ -32,9 +32,42 @@ REQUIRED_FIELDS: tuple[str, ...] = (
     "modalign_version", "git_hash", "metrics",
 )
 CSV_FIELDS: tuple[str, ...] = (
-    "record", "dataset", "split", "model", "task", "bridges", "inversion", "seed",
-    "modalign_version", "git_hash",
+    "record", "name", "dataset", "split", "model", "task", "modalities", "directions",
+    "query_view", "gallery_view", "relevance", "label", "templates", "bridges", "inversion",
+    "inverted_arrays", "num_queries", "seed", "modalign_version", "git_hash",
 )
+GENERIC_STEMS = frozenset({"manifest", "pairs", "data", "dataset", "metadata", "index", "train",
+                           "test", "val", "all", "items", "captions", "annotations"})
+
+
+def dataset_name(data: str) -> str:
+    """A readable dataset name: the file stem, or its folder when the stem is generic.
+
+    Examples:
+        >>> dataset_name("shop/photos/manifest.csv"), dataset_name("birds.jsonl")
+        ('photos', 'birds')
+        >>> dataset_name("emoji:limit=50")
+        'emoji:limit=50'
+    """
+    p = Path(data)
+    if p.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
+        return p.name or str(data)
+    if p.stem.lower() in GENERIC_STEMS and p.parent.name:
+        return p.parent.name
+    return p.stem
+
+
+def model_name(model: str) -> str:
+    """A readable model name: the run folder for ``RUN/model``, else the folder name.
+
+    Examples:
+        >>> model_name("runs/cua/model"), model_name("hf-clip:/models/clip-vit-b32")
+        ('cua', 'clip-vit-b32')
+    """
+    p = Path(model.rstrip("/"))
+    if p.name == "model" and p.parent.name:
+        return p.parent.name
+    return p.name or model
 
 
 def git_hash() -> str | None:
@@ -65,8 +98,16 @@ def make_record(
     bridges: Sequence[Mapping[str, Any]] = (),
     inversion: Mapping[str, Any] | None = None,
     seed: int | None = None,
+    name: str | None = None,
+    intervals: Mapping[str, Sequence[float]] | None = None,
+    bootstrap: Mapping[str, Any] | None = None,
+    comparisons: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Assemble a record (adds schema, time, package version and git hash).
+
+    ``intervals`` (metric -> ``[low, high]``, see :mod:`modalign.evaluate.bootstrap`) and
+    ``bootstrap`` (samples, seed, level) describe the uncertainty of the metrics;
+    ``comparisons`` hold paired differences against a baseline (native queries, no bridge).
 
     Examples:
         >>> r = make_record(dataset="emoji", split="test", model="m", task="zeroshot",
@@ -91,9 +132,13 @@ def make_record(
         "bridges": [dict(b) for b in bridges],
         "inversion": dict(inversion) if inversion else None,
         "seed": seed,
+        "name": str(name) if name else None,
         "modalign_version": modalign.__version__,
         "git_hash": git_hash(),
         "metrics": clean,
+        "intervals": {str(k): [float(v[0]), float(v[1])] for k, v in (intervals or {}).items()},
+        "bootstrap": dict(bootstrap) if bootstrap else None,
+        "comparisons": [dict(c) for c in comparisons],
     }
 
 
@@ -108,8 +153,11 @@ def record_filename(record: Mapping[str, Any]) -> str:
     """
     settings = {k: record.get(k) for k in ("dataset", "split", "model", "task", "protocol",
                                            "bridges", "inversion", "seed")}
-    parts = [_slug(Path(str(record.get("dataset", ""))).name),
-             _slug(Path(str(record.get("model", ""))).name), _slug(str(record.get("task", "")))]
+    if record.get("name"):
+        settings["name"] = record["name"]
+    model = record.get("name") or model_name(str(record.get("model", "")))
+    parts = [_slug(dataset_name(str(record.get("dataset", "")))), _slug(str(model)),
+             _slug(str(record.get("task", "")))]
     return "_".join([*parts, content_hash(settings)[:10]]) + ".json"
 
 
@@ -162,16 +210,71 @@ def merge_records(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any
     for f in files:
         r = read_record(f)
         row: dict[str, Any] = {
-            "record": f.name,
+            "record": f.name, "name": r.get("name") or model_name(str(r["model"])),
             **{k: r[k] for k in ("dataset", "split", "model", "task", "seed",
                                  "modalign_version", "git_hash")},
-            "bridges": "+".join(b.get("name", "?") for b in r["bridges"]) or "none",
-            "inversion": (r["inversion"] or {}).get("name", "yes") if r["inversion"] else "none",
+            **flatten_protocol(r),
         }
         row.update(r["metrics"])
+        for key, (lo, hi) in (r.get("intervals") or {}).items():
+            row[f"{key}_ci_low"], row[f"{key}_ci_high"] = lo, hi
+        for comp in r.get("comparisons") or []:
+            for key, diff in comp.get("differences", {}).items():
+                prefix = f"{key}_minus_{comp.get('baseline', 'baseline')}"
+                row[prefix] = diff["difference"]
+                row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = diff["interval"]
         rows.append(row)
     rows.sort(key=lambda x: (x["dataset"], x["task"], x["model"], x["bridges"], x["record"]))
     return rows
+
+
+def flatten_protocol(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The protocol of a record as flat table columns, so different settings never look alike.
+
+    Columns: ``modalities``, ``directions`` (``image-to-text;text-to-image``), ``query_view``,
+    ``gallery_view``, ``relevance``, ``label``, ``templates`` (joined by `` | ``), ``bridges``
+    (each with its parameters), ``inversion``, ``inverted_arrays``, ``num_queries``.
+
+    Examples:
+        >>> r = {"task": "zeroshot", "protocol": {"inputs": "image", "label": "group",
+        ...      "templates": ["a photo of {}", "{}"], "num_inputs": 9}, "bridges": [],
+        ...      "inversion": None}
+        >>> flatten_protocol(r)["templates"], flatten_protocol(r)["num_queries"]
+        ('a photo of {} | {}', 9)
+    """
+    from modalign.evaluate.vocabulary import direction_name
+
+    proto = record.get("protocol") or {}
+    dirs = proto.get("directions") or []
+    out: dict[str, Any] = {}
+    if dirs:
+        out["directions"] = ";".join(direction_name(d["query"], d["gallery"]) for d in dirs)
+        out["modalities"] = ",".join(dict.fromkeys(
+            str(k).split(":", 1)[0] for d in dirs for k in (d["query"], d["gallery"])))
+        views = [(str(d["query"]).partition(":")[2], str(d["gallery"]).partition(":")[2])
+                 for d in dirs]
+        out["query_view"] = views[0][0]
+        out["gallery_view"] = views[0][1]
+        out["num_queries"] = ";".join(str(d.get("num_queries", "")) for d in dirs)
+    else:
+        out["modalities"] = proto.get("inputs", "")
+        out["directions"] = f"{proto.get('inputs', '?')}-to-class" if "inputs" in proto else ""
+        out["num_queries"] = proto.get("num_inputs", "")
+    out["relevance"] = proto.get("relevance", "")
+    out["label"] = proto.get("label", "")
+    out["templates"] = " | ".join(proto.get("templates") or [])
+    out["bridges"] = "+".join(_bridge_text(b) for b in record.get("bridges") or []) or "none"
+    inv = record.get("inversion")
+    out["inversion"] = (inv or {}).get("name", "yes") if inv else "none"
+    out["inverted_arrays"] = ";".join(
+        f"{k}={v.get('array', '?')}" for k, v in ((inv or {}).get("queries") or {}).items())
+    return out
+
+
+def _bridge_text(bridge: Mapping[str, Any]) -> str:
+    params = {k: v for k, v in bridge.items() if k != "name" and isinstance(v, (int, float, str))}
+    inner = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return f"{bridge.get('name', '?')}" + (f"({inner})" if inner else "")
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from modalign.bridge.posthoc import BridgeChain, build_chain, lookup_key
 from modalign.embed.store import Embeddings
+from modalign.evaluate.bootstrap import QueryValues
 from modalign.evaluate.metrics import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_K_VALUES,
@@ -45,6 +46,8 @@ class TaskResult:
         protocol: how it was measured (directions, K values, query removal, positives, ...).
         bridges: identity of each bridge applied, in order.
         inversion: description of inverted query features, or ``None``.
+        per_query: metric name -> its per-query values (for bootstrap intervals); metrics
+            without per-query values (index diagnostics) are absent.
     """
 
     task: str
@@ -52,6 +55,7 @@ class TaskResult:
     protocol: dict[str, Any]
     bridges: list[dict[str, Any]] = field(default_factory=list)
     inversion: dict[str, Any] | None = None
+    per_query: dict[str, QueryValues] = field(default_factory=dict, repr=False)
 
 
 def cross_modal_retrieval(
@@ -257,6 +261,7 @@ def _run(
         raise ValueError(f"queries_override: keys {sorted(unknown)} are not query sets of this "
                          f"task; expected some of {[q for q, _, _, _ in directions]}")
     metrics: dict[str, float] = {}
+    per_query: dict[str, QueryValues] = {}
     protocol_dirs = []
     applied: list[dict[str, Any]] = []
     for q_key, q_emb, g_key, g_emb in directions:
@@ -289,6 +294,8 @@ def _run(
         gallery_name = g_key if task == "intra" else g_key.split(":", 1)[0]
         for name, value in result.metrics.items():
             metrics[f"{gallery_name}_retrieval_{name}"] = value
+            per_query[f"{gallery_name}_retrieval_{name}"] = QueryValues(
+                result.per_query[name].numpy())
         if index != "exact":
             metrics.update({f"{gallery_name}_retrieval_{k}": v for k, v in _index_metrics(
                 index, q_vec, g_vec, q_groups, g_groups, exclude, k_values, chunk_size).items()})
@@ -306,7 +313,8 @@ def _run(
     protocol = {"directions": protocol_dirs, "relevance": relevance,
                 "k_values": list(k_values), "ties": ties, "score": "cosine",
                 "ranking": "full gallery", "index": index}
-    return TaskResult(task, metrics, protocol, applied, dict(inversion) if inversion else None)
+    return TaskResult(task, metrics, protocol, applied, dict(inversion) if inversion else None,
+                      per_query)
 
 
 def _index_metrics(kind: str, q: Tensor, g: Tensor, q_groups: Tensor, g_groups: Tensor,

@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from modalign.errors import ModalignError
+from modalign.io import atomic_path
 
 IndexKind = Literal["exact", "flat", "ivf", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = ("exact", "flat", "ivf", "hnsw")
@@ -158,7 +163,7 @@ class FaissIndex:
                  ef_search: int = 64) -> None:
         if kind not in ("flat", "ivf", "hnsw"):
             raise ValueError(f"kind={kind!r}: expected 'flat', 'ivf' or 'hnsw' for faiss")
-        self.faiss = _import_faiss()
+        self.faiss = require_faiss()
         self.kind = kind
         self.exact = kind == "flat"
         self.params = {"nlist": nlist, "nprobe": nprobe, "m": m, "ef_search": ef_search}
@@ -196,6 +201,21 @@ class FaissIndex:
         scores = torch.where(index < 0, -torch.inf, scores)
         return SearchResult(scores.to(self._dtype), index)
 
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write the faiss index to ``path`` atomically (``faiss.write_index``)."""
+        if self._index is None:
+            raise ValueError("index is empty: call add(vectors) before write")
+        with atomic_path(path) as tmp:
+            self.faiss.write_index(self._index, str(tmp))
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], kind: str) -> FaissIndex:
+        """Read an index written by :meth:`write`; ``kind`` is the kind it was built as."""
+        index = cls(kind)
+        index._index = index.faiss.read_index(str(path))
+        return index
+
     def _make(self, x: np.ndarray) -> Any:
         faiss, d = self.faiss, x.shape[1]
         if self.kind == "flat":
@@ -205,7 +225,8 @@ class FaissIndex:
             index.hnsw.efSearch = self.params["ef_search"]
             return index
         nlist = max(1, min(self.params["nlist"], len(x) // 39 or 1))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), nlist, faiss.METRIC_INNER_PRODUCT)
+        self._quantizer = faiss.IndexFlatIP(d)  # kept alive: the IVF index refers to it
+        index = faiss.IndexIVFFlat(self._quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
         index.nprobe = min(self.params["nprobe"], nlist)
         return index
@@ -249,13 +270,14 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def _import_faiss() -> Any:
+def require_faiss() -> Any:
+    """The faiss module, or a one-line error naming the package to install."""
     try:
         return importlib.import_module("faiss")
     except ImportError as e:
-        raise RuntimeError(
-            "faiss is not installed: install the optional extra with "
-            "`pip install 'modalign[faiss]'`, or use kind='exact'"
+        raise ModalignError(
+            "faiss is not installed: `pip install faiss-cpu` (or the extra "
+            "`pip install 'modalign[faiss]'`), or use exact search (--index exact)"
         ) from e
 
 

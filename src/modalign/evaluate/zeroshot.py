@@ -24,6 +24,7 @@ from torch import Tensor
 
 from modalign.bridge.posthoc import build_chain
 from modalign.embed.store import Embeddings
+from modalign.evaluate.bootstrap import QueryValues
 from modalign.evaluate.metrics import DEFAULT_CHUNK_SIZE, Ties, relevant_positions
 from modalign.evaluate.retrieval import TaskResult, as_unit_tensor
 from modalign.io import atomic_path, read_safetensors
@@ -34,7 +35,26 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "an icon of {}.",
     "{}",
 )
-"""Prompt templates used when none are given; ``{}`` is replaced by the class name."""
+"""Prompt templates of the emoji data (and the lab on it); ``{}`` is replaced by the class name."""
+
+NEUTRAL_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "{}",
+)
+"""Prompt templates for a user's own data when none are given: CLIP's plain prompt and the name."""
+
+
+def default_templates(data: str) -> tuple[str, ...]:
+    """The templates used when none are given: the emoji ones for the emoji data, else neutral.
+
+    Examples:
+        >>> default_templates("emoji:limit=50") == DEFAULT_TEMPLATES
+        True
+        >>> default_templates("shop/manifest.csv")
+        ('a photo of a {}.', '{}')
+    """
+    name = str(data)
+    return DEFAULT_TEMPLATES if name == "emoji" or name.startswith("emoji:") else NEUTRAL_TEMPLATES
 
 
 def class_name(label: str) -> str:
@@ -225,5 +245,9 @@ def zero_shot_classification(
         "templates": list(templates), "prototype": "mean of normalised prompts, renormalised",
         "ties": ties, "score": "cosine", "inverted_queries": query_override is not None,
     }
+    classes = y.numpy()
+    per_query = {"acc1": QueryValues(top1.numpy()),
+                 "acc5": QueryValues((rank <= 5).double().numpy()),
+                 "mean_per_class_recall": QueryValues(top1.numpy(), classes)}
     return TaskResult("zeroshot", metrics, protocol, applied,
-                      dict(inversion) if inversion else None)
+                      dict(inversion) if inversion else None, per_query)

@@ -1,0 +1,117 @@
+"""Find the inverted array an evaluation means: ``image=oti`` -> ``text.oti.3f2a...``.
+
+``modalign invert`` writes arrays named ``<tower modality>.<method>.<hash>`` into the embedding
+store, each with its settings and context (direction, split, views, model weights). An evaluation
+names the inverted queries by what they are: ``image=oti`` is "the image queries, replaced by
+their OTI inversion", for this model, this split and this store. When several arrays match (other
+steps, template, limit), the choice is refused with the list, unless ``image=oti:latest`` asks
+for the newest; an exact array name is taken as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from modalign.embed.store import EmbeddingStore
+from modalign.errors import ModalignError
+
+
+@dataclass(frozen=True)
+class InvertedSpec:
+    """One parsed ``--inverted QUERY=WHAT``.
+
+    Attributes:
+        query: the query set replaced: ``"image"`` or ``"image:VIEW"``.
+        what: a method (``"oti"``, ``"ovi"``), or an exact array name.
+        latest: take the newest of several matching arrays.
+    """
+
+    query: str
+    what: str
+    latest: bool = False
+
+    @property
+    def modality(self) -> str:
+        return self.query.partition(":")[0]
+
+    @property
+    def view(self) -> str | None:
+        return self.query.partition(":")[2] or None
+
+
+def parse_inverted(spec: str) -> InvertedSpec:
+    """Parse ``QUERY=METHOD[:latest]`` or ``QUERY=ARRAY``.
+
+    Examples:
+        >>> parse_inverted("image=oti:latest")
+        InvertedSpec(query='image', what='oti', latest=True)
+    """
+    key, eq, what = spec.partition("=")
+    if not eq or not key.strip() or not what.strip() or key.startswith(":"):
+        raise ModalignError(f"--inverted {spec!r}: expected QUERY=METHOD (e.g. image=oti, "
+                            "text=ovi, image=oti:latest) or QUERY=ARRAY (an array name)")
+    what = what.strip()
+    latest = what.endswith(":latest")
+    return InvertedSpec(key.strip(), what[: -len(":latest")] if latest else what, latest)
+
+
+def resolve_inverted(spec: InvertedSpec, store: EmbeddingStore, *, split: str,
+                     model_weights: str | None = None) -> str:
+    """The array of ``store`` that ``spec`` means (see the module docstring).
+
+    Args:
+        spec: the parsed ``--inverted`` value.
+        store: the embedding store the inversion wrote into.
+        split: the evaluated split; an array of another split does not match.
+        model_weights: the model's weights hash (``modalign.io.file_hash``); arrays inverted
+            through other weights do not match.
+    """
+    arrays = store.manifest["arrays"]
+    if spec.what in arrays:  # an exact name: any array of query features, as the user says
+        return spec.what
+    if "." in spec.what:
+        raise ModalignError(f"--inverted {spec.query}={spec.what}: no such array in {store.path}")
+    candidates = {n: a["inversion"] for n, a in arrays.items()
+                  if a.get("inversion", {}).get("method") == spec.what}
+    matching = {n: inv for n, inv in candidates.items() if _matches(inv, spec, split,
+                                                                     model_weights)}
+    how = (f"modalign invert --model DIR --data DATA --direction {spec.modality}-to-"
+           f"{'text' if spec.modality != 'text' else 'image'} --split {split}")
+    if not matching:
+        seen = f" ({len(candidates)} {spec.what} arrays of other settings)" if candidates else ""
+        raise ModalignError(f"--inverted {spec.query}={spec.what}: no {spec.what} inversion of "
+                            f"the {spec.query} items of split {split!r} for this model in "
+                            f"{store.path}{seen}; run '{how}' first")
+    if len(matching) > 1 and not spec.latest:
+        lines = "; ".join(f"{n} ({arrays[n]['count']} rows, {describe(inv)})"
+                          for n, inv in sorted(matching.items()))
+        raise ModalignError(f"--inverted {spec.query}={spec.what}: {len(matching)} arrays match: "
+                            f"{lines}. Name one, or pass {spec.query}={spec.what}:latest")
+    return max(matching, key=lambda n: (store.path / arrays[n]["file"]).stat().st_mtime_ns)
+
+
+def describe(inversion: Mapping[str, Any]) -> str:
+    """A short description of an inversion's settings, for choosing between arrays."""
+    settings = inversion.get("settings", {})
+    forward = inversion.get("forward", {})
+    parts = [f"steps={settings.get('steps')}"]
+    if forward.get("template"):
+        parts.append(f"template={forward['template']!r}")
+    if inversion.get("views"):
+        parts.append(f"views={inversion['views']}")
+    return ", ".join(parts)
+
+
+def _matches(inv: Mapping[str, Any], spec: InvertedSpec, split: str,
+             model_weights: str | None) -> bool:
+    src = str(inv.get("direction", "")).partition("-to-")[0]
+    if src != spec.modality or str(inv.get("split")) not in (split, "all"):
+        return False
+    if model_weights is not None and inv.get("model_weights") not in (None, model_weights):
+        return False
+    views = inv.get("views")
+    if spec.view is not None and views:
+        return spec.view in [v.strip() for v in str(views).split(",")]
+    return True
