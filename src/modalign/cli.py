@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "modalign.bridge.cli",
     "modalign.evaluate.cli",
     "modalign.evaluate.search_cli",
+    "modalign.report.cli",
     "modalign.lab.cli",
     "modalign.reproduce.cli",
     "modalign.explore.cli",
