@@ -48,9 +48,10 @@ class QueryValues:
     classes: np.ndarray | None = None
 
     def statistic(self) -> float:
-        """The metric itself, from the values."""
-        idx = np.arange(len(self.values))[None, :]
-        return float(_resampled(self, idx)[0])
+        """The metric itself, from the values (NaN entries left out)."""
+        valid = _valid(self, None)
+        idx = np.arange(len(valid.values))[None, :]
+        return float(_resampled(valid, idx)[0])
 
 
 def bootstrap_intervals(per_query: Mapping[str, QueryValues], *, samples: int = DEFAULT_SAMPLES,
