@@ -90,7 +90,7 @@ def test_inverted_arrays_are_found_by_what_they_are(tmp_path):
     time.sleep(0.01)
     _inverted_array(store, "text.oti.bbb", "test", 50)
     os.utime(store.path / "text.oti.bbb.npy", ns=(time.time_ns() + 10**9,) * 2)
-    with pytest.raises(ModalignError, match="2 arrays match.*steps=50.*image=oti:latest"):
+    with pytest.raises(ModalignError, match=r"2 arrays match.*steps=50.*image=oti:latest"):
         resolve_inverted(spec, store, split="test", model_weights="w1")
     latest = parse_inverted("image=oti:latest")
     assert resolve_inverted(latest, store, split="test", model_weights="w1") == "text.oti.bbb"

@@ -129,7 +129,8 @@ def test_a_users_own_data_end_to_end(tmp_path, capsys, monkeypatch):
         assert stats["std"] > 20 and stats["non_white_share"] > 0.05
 
     assert main(["eval", "merge", "records", "--out", "table.csv"]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "table.csv")))
+    with open(tmp_path / "table.csv") as f:
+        rows = list(csv.DictReader(f))
     assert {r["name"] for r in rows} == {"shop", "shop-oti"}
     assert {r["bridges"] for r in rows} == {"centering(renormalize=True)", "none"}
     assert all(r["text_retrieval_recall@1_ci_low"] for r in rows)
