@@ -42,6 +42,10 @@ def test_terminal_table_lists_every_model_and_missing_values():
     assert table[0].split()[0] == "model" and len(table) == 4
     assert "0.250" in table[2] and "0.500 / 0.600" in table[2]
     assert table[3].split()[1] == "-"
+    models["clip"]["evaluation"]["intervals"] = {"text_retrieval_recall@1": [0.25, 0.35],
+                                                 "i2i_delta_map": [-0.02, 0.21]}
+    row = terminal_table(models).splitlines()[2]
+    assert "0.300 [0.250, 0.350]" in row and "0.500 / 0.600 [-0.020, +0.210]" in row
 
 
 def test_stages_rerun_when_the_key_changes(tmp_path):

@@ -140,7 +140,7 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
     data = None
     for name, info in models.items():
         key = {"weights": info["weights_hash"], "eval": eval_cfg.measuring_dict(),
-               "store": fingerprint, "version": __version__}
+               "store": fingerprint, "version": __version__, "intervals": 1}
 
         def measure(info: dict[str, Any] = info, name: str = name) -> dict[str, Any]:
             nonlocal data
@@ -266,9 +266,12 @@ def _evaluate(name: str, info: dict[str, Any], store: EmbeddingStore, data: Any,
                                    "bridges": list(cfg.bridges)},
                          metrics={k: v for k, v in metrics.items()
                                   if isinstance(v, (int, float))},
-                         seed=seed)
+                         seed=seed, intervals=result.get("intervals", {}),
+                         bootstrap={"samples": 1000, "seed": seed, "level": 0.95,
+                                    "unit": "query", "method": "percentile"})
     write_record(record, out / "records")
-    return {"metrics": metrics, "pca": result.get("pca"), "seconds": result.get("seconds")}
+    return {"metrics": metrics, "intervals": result.get("intervals", {}),
+            "pca": result.get("pca"), "seconds": result.get("seconds")}
 
 
 def _gallery(model: Any, store: EmbeddingStore, towers: Any, cfg: Any, root: Path | None,

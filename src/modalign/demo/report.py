@@ -39,20 +39,34 @@ def _fmt(v: float, signed: bool = False) -> str:
     return f"{v:+.3f}" if signed else f"{v:.3f}"
 
 
+def _ci(info: Mapping[str, Any], key: str, signed: bool = False) -> str:
+    """`` [low, high]`` of a 95% interval in the evaluation, or nothing when there is none."""
+    iv = (info.get("evaluation", {}).get("intervals") or {}).get(key)
+    if not iv or iv[0] is None or iv[1] is None:
+        return ""
+    return f" [{_fmt(iv[0], signed)}, {_fmt(iv[1], signed)}]"
+
+
 def terminal_table(models: Mapping[str, Mapping[str, Any]]) -> str:
     """A compact fixed-width summary: per model, the gap, R@1 both ways, intra-modal mAP native
-    vs inverted, zero-shot inter vs intra."""
-    head = ["model", "gap", "i2t R@1", "t2i R@1", "i2i mAP nat/OTI", "t2t mAP nat/OVI",
-            "zero-shot inter/intra"]
+    vs inverted, zero-shot inter vs intra; brackets hold 95% bootstrap intervals over queries
+    (for the nat/inverted pairs: of the paired difference inverted - native)."""
+    head = ["model", "gap", "i2t R@1 [95% CI]", "t2i R@1 [95% CI]",
+            "i2i mAP nat/OTI [diff CI]", "t2t mAP nat/OVI [diff CI]",
+            "zero-shot inter/intra [diff CI]"]
     rows = [head]
     for name, info in models.items():
         rows.append([
-            name, _fmt(_m(info, "gap")), _fmt(_m(info, "text_retrieval_recall@1")),
-            _fmt(_m(info, "image_retrieval_recall@1")),
-            f"{_fmt(_m(info, 'i2i_native_map'))} / {_fmt(_m(info, 'i2i_oti_map'))}",
-            f"{_fmt(_m(info, 't2t_native_map'))} / {_fmt(_m(info, 't2t_ovi_map'))}",
+            name, _fmt(_m(info, "gap")),
+            _fmt(_m(info, "text_retrieval_recall@1")) + _ci(info, "text_retrieval_recall@1"),
+            _fmt(_m(info, "image_retrieval_recall@1")) + _ci(info, "image_retrieval_recall@1"),
+            f"{_fmt(_m(info, 'i2i_native_map'))} / {_fmt(_m(info, 'i2i_oti_map'))}"
+            + _ci(info, "i2i_delta_map", signed=True),
+            f"{_fmt(_m(info, 't2t_native_map'))} / {_fmt(_m(info, 't2t_ovi_map'))}"
+            + _ci(info, "t2t_delta_map", signed=True),
             f"{_fmt(_m(info, 'zeroshot_subset_inter_acc1'))} / "
-            f"{_fmt(_m(info, 'zeroshot_subset_intra_acc1'))}",
+            f"{_fmt(_m(info, 'zeroshot_subset_intra_acc1'))}"
+            + _ci(info, "zeroshot_subset_delta_acc1", signed=True),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -136,7 +136,8 @@ def make_record(
         "modalign_version": modalign.__version__,
         "git_hash": git_hash(),
         "metrics": clean,
-        "intervals": {str(k): [float(v[0]), float(v[1])] for k, v in (intervals or {}).items()},
+        "intervals": {str(k): [_finite(v[0]), _finite(v[1])]
+                      for k, v in (intervals or {}).items()},
         "bootstrap": dict(bootstrap) if bootstrap else None,
         "comparisons": [dict(c) for c in comparisons],
     }
@@ -298,6 +299,13 @@ def _check_record(record: Any, where: str) -> None:
         raise ValueError(f"{where}: not an evaluation record; missing fields {missing}")
     if not isinstance(record["metrics"], Mapping):
         raise ValueError(f"{where}: expected 'metrics' to be an object of name -> number")
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 def _slug(text: str) -> str:

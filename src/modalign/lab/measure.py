@@ -29,6 +29,7 @@ from torch import Tensor
 
 from modalign.bridge.inversion import InversionForward, InversionSettings, ProjectedForward, invert
 from modalign.embed.store import Embeddings, EmbeddingStore
+from modalign.evaluate.bootstrap import QueryValues, bootstrap_intervals, paired_bootstrap
 from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
 from modalign.evaluate.retrieval import as_unit_tensor, cross_modal_retrieval
 from modalign.evaluate.zeroshot import (
@@ -169,6 +170,7 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     img, txt = as_unit_tensor(test["image"]), as_unit_tensor(test["text"])
     t0 = time.perf_counter()
     m: dict[str, float] = {}
+    iv: dict[str, list[float]] = {}  # 95% bootstrap intervals (differences: paired)
     gap = modality_gap(img.numpy(), txt.numpy(), normalize=False)
     m["gap"] = gap.centroid_distance
     m["separability"] = linear_separability(img.numpy(), txt.numpy(), seed=seed)["accuracy"]
@@ -179,11 +181,15 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     m["logit_scale"] = float(model.logit_scale.detach())
 
     def retrieval(prefix: str, bridges: Sequence[str] = ()) -> None:
-        r = cross_modal_retrieval(test, MODALITIES, k_values=(1, 5), bridges=bridges,
-                                  bank=bank if bridges else None).metrics
-        for k in ("text_retrieval_map", "text_retrieval_recall@1", "image_retrieval_map",
-                  "image_retrieval_recall@1"):
-            m[f"{prefix}{k}"] = r[k]
+        res = cross_modal_retrieval(test, MODALITIES, k_values=(1, 5), bridges=bridges,
+                                    bank=bank if bridges else None)
+        keys = ("text_retrieval_map", "text_retrieval_recall@1", "image_retrieval_map",
+                "image_retrieval_recall@1")
+        for k in keys:
+            m[f"{prefix}{k}"] = res.metrics[k]
+        for k, (lo, hi) in bootstrap_intervals({k: res.per_query[k] for k in keys},
+                                               seed=seed).items():
+            iv[f"{prefix}{k}"] = [lo, hi]
 
     note("retrieval")
     retrieval("")
@@ -220,8 +226,11 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     g_rows = np.array([i for i, it in enumerate(test["image"].items) if it["view"] == gv])
     g_groups = torch.from_numpy(test["image"].group_ids()[g_rows])
     q_groups = torch.from_numpy(test["image"].group_ids()[q_img])
-    native = retrieval_metrics(img[q_img], img[g_rows], q_groups, g_groups, k_values=(1,)).metrics
-    inverted = retrieval_metrics(oti[0], img[g_rows], q_groups, g_groups, k_values=(1,)).metrics
+    native_r = retrieval_metrics(img[q_img], img[g_rows], q_groups, g_groups, k_values=(1,))
+    inverted_r = retrieval_metrics(oti[0], img[g_rows], q_groups, g_groups, k_values=(1,))
+    native, inverted = native_r.metrics, inverted_r.metrics
+    iv["i2i_delta_map"] = _paired(QueryValues(inverted_r.per_query["map"].numpy()),
+                                  QueryValues(native_r.per_query["map"].numpy()), seed)
     m["i2i_native_map"], m["i2i_oti_map"] = native["map"], inverted["map"]
     m["i2i_native_recall@1"], m["i2i_oti_recall@1"] = native["recall@1"], inverted["recall@1"]
     # name -> every other text of the split, native vs OVI queries
@@ -229,10 +238,13 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     q_ids = [t_ids[i] for i in q_txt]
     t_groups = torch.from_numpy(test["text"].group_ids())
     excl = self_exclusion(q_ids, t_ids)
-    native = retrieval_metrics(txt[q_txt], txt, t_groups[q_txt], t_groups, k_values=(1,),
-                               exclude=excl).metrics
-    inverted = retrieval_metrics(ovi[0], txt, t_groups[q_txt], t_groups, k_values=(1,),
-                                 exclude=excl).metrics
+    native_r = retrieval_metrics(txt[q_txt], txt, t_groups[q_txt], t_groups, k_values=(1,),
+                                 exclude=excl)
+    inverted_r = retrieval_metrics(ovi[0], txt, t_groups[q_txt], t_groups, k_values=(1,),
+                                   exclude=excl)
+    native, inverted = native_r.metrics, inverted_r.metrics
+    iv["t2t_delta_map"] = _paired(QueryValues(inverted_r.per_query["map"].numpy()),
+                                  QueryValues(native_r.per_query["map"].numpy()), seed)
     m["t2t_native_map"], m["t2t_ovi_map"] = native["map"], inverted["map"]
     m["t2t_native_recall@1"], m["t2t_ovi_recall@1"] = native["recall@1"], inverted["recall@1"]
     m["i2i_delta_map"] = m["i2i_oti_map"] - m["i2i_native_map"]
@@ -245,13 +257,21 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
                                      query_override=oti[0])
     m["zeroshot_subset_inter_acc1"] = inter.metrics["acc1"]
     m["zeroshot_subset_intra_acc1"] = intra.metrics["acc1"]
+    iv["zeroshot_subset_delta_acc1"] = _paired(intra.per_query["acc1"],
+                                               inter.per_query["acc1"], seed)
 
     note("gap shift")
     shift = gap_shift_curve(test, bank, amounts=config.shifts, prototypes=protos,
                             classnames=data.classnames, label=config.label)
-    return {"metrics": m, "inversion": inv, "gap_shift": shift,
+    return {"metrics": m, "intervals": iv, "inversion": inv, "gap_shift": shift,
             "pca": pca_2d(img, txt),
             "seconds": {"evaluate": eval_seconds, "invert": inversion_seconds}}
+
+
+def _paired(treated: QueryValues, baseline: QueryValues, seed: int) -> list[float | None]:
+    """Paired 95% bootstrap interval of ``treated - baseline`` over the same queries."""
+    out = paired_bootstrap({"m": treated}, {"m": baseline}, seed=seed)
+    return list(out["m"]["interval"]) if "m" in out else [None, None]
 
 
 def invert_queries(model: MultiTowerModel, towers: LabTowers, modality: str, targets: Tensor,
