@@ -154,3 +154,39 @@ def test_model_folder_projects_features_and_encodes_prompts(tmp_path):
     assert zs["protocol"]["templates"] == ["an emoji of {}."]
     assert zs["protocol"]["num_classes"] == 2
     json.dumps(zs)
+
+
+def test_split_all_bootstrap_off_and_clear_split_errors(store, tmp_path, capsys):
+    out = tmp_path / "all.json"
+    assert run("--embeddings", store.path, "--split", "all", "--bootstrap", 0, "--out", out) == 0
+    rec = read_record(out)
+    assert rec["split"] == "all" and rec["intervals"] == {} and rec["bootstrap"] is None
+    assert rec["protocol"]["directions"][0]["num_queries"] == 2 * GROUPS
+    assert run("--embeddings", store.path, "--split", "val", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "splits present: ['test', 'train']" in err and "--split all" in err
+    assert run("--embeddings", store.path, "--bootstrap", -1, "--out", out) == 2
+    assert run("--embeddings", store.path, "--out", tmp_path / "few.json") == 0
+    assert "few queries (image → text: 16" in capsys.readouterr().err
+
+
+def test_group_as_label_and_neutral_templates():
+    from modalign.evaluate.cli import _group_as_label
+    from modalign.evaluate.zeroshot import DEFAULT_TEMPLATES, default_templates
+
+    rows = [{"id": "a", "group": "cat", "labels": {}}, {"id": "b", "group": "dog"}]
+    from modalign.embed.store import Embeddings
+
+    emb = _group_as_label(Embeddings(np.zeros((2, 3), np.float32), rows, {"cat": 0, "dog": 1}))
+    assert emb.labels("group") == ["cat", "dog"]
+    assert default_templates("emoji") == DEFAULT_TEMPLATES
+    assert not any("emoji" in t for t in default_templates("shop/manifest.csv"))
+
+
+def test_data_check_warns_about_leakage_and_a_small_test_split(tmp_path, capsys):
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("text,group,split\na cat,g1,train\na cat,g2,test\na dog,g3,test\n")
+    assert main(["data", "check", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "leakage: 1 text value(s) appear in more than one split (2 rows)" in out
+    assert "small test split: 2 test groups" in out

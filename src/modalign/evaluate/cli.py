@@ -160,7 +160,21 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap and (args.bridge or overrides):
         baseline = _evaluate(args, joint, test, None, {}, None)
     _write_and_print(args, result, baseline)
+    _small_data_warnings(result, args.split)
     return 0
+
+
+def _small_data_warnings(result: Any, split: str, minimum: int = 30) -> None:
+    """Say so when a metric rests on fewer than ``minimum`` queries."""
+    counts = [(f"{d['query']} → {d['gallery']}", d["num_queries"])
+              for d in result.protocol.get("directions", [])]
+    if "num_inputs" in result.protocol:
+        counts.append(("zero-shot", result.protocol["num_inputs"]))
+    small = [f"{name}: {n}" for name, n in counts if n < minimum]
+    if small:
+        print(f"warning: few queries ({', '.join(small)}) in split {split!r}: read the "
+              "intervals, not the third decimal; a 'split' column in the manifest or --split "
+              "all gives more", file=sys.stderr)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
