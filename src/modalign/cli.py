@@ -26,11 +26,19 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "modalign.evaluate.cli",
     "modalign.evaluate.search_cli",
     "modalign.report.cli",
+    "modalign.inventory",
     "modalign.lab.cli",
     "modalign.reproduce.cli",
     "modalign.explore.cli",
     "modalign.demo",
 )
+
+# Optional packages a command may need, with the line that installs them.
+OPTIONAL_MODULES: dict[str, str] = {
+    "open_clip": "pip install 'modalign[openclip]' (open_clip towers)",
+    "torchvision": "pip install 'modalign[openclip]' (open_clip towers)",
+    "faiss": "pip install faiss-cpu (faiss search indexes), or use --index exact",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +105,13 @@ def _run(args: argparse.Namespace) -> int:
         print("modalign: interrupted; finished work is kept and the next run resumes it.",
               file=sys.stderr)
         return 130
+    except ImportError as e:  # a missing optional extra: one line that says what to install
+        hint = OPTIONAL_MODULES.get((e.name or "").split(".")[0])
+        if getattr(args, "debug", False) or (hint is None and "pip install" not in str(e)):
+            raise
+        message = f"{e.name} is not installed: {hint}" if hint else str(e).splitlines()[0]
+        print(f"modalign {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except (ModalignError, ValueError, FileNotFoundError, RuntimeError) as e:
         if getattr(args, "debug", False):
             raise

@@ -433,6 +433,9 @@ class MultiTowerModel(nn.Module):
         if not root.is_dir():
             raise FileNotFoundError(f"model folder {str(root)!r} does not exist; pass a folder "
                                     "written by 'modalign train' or save_pretrained()")
+        if not (root / CONFIG_NAME).is_file() and (root / "model" / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{str(root)!r} is a run folder, not a model folder; pass "
+                                    f"{str(root / 'model')!r}")
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (root / name).is_file():
                 raise FileNotFoundError(f"model folder {str(root)!r} has no {name}; a model folder "
