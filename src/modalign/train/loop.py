@@ -131,7 +131,8 @@ def resolve_store(config: TrainConfig, ctx: D.DistContext | None = None) -> Embe
     store = EmbeddingStore(path)
     if ctx is None or ctx.is_main:
         # embed_dataset re-encodes an array whose inputs or tower changed and reuses the rest
-        embed_dataset(ds, {m: _load_tower(specs[m], m) for m in specs}, path, progress=True)
+        embed_dataset(ds, {m: _load_tower(specs[m], m) for m in specs}, path,
+                      progress=sys.stderr.isatty())
     if ctx is not None:
         D.barrier(ctx)
     return store
@@ -533,7 +534,8 @@ class Trainer:
         sign = -1.0 if metric.startswith("-") else 1.0
         metric = metric.lstrip("-")
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
-                   disable=not (cfg.train.progress and self.ctx.is_main), file=sys.stderr)
+                   disable=not (cfg.train.progress and self.ctx.is_main
+                                        and sys.stderr.isatty()), file=sys.stderr)
         done = self.step >= self.total_steps or self.stopped_early
         while not done and self.epoch < cfg.train.epochs:
             while self.index < self.steps_per_epoch and self.step < self.total_steps:
