@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--name", dest="key:run.name", metavar="NAME", default=argparse.SUPPRESS,
+                   help="name of the run (same as --run.name); without run.dir the run goes to "
+                        "<modalign home>/runs/NAME")
     groups = {name: p.add_argument_group(f"[{name}] keys", cls.__doc__)
               for name, cls in SECTIONS.items()}
     groups["objectives"] = p.add_argument_group(
