@@ -209,3 +209,27 @@ def test_hub_name_shape():
     assert not hub_module.is_hub_name("/abs/path")
     assert not hub_module.is_hub_name("a/b/c")
     assert not hub_module.is_hub_name("../up")
+
+
+def test_search_with_a_joint_space_tower_spec(clip_dir, tmp_path):
+    """``modalign.search`` with ``hf-clip:DIR``: the dataset embedded by the CLIP image tower,
+    the query by its text tower, ranked by cosine."""
+    import modalign
+
+    for i, color in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (40, 40), (255 * (i == 0), 255 * (i == 1), 255 * (i == 2))).save(
+            tmp_path / f"{color}.png")
+    (tmp_path / "pairs.csv").write_text("image,text\n" + "".join(
+        f"{c}.png,a {c} car\n" for c in ("red", "green", "blue")))
+    spec = f"hf-clip:{clip_dir}"
+    (hits,) = modalign.search(spec, tmp_path / "pairs.csv", text="red car", k=3)
+    images = load_encoder(spec, modality="image")
+    text = load_encoder(spec, modality="text")
+    with torch.no_grad():
+        g = torch.nn.functional.normalize(images.encode(images.preprocess(
+            [str(tmp_path / f"{c}.png") for c in ("red", "green", "blue")])), dim=1)
+        q = torch.nn.functional.normalize(text.encode(text.preprocess(["red car"])), dim=1)
+    scores = (q @ g.T)[0]
+    order = torch.argsort(scores, descending=True).tolist()
+    assert [Path(h.value).stem for h in hits] == [("red", "green", "blue")[i] for i in order]
+    assert [h.score for h in hits] == pytest.approx(scores[order].tolist(), abs=1e-5)
