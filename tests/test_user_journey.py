@@ -88,8 +88,10 @@ def test_a_users_own_data_end_to_end(tmp_path, capsys, monkeypatch):
                  "--out", "records"]) == 2
     assert "run 'modalign invert" in capsys.readouterr().err
     assert main(["invert", "--model", model, "--data", data, "--direction", "image-to-text",
-                 "--steps", "5", "--limit", "4", "--no-progress"]) == 0
-    array = last_json(capsys)["array"]
+                 "--steps", "5", "--limit", "4", "--batch-size", "2", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "first 2 items x 5 steps took" in captured.err and "for the other 2" in captured.err
+    array = json.loads(captured.out.strip().splitlines()[-1])["array"]
     assert main(["eval", "--model", model, "--data", data, "--inverted", "image=oti",
                  "--bootstrap", "100", "--name", "shop-oti", "--out", "records"]) == 0
     inverted = read_record(next((tmp_path / "records").glob("shop_shop-oti_*.json")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -166,9 +167,13 @@ def run(args: argparse.Namespace) -> int:
     targets = source.torch().to(device)
     bar = tqdm(total=len(source), unit="item", desc=f"{method} {src}->{dst}",
                disable=args.no_progress)
-    running = {"n": 0, "cos": 0.0}
+    running = {"n": 0, "cos": 0.0, "estimated": 0}
 
     def on_chunk(done: int, cosine_sum: float) -> None:
+        elapsed = time.perf_counter() - t0
+        if not running["estimated"] and elapsed > 0.05:  # the first batch computed (not resumed)
+            running["estimated"] = 1
+            _print_estimate(done, len(source) - running["n"] - done, steps, elapsed)
         running["n"] += done
         running["cos"] += cosine_sum
         bar.update(done)
@@ -189,6 +194,20 @@ def run(args: argparse.Namespace) -> int:
           f"{summary['mean_final_cosine']:.4f}; array {name} in {store.path}")
     print(json.dumps(summary))
     return 0
+
+
+def _print_estimate(done: int, remaining: int, steps: int, seconds: float,
+                    long_s: float = 180.0) -> None:
+    """After the first batch: the time the rest will take at the speed measured on it."""
+    if remaining <= 0 or done <= 0:
+        return
+    rest = seconds / done * remaining
+    line = (f"first {done} items x {steps} steps took {seconds:.1f} s: about {rest / 60:.1f} "
+            f"min more for the other {remaining}")
+    if rest > long_s:
+        line += ("; for a quicker look pass --limit N, fewer --steps, or (CNN image tower) a "
+                 "later --stage")
+    print(line, file=sys.stderr, flush=True)
 
 
 def _store_dir(args: argparse.Namespace, model: Any) -> Path:
