@@ -212,8 +212,9 @@ def run_index_build(args: argparse.Namespace) -> int:
     space.check_modality(args.modality)
     t = time.perf_counter()
     gallery = space.gallery(args.data, args.modality, split=args.split)
+    model = str(space.model_dir.resolve()) if space.model_dir is not None else space.name
     path = write_index(args.out, gallery, args.kind, meta={
-        "model": space.name, "data": str(args.data), "modality": args.modality,
+        "model": model, "data": str(args.data), "modality": args.modality,
         "split": args.split})
     print(f"indexed {len(gallery)} {args.modality} items of {args.data} ({args.kind}, "
           f"{gallery.dim}-d) in {time.perf_counter() - t:.1f} s: {path} (+ {path.name}.json)")
