@@ -65,6 +65,8 @@ def test_a_users_own_data_end_to_end(tmp_path, capsys, monkeypatch):
                  "--set", "train.epochs=3", "--set", "train.batch_size=16",
                  "--set", "model.joint_dim=16", "--set", "train.progress=false",
                  "--run.dir", "runs/shop"]) == 0
+    assert "batch 16 holds more than a tenth of the 30 training groups: 1 steps per epoch, 14 " \
+        "groups dropped" in capsys.readouterr().err
     model = "runs/shop/model"
     assert main(["diagnose", "--model", model, "--data", data, "--out",
                  "runs/shop/diagnosis"]) == 0

@@ -88,7 +88,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  {where}{col}: {s['reason']}")
     if len(report.skipped) > 20:
         print(f"  ... and {len(report.skipped) - 20} more")
-    from modalign.data.leakage import split_warnings
+    from modalign.data.caveats import split_warnings
 
     for line in split_warnings(ds):
         print(f"warning: {line}")

@@ -199,6 +199,7 @@ class Trainer:
             raise ModalignError(f"the per-process batch {self.local_batch} must be divisible by "
                              f"train.accumulate={config.train.accumulate}")
         self.steps_per_epoch = self.data.num_batches(self.batch_size)
+        _print_batch_warning(len(self.data.groups), self.batch_size, self.ctx.is_main)
         total = self.steps_per_epoch * config.train.epochs
         self.total_steps = min(total, config.train.max_steps) if config.train.max_steps else total
 
@@ -706,3 +707,11 @@ def train(config: TrainConfig, *, towers: Mapping[str, Any] | None = None,
         return trainer.run()
     finally:
         D.teardown()
+
+
+def _print_batch_warning(groups: int, batch_size: int, main: bool) -> None:
+    from modalign.data.caveats import batch_warning
+
+    line = batch_warning(groups, batch_size)
+    if line and main:
+        print(f"warning: {line}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Warnings about a dataset's splits: the same input in two splits, too few test groups.
+"""Warnings where a number means little: inputs shared by splits, a small test split, a batch
+too large for the training groups.
 
 A paired dataset split by group can still leak: the same image file, or the same caption, may sit
 in a training group and in a test group, and then test retrieval partly measures memory.
@@ -45,3 +46,20 @@ def split_warnings(ds: PairedDataset, min_test_groups: int = MIN_TEST_GROUPS) ->
                    f"{min_test_groups} queries move a lot from one draw to the next (eval "
                    "prints 95% intervals); add a 'split' column or evaluate with --split all")
     return out
+
+
+def batch_warning(groups: int, batch_size: int) -> str | None:
+    """A line when a batch holds more than a tenth of the training groups, else ``None``.
+
+    Examples:
+        >>> print(batch_warning(225, 64)[:78])
+        batch 64 holds more than a tenth of the 225 training groups: 3 steps per epoch
+        >>> batch_warning(10000, 256) is None
+        True
+    """
+    if groups <= 0 or batch_size * 10 <= groups:
+        return None
+    steps = groups // batch_size
+    return (f"batch {batch_size} holds more than a tenth of the {groups} training groups: "
+            f"{steps} steps per epoch, {groups - steps * batch_size} groups dropped per epoch "
+            "(the last partial batch); a smaller train.batch_size gives more steps")
