@@ -16,11 +16,9 @@ from modalign.errors import ModalignError
 from modalign.evaluate.index_file import read_index, write_index
 from modalign.evaluate.inverted import parse_inverted, resolve_inverted
 from modalign.evaluate.records import (
-    dataset_name,
     flatten_protocol,
     make_record,
     merge_records,
-    model_name,
     write_csv,
     write_record,
 )
@@ -28,6 +26,7 @@ from modalign.evaluate.retrieval import cross_modal_retrieval, toy_embeddings
 from modalign.evaluate.search import faiss_available
 from modalign.evaluate.semantic import resolve_model_dir, semantic_search
 from modalign.evaluate.vocabulary import describe_metric, parse_direction
+from modalign.naming import dataset_name, model_name
 
 
 def test_semantic_search_equals_a_full_sort():
@@ -102,8 +101,16 @@ def test_inverted_arrays_are_found_by_what_they_are(tmp_path):
         parse_inverted("image")
 
 
-def test_names_and_vocabulary():
+def load_dataset_name(folder):
+    from modalign.data import load_dataset
+
+    (folder / "manifest.csv").write_text("text,group\na cat,g1\n")
+    return load_dataset(folder / "manifest.csv").name
+
+
+def test_names_and_vocabulary(tmp_path):
     assert dataset_name("data/shop/manifest.csv") == "shop"
+    assert load_dataset_name(tmp_path) == tmp_path.name  # the loaded dataset is named so too
     assert dataset_name("birds.jsonl") == "birds" and dataset_name("emoji") == "emoji"
     assert model_name("runs/cua/model") == "cua" and model_name("runs/cua/model/") == "cua"
     assert parse_direction("i2t") == ("image", "text")

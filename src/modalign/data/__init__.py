@@ -9,6 +9,7 @@ from modalign.data.dataset import SPLITS, Item, PairedDataset, split_of
 from modalign.data.emoji import EmojiOptions, build_emoji
 from modalign.data.manifest import ManifestReport, load_manifest
 from modalign.errors import ModalignError
+from modalign.naming import dataset_name
 from modalign.spec import parse_spec
 
 __all__ = ["SPLITS", "EmojiOptions", "Item", "ManifestReport", "PairedDataset", "build_emoji",
@@ -31,7 +32,7 @@ def load_dataset(spec: str | Path, progress: bool = False) -> PairedDataset:
     if path.is_dir():
         return PairedDataset.load(path)
     if path.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
-        ds, report = load_manifest(path)
+        ds, report = load_manifest(path, name=dataset_name(path))
         if report.skipped:
             warnings.warn(f"{path}: {report.summary()}", stacklevel=2)
         return ds

@@ -256,7 +256,8 @@ def _evaluate(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping[
 
 def _write_and_print(args: argparse.Namespace, result: Any, baseline: Any | None) -> None:
     from modalign.evaluate.bootstrap import bootstrap_intervals, paired_bootstrap
-    from modalign.evaluate.records import dataset_name, make_record, write_record
+    from modalign.evaluate.records import make_record, write_record
+    from modalign.naming import dataset_name
 
     intervals: dict[str, tuple[float, float]] = {}
     comparisons = []

@@ -25,6 +25,7 @@ from typing import Any
 
 import modalign
 from modalign.io import content_hash, csv_cell, read_json, write_bytes_atomic, write_json_atomic
+from modalign.naming import dataset_name, model_name
 
 RECORD_SCHEMA = 1
 REQUIRED_FIELDS: tuple[str, ...] = (
@@ -36,40 +37,6 @@ CSV_FIELDS: tuple[str, ...] = (
     "query_view", "gallery_view", "relevance", "label", "templates", "bridges", "inversion",
     "inverted_arrays", "num_queries", "seed", "modalign_version", "git_hash",
 )
-GENERIC_STEMS = frozenset({"manifest", "pairs", "data", "dataset", "metadata", "index", "train",
-                           "test", "val", "all", "items", "captions", "annotations"})
-
-
-def dataset_name(data: str) -> str:
-    """A readable dataset name: the file stem, or its folder when the stem is generic.
-
-    Examples:
-        >>> dataset_name("shop/photos/manifest.csv"), dataset_name("birds.jsonl")
-        ('photos', 'birds')
-        >>> dataset_name("emoji:limit=50")
-        'emoji:limit=50'
-    """
-    p = Path(data)
-    if p.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
-        return p.name or str(data)
-    if p.stem.lower() in GENERIC_STEMS and p.parent.name:
-        return p.parent.name
-    return p.stem
-
-
-def model_name(model: str) -> str:
-    """A readable model name: the run folder for ``RUN/model``, else the folder name.
-
-    Examples:
-        >>> model_name("runs/cua/model"), model_name("hf-clip:/models/clip-vit-b32")
-        ('cua', 'clip-vit-b32')
-    """
-    p = Path(model.rstrip("/"))
-    if p.name == "model" and p.parent.name:
-        return p.parent.name
-    return p.name or model
-
-
 def git_hash() -> str | None:
     """The commit of the installed source tree (short hash), or ``None`` when not in git.
 
