@@ -69,7 +69,7 @@ def terminal_table(models: Mapping[str, Mapping[str, Any]]) -> str:
             + _ci(info, "zeroshot_subset_delta_acc1", signed=True),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
