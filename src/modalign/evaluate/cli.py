@@ -427,7 +427,8 @@ def _print_summary(result: Any, intervals: Mapping[str, Any],
 
     headline = re.compile(r"(_retrieval_recall@\d+|_map|_mrr|^acc1|^acc5|^mean_per_class_recall)$")
     shown = [k for k in result.metrics if headline.search(k)]
-    labels = {k: describe_metric(k, pair) for k in shown}
+    queries = pair or {d["gallery"]: d["query"] for d in result.protocol.get("directions", [])}
+    labels = {k: describe_metric(k, queries) for k in shown}
     width = max((len(v) for v in labels.values()), default=0)
     diffs = comparisons[0]["differences"] if comparisons else {}
     for key in shown:

@@ -51,16 +51,17 @@ def parse_direction(text: str) -> tuple[str, str]:
     raise ModalignError(f"direction {text!r}: expected QUERY-to-GALLERY, e.g. image-to-text")
 
 
-def describe_metric(key: str, modalities: tuple[str, str] | None = None) -> str:
+def describe_metric(key: str, queries: tuple[str, str] | dict[str, str] | None = None) -> str:
     """A metric key in words, with its direction when the key names one.
 
-    ``modalities`` (the two of a cross-modal retrieval) lets the gallery name its query side.
+    ``queries`` says which query set ranked each gallery: the two modalities of a cross-modal
+    retrieval, or a mapping gallery -> query (from a record's protocol directions).
 
     Examples:
         >>> describe_metric("text_retrieval_recall@1", ("image", "text"))
         'image → text recall@1'
-        >>> describe_metric("image:openmoji_retrieval_map")
-        '→ image:openmoji map'
+        >>> describe_metric("image:openmoji_retrieval_map", {"image:openmoji": "image:noto"})
+        'image:noto → image:openmoji map'
         >>> describe_metric("acc1")
         'acc1'
     """
@@ -68,7 +69,9 @@ def describe_metric(key: str, modalities: tuple[str, str] | None = None) -> str:
     if not m:
         return key
     gallery, measure = m.group("gallery"), m.group("measure")
-    if modalities is not None and gallery in modalities:
-        query = modalities[1] if gallery == modalities[0] else modalities[0]
+    if isinstance(queries, tuple) and gallery in queries:
+        query = queries[1] if gallery == queries[0] else queries[0]
         return f"{direction_words(query, gallery)} {measure}"
+    if isinstance(queries, dict) and gallery in queries:
+        return f"{direction_words(queries[gallery], gallery)} {measure}"
     return f"→ {gallery} {measure}"
