@@ -14,6 +14,7 @@ import pytest
 from modalign.cli import main
 from modalign.evaluate.records import read_record
 from modalign.evaluate.search import faiss_available
+from modalign.io import read_json
 from modalign.report.browser import find_chromium, render_in_browser, screenshot_stats
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220),
@@ -70,7 +71,8 @@ def test_a_users_own_data_end_to_end(tmp_path, capsys, monkeypatch):
     model = "runs/shop/model"
     assert main(["diagnose", "--model", model, "--data", data, "--out",
                  "runs/shop/diagnosis"]) == 0
-    capsys.readouterr()
+    assert "diagnosing 40 rows per modality" in capsys.readouterr().err
+    assert read_json(tmp_path / "runs/shop/diagnosis/diagnosis.json")["options"]["k"] == 4
 
     # eval with a bridge: intervals in the record, a paired difference against native
     assert main(["eval", "--model", model, "--data", data, "--bridge", "centering",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "by side")
     p.add_argument("--log", default=None, metavar="LOG_JSONL",
                    help="training log with logit scales (default: log.jsonl next to --model)")
-    p.add_argument("--k", type=int, default=10, help="neighbours for hubness and agreement "
-                                                     "(default 10)")
+    p.add_argument("--k", type=int, default=None,
+                   help="neighbours for hubness and agreement (default 10, lowered to a tenth "
+                        "of the rows when there are fewer than 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sample and split (default 0)")
     p.add_argument("--sample-rows", type=int, default=10000, metavar="N",
                    help="rows sampled for k-NN metrics above N (default 10000)")
@@ -99,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
             history = logit_scale_history(log) or None
     elif args.log:
         history = logit_scale_history(args.log) or None
-    opts = DiagnoseOptions(seed=args.seed, k=args.k, knn_rows=args.sample_rows,
+    k = _neighbours(args.k, min(len(e) for e in joint.values()))
+    opts = DiagnoseOptions(seed=args.seed, k=k, knn_rows=args.sample_rows,
                            compute_mir=not args.no_mir)
     record = diagnose({m: e.vectors for m, e in joint.items()},
                       groups={m: e.group_ids() for m, e in joint.items()},
@@ -117,3 +120,15 @@ def run(args: argparse.Namespace) -> int:
                         "separability": pair["separability"]["accuracy"]}
     print(dumps(summary))
     return 0
+
+
+def _neighbours(k: int | None, rows: int, default: int = 10, few: int = 100) -> int:
+    """The k of the neighbour metrics; on few rows, a warning (and a smaller default k)."""
+    if rows >= few:
+        return default if k is None else k
+    chosen = k if k is not None else max(1, min(default, rows // 10))
+    print(f"warning: diagnosing {rows} rows per modality: separability is tested on about "
+          f"{max(1, rows // 5)} held-out rows and the neighbour metrics use k={chosen}"
+          + ("" if k is not None else f" (lowered from {default})")
+          + "; read them as rough", file=sys.stderr)
+    return chosen
