@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -172,9 +173,9 @@ def _small_data_warnings(result: Any, split: str, minimum: int = 30) -> None:
         counts.append(("zero-shot", result.protocol["num_inputs"]))
     small = [f"{name}: {n}" for name, n in counts if n < minimum]
     if small:
-        print(f"warning: few queries ({', '.join(small)}) in split {split!r}: read the "
-              "intervals, not the third decimal; a 'split' column in the manifest or --split "
-              "all gives more", file=sys.stderr)
+        warnings.warn(f"few queries ({', '.join(small)}) in split {split!r}: read the "
+                      "intervals, not the third decimal; a 'split' column in the manifest or "
+                      "--split all gives more", stacklevel=2)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -325,8 +326,8 @@ def _zero_shot(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping
                          "--model DIR (its text tower encodes the prompts) or "
                          "--class-embeddings FILE")
     if len(classnames) <= 5:
-        print(f"warning: zero-shot with {len(classnames)} classes: acc5 counts the true class "
-              f"among the top 5 of {len(classnames)}, so it means little", file=sys.stderr)
+        warnings.warn(f"zero-shot with {len(classnames)} classes: acc5 counts the true class "
+                      f"among the top 5 of {len(classnames)}, so it means little", stacklevel=2)
     return zero_shot_classification(
         inputs, prototypes, classnames, label=args.label, input_key=args.modality,
         prototype_key="text", bridges=common["bridges"], bank=bank,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +127,8 @@ def _neighbours(k: int | None, rows: int, default: int = 10, few: int = 100) -> 
     if rows >= few:
         return default if k is None else k
     chosen = k if k is not None else max(1, min(default, rows // 10))
-    print(f"warning: diagnosing {rows} rows per modality: separability is tested on about "
-          f"{max(1, rows // 5)} held-out rows and the neighbour metrics use k={chosen}"
-          + ("" if k is not None else f" (lowered from {default})")
-          + "; read them as rough", file=sys.stderr)
+    warnings.warn(f"diagnosing {rows} rows per modality: separability is tested on about "
+                  f"{max(1, rows // 5)} held-out rows and the neighbour metrics use k={chosen}"
+                  + ("" if k is not None else f" (lowered from {default})")
+                  + "; read them as rough", stacklevel=2)
     return chosen

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -714,4 +715,4 @@ def _print_batch_warning(groups: int, batch_size: int, main: bool) -> None:
 
     line = batch_warning(groups, batch_size)
     if line and main:
-        print(f"warning: {line}", file=sys.stderr)
+        warnings.warn(line, stacklevel=2)
