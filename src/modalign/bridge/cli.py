@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     }
     targets = source.torch().to(device)
     bar = tqdm(total=len(source), unit="item", desc=f"{method} {src}->{dst}",
-               disable=args.no_progress)
+               disable=args.no_progress or None)
     running = {"n": 0, "cos": 0.0, "estimated": 0}
 
     def on_chunk(done: int, cosine_sum: float) -> None:

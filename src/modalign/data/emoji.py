@@ -286,7 +286,8 @@ def build_emoji(options: EmojiOptions | None = None, root: str | Path | None = N
 
     todo = [j for j in jobs if not j[2].exists()]
     failed: set[str] = set()
-    for style, c, path in tqdm(todo, desc="rendering emoji", unit="img", disable=not progress):
+    bar_off = (not progress) or None  # None: no bar when stderr is not a terminal
+    for style, c, path in tqdm(todo, desc="rendering emoji", unit="img", disable=bar_off):
         img = renderers[style].render(c.emoji)
         if img is None:
             failed.add(c.code)
@@ -304,7 +305,7 @@ def build_emoji(options: EmojiOptions | None = None, root: str | Path | None = N
         with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
             results = pool.map(lambda j: _speak(j[1].name, j[0], j[2]), speech_todo)
             for ok, (v, c, _p) in tqdm(zip(results, speech_todo), total=len(speech_todo),
-                                       desc="speaking names", unit="wav", disable=not progress):
+                                       desc="speaking names", unit="wav", disable=bar_off):
                 if not ok:
                     failed.add(c.code)
                     skipped.append({"emoji": c.emoji, "code": c.code, "name": c.name,

@@ -175,7 +175,7 @@ def _encode_rows(dataset: PairedDataset, items: Sequence[Item], enc: Encoder,
     """Encode rows ``writer.done ..`` into ``writer``; stop early after ``budget`` batches."""
     t0, n0, batches = time.perf_counter(), writer.done, 0
     bar = tqdm(total=len(items), initial=writer.done, desc=f"embedding {writer.name}",
-               unit="item", disable=not progress)
+               unit="item", disable=(not progress) or None)
     module = enc if isinstance(enc, torch.nn.Module) else None
     if module is not None:
         module.to(device).eval()

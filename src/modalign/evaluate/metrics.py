@@ -256,7 +256,7 @@ def retrieval_metrics(
     per_query = {name: torch.full((Q,), torch.nan, dtype=torch.float64)
                  for name in metric_names(k_values)}
     num_relevant = torch.zeros(Q, dtype=torch.int64)
-    bar = tqdm(total=Q, desc="ranking", unit="query", disable=not progress, leave=False)
+    bar = tqdm(total=Q, desc="ranking", unit="query", disable=(not progress) or None, leave=False)
     for block in relevant_positions(queries, gallery, query_groups, gallery_groups,
                                     exclude=exclude, ties=ties, chunk_size=chunk_size):
         bar.update(len(block.num_relevant))

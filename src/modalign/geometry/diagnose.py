@@ -298,7 +298,7 @@ def diagnose(
         record["joint"]["spectrum"] = spectrum_from_moments(pooled).to_dict()
 
     steps.append(("joint spectrum", joint))
-    bar = tqdm(steps, desc="diagnose", unit="step", disable=not progress)
+    bar = tqdm(steps, desc="diagnose", unit="step", disable=(not progress) or None)
     for label, fn in bar:
         bar.set_postfix_str(label)
         fn()

@@ -245,7 +245,7 @@ def run_gap_lab(config: LabConfig, store: EmbeddingStore | str | Path,
     jobs = [(s, seed) for seed in config.seeds for s in config.settings]
     records = []
     t0 = time.perf_counter()
-    bar = tqdm(jobs, unit="run", desc="gap lab", disable=not progress, file=sys.stderr)
+    bar = tqdm(jobs, unit="run", desc="gap lab", disable=(not progress) or None, file=sys.stderr)
     for setting, seed in bar:
         bar.set_postfix_str(f"{setting.name} seed {seed}")
 

@@ -190,7 +190,7 @@ def invert_stored(store: EmbeddingStore, name: str, targets: Embeddings,
     tower_module = towers["text" if plan.direction == "oti" else "image"].model  # type: ignore[attr-defined]
     tower_module.to(device)
     bar = tqdm(total=sum(min(s + chunk, len(ids)) - s for s in mine), unit="item",
-               desc=f"{plan.direction.upper()} {name}", disable=not progress or rank != 0)
+               desc=f"{plan.direction.upper()} {name}", disable=(not progress or rank != 0) or None)
     t0, fresh = time.perf_counter(), 0
     for start in mine:
         part = _part(parts_dir, start)
