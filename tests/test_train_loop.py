@@ -214,3 +214,24 @@ def test_three_modalities_with_an_n_modal_objective(tmp_path, n_modal):
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["train_loss"]) for r in rows)
     assert len(rows[0]["logit_scales"]) == 2  # one temperature per objective term
+
+
+@pytest.mark.filterwarnings("ignore:batch .* holds more than a tenth")
+def test_data_without_a_val_split_trains_without_validation_and_says_so(tmp_path):
+    from modalign.embed.store import EmbeddingStore
+
+    rng = np.random.default_rng(0)
+    store = EmbeddingStore(tmp_path / "store")
+    for modality, dim in (("image", 12), ("text", 8)):
+        rows = [{"id": f"{modality}{g}", "modality": modality, "view": "v", "group": f"g{g}",
+                 "split": "train" if g < 24 else "test", "labels": {}} for g in range(32)]
+        store.add_array(modality, rng.normal(size=(32, dim)).astype(np.float32), rows,
+                        info={"encoder": {"name": f"fake-{modality}"}})
+    cfg = small_config(tmp_path / "store", tmp_path / "run", train={"epochs": 1})
+    with pytest.warns(UserWarning, match="no 'val' split.*data.val_split"):
+        result = train(cfg)
+    assert (tmp_path / "run" / "summary.json").exists() and result.model_dir.exists()
+    named = small_config(tmp_path / "store", tmp_path / "run2", train={"epochs": 1},
+                         data={"val_split": "dev"})
+    with pytest.raises(ValueError, match="split 'dev'"):
+        train(named)  # a split the user named must exist

@@ -46,7 +46,7 @@ from modalign.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from modalign.train.config import RESUMABLE_KEYS, TrainConfig, config_changes
+from modalign.train.config import RESUMABLE_KEYS, DataConfig, TrainConfig, config_changes
 from modalign.train.data import KeyTable, PairedFeatures, augment_image, load_key, shard
 
 LOG_NAME = "log.jsonl"
@@ -301,8 +301,15 @@ class Trainer:
         pair = self.config.validation_pair()
         if pair is None:
             return None
-        return {k: KeyTable.from_embeddings(k, load_key(self.store, k, self.config.data.val_split))
-                for k in pair}
+        split = self.config.data.val_split
+        if split == DataConfig.val_split and not _has_split(self.store, pair, split):
+            # The default split is missing (a user's manifest with only train/test): train
+            # without validation and say so; a split the user named must exist.
+            warnings.warn(f"the data has no {split!r} split, so this run trains without "
+                          "validation; set data.val_split to validate on another split "
+                          "(e.g. --set data.val_split=test)", stacklevel=2)
+            return None
+        return {k: KeyTable.from_embeddings(k, load_key(self.store, k, split)) for k in pair}
 
     # -- one step ----------------------------------------------------------------------------
     def _batch(self, epoch: int, index: int) -> tuple[dict[str, torch.Tensor], dict[str, list],
@@ -716,3 +723,13 @@ def _print_batch_warning(groups: int, batch_size: int, main: bool) -> None:
     line = batch_warning(groups, batch_size)
     if line and main:
         warnings.warn(line, stacklevel=2)
+
+
+def _has_split(store: EmbeddingStore, keys: list[str], split: str) -> bool:
+    """Whether every modality of ``keys`` has rows in ``split`` of ``store``."""
+    for key in keys:
+        modality, _, view = key.partition(":")
+        if modality in store.arrays and len(store.load(modality, view=view or None,
+                                                       split=split)) == 0:
+            return False
+    return True
