@@ -16,8 +16,16 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ModalignError"]
+__all__ = ["ModalignError", "SmallDataWarning"]
 
 
 class ModalignError(ValueError):
     """A user error: the message says what was wrong, where, and what to do instead."""
+
+
+class SmallDataWarning(UserWarning):
+    """A number computed on too little data to mean much (few queries, classes or groups).
+
+    The message says how many there were and what would help. The test suite silences this
+    category where it runs on deliberately tiny data; tests of the warning itself still see it.
+    """

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from modalign.errors import SmallDataWarning
+
 TASKS = ("retrieval", "intra", "zeroshot")
 
 _EPILOG = """\
@@ -175,7 +177,7 @@ def _small_data_warnings(result: Any, split: str, minimum: int = 30) -> None:
     if small:
         warnings.warn(f"few queries ({', '.join(small)}) in split {split!r}: read the "
                       "intervals, not the third decimal; a 'split' column in the manifest or "
-                      "--split all gives more", stacklevel=2)
+                      "--split all gives more", SmallDataWarning, stacklevel=2)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -327,7 +329,8 @@ def _zero_shot(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping
                          "--class-embeddings FILE")
     if len(classnames) <= 5:
         warnings.warn(f"zero-shot with {len(classnames)} classes: acc5 counts the true class "
-                      f"among the top 5 of {len(classnames)}, so it means little", stacklevel=2)
+                      f"among the top 5 of {len(classnames)}, so it means little",
+                      SmallDataWarning, stacklevel=2)
     return zero_shot_classification(
         inputs, prototypes, classnames, label=args.label, input_key=args.modality,
         prototype_key="text", bridges=common["bridges"], bank=bank,

@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from modalign.errors import SmallDataWarning
+
 DESCRIPTION = """\
 Measure the geometry of a joint embedding space: the modality gap (centroid distance, raw and
 renormalised), linear separability of the modalities, alignment and uniformity (within and across
@@ -130,5 +132,5 @@ def _neighbours(k: int | None, rows: int, default: int = 10, few: int = 100) -> 
     warnings.warn(f"diagnosing {rows} rows per modality: separability is tested on about "
                   f"{max(1, rows // 5)} held-out rows and the neighbour metrics use k={chosen}"
                   + ("" if k is not None else f" (lowered from {default})")
-                  + "; read them as rough", stacklevel=2)
+                  + "; read them as rough", SmallDataWarning, stacklevel=2)
     return chosen

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from modalign import __version__
 from modalign.embed.store import EmbeddingStore
-from modalign.errors import ModalignError
+from modalign.errors import ModalignError, SmallDataWarning
 from modalign.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from modalign.losses.objective import Objective, build_objective
 from modalign.losses.output import LossOutput
@@ -722,7 +722,7 @@ def _print_batch_warning(groups: int, batch_size: int, main: bool) -> None:
 
     line = batch_warning(groups, batch_size)
     if line and main:
-        warnings.warn(line, stacklevel=2)
+        warnings.warn(line, SmallDataWarning, stacklevel=2)
 
 
 def _has_split(store: EmbeddingStore, keys: list[str], split: str) -> bool:
