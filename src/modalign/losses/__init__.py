@@ -21,6 +21,7 @@ from modalign.losses import modx
 from modalign.losses import symile
 from modalign.losses import gram
 from modalign.losses import multiview
+from modalign.losses import cma
 
 from modalign.losses.objective import LossTerm, Objective, PairwiseLoss, build_objective
 

@@ -1,0 +1,189 @@
+"""OoD scores and metrics: exact values, naive references, torchmetrics, bootstrap, the task."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from modalign.errors import ModalignError
+from modalign.evaluate.ood import (
+    auroc,
+    average_precision,
+    bootstrap_intervals,
+    energy_scores,
+    fpr_at_tpr,
+    knn_scores,
+    max_logit_scores,
+    mcm_scores,
+    ood_detection,
+    ood_metrics,
+    split_by_label,
+)
+from modalign.evaluate.retrieval import toy_embeddings
+
+# ---------------------------------------------------------------------------- naive references
+
+
+def naive_auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    total = 0.0
+    for a, b in itertools.product(pos, neg):
+        total += 1.0 if a > b else 0.5 if a == b else 0.0
+    return total / (len(pos) * len(neg))
+
+
+def naive_ap(pos: np.ndarray, neg: np.ndarray) -> float:
+    scores = np.concatenate([pos, neg])
+    ap, prev_recall = 0.0, 0.0
+    for t in sorted(set(scores.tolist()), reverse=True):
+        tp = float((pos >= t).sum())
+        fp = float((neg >= t).sum())
+        recall = tp / len(pos)
+        ap += (recall - prev_recall) * tp / (tp + fp)
+        prev_recall = recall
+    return ap
+
+
+def naive_fpr(pos: np.ndarray, neg: np.ndarray, tpr: float = 0.95) -> float:
+    candidates = [t for t in sorted(set(pos.tolist())) if (pos >= t).mean() >= tpr]
+    t = max(candidates)
+    return float((neg >= t).mean())
+
+
+def random_scores(seed: int, n_pos: int, n_neg: int, ties: bool) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pos, neg = rng.normal(0.5, 1.0, n_pos), rng.normal(0.0, 1.0, n_neg)
+    if ties:
+        pos, neg = np.round(pos, 1), np.round(neg, 1)
+    return pos, neg
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_spec_example_exact() -> None:
+    pos, neg = np.array([0.9, 0.8, 0.7]), np.array([0.75, 0.1])
+    m = ood_metrics(pos, neg)
+    assert m["auroc"] == pytest.approx(5 / 6, abs=1e-12)
+    assert m["aupr_in"] == pytest.approx(11 / 12, abs=1e-12)
+    assert m["fpr@95tpr"] == 0.5
+    # OOD positive, negated scores: -0.1 (OOD), -0.7 (ID), -0.75 (OOD): AP = 1/2 + 1/2 * 2/3
+    assert m["aupr_out"] == pytest.approx(0.5 * 1.0 + 0.5 * (2 / 3), abs=1e-12)
+
+
+def test_all_tied() -> None:
+    m = ood_metrics(np.ones(4), np.ones(3))
+    assert m["auroc"] == 0.5 and m["fpr@95tpr"] == 1.0
+    assert m["aupr_in"] == pytest.approx(4 / 7)
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, True), (3, False)])
+def test_against_naive(seed: int, ties: bool) -> None:
+    pos, neg = random_scores(seed, 37, 23, ties)
+    assert auroc(pos, neg) == pytest.approx(naive_auroc(pos, neg), abs=1e-12)
+    assert average_precision(pos, neg) == pytest.approx(naive_ap(pos, neg), abs=1e-12)
+    assert average_precision(-neg, -pos) == pytest.approx(naive_ap(-neg, -pos), abs=1e-12)
+    for tpr in (0.95, 0.9, 0.5, 1.0):
+        assert fpr_at_tpr(pos, neg, tpr) == naive_fpr(pos, neg, tpr)
+
+
+@pytest.mark.parametrize("seed,ties", [(4, False), (5, True)])
+def test_against_torchmetrics(seed: int, ties: bool) -> None:
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    pos, neg = random_scores(seed, 300, 200, ties)
+    preds = torch.from_numpy(np.concatenate([pos, neg]))
+    target = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).long()
+    assert auroc(pos, neg) == pytest.approx(float(tm.binary_auroc(preds, target)), abs=1e-6)
+    ap = float(tm.binary_average_precision(preds, target))
+    assert average_precision(pos, neg) == pytest.approx(ap, abs=1e-6)
+    # ROC points: fpr at the first threshold whose tpr reaches 0.95 is ours.
+    fpr, tpr, _ = tm.binary_roc(preds, target)
+    first = int(torch.nonzero(tpr >= 0.95 - 1e-12)[0])
+    assert fpr_at_tpr(pos, neg) == pytest.approx(float(fpr[first]), abs=1e-6)
+
+
+def test_invariant_to_increasing_transform() -> None:
+    pos, neg = random_scores(6, 50, 40, True)
+    a = ood_metrics(pos, neg)
+    b = ood_metrics(np.exp(3 * pos) + 1, np.exp(3 * neg) + 1)
+    assert a == pytest.approx(b, abs=1e-12)
+
+
+def test_bootstrap_contains_estimate_and_is_seeded() -> None:
+    pos, neg = random_scores(7, 200, 150, False)
+    ci = bootstrap_intervals(pos, neg, n_boot=200, seed=3)
+    point = ood_metrics(pos, neg)
+    for key, (lo, hi) in ci.items():
+        assert lo <= point[key] <= hi and lo < hi
+    assert bootstrap_intervals(pos, neg, n_boot=200, seed=3) == ci
+    with pytest.raises(ModalignError, match="n_boot"):
+        bootstrap_intervals(pos, neg, n_boot=1)
+
+
+def test_metric_errors() -> None:
+    with pytest.raises(ModalignError, match="non-empty"):
+        auroc(np.array([]), np.array([1.0]))
+    with pytest.raises(ModalignError, match="finite"):
+        ood_metrics(np.array([np.nan]), np.array([1.0]))
+    with pytest.raises(ModalignError, match="tpr"):
+        fpr_at_tpr(np.ones(2), np.ones(2), tpr=0.0)
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def test_mcm_properties() -> None:
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(5, 7, generator=g) * 2 - 1
+    assert torch.allclose(mcm_scores(torch.zeros(3, 7)), torch.full((3,), 1 / 7, dtype=torch.float64))
+    assert torch.allclose(mcm_scores(s + 0.3), mcm_scores(s))
+    assert torch.allclose(mcm_scores(s[:, torch.randperm(7, generator=g)]), mcm_scores(s))
+    naive = torch.tensor([max(np.exp(r / 0.5) / np.exp(r / 0.5).sum()) for r in s.double().numpy()])
+    assert torch.allclose(mcm_scores(s, 0.5), naive.double())
+    e = energy_scores(s, 0.5)
+    naive_e = torch.tensor([0.5 * np.log(np.exp(r / 0.5).sum()) for r in s.double().numpy()])
+    assert torch.allclose(e, naive_e.double())
+    assert torch.equal(max_logit_scores(s), s.double().amax(1))
+    with pytest.raises(ModalignError, match="temperature"):
+        mcm_scores(s, 0.0)
+    with pytest.raises(ModalignError, match="similarities"):
+        mcm_scores(torch.zeros(3))
+
+
+def test_knn_against_loop() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, bank = torch.randn(9, 5, generator=g), torch.randn(20, 5, generator=g)
+    got = knn_scores(x, bank, k=3, block=4)
+    xn, bn = torch.nn.functional.normalize(x.double(), dim=1), torch.nn.functional.normalize(
+        bank.double(), dim=1)
+    for i in range(9):
+        sims = sorted((float(xn[i] @ bn[j]) for j in range(20)), reverse=True)
+        assert float(got[i]) == pytest.approx(sims[2], abs=1e-12)
+    with pytest.raises(ModalignError, match="k=25"):
+        knn_scores(x, bank, k=25)
+
+
+# ---------------------------------------------------------------------------- the task
+
+
+def test_ood_detection_task_separates_planted_ood() -> None:
+    emb = toy_embeddings(groups=16, dim=16)["image"]
+    ind, ood = split_by_label(emb, "subgroup", ["s3"])
+    names = sorted(set(ind.labels("subgroup")))
+    # Prototypes = mean ID embedding of each class: OOD rows match none of them well.
+    protos = torch.stack([torch.from_numpy(np.asarray(ind.vectors)[
+        np.array(ind.labels("subgroup")) == c]).mean(0) for c in names])
+    r = ood_detection(ind, ood, protos, names, label="subgroup", bank=ind, n_boot=50,
+                      temperature=0.1)
+    assert r.task == "ood"
+    for score in ("mcm", "energy", "max_logit", "knn"):
+        assert r.metrics[f"{score}/auroc_lo"] <= r.metrics[f"{score}/auroc"] <= r.metrics[
+            f"{score}/auroc_hi"]
+    assert r.metrics["knn/auroc"] == 1.0  # the bank contains every ID row (k=1: cosine 1)
+    assert r.metrics["id_acc1"] > 0.5
+    with pytest.raises(ModalignError, match="knn"):
+        ood_detection(ind, ood, protos, names, label="subgroup", n_boot=0)
+    with pytest.raises(ModalignError, match="scores"):
+        ood_detection(ind, ood, protos, names, label="subgroup", scores=["nope"], n_boot=0)
