@@ -137,7 +137,8 @@ def test_metric_errors() -> None:
 def test_mcm_properties() -> None:
     g = torch.Generator().manual_seed(0)
     s = torch.rand(5, 7, generator=g) * 2 - 1
-    assert torch.allclose(mcm_scores(torch.zeros(3, 7)), torch.full((3,), 1 / 7, dtype=torch.float64))
+    uniform = torch.full((3,), 1 / 7, dtype=torch.float64)
+    assert torch.allclose(mcm_scores(torch.zeros(3, 7)), uniform)
     assert torch.allclose(mcm_scores(s + 0.3), mcm_scores(s))
     assert torch.allclose(mcm_scores(s[:, torch.randperm(7, generator=g)]), mcm_scores(s))
     naive = torch.tensor([max(np.exp(r / 0.5) / np.exp(r / 0.5).sum()) for r in s.double().numpy()])
@@ -187,3 +188,31 @@ def test_ood_detection_task_separates_planted_ood() -> None:
         ood_detection(ind, ood, protos, names, label="subgroup", n_boot=0)
     with pytest.raises(ModalignError, match="scores"):
         ood_detection(ind, ood, protos, names, label="subgroup", scores=["nope"], n_boot=0)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_eval_ood_cli_records_metrics_and_intervals(tmp_path):
+    from modalign.cli import main
+    from modalign.evaluate.records import read_record
+    from modalign.evaluate.zeroshot import save_class_embeddings
+    from test_eval_cli import make_store
+
+    store = make_store(tmp_path / "store")
+    # group grp-1 is held out as OOD; the class file holds every subgroup.
+    emb = store.load("image", split="test")
+    names = sorted(set(emb.labels("subgroup")))
+    protos = torch.randn(len(names), 16)
+    save_class_embeddings(tmp_path / "classes.safetensors", names, protos)
+    out = tmp_path / "records"
+    argv = ["eval", "--embeddings", str(store.path), "--task", "ood", "--label", "subgroup",
+            "--ood-values", "group=grp-1", "--class-embeddings",
+            str(tmp_path / "classes.safetensors"), "--n-boot", "20", "--out", str(out)]
+    assert main(argv) == 0
+    rec = read_record(next(out.glob("*.json")))
+    m = rec["metrics"]
+    assert rec["task"] == "ood" and rec["protocol"]["num_ood"] == 8
+    assert m["mcm/auroc_lo"] <= m["mcm/auroc"] <= m["mcm/auroc_hi"]
+    assert 0 <= m["id_acc1"] <= 1 and "knn/fpr@95tpr" in m
+    assert main(argv[:-6] + ["--out", str(out)]) == 2  # no prototypes and no model

@@ -16,7 +16,7 @@ from typing import Any
 
 from modalign.errors import SmallDataWarning
 
-TASKS = ("retrieval", "intra", "zeroshot")
+TASKS = ("retrieval", "intra", "zeroshot", "ood")
 
 _EPILOG = """\
 examples:
@@ -29,6 +29,10 @@ examples:
   modalign eval --embeddings STORE --task zeroshot --label group \\
       --class-embeddings classes.safetensors
   modalign eval merge runs/eval/ --out table.csv
+  modalign eval --model runs/clip/model --in emoji:test --task ood --label subgroup \
+      --ood-values group=Flags
+  modalign eval --model runs/clip/model --in my_id.csv:test --out-data my_ood.csv:test \
+      --task ood --label label
 
 bridges (repeat --bridge to chain them; each is fitted on --bank-split, default train):
   centering                      subtract each modality's mean, renormalise
@@ -56,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_argument_group("what to evaluate")
     src.add_argument("--model", default=None, metavar="DIR",
                      help="a trained model folder; its heads project the tower features")
-    src.add_argument("--data", default=None, metavar="DATA",
+    src.add_argument("--data", "--in", default=None, metavar="DATA",
                      help="emoji[:options], a .csv/.jsonl manifest or a dataset folder "
                           "(with --model; with --embeddings only names the dataset)")
     src.add_argument("--embeddings", default=None, metavar="DIR",
@@ -98,6 +102,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     proto.add_argument("--class-embeddings", default=None, metavar="FILE",
                        help="zeroshot without --model: class prototypes written by "
                             "modalign.evaluate.zeroshot.save_class_embeddings")
+    ood = p.add_argument_group("ood: out-of-distribution detection (inputs: --modality)")
+    ood.add_argument("--out-data", default=None, metavar="DATA[:split]",
+                     help="OOD inputs from another dataset or manifest (with --model); the "
+                          "split defaults to --split")
+    ood.add_argument("--ood-values", default=None, metavar="LABEL=V1,V2",
+                     help="OOD inputs held out of --data by label value, e.g. group=Flags; "
+                          "those classes are dropped from the ID classes and the kNN bank")
+    ood.add_argument("--temperature", type=float, default=1.0,
+                     help="temperature of the MCM and energy scores on cosines (default 1)")
+    ood.add_argument("--scores", default="mcm,energy,max_logit,knn",
+                     help="scores to compute (default mcm,energy,max_logit,knn; knn uses the "
+                          "--bank-split ID rows)")
+    ood.add_argument("--knn-k", type=int, default=1, help="neighbour rank of knn (default 1)")
     bridge = p.add_argument_group("bridges and inverted queries")
     bridge.add_argument("--bridge", action="append", default=[], metavar="SPEC",
                         help="a post-hoc bridge, NAME[:key=value,...]; repeat to chain (see below)")
@@ -151,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
 
     _check_arguments(args)
     torch.manual_seed(args.seed)
+    if args.task == "ood":
+        return _run_ood(args)
     inverted = _resolve_inverted(args)  # before any tower runs: a wrong name fails at once
     joint = load_joint(model_dir=args.model, embeddings_dir=args.embeddings,
                        data=args.data if args.model else None, split=None,
@@ -336,6 +355,33 @@ def _zero_shot(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping
         prototype_key="text", bridges=common["bridges"], bank=bank,
         query_override=overrides.get(args.modality), inversion=inversion,
         templates=templates, ties=common["ties"], chunk_size=common["chunk_size"])
+
+
+def _run_ood(args: argparse.Namespace) -> int:
+    """``--task ood``: ID inputs from --data, OOD inputs from --out-data or --ood-values."""
+    from modalign.errors import ModalignError
+    from modalign.evaluate.ood import ood_cli_task
+    from modalign.evaluate.records import make_record, write_record
+
+    if args.model is None and args.embeddings is None:
+        raise ModalignError("--task ood: pass --model DIR (with --in DATA) or --embeddings DIR")
+    result, dataset = ood_cli_task(args)
+    metrics = {k: v for k, v in result.metrics.items() if not k.endswith(("_lo", "_hi"))}
+    intervals = {k: [result.metrics[f"{k}_lo"], result.metrics[f"{k}_hi"]] for k in metrics
+                 if f"{k}_lo" in result.metrics}
+    record = make_record(dataset=dataset, split=args.split, model=args.model or
+                         f"embeddings:{args.embeddings}", task=result.task,
+                         protocol=result.protocol, metrics=metrics, seed=args.seed,
+                         name=args.name, intervals=intervals,
+                         bootstrap=result.protocol.get("intervals"))
+    path = write_record(record, args.out)
+    for key, value in metrics.items():
+        if key.endswith(("/auroc", "/fpr@95tpr", "/aupr_in")) or key == "id_acc1":
+            lo_hi = intervals.get(key)
+            ci = f"  [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else ""
+            print(f"  {key:<20}  {value:.4f}{ci}")
+    print(f"record: {path}")
+    return 0
 
 
 def _resolve_inverted(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -402,3 +403,94 @@ def metrics_by_score(metrics: Mapping[str, float]) -> dict[str, dict[str, float]
         if sep:
             out.setdefault(score, {})[metric] = value
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# command line (``modalign eval --task ood``)
+
+_SPLITS = ("train", "val", "test", "all")
+
+
+def data_and_split(spec: str, default_split: str) -> tuple[str, str | None]:
+    """``"DATA:split"`` -> ``(DATA, split)``; a suffix that is not a split stays in DATA.
+
+    Examples:
+        >>> data_and_split("items.csv:val", "test"), data_and_split("emoji", "test")
+        (('items.csv', 'val'), ('emoji', 'test'))
+    """
+    head, sep, tail = spec.rpartition(":")
+    data, split = (head, tail) if sep and tail in _SPLITS else (spec, default_split)
+    return data, None if split == "all" else split
+
+
+def ood_cli_task(args: Any) -> tuple[TaskResult, str]:
+    """Run ``--task ood`` from parsed ``modalign eval`` arguments; returns the result and the
+    dataset name for the record."""
+    from modalign.embed.joint import load_joint
+    from modalign.evaluate.zeroshot import (
+        DEFAULT_TEMPLATES,
+        class_name,
+        encode_prototypes,
+        load_class_embeddings,
+    )
+
+    if args.data is None and args.embeddings is None:
+        raise ModalignError("--task ood: pass --in DATA (with --model) or --embeddings DIR")
+    data, split = data_and_split(args.data, args.split) if args.data else (None, args.split)
+    joint = load_joint(model_dir=args.model, embeddings_dir=args.embeddings,
+                       data=data if args.model else None, modalities=[args.modality])
+    if args.modality not in joint:
+        raise ModalignError(f"--modality {args.modality!r}: no such embeddings")
+    emb = joint[args.modality]
+    ind = emb.filter(split=split) if split else emb
+    bank = emb.filter(split=args.bank_split)
+    excluded: set[str] = set()
+    if args.ood_values:
+        name, eq, values = args.ood_values.partition("=")
+        held = [v.strip() for v in values.split(",") if v.strip()]
+        if not eq or not name or not held:
+            raise ModalignError(f"--ood-values {args.ood_values!r}: expected LABEL=V1[,V2...], "
+                                "e.g. group=Flags")
+        ind, ood = split_by_label(ind, name, held)
+        excluded = {v for v in ood.labels(args.label) if v}
+        keep = np.array([v not in set(held) for v in bank.labels(name)], dtype=bool)
+        bank = bank.subset(keep)
+    elif args.out_data:
+        if args.model is None:
+            raise ModalignError("--out-data needs --model (its towers encode the OOD data)")
+        out_data, out_split = data_and_split(args.out_data, args.split)
+        out = load_joint(model_dir=args.model, data=out_data, modalities=[args.modality])
+        ood = out[args.modality].filter(split=out_split) if out_split else out[args.modality]
+    else:
+        raise ModalignError("--task ood needs OOD inputs: --out-data DATA[:split] or "
+                            "--ood-values LABEL=V1,V2")
+    templates: tuple[str, ...] = tuple(args.template) if args.template else DEFAULT_TEMPLATES
+    if args.class_embeddings:
+        classnames, protos = load_class_embeddings(args.class_embeddings)
+        templates = ()
+    elif args.model:
+        from modalign.model import MultiTowerModel
+
+        model = MultiTowerModel.from_pretrained(args.model)
+        if "text" not in model.modalities:
+            raise ModalignError(f"--task ood: the model {args.model} has no text tower for the "
+                                "class prompts; pass --class-embeddings FILE")
+        classnames = sorted({v for v in emb.labels(args.label) if v} - excluded)
+        if not classnames:
+            raise ModalignError(f"--label {args.label!r}: the ID inputs carry no such label")
+        protos = encode_prototypes(lambda p: model.encode("text", p),
+                                   [class_name(c) for c in classnames], templates)
+    else:
+        raise ModalignError("--task ood with --embeddings needs --class-embeddings FILE or "
+                            "--model DIR")
+    keep = np.array([v in set(classnames) for v in ind.labels(args.label)], dtype=bool)
+    ind = ind.subset(keep)
+    scores = [s.strip() for s in args.scores.split(",") if s.strip()]
+    result = ood_detection(ind, ood, protos, classnames, label=args.label,
+                           temperature=args.temperature, scores=scores,
+                           bank=bank if len(bank) else None, k=args.knn_k, n_boot=args.bootstrap,
+                           seed=args.seed, templates=templates)
+    result.protocol.update({"inputs": args.modality, "id_data": args.data,
+                            "ood": args.ood_values or args.out_data, "bank_split": args.bank_split})
+    dataset = args.data or Path(str(args.embeddings)).name
+    return result, str(dataset)

@@ -264,7 +264,7 @@ def evaluate_model(model: MultiTowerModel, store: EmbeddingStore, *, split: str 
                                  "gap_sq_per_dim": gap.centroid_distance**2 / d}
     ret = cross_modal_retrieval(emb, (a, b), k_values=(1, 5, 10))
     for key, value in ret.metrics.items():
-        if "recall@" in key and "true" not in key or key.endswith("_map"):
+        if ("recall@" in key and "true" not in key) or key.endswith("_map"):
             metrics[key] = value
     if label and prompt_features is not None:
         protos = prototypes(model, prompt_features, b)
