@@ -215,4 +215,4 @@ def test_eval_ood_cli_records_metrics_and_intervals(tmp_path):
     assert rec["task"] == "ood" and rec["protocol"]["num_ood"] == 8
     assert m["mcm/auroc_lo"] <= m["mcm/auroc"] <= m["mcm/auroc_hi"]
     assert 0 <= m["id_acc1"] <= 1 and "knn/fpr@95tpr" in m
-    assert main(argv[:-6] + ["--out", str(out)]) == 2  # no prototypes and no model
+    assert main([*argv[:-6], "--out", str(out)]) == 2  # no prototypes and no model

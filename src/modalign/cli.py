@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "modalign.evaluate.search_cli",
     "modalign.report.cli",
     "modalign.inventory",
+    "modalign.refine.cli",
     "modalign.lab.cli",
     "modalign.reproduce.cli",
     "modalign.explore.cli",
