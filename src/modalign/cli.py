@@ -29,6 +29,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "modalign.report.cli",
     "modalign.inventory",
     "modalign.refine.cli",
+    "modalign.bridge.fit_cli",
     "modalign.lab.cli",
     "modalign.reproduce.cli",
     "modalign.explore.cli",

@@ -12,6 +12,7 @@ Bridges compose with :class:`BridgeChain`; :func:`build_bridge` parses ``"name:k
   from their neighbourhood in the training banks; ``local_adj=True`` is the LocalAdj variant.
 * :class:`CloseNoise` -- CLOSE-style Gaussian noise (Gu et al., 2023) for text-only training;
   identity in evaluation mode.
+* ``learned`` -- a map fitted on paired embeddings and saved (:mod:`modalign.bridge.learned`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from modalign.bridge.learned import SavedBridge
 
 DEFAULT_CHUNK_SIZE = 1 << 22
 
@@ -403,6 +406,7 @@ BRIDGES: dict[str, tuple[type, dict[str, Any]]] = {
     "invgc": (InvGC, {"local_adj": False}),
     "localadj": (InvGC, {"local_adj": True}),
     "close": (CloseNoise, {}),
+    "learned": (SavedBridge, {}),
 }
 """Bridge names accepted by :func:`build_bridge`, with the class and fixed arguments."""
 

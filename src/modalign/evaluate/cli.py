@@ -40,6 +40,7 @@ bridges (repeat --bridge to chain them; each is fitted on --bank-split, default 
   invgc[:r_gallery=0.1,r_query=0.1]              inverse graph convolution (gallery only)
   localadj[:r_gallery=..,r_query=..,pool_rate=0.01]  InvGC with local adjacency
   close:std=0.04                 CLOSE noise (training only: the identity here)
+  learned:path=DIR/ID            a bridge fitted by 'modalign fit-bridge' (Procrustes, lstsq, MLP)
 
 metrics: recall@K (any relevant in the top K, CLIP-style), true_recall@K, precision@K, ndcg@K,
 map (full ranking), map@r, r_precision, mrr; keys name the gallery as CLIP_benchmark does
