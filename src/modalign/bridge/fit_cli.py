@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--data", default=None, metavar="DATA", help="data (with --model)")
     src.add_argument("--embeddings", default=None, metavar="DIR",
                      help="an embedding store (joint vectors, or tower features with --model)")
-    p.add_argument("--kind", choices=("procrustes", "lstsq", "mlp"), default="procrustes")
+    p.add_argument("--kind", choices=("procrustes", "lstsq", "mlp", "diffusion-link"),
+                   default="procrustes")
     p.add_argument("--source", default="text", help="modality mapped (default text)")
     p.add_argument("--target", default="image", help="modality aimed at (default image)")
     p.add_argument("--split", default="train", help="split fitted on (default train)")
@@ -46,9 +47,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "rows' inner products)")
     p.add_argument("--rotation", action="store_true", help="procrustes: det W = +1")
     p.add_argument("--ridge", type=float, default=1e-3, help="lstsq: ridge (default 1e-3)")
-    p.add_argument("--hidden", type=int, default=512, help="mlp: hidden width (default 512)")
-    p.add_argument("--steps", type=int, default=500, help="mlp: full-batch steps (default 500)")
-    p.add_argument("--lr", type=float, default=1e-3, help="mlp: AdamW learning rate")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="mlp / diffusion-link: hidden width (default 512 / 1024)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="mlp / diffusion-link: training steps (default 500 / 2000)")
+    p.add_argument("--lr", type=float, default=1e-3, help="mlp / diffusion-link: AdamW lr")
+    dl = p.add_argument_group("diffusion-link")
+    dl.add_argument("--batch-size", type=int, default=256, help="training batch (default 256)")
+    dl.add_argument("--t-start", type=int, default=600,
+                    help="step the sources are noised to (default 600 of 1000)")
+    dl.add_argument("--ddim-steps", type=int, default=5, help="DDIM steps (default 5)")
+    dl.add_argument("--lambda-topo", type=float, default=1.0,
+                    help="weight of the topology loss (default 1)")
+    dl.add_argument("--no-noise-source", action="store_true",
+                    help="start DDIM from the clean source (Diffusion Bridge's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
@@ -71,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
     x, y = group_pairs(train[args.source], train[args.target])
     bridge = LearnedBridge(args.kind, args.source, args.target, center=not args.no_center,
                            rotation=args.rotation, ridge=args.ridge, hidden=args.hidden,
-                           steps=args.steps, lr=args.lr, seed=args.seed)
+                           steps=args.steps, lr=args.lr, seed=args.seed,
+                           batch_size=args.batch_size, t_start=args.t_start,
+                           ddim_steps=args.ddim_steps, lambda_topo=args.lambda_topo,
+                           noise_source=not args.no_noise_source)
     start = time.perf_counter()
     bridge.fit_pairs(x, y)
     fit_seconds = time.perf_counter() - start

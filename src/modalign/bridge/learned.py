@@ -10,6 +10,9 @@ renormalised. With ``center=True`` the map acts on centred inputs and adds the t
 * ``lstsq``: ``W = (X^T X + ridge I)^-1 X^T Y``, the (ridge) least-squares linear map.
 * ``mlp``: ``g(x) = x + MLP(x)`` (one hidden layer, GELU), trained full-batch with AdamW on
   ``1 - cos(f(x), y)``.
+* ``diffusion-link``: a denoising diffusion model over the target embeddings, trained with the
+  cross-sample and topology losses; sources are noised and denoised into the target
+  distribution (:mod:`modalign.bridge.diffusion_link`). Stochastic: ``seed`` fixes the noise.
 
 A fitted bridge is saved as ``ID.safetensors`` + ``ID.json`` (``ID`` = kind + a hash of its
 weights) and used in ``modalign eval --bridge learned:path=DIR/ID``, alone or chained with the
@@ -35,7 +38,7 @@ from torch import Tensor, nn
 from modalign.errors import ModalignError
 from modalign.io import atomic_path, write_json_atomic
 
-KINDS: tuple[str, ...] = ("procrustes", "lstsq", "mlp")
+KINDS: tuple[str, ...] = ("procrustes", "lstsq", "mlp", "diffusion-link")
 
 
 def procrustes(x: Tensor, y: Tensor, *, rotation: bool = False) -> Tensor:
@@ -97,7 +100,9 @@ class LearnedBridge:
 
     def __init__(self, kind: str = "procrustes", source: str = "text", target: str = "image", *,
                  center: bool = True, rotation: bool = False, ridge: float = 1e-3,
-                 hidden: int = 512, steps: int = 500, lr: float = 1e-3, seed: int = 0) -> None:
+                 hidden: int | None = None, steps: int | None = None, lr: float = 1e-3,
+                 seed: int = 0, batch_size: int = 256, t_start: int = 600, ddim_steps: int = 5,
+                 rho: float = 5.0, lambda_topo: float = 1.0, noise_source: bool = True) -> None:
         if kind not in KINDS:
             raise ModalignError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
         if not source or not target or source == target:
@@ -105,9 +110,21 @@ class LearnedBridge:
                                 "modalities")
         self.name = "learned"
         self.kind, self.source, self.target = kind, source, target
+        diffusion = kind == "diffusion-link"
+        hidden = hidden if hidden is not None else (1024 if diffusion else 512)
+        steps = steps if steps is not None else (2000 if diffusion else 500)
+        if hidden < 2 or steps < 1 or not 0 < t_start <= 1000 or ddim_steps < 1 or rho <= 0:
+            raise ModalignError(f"hidden={hidden}, steps={steps}, t_start={t_start}, "
+                                f"ddim_steps={ddim_steps}, rho={rho}: expected hidden >= 2, "
+                                "steps >= 1, 0 < t_start <= 1000, ddim_steps >= 1, rho > 0")
         self.settings: dict[str, Any] = {"center": bool(center), "rotation": bool(rotation),
                                          "ridge": float(ridge), "hidden": int(hidden),
                                          "steps": int(steps), "lr": float(lr), "seed": int(seed)}
+        if diffusion:
+            self.settings.update({"batch_size": int(batch_size), "t_start": int(t_start),
+                                  "ddim_steps": int(ddim_steps), "rho": float(rho),
+                                  "lambda_topo": float(lambda_topo),
+                                  "noise_source": bool(noise_source)})
         self.tensors: dict[str, Tensor] = {}
         self.path: str | None = None
 
@@ -126,6 +143,8 @@ class LearnedBridge:
             self.tensors["w"] = procrustes(xc, yc, rotation=self.settings["rotation"]).float()
         elif self.kind == "lstsq":
             self.tensors["w"] = least_squares(xc, yc, ridge=self.settings["ridge"]).float()
+        elif self.kind == "diffusion-link":
+            self.tensors.update(self._fit_diffusion(x64.float(), y64.float()))
         else:
             self.tensors.update(self._fit_mlp(xc.float(), y64.float()))
         return self
@@ -146,6 +165,16 @@ class LearnedBridge:
             opt.step()
         return {f"mlp.{k}": v.detach().clone() for k, v in net.state_dict().items()}
 
+    def _fit_diffusion(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        from modalign.bridge import diffusion_link as dl
+
+        mu_x, mu_y = x.mean(0), y.mean(0)  # always centred: the preprocessing needs the means
+        rho = self.settings["rho"]
+        net = dl.fit_denoiser(dl.preprocess(x, mu_x, rho), dl.preprocess(y, mu_y, rho),
+                              self.settings)
+        return {"mu_x": mu_x, "mu_y": mu_y, "scale_y": (y - mu_y).norm(dim=1).mean().view(1),
+                **{f"dl.{k}": v.detach().clone() for k, v in net.state_dict().items()}}
+
     def fit(self, bank: Mapping[str, Tensor]) -> LearnedBridge:
         """No-op: a learned bridge is fitted on paired rows (:meth:`fit_pairs`) or loaded."""
         if not self.tensors:
@@ -163,6 +192,8 @@ class LearnedBridge:
         if x.ndim != 2 or x.shape[1] != mu_x.shape[0]:
             raise ModalignError(f"embeddings: expected (n, {mu_x.shape[0]}), got "
                                 f"{tuple(x.shape)}")
+        if self.kind == "diffusion-link":
+            return self._map_diffusion(x)
         xc = F.normalize(x.float(), dim=1) - mu_x
         if self.kind == "mlp":
             net = _ResidualMLP(len(mu_x), self.settings["hidden"])
@@ -173,6 +204,18 @@ class LearnedBridge:
         else:
             out = xc @ self.tensors["w"]
         return F.normalize(out + mu_y, dim=1)
+
+    def _map_diffusion(self, x: Tensor) -> Tensor:
+        from modalign.bridge import diffusion_link as dl
+
+        s = self.settings
+        net = dl.Denoiser(len(self.tensors["mu_x"]), hidden=s["hidden"])
+        net.load_state_dict({k[3:]: v for k, v in self.tensors.items() if k.startswith("dl.")})
+        gen = torch.Generator().manual_seed(s["seed"])
+        x0 = dl.ddim_sample(net.eval(), dl.preprocess(x, self.tensors["mu_x"], s["rho"]), s,
+                            generator=gen)
+        y = x0 / s["rho"] * self.tensors["scale_y"] + self.tensors["mu_y"]
+        return F.normalize(y, dim=1)
 
     def transform(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = dict(embeddings)
