@@ -12,6 +12,7 @@ from modalign.errors import ModalignError
 from modalign.evaluate.ood import (
     auroc,
     average_precision,
+    bootstrap_difference,
     bootstrap_intervals,
     energy_scores,
     fpr_at_tpr,
@@ -120,6 +121,20 @@ def test_bootstrap_contains_estimate_and_is_seeded() -> None:
     assert bootstrap_intervals(pos, neg, n_boot=200, seed=3) == ci
     with pytest.raises(ModalignError, match="n_boot"):
         bootstrap_intervals(pos, neg, n_boot=1)
+
+
+def test_paired_difference() -> None:
+    pos, neg = random_scores(8, 120, 90, False)
+    same = bootstrap_difference(pos, neg, np.exp(pos), np.exp(neg), n_boot=50)
+    assert all(v == (0.0, 0.0, 0.0) for v in same.values())
+    rng = np.random.default_rng(1)
+    better = pos + rng.normal(0.5, 0.1, len(pos))
+    d = bootstrap_difference(pos, neg, better, neg, n_boot=200, seed=2)
+    point, lo, hi = d["auroc"]
+    assert point == pytest.approx(auroc(better, neg) - auroc(pos, neg))
+    assert 0 < lo <= point <= hi
+    with pytest.raises(ModalignError, match="same inputs"):
+        bootstrap_difference(pos, neg, pos[:-1], neg, n_boot=10)
 
 
 def test_metric_errors() -> None:
