@@ -172,10 +172,15 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
                  "model": first["name"]})
     with st.timed("explore", f"Writing the explore page of {first['name']}"):
         _explore(first, store, ds, out, opts.seed)
+    ood = st.run("ood", "Holding one Unicode group out of training: MCM out-of-distribution "
+                        "detection before and after CLIP-Refine and CMA",
+                 {"store": fingerprint, "seed": opts.seed, "quick": opts.quick,
+                  "version": __version__},
+                 lambda: _ood(store, out, opts))
     with st.timed("report", "Writing the report"):
         st.times.setdefault("report", 0.0)
         report = write_demo_report(out, models, lab, gallery, st.times, st.cached,
-                                   dataset=ds, store=store, quick=opts.quick)
+                                   dataset=ds, store=store, quick=opts.quick, ood=ood)
     table = terminal_table(models)
     write_json_atomic(out / "demo.json", {
         "version": __version__, "options": {k: str(v) for k, v in asdict(opts).items()},
@@ -184,6 +189,14 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
         "lab_verdict": lab.verdict})
     return DemoResult(out, report, models, {"verdict": lab.verdict, "summary": lab.summary},
                       dict(st.times), table)
+
+
+def _ood(store: EmbeddingStore, out: Path, opts: DemoOptions) -> dict[str, Any]:
+    from modalign.demo.ood import demo_variants, run_ood_protocol
+
+    return run_ood_protocol(store, out / "ood", seed=opts.seed, variants=demo_variants(opts.seed),
+                            train_overrides=lambda n: _train_overrides(opts.quick, n),
+                            n_boot=500)
 
 
 def _train(name: str, store: EmbeddingStore, out: Path, fingerprint: dict[str, Any],

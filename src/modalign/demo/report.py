@@ -161,7 +161,7 @@ def _gallery_html(gallery: Mapping[str, Any], names: Mapping[str, str]) -> str:
 def write_demo_report(out: Path, models: Mapping[str, Mapping[str, Any]], lab: Any,
                       gallery: Mapping[str, Any], times: Mapping[str, float],
                       cached: Mapping[str, bool], *, dataset: Any, store: Any,
-                      quick: bool) -> Path:
+                      quick: bool, ood: Mapping[str, Any] | None = None) -> Path:
     """Write ``<out>/report.html`` and return its path."""
     from modalign.geometry.report import diagnosis_page
 
@@ -210,6 +210,11 @@ def write_demo_report(out: Path, models: Mapping[str, Mapping[str, Any]], lab: A
     if isinstance(per, list) and per:
         sec.table([{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in per],
                   digits=3)
+
+    if ood:
+        from modalign.demo.ood import ood_section
+
+        ood_section(page, ood)
 
     sec = page.section("Run", intro="Stage times of this run on this machine (0: taken from the "
                                     "cache of an earlier run).")
