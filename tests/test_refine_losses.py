@@ -86,7 +86,7 @@ def test_hycd_against_loop(alpha: float, t: float) -> None:
     a.requires_grad_(True)
     got = hycd_loss(a, b, ta, tb, alpha=alpha, temperature=t)
     want = naive_hycd(a, b, ta, tb, alpha, t)
-    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     (ga,) = torch.autograd.grad(got, a)
     (wa,) = torch.autograd.grad(want, a)
     assert torch.allclose(ga, wa, atol=1e-10)
@@ -126,7 +126,7 @@ def test_cma_against_loop(lam: float) -> None:
     a.requires_grad_(True)
     got = cma_loss(a, b, 7.0, lam).loss
     want = naive_cma(a, b, 7.0, lam)
-    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     (ga,) = torch.autograd.grad(got, a)
     (wa,) = torch.autograd.grad(want, a)
     assert torch.allclose(ga, wa, atol=1e-10)
@@ -158,7 +158,7 @@ def test_cma_label_aware_masks_same_class() -> None:
     masked = logits.masked_fill(~keep, float("-inf"))
     want = ((masked.logsumexp(1) - logits.diagonal()).mean()
             + (masked.logsumexp(0) - logits.diagonal()).mean()) / 2
-    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     with pytest.raises(ValueError, match="groups"):
         cma_loss(a, b, 3.0, label_aware=True)
 
@@ -169,3 +169,15 @@ def test_cma_registered_for_train_configs() -> None:
     out = loss(emb)
     out.loss.backward()
     assert loss.log_logit_scale.grad is not None
+
+
+def test_cma_in_an_objective_list() -> None:
+    from modalign.losses import build_objective
+
+    obj = build_objective([{"loss": "clip", "modalities": ["image", "text"]},
+                           {"loss": "cma", "modalities": ["image", "text"], "weight": 0.5,
+                            "lam": 0.01, "label_aware": True}])
+    emb = {"image": torch.randn(6, 4), "text": torch.randn(6, 4)}
+    out = obj(emb, groups=torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert set(out.parts) >= {"clip[image,text]", "cma[image,text]"}
+    obj.clamp_()  # unclamped scale: bounds are infinite, clamp_ is a no-op
