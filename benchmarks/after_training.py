@@ -98,10 +98,12 @@ def bridges(model: MultiTowerModel, store: EmbeddingStore, n_queries: int, oti_s
         row = {**metrics(mapped_all[sel]), "seconds_per_1000": per_1000, "fit_cpu_s": fit_cpu,
                "split_gap": modality_gap(mapped_all.numpy(), t.numpy()).centroid_distance}
         out[f"{kind}" + (f"/seed{s}" if kind == "diffusion-link" else "")] = row
+        print(kind, s, json.dumps(row), flush=True)
     towers = LabTowers.from_specs(TOWERS)
     start = time.perf_counter()
+    oti_lr = LabConfig.__dataclass_fields__["oti_lr"].default  # the official 0.02
     inverted, _ = invert_queries(model, towers, "text", q[sel], [ids[i] for i in rows],
-                                 oti_steps, LabConfig().oti_lr, seed)
+                                 oti_steps, oti_lr, seed)
     oti_s = time.perf_counter() - start
     out["oti"] = {**metrics(inverted), "seconds_per_1000": oti_s / len(rows) * 1000,
                   "steps": oti_steps}
