@@ -24,10 +24,12 @@ retrieval before and after on --eval-split, and seconds per 1,000 mapped queries
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "fit-bridge", help="fit a learned gap bridge (Procrustes, least squares, MLP) and save it",
+        "fit-bridge", help="fit a learned gap bridge (Procrustes, least squares, MLP, "
+                           "Diffusion-Link) and save it",
         description="Fit a map from one modality's joint embeddings toward another's on paired "
-                    "training rows: orthogonal Procrustes, (ridge) least squares or a small "
-                    "residual MLP. Saved as ID.safetensors + ID.json; use it with "
+                    "training rows: orthogonal Procrustes, (ridge) least squares, a small "
+                    "residual MLP or Diffusion-Link (a denoising diffusion model over the "
+                    "target embeddings). Saved as ID.safetensors + ID.json; use it with "
                     "'modalign eval --bridge learned:path=DIR/ID'.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("embeddings")

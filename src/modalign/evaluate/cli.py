@@ -50,7 +50,8 @@ map (full ranking), map@r, r_precision, mrr; keys name the gallery as CLIP_bench
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="evaluate retrieval and zero-shot classification; write result records",
+        "eval", help="evaluate retrieval, zero-shot classification and OoD detection; "
+                     "write result records",
         description="Evaluate joint-space embeddings: cross-modal retrieval both ways, "
                     "intra-modal retrieval across views, or zero-shot classification with "
                     "prompt templates, optionally after a chain of post-hoc bridges. Metrics are "
@@ -69,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "--model")
     src.add_argument("--task", choices=TASKS, default="retrieval",
                      help="retrieval: cross-modal both ways; intra: within one modality; "
-                          "zeroshot: classification (default retrieval)")
+                          "zeroshot: classification; ood: out-of-distribution detection "
+                          "(default retrieval)")
     src.add_argument("--split", default="test",
                      help="split evaluated: train, val, test or all (default test)")
     proto = p.add_argument_group("protocol")
