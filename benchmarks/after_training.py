@@ -48,6 +48,15 @@ from modalign.model import MultiTowerModel
 TOWERS = {"image": "effnet-lite0", "text": "minilm"}
 
 
+def paired_mean_change(a: np.ndarray, b: np.ndarray, seed: int, n_boot: int = 2000
+                       ) -> list[float]:
+    """``[mean(b - a), lo, hi]``: percentile bootstrap over the queries (95%)."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
+    return [float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
 def bridges(model: MultiTowerModel, store: EmbeddingStore, n_queries: int, oti_steps: int,
             dl_steps: int, dl_hidden: int, seed: int) -> dict[str, Any]:
     """Image -> text bridges and OTI on the same test queries (noto images)."""
@@ -71,16 +80,23 @@ def bridges(model: MultiTowerModel, store: EmbeddingStore, n_queries: int, oti_s
     exclude = self_exclusion([ids[i] for i in rows], ids)
     sel = torch.from_numpy(rows)
 
-    def metrics(queries: torch.Tensor) -> dict[str, float]:
-        cross = retrieval_metrics(queries, t, qg[sel], tg, k_values=(1, 5)).metrics
-        intra = retrieval_metrics(queries, q, qg[sel], qg, k_values=(1, 5),
-                                  exclude=exclude).metrics
-        return {"i2t_recall@1": cross["recall@1"], "i2t_recall@5": cross["recall@5"],
-                "i2t_map": cross["map"], "i2i_recall@1": intra["recall@1"],
-                "i2i_map": intra["map"],
-                "query_gap": modality_gap(queries.numpy(), t.numpy()).centroid_distance}
+    per_query: dict[str, dict[str, np.ndarray]] = {}
 
-    out: dict[str, Any] = {"native": {**metrics(q[sel]), "seconds_per_1000": 0.0,
+    def metrics(queries: torch.Tensor, name: str) -> dict[str, float]:
+        cross = retrieval_metrics(queries, t, qg[sel], tg, k_values=(1, 5))
+        intra = retrieval_metrics(queries, q, qg[sel], qg, k_values=(1, 5), exclude=exclude)
+        per_query[name] = {"i2t_recall@1": cross.per_query["recall@1"].numpy(),
+                           "i2i_map": intra.per_query["map"].numpy()}
+        out = {"i2t_recall@1": cross.metrics["recall@1"], "i2t_recall@5": cross.metrics[
+            "recall@5"], "i2t_map": cross.metrics["map"],
+            "i2i_recall@1": intra.metrics["recall@1"], "i2i_map": intra.metrics["map"],
+            "query_gap": modality_gap(queries.numpy(), t.numpy()).centroid_distance}
+        if name != "native":  # paired bootstrap over the queries: change against native
+            for key, values in per_query[name].items():
+                out[f"delta_{key}"] = paired_mean_change(per_query["native"][key], values, seed)
+        return out
+
+    out: dict[str, Any] = {"native": {**metrics(q[sel], "native"), "seconds_per_1000": 0.0,
                                       "split_gap": modality_gap(q.numpy(),
                                                                 t.numpy()).centroid_distance}}
     x, y = group_pairs(train["image"], train["text"])
@@ -95,9 +111,11 @@ def bridges(model: MultiTowerModel, store: EmbeddingStore, n_queries: int, oti_s
         start = time.perf_counter()
         mapped_all = b.map(q)
         per_1000 = (time.perf_counter() - start) / len(q) * 1000
-        row = {**metrics(mapped_all[sel]), "seconds_per_1000": per_1000, "fit_cpu_s": fit_cpu,
+        name = kind + (f"/seed{s}" if kind == "diffusion-link" else "")
+        row = {**metrics(mapped_all[sel], name), "seconds_per_1000": per_1000,
+               "fit_cpu_s": fit_cpu,
                "split_gap": modality_gap(mapped_all.numpy(), t.numpy()).centroid_distance}
-        out[f"{kind}" + (f"/seed{s}" if kind == "diffusion-link" else "")] = row
+        out[name] = row
         print(kind, s, json.dumps(row), flush=True)
     towers = LabTowers.from_specs(TOWERS)
     start = time.perf_counter()
@@ -105,7 +123,7 @@ def bridges(model: MultiTowerModel, store: EmbeddingStore, n_queries: int, oti_s
     inverted, _ = invert_queries(model, towers, "text", q[sel], [ids[i] for i in rows],
                                  oti_steps, oti_lr, seed)
     oti_s = time.perf_counter() - start
-    out["oti"] = {**metrics(inverted), "seconds_per_1000": oti_s / len(rows) * 1000,
+    out["oti"] = {**metrics(inverted, "oti"), "seconds_per_1000": oti_s / len(rows) * 1000,
                   "steps": oti_steps}
     out["num_queries"] = len(rows)
     return out
