@@ -153,7 +153,10 @@ def main() -> None:
     variants = None if "refine" not in skip else {}
     summary = run_ood_protocol(full, work, holdout=args.holdout, seed=args.seed,
                                variants=variants)
-    result: dict[str, Any] = {"ood": summary, "seed": args.seed, "threads": args.threads}
+    # paths relative to --work: the results file must not carry this machine's paths
+    public = {k: (str(Path(v).relative_to(work)) if k in ("model_dir", "store_dir") else v)
+              for k, v in summary.items()}
+    result: dict[str, Any] = {"ood": public, "seed": args.seed, "threads": args.threads}
     print("ood", json.dumps(summary), flush=True)
     store = EmbeddingStore(summary["store_dir"])
     model = MultiTowerModel.from_pretrained(summary["model_dir"])
