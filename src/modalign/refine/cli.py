@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     path = write_record(record, out / "refine.json")
     for key in before:
         if key.startswith(("gap", "zeroshot_acc1")) or key.endswith("recall@1"):
-            print(f"  {key:<34} {before[key]:.4f} -> {after[key]:.4f}")
+            print(f"  {key:<34} {before[key]:.4g} -> {after[key]:.4g}")
     print(json.dumps({"model": str(out), "record": str(path), "steps": result.steps}))
     return 0
 
