@@ -223,11 +223,12 @@ def test_eval_ood_cli_records_metrics_and_intervals(tmp_path):
     out = tmp_path / "records"
     argv = ["eval", "--embeddings", str(store.path), "--task", "ood", "--label", "subgroup",
             "--ood-values", "group=grp-1", "--class-embeddings",
-            str(tmp_path / "classes.safetensors"), "--n-boot", "20", "--out", str(out)]
+            str(tmp_path / "classes.safetensors"), "--bootstrap", "20", "--out", str(out)]
     assert main(argv) == 0
     rec = read_record(next(out.glob("*.json")))
-    m = rec["metrics"]
+    m, ci = rec["metrics"], rec["intervals"]
     assert rec["task"] == "ood" and rec["protocol"]["num_ood"] == 8
-    assert m["mcm/auroc_lo"] <= m["mcm/auroc"] <= m["mcm/auroc_hi"]
+    assert ci["mcm/auroc"][0] <= m["mcm/auroc"] <= ci["mcm/auroc"][1]
+    assert rec["bootstrap"]["replicates"] == 20 and "mcm/auroc_lo" not in m
     assert 0 <= m["id_acc1"] <= 1 and "knn/fpr@95tpr" in m
     assert main([*argv[:-6], "--out", str(out)]) == 2  # no prototypes and no model
