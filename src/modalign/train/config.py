@@ -25,6 +25,8 @@ else:  # pragma: no cover
 from modalign.errors import ModalignError
 from modalign.io import read_user_text
 from modalign.model import ModelConfig
+from modalign.train.recipes.momentum import HELP as MOMENTUM_HELP
+from modalign.train.recipes.momentum import MomentumConfig
 
 BUILTIN_CONFIGS = ("clip", "clip_unif_align", "clip_intra", "three_modal")
 
@@ -173,11 +175,13 @@ HELP: dict[str, str] = {
     "run.dir": "run folder (default: <modalign home>/runs/<run.name>)",
     "run.name": "run name (default: the config file's name)",
 }
+HELP.update(MOMENTUM_HELP)
 
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelSection, "optim": OptimConfig, "train": TrainSection,
     "augment": AugmentConfig, "validate": ValidateConfig, "run": RunConfig,
+    "momentum": MomentumConfig,
 }
 
 
@@ -201,6 +205,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.resolved.json`` holds)."""
@@ -273,6 +278,7 @@ class TrainConfig:
             raise ModalignError("objectives must list at least one "
                                 "{loss = ..., modalities = [...]}")
         check_objectives(self.objectives, self.data.keys)
+        self.momentum.check(t.batch_size)
         # the model section must build a valid ModelConfig (with placeholder dims)
         self.model_config({k: "x" for k in self.modalities()} if not self.model.towers
                           else self.model.towers, {m: 1 for m in self.modalities()})

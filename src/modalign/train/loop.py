@@ -48,6 +48,7 @@ from modalign.train.checkpoint import (
 )
 from modalign.train.config import RESUMABLE_KEYS, DataConfig, TrainConfig, config_changes
 from modalign.train.data import KeyTable, PairedFeatures, augment_image, load_key, shard
+from modalign.train.recipes.momentum import MomentumDistillation, alpha_at
 
 LOG_NAME = "log.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -241,6 +242,9 @@ class Trainer:
         self.objective: Objective = build_objective(
             [_with_dataset_size(spec, len(self.data)) for spec in config.objectives]
         ).to(self.ctx.device)
+        self.momentum = (MomentumDistillation(self.model, config.data.keys, config.model.joint_dim,
+                                              config.momentum).to(self.ctx.device)
+                         if config.momentum.enabled else None)
         self.module = D.wrap(self.model, self.ctx)
         self.optimizer = self._optimizer(tower_params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -277,6 +281,8 @@ class Trainer:
                 continue
             (decay if p.ndim >= 2 and not name.endswith("center") else no_decay).append(p)
         obj_params = [p for p in self.objective.parameters() if p.requires_grad]
+        if self.momentum is not None:
+            obj_params += self.momentum.trainable()
         groups = [{"params": decay, "lr": o.lr, "weight_decay": o.weight_decay},
                   {"params": no_decay + obj_params, "lr": o.lr, "weight_decay": 0.0}]
         if tower_params:
@@ -370,8 +376,14 @@ class Trainer:
     def _loss(self, emb: dict[str, torch.Tensor], indices: torch.Tensor) -> LossOutput:
         # Every group appears once per batch, so positives match by row (groups=None).
         with self.autocast:
-            return self.objective(self._noisy(emb, self.step),
-                                  indices=indices.to(self.ctx.device))
+            out = self.objective(self._noisy(emb, self.step),
+                                 indices=indices.to(self.ctx.device))
+        if self.momentum is None:
+            return out
+        alpha = alpha_at(self.config.momentum, self.step, self.steps_per_epoch)
+        mom = self.momentum.loss(emb, alpha)
+        return LossOutput(out.loss + self.config.momentum.weight * mom,
+                          {**out.parts, "momentum": mom.detach()})
 
     def compute_gradients(self, epoch: int, index: int) -> LossOutput:
         """Fill ``.grad`` of every trained parameter for global batch ``index`` of ``epoch``."""
@@ -380,14 +392,24 @@ class Trainer:
         for tower in self.model.towers.values():
             tower.eval()  # unfrozen stages train their weights; BatchNorm statistics stay fixed
         self.optimizer.zero_grad(set_to_none=True)
+        if self.momentum is not None:
+            self.momentum.begin_step(self.model,
+                                     lambda m: self._embed(m, feats, raw, slice(None)))
         k = self.config.train.accumulate
         if k == 1:
             out = self._loss(self._embed(self.module, feats, raw, slice(None)), indices)
             out.loss.backward()
         else:
             out = self._gradcache_backward(feats, raw, indices, k)
-        D.average_gradients(self.objective.parameters(), self.ctx)
+        if self.momentum is not None:
+            self.momentum.enqueue()
+        D.average_gradients(self._replicated_params(), self.ctx)
         return out
+
+    def _replicated_params(self) -> list[nn.Parameter]:
+        """Trained parameters outside the DDP module (averaged over ranks by hand)."""
+        params = list(self.objective.parameters())
+        return params + (self.momentum.trainable() if self.momentum is not None else [])
 
     def train_step(self, epoch: int, index: int) -> dict[str, float]:
         """One optimizer step on global batch ``index`` of ``epoch``; returns logged values."""
@@ -398,6 +420,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.objective.clamp_()
+        if self.momentum is not None:
+            self.momentum.clamp_()
         self.step += 1
         logged = out.detached()
         if self.ctx.world_size > 1:
@@ -484,9 +508,15 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.ctx.is_main:
             save_checkpoint(self.run_dir / CHECKPOINTS, self.step,
-                            {"model": self.model, "objective": self.objective},
+                            self._checkpoint_modules(),
                             self._trainer_state(), keep=self.config.train.keep_checkpoints)
         D.barrier(self.ctx)
+
+    def _checkpoint_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"model": self.model, "objective": self.objective}
+        if self.momentum is not None:
+            modules["momentum"] = self.momentum  # EMA weights, queues, pointer, scale
+        return modules
 
     def _restore(self) -> bool:
         root = self.run_dir / CHECKPOINTS
@@ -495,6 +525,8 @@ class Trainer:
         ckpt = load_checkpoint(root)
         self.model.load_state_dict(ckpt.weights["model"])
         self.objective.load_state_dict(ckpt.weights["objective"])
+        if self.momentum is not None:
+            self.momentum.load_state_dict(ckpt.weights["momentum"])
         t = ckpt.trainer
         self.optimizer.load_state_dict(t["optimizer"])
         self.scheduler.load_state_dict(t["scheduler"])
