@@ -11,7 +11,7 @@ image->text R@1 as ``modalign train`` does, and measures on the test split:
 - ``train_s``: training seconds (CPU, shared machine: compare within one run only).
 
     python benchmarks/recipes.py                    # every case, 30 epochs
-    python benchmarks/recipes.py --epochs 10 --cases clip momentum
+    python benchmarks/recipes.py --epochs 10 --cases clip momentum --embeddings STORE
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,11 +30,17 @@ BENCHMARK = "recipes"
 CASES: dict[str, list[str]] = {
     "clip": [],
     "momentum": ["momentum.decay=0.995", "momentum.queue_size=1024", "momentum.alpha=0.4"],
+    # a 64-d linear student, alone and distilled from the 256-d MLP teacher below
+    "clip_small": ["model.joint_dim=64"],
+    "distill_small": ["model.joint_dim=64", "distill.teacher={teacher}"],
 }
+TEACHER = ["model.head=mlp", "model.hidden_dim=512", "model.joint_dim=256"]
 
 
-def run_case(name: str, epochs: int, threads: int) -> dict:
-    """Train ``clip`` plus the case's overrides; the test-split figures of the chosen epoch."""
+def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher: str = "",
+             overrides: list[str] | None = None, keep: str = "") -> dict:
+    """Train ``clip`` plus the case's overrides (or ``overrides``); the test-split figures of the
+    chosen epoch; ``keep``: copy its model folder there."""
     from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
     from modalign.model import MultiTowerModel
     from modalign.train.config import load_config
@@ -43,11 +50,16 @@ def run_case(name: str, epochs: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("clip", [f"run.dir={tmp}", f"train.epochs={epochs}",
                                    "train.progress=false", "validate.patience=0",
-                                   f"train.num_threads={threads}", *CASES[name]])
+                                   f"train.num_threads={threads}",
+                                   *[o.format(teacher=teacher) for o in (
+                                       CASES[name] if overrides is None else overrides)],
+                                   *([f"data.embeddings={embeddings}"] if embeddings else [])])
         trainer = Trainer(cfg)
         result = trainer.run()
         trainer.model.load_state_dict(MultiTowerModel.from_pretrained(
             result.model_dir).state_dict())
+        if keep:
+            shutil.copytree(result.model_dir, keep)
         tables = trainer.split_tables("test")
         out = {"benchmark": BENCHMARK, "case": name, "epochs": epochs,
                "best_epoch": (result.summary.get("best") or {}).get("epoch"),
@@ -67,10 +79,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--embeddings", default="",
+                    help="an embedding store of the emoji data (default: built for the towers)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = ap.parse_args()
-    for name in args.cases:
-        print(json.dumps(run_case(name, args.epochs, args.threads)), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = ""
+        if any("{teacher}" in o for name in args.cases for o in CASES[name]):
+            teacher = os.path.join(tmp, "teacher")
+            row = run_case("teacher", args.epochs, args.threads, args.embeddings,
+                           overrides=TEACHER, keep=teacher)
+            print(json.dumps(row), flush=True)
+        for name in args.cases:
+            print(json.dumps(run_case(name, args.epochs, args.threads, args.embeddings, teacher)),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
 """ALBEF momentum distillation: the loss against a naive float64 reference, the EMA and queue
-updates, training from the config, bitwise resume, and two gloo processes equal to one."""
+updates, training from the config and bitwise resume (the distributed check is in
+``test_train_recipes_distributed.py``)."""
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from torch import nn
 from modalign.errors import ModalignError
 from modalign.io import write_json_atomic
 from modalign.train.checkpoint import load_checkpoint
-from modalign.train.config import load_config
 from modalign.train.loop import Trainer, train
 from modalign.train.recipes.momentum import (
     MomentumConfig,
@@ -151,54 +148,3 @@ def test_three_keys_use_every_ordered_pair(tmp_path):
     logged = trainer.train_step(0, 0)
     assert math.isfinite(logged["momentum"]) and logged["momentum"] > 0
     assert trainer.momentum is not None and int(trainer.momentum.filled) == 8
-
-
-CONFIG = """
-[data]
-embeddings = "{store}"
-[model]
-towers = {{ image = "fake-image", text = "fake-text" }}
-joint_dim = 8
-head = "mlp"
-hidden_dim = 16
-[[objectives]]
-loss = "clip"
-modalities = ["image", "text"]
-[optim]
-lr = 1e-2
-warmup_steps = 2
-[train]
-epochs = 2
-batch_size = 8
-num_threads = 1
-device = "cpu"
-progress = false
-[momentum]
-decay = 0.9
-queue_size = 12
-alpha = 0.4
-alpha_ramp_steps = 3
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_two_processes_match_one_process(tmp_path):
-    """Momentum embeddings gathered over ranks: the same queues, EMA and heads as one process."""
-    synthetic_store(tmp_path / "store")
-    config = tmp_path / "cfg.toml"
-    config.write_text(CONFIG.format(store=tmp_path / "store"))
-    train(load_config(config, [f"run.dir={tmp_path / 'one'}"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "modalign", "train", "--config",
-                          str(config), "--run.dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = (load_checkpoint(tmp_path / r / "checkpoints") for r in ("one", "two"))
-    assert a.step == b.step == 8 and b.trainer["world_size"] == 2
-    for module in ("model", "objective", "momentum"):
-        for k, v in a.weights[module].items():
-            torch.testing.assert_close(b.weights[module][k], v, rtol=0, atol=1e-6,
-                                       msg=f"{module}.{k}")
-    assert int(b.weights["momentum"]["filled"]) == 12

@@ -25,6 +25,8 @@ else:  # pragma: no cover
 from modalign.errors import ModalignError
 from modalign.io import read_user_text
 from modalign.model import ModelConfig
+from modalign.train.recipes.distill import HELP as DISTILL_HELP
+from modalign.train.recipes.distill import DistillConfig
 from modalign.train.recipes.momentum import HELP as MOMENTUM_HELP
 from modalign.train.recipes.momentum import MomentumConfig
 
@@ -176,12 +178,13 @@ HELP: dict[str, str] = {
     "run.name": "run name (default: the config file's name)",
 }
 HELP.update(MOMENTUM_HELP)
+HELP.update(DISTILL_HELP)
 
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelSection, "optim": OptimConfig, "train": TrainSection,
     "augment": AugmentConfig, "validate": ValidateConfig, "run": RunConfig,
-    "momentum": MomentumConfig,
+    "momentum": MomentumConfig, "distill": DistillConfig,
 }
 
 
@@ -206,6 +209,7 @@ class TrainConfig:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     run: RunConfig = field(default_factory=RunConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.resolved.json`` holds)."""
@@ -279,6 +283,7 @@ class TrainConfig:
                                 "{loss = ..., modalities = [...]}")
         check_objectives(self.objectives, self.data.keys)
         self.momentum.check(t.batch_size)
+        self.distill.check()
         # the model section must build a valid ModelConfig (with placeholder dims)
         self.model_config({k: "x" for k in self.modalities()} if not self.model.towers
                           else self.model.towers, {m: 1 for m in self.modalities()})

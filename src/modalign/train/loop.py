@@ -48,6 +48,7 @@ from modalign.train.checkpoint import (
 )
 from modalign.train.config import RESUMABLE_KEYS, DataConfig, TrainConfig, config_changes
 from modalign.train.data import KeyTable, PairedFeatures, augment_image, load_key, shard
+from modalign.train.recipes.distill import ContrastiveDistillation, load_teacher
 from modalign.train.recipes.momentum import MomentumDistillation, alpha_at
 
 LOG_NAME = "log.jsonl"
@@ -245,6 +246,7 @@ class Trainer:
         self.momentum = (MomentumDistillation(self.model, config.data.keys, config.model.joint_dim,
                                               config.momentum).to(self.ctx.device)
                          if config.momentum.enabled else None)
+        self.distill = self._distillation(dims)
         self.module = D.wrap(self.model, self.ctx)
         self.optimizer = self._optimizer(tower_params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -272,6 +274,16 @@ class Trainer:
             raise ModalignError(f"keys of modality {modality!r} have different feature dims {dims}")
         return dims.pop()
 
+    def _distillation(self, dims: Mapping[str, int]) -> ContrastiveDistillation | None:
+        cfg = self.config
+        if not cfg.distill.enabled:
+            return None
+        if self.raw_keys:
+            raise ModalignError("distill.teacher cannot be combined with train.unfreeze: the "
+                                "teacher reads cached tower features")
+        teacher = load_teacher(cfg.distill.teacher, dims)
+        return ContrastiveDistillation(teacher, cfg.data.keys, cfg.distill).to(self.ctx.device)
+
     def _optimizer(self, tower_params: list[nn.Parameter]) -> torch.optim.Optimizer:
         o = self.config.optim
         tower_ids = {id(p) for p in tower_params}
@@ -281,8 +293,7 @@ class Trainer:
                 continue
             (decay if p.ndim >= 2 and not name.endswith("center") else no_decay).append(p)
         obj_params = [p for p in self.objective.parameters() if p.requires_grad]
-        if self.momentum is not None:
-            obj_params += self.momentum.trainable()
+        obj_params += self._recipe_params()
         groups = [{"params": decay, "lr": o.lr, "weight_decay": o.weight_decay},
                   {"params": no_decay + obj_params, "lr": o.lr, "weight_decay": 0.0}]
         if tower_params:
@@ -378,12 +389,15 @@ class Trainer:
         with self.autocast:
             out = self.objective(self._noisy(emb, self.step),
                                  indices=indices.to(self.ctx.device))
-        if self.momentum is None:
-            return out
-        alpha = alpha_at(self.config.momentum, self.step, self.steps_per_epoch)
-        mom = self.momentum.loss(emb, alpha)
-        return LossOutput(out.loss + self.config.momentum.weight * mom,
-                          {**out.parts, "momentum": mom.detach()})
+        loss, parts = out.loss, dict(out.parts)
+        if self.momentum is not None:
+            alpha = alpha_at(self.config.momentum, self.step, self.steps_per_epoch)
+            mom = self.momentum.loss(emb, alpha)
+            loss, parts["momentum"] = loss + self.config.momentum.weight * mom, mom.detach()
+        if self.distill is not None:
+            dcd = self.distill.loss(emb)
+            loss, parts["distill"] = loss + self.config.distill.weight * dcd, dcd.detach()
+        return out if loss is out.loss else LossOutput(loss, parts)
 
     def compute_gradients(self, epoch: int, index: int) -> LossOutput:
         """Fill ``.grad`` of every trained parameter for global batch ``index`` of ``epoch``."""
@@ -395,6 +409,8 @@ class Trainer:
         if self.momentum is not None:
             self.momentum.begin_step(self.model,
                                      lambda m: self._embed(m, feats, raw, slice(None)))
+        if self.distill is not None:
+            self.distill.begin_step(feats)
         k = self.config.train.accumulate
         if k == 1:
             out = self._loss(self._embed(self.module, feats, raw, slice(None)), indices)
@@ -408,8 +424,10 @@ class Trainer:
 
     def _replicated_params(self) -> list[nn.Parameter]:
         """Trained parameters outside the DDP module (averaged over ranks by hand)."""
-        params = list(self.objective.parameters())
-        return params + (self.momentum.trainable() if self.momentum is not None else [])
+        return list(self.objective.parameters()) + self._recipe_params()
+
+    def _recipe_params(self) -> list[nn.Parameter]:
+        return [p for r in (self.momentum, self.distill) if r is not None for p in r.trainable()]
 
     def train_step(self, epoch: int, index: int) -> dict[str, float]:
         """One optimizer step on global batch ``index`` of ``epoch``; returns logged values."""
@@ -420,8 +438,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.objective.clamp_()
-        if self.momentum is not None:
-            self.momentum.clamp_()
+        for recipe in (self.momentum, self.distill):
+            if recipe is not None:
+                recipe.clamp_()
         self.step += 1
         logged = out.detached()
         if self.ctx.world_size > 1:
@@ -516,6 +535,8 @@ class Trainer:
         modules: dict[str, nn.Module] = {"model": self.model, "objective": self.objective}
         if self.momentum is not None:
             modules["momentum"] = self.momentum  # EMA weights, queues, pointer, scale
+        if self.distill is not None:
+            modules["distill"] = self.distill  # the student's logit scale (not the teacher)
         return modules
 
     def _restore(self) -> bool:
@@ -527,6 +548,8 @@ class Trainer:
         self.objective.load_state_dict(ckpt.weights["objective"])
         if self.momentum is not None:
             self.momentum.load_state_dict(ckpt.weights["momentum"])
+        if self.distill is not None:
+            self.distill.load_state_dict(ckpt.weights["distill"])
         t = ckpt.trainer
         self.optimizer.load_state_dict(t["optimizer"])
         self.scheduler.load_state_dict(t["scheduler"])

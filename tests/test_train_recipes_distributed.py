@@ -1,0 +1,72 @@
+"""The recipes that gather under ``torchrun`` (momentum queues, distillation targets): two gloo
+processes end with the weights, EMA model and queues of one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modalign.train.checkpoint import load_checkpoint
+from modalign.train.config import load_config
+from modalign.train.loop import train
+from train_support import small_config, synthetic_store
+
+CONFIG = """
+[data]
+embeddings = "{store}"
+[model]
+towers = {{ image = "fake-image", text = "fake-text" }}
+joint_dim = 6
+head = "mlp"
+hidden_dim = 16
+[[objectives]]
+loss = "clip"
+modalities = ["image", "text"]
+[optim]
+lr = 1e-2
+warmup_steps = 2
+[train]
+epochs = 2
+batch_size = 8
+num_threads = 1
+device = "cpu"
+progress = false
+[momentum]
+decay = 0.9
+queue_size = 12
+alpha = 0.4
+alpha_ramp_steps = 3
+[distill]
+teacher = "{teacher}"
+alpha = 0.3
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_match_one_process(tmp_path):
+    synthetic_store(tmp_path / "store")
+    teacher = train(small_config(tmp_path / "store", tmp_path / "teacher",
+                                 model={"joint_dim": 8},
+                                 train={"epochs": 2, "num_threads": 1})).model_dir
+    config = tmp_path / "cfg.toml"
+    config.write_text(CONFIG.format(store=tmp_path / "store", teacher=teacher))
+    train(load_config(config, [f"run.dir={tmp_path / 'one'}"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "modalign", "train", "--config",
+                          str(config), "--run.dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints") for r in ("one", "two"))
+    assert a.step == b.step == 8 and b.trainer["world_size"] == 2
+    for module in ("model", "objective", "momentum", "distill"):
+        assert a.weights[module]
+        for k, v in a.weights[module].items():
+            torch.testing.assert_close(b.weights[module][k], v, rtol=0, atol=1e-6,
+                                       msg=f"{module}.{k}")
+    assert int(b.weights["momentum"]["filled"]) == 12
