@@ -8,6 +8,8 @@ image->text R@1 as ``modalign train`` does, and measures on the test split:
 - ``gap``: distance between the image and text centroids in the joint space;
 - ``image_map``, ``text_map``: intra-modal mAP (each row retrieves the other rows of its
   modality, itself removed; positives: same concept);
+- ``compositional``: accuracy of scoring a test image's concept name above three rule-based
+  negatives of it (``eval --task compositional``);
 - ``train_s``: training seconds (CPU, shared machine: compare within one run only).
 
     python benchmarks/recipes.py                    # every case, 30 epochs
@@ -72,7 +74,21 @@ def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher
             ids = [it["id"] for it in table.items]
             m = retrieval_metrics(z, z, g, g, k_values=(1,), exclude=self_exclusion(ids, ids))
             out[f"{key}_map"] = round(float(m.metrics["map"]), 4)
+        out["compositional"] = round(_compositional(trainer, tables), 4)
         return out
+
+
+def _compositional(trainer, tables) -> float:
+    """Test images against their concept's name and its rule-based negatives (eval's task)."""
+    from modalign.evaluate.compositional import evaluate_compositional
+
+    (ki, images), (kt, texts) = tables.items()
+    caption = {it["group"]: it["value"] for it in texts.items if it.get("view") == "name"}
+    rows = [i for i, it in enumerate(images.items) if it["group"] in caption]
+    z = trainer._embed_table(ki, images)[rows]
+    result = evaluate_compositional(z, [caption[images.items[i]["group"]] for i in rows],
+                                    lambda t: trainer.model.encode(kt, t))
+    return result.metrics["accuracy"]
 
 
 def main() -> None:

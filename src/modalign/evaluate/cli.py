@@ -16,7 +16,7 @@ from typing import Any
 
 from modalign.errors import SmallDataWarning
 
-TASKS = ("retrieval", "intra", "zeroshot", "ood")
+TASKS = ("retrieval", "intra", "zeroshot", "ood", "compositional")
 
 _EPILOG = """\
 examples:
@@ -276,6 +276,8 @@ def _evaluate(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping[
             relevance=args.relevance, k_values=args.k,
             bank=bank[args.modality] if bank is not None else None, queries_override=overrides,
             inversion=inversion, progress=progress, index=args.index, **common)
+    if args.task == "compositional":
+        return _compositional(args, test)
     return _zero_shot(args, joint, test, bank, overrides, inversion, common)
 
 
@@ -309,6 +311,36 @@ def _write_and_print(args: argparse.Namespace, result: Any, baseline: Any | None
     _print_summary(result, intervals, comparisons,
                    _pair(args) if args.task == "retrieval" else None)
     print(f"record: {path}")
+
+
+def _compositional(args: argparse.Namespace, test: Mapping[str, Any]) -> Any:
+    """Each --modality item against its group's caption (the ``name`` text) and rule-based
+    negatives of that caption, encoded by the model's text tower."""
+    import numpy as np
+    import torch
+
+    from modalign.errors import ModalignError
+    from modalign.evaluate.compositional import evaluate_compositional
+    from modalign.model import MultiTowerModel
+
+    if not args.model:
+        raise ModalignError("--task compositional needs --model DIR (its text tower encodes the "
+                         "generated negative captions)")
+    model = MultiTowerModel.from_pretrained(args.model)
+    if "text" not in model.modalities:
+        raise ModalignError(f"--task compositional: the model {args.model} has no text tower")
+    queries, texts = _modality(test, args.modality), _modality(test, "text")
+    caption: dict[str, str] = {}
+    for it in sorted(texts.items, key=lambda it: it.get("view") != "name"):
+        if it.get("value"):
+            caption.setdefault(it["group"], str(it["value"]))
+    rows = [i for i, it in enumerate(queries.items) if it["group"] in caption]
+    if not rows:
+        raise ModalignError(f"--task compositional: no {args.modality} item of --split "
+                         f"{args.split!r} has a caption in its group")
+    z = torch.as_tensor(np.asarray(queries.vectors))[rows]
+    return evaluate_compositional(z, [caption[queries.items[i]["group"]] for i in rows],
+                                  lambda t: model.encode("text", t), seed=args.seed)
 
 
 def _zero_shot(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping[str, Any],
