@@ -32,6 +32,7 @@ BENCHMARK = "recipes"
 CASES: dict[str, list[str]] = {
     "clip": [],
     "momentum": ["momentum.decay=0.995", "momentum.queue_size=1024", "momentum.alpha=0.4"],
+    "negatives": ["negatives.k=3", "negatives.weight=0.1"],
     # a 64-d linear student, alone and distilled from the 256-d MLP teacher below
     "clip_small": ["model.joint_dim=64"],
     "distill_small": ["model.joint_dim=64", "distill.teacher={teacher}"],

@@ -29,6 +29,8 @@ from modalign.train.recipes.distill import HELP as DISTILL_HELP
 from modalign.train.recipes.distill import DistillConfig
 from modalign.train.recipes.momentum import HELP as MOMENTUM_HELP
 from modalign.train.recipes.momentum import MomentumConfig
+from modalign.train.recipes.negatives import HELP as NEGATIVES_HELP
+from modalign.train.recipes.negatives import NegativesConfig
 
 BUILTIN_CONFIGS = ("clip", "clip_unif_align", "clip_intra", "three_modal")
 
@@ -179,12 +181,13 @@ HELP: dict[str, str] = {
 }
 HELP.update(MOMENTUM_HELP)
 HELP.update(DISTILL_HELP)
+HELP.update(NEGATIVES_HELP)
 
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelSection, "optim": OptimConfig, "train": TrainSection,
     "augment": AugmentConfig, "validate": ValidateConfig, "run": RunConfig,
-    "momentum": MomentumConfig, "distill": DistillConfig,
+    "momentum": MomentumConfig, "distill": DistillConfig, "negatives": NegativesConfig,
 }
 
 
@@ -210,6 +213,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.resolved.json`` holds)."""
@@ -284,6 +288,7 @@ class TrainConfig:
         check_objectives(self.objectives, self.data.keys)
         self.momentum.check(t.batch_size)
         self.distill.check()
+        self.negatives.check(d.keys, t.accumulate)
         # the model section must build a valid ModelConfig (with placeholder dims)
         self.model_config({k: "x" for k in self.modalities()} if not self.model.towers
                           else self.model.towers, {m: 1 for m in self.modalities()})

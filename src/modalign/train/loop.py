@@ -50,6 +50,7 @@ from modalign.train.config import RESUMABLE_KEYS, DataConfig, TrainConfig, confi
 from modalign.train.data import KeyTable, PairedFeatures, augment_image, load_key, shard
 from modalign.train.recipes.distill import ContrastiveDistillation, load_teacher
 from modalign.train.recipes.momentum import MomentumDistillation, alpha_at
+from modalign.train.recipes.negatives import HardNegatives
 
 LOG_NAME = "log.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -247,6 +248,7 @@ class Trainer:
                                               config.momentum).to(self.ctx.device)
                          if config.momentum.enabled else None)
         self.distill = self._distillation(dims)
+        self.negatives = self._hard_negatives(specs, towers or {})
         self.module = D.wrap(self.model, self.ctx)
         self.optimizer = self._optimizer(tower_params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -283,6 +285,30 @@ class Trainer:
                                 "teacher reads cached tower features")
         teacher = load_teacher(cfg.distill.teacher, dims)
         return ContrastiveDistillation(teacher, cfg.data.keys, cfg.distill).to(self.ctx.device)
+
+    def _hard_negatives(self, specs: Mapping[str, str],
+                        towers: Mapping[str, Any]) -> HardNegatives | None:
+        cfg = self.config.negatives
+        if not cfg.enabled:
+            return None
+        m = base_modality(cfg.text_key)
+        tower = towers.get(m) or _load_tower(specs[m], m)
+
+        @torch.no_grad()
+        def encode(texts: list[str]) -> torch.Tensor:
+            return torch.cat([tower.encode(tower.preprocess(texts[i:i + 256])).float().cpu()
+                              for i in range(0, len(texts), 256)])
+
+        given = None
+        if cfg.file:
+            given = read_json(cfg.file)
+            if not isinstance(given, dict) or not all(
+                    isinstance(v, list) and all(isinstance(t, str) for t in v)
+                    for v in given.values()):
+                raise ModalignError(f"negatives.file={cfg.file!r} must hold a JSON object "
+                                    "{caption: [negative caption, ...]}")
+        items = self.data.tables[cfg.text_key].items
+        return HardNegatives(items, encode, cfg, given).to(self.ctx.device)
 
     def _optimizer(self, tower_params: list[nn.Parameter]) -> torch.optim.Optimizer:
         o = self.config.optim
@@ -341,6 +367,7 @@ class Trainer:
         rows = self.data.draw_rows(groups, seed=seed, epoch=epoch, index=index,
                                    sample=self.config.augment.sample_items)
         rows = {k: shard(r, self.ctx.rank, self.ctx.world_size) for k, r in rows.items()}
+        self._rows = rows  # this rank's table rows per key (hard negatives look theirs up)
         indices = torch.from_numpy(np.searchsorted(self.data.groups,
                                                    shard(groups, self.ctx.rank,
                                                          self.ctx.world_size)))
@@ -397,7 +424,19 @@ class Trainer:
         if self.distill is not None:
             dcd = self.distill.loss(emb)
             loss, parts["distill"] = loss + self.config.distill.weight * dcd, dcd.detach()
+        if self.negatives is not None:
+            neg = self._negatives_loss(emb)
+            loss, parts["negatives"] = loss + self.config.negatives.weight * neg, neg.detach()
         return out if loss is out.loss else LossOutput(loss, parts)
+
+    def _negatives_loss(self, emb: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Image-grounded contrast of every other key against the text key's hard negatives."""
+        assert self.negatives is not None
+        t = self.config.negatives.text_key
+        rows = torch.from_numpy(np.asarray(self._rows[t])).to(self.ctx.device)
+        terms = [self.negatives.loss(emb[a], emb[t], rows, lambda f: self.model.project(t, f))
+                 for a in emb if a != t]
+        return torch.stack(terms).mean()
 
     def compute_gradients(self, epoch: int, index: int) -> LossOutput:
         """Fill ``.grad`` of every trained parameter for global batch ``index`` of ``epoch``."""
@@ -427,7 +466,10 @@ class Trainer:
         return list(self.objective.parameters()) + self._recipe_params()
 
     def _recipe_params(self) -> list[nn.Parameter]:
-        return [p for r in (self.momentum, self.distill) if r is not None for p in r.trainable()]
+        return [p for r in self._recipes() for p in r.trainable()]
+
+    def _recipes(self) -> list[Any]:
+        return [r for r in (self.momentum, self.distill, self.negatives) if r is not None]
 
     def train_step(self, epoch: int, index: int) -> dict[str, float]:
         """One optimizer step on global batch ``index`` of ``epoch``; returns logged values."""
@@ -438,9 +480,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.objective.clamp_()
-        for recipe in (self.momentum, self.distill):
-            if recipe is not None:
-                recipe.clamp_()
+        for recipe in self._recipes():
+            recipe.clamp_()
         self.step += 1
         logged = out.detached()
         if self.ctx.world_size > 1:
@@ -537,6 +578,8 @@ class Trainer:
             modules["momentum"] = self.momentum  # EMA weights, queues, pointer, scale
         if self.distill is not None:
             modules["distill"] = self.distill  # the student's logit scale (not the teacher)
+        if self.negatives is not None:
+            modules["negatives"] = self.negatives  # its logit scale (features are recomputed)
         return modules
 
     def _restore(self) -> bool:
@@ -550,6 +593,8 @@ class Trainer:
             self.momentum.load_state_dict(ckpt.weights["momentum"])
         if self.distill is not None:
             self.distill.load_state_dict(ckpt.weights["distill"])
+        if self.negatives is not None:
+            self.negatives.load_state_dict(ckpt.weights["negatives"])
         t = ckpt.trainer
         self.optimizer.load_state_dict(t["optimizer"])
         self.scheduler.load_state_dict(t["scheduler"])
