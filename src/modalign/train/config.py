@@ -27,6 +27,8 @@ from modalign.io import read_user_text
 from modalign.model import ModelConfig
 from modalign.train.recipes.distill import HELP as DISTILL_HELP
 from modalign.train.recipes.distill import DistillConfig
+from modalign.train.recipes.harmonize import HELP as HARMONIZE_HELP
+from modalign.train.recipes.harmonize import HarmonizeConfig
 from modalign.train.recipes.momentum import HELP as MOMENTUM_HELP
 from modalign.train.recipes.momentum import MomentumConfig
 from modalign.train.recipes.negatives import HELP as NEGATIVES_HELP
@@ -182,12 +184,14 @@ HELP: dict[str, str] = {
 HELP.update(MOMENTUM_HELP)
 HELP.update(DISTILL_HELP)
 HELP.update(NEGATIVES_HELP)
+HELP.update(HARMONIZE_HELP)
 
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelSection, "optim": OptimConfig, "train": TrainSection,
     "augment": AugmentConfig, "validate": ValidateConfig, "run": RunConfig,
     "momentum": MomentumConfig, "distill": DistillConfig, "negatives": NegativesConfig,
+    "harmonize": HarmonizeConfig,
 }
 
 
@@ -214,6 +218,7 @@ class TrainConfig:
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    harmonize: HarmonizeConfig = field(default_factory=HarmonizeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.resolved.json`` holds)."""
@@ -289,6 +294,7 @@ class TrainConfig:
         self.momentum.check(t.batch_size)
         self.distill.check()
         self.negatives.check(d.keys, t.accumulate)
+        self.harmonize.check(t.accumulate)
         # the model section must build a valid ModelConfig (with placeholder dims)
         self.model_config({k: "x" for k in self.modalities()} if not self.model.towers
                           else self.model.towers, {m: 1 for m in self.modalities()})

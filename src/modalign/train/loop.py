@@ -49,6 +49,7 @@ from modalign.train.checkpoint import (
 from modalign.train.config import RESUMABLE_KEYS, DataConfig, TrainConfig, config_changes
 from modalign.train.data import KeyTable, PairedFeatures, augment_image, load_key, shard
 from modalign.train.recipes.distill import ContrastiveDistillation, load_teacher
+from modalign.train.recipes.harmonize import GradientHarmonization
 from modalign.train.recipes.momentum import MomentumDistillation, alpha_at
 from modalign.train.recipes.negatives import HardNegatives
 
@@ -249,6 +250,9 @@ class Trainer:
                          if config.momentum.enabled else None)
         self.distill = self._distillation(dims)
         self.negatives = self._hard_negatives(specs, towers or {})
+        self.harmonize = (GradientHarmonization(config.objectives, self.objective.labels,
+                                                config.harmonize)
+                          if config.harmonize.enabled else None)
         self.module = D.wrap(self.model, self.ctx)
         self.optimizer = self._optimizer(tower_params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -451,7 +455,9 @@ class Trainer:
         if self.distill is not None:
             self.distill.begin_step(feats)
         k = self.config.train.accumulate
-        if k == 1:
+        if self.harmonize is not None:
+            out = self._harmonized_backward(feats, raw, indices)
+        elif k == 1:
             out = self._loss(self._embed(self.module, feats, raw, slice(None)), indices)
             out.loss.backward()
         else:
@@ -459,6 +465,35 @@ class Trainer:
         if self.momentum is not None:
             self.momentum.enqueue()
         D.average_gradients(self._replicated_params(), self.ctx)
+        return out
+
+    def _harmonized_backward(self, feats: Mapping[str, torch.Tensor], raw: Mapping[str, list],
+                             indices: torch.Tensor) -> LossOutput:
+        """Backward with the pairwise terms' embedding gradients harmonized (``[harmonize]``)."""
+        assert self.harmonize is not None
+        emb = self._embed(self.module, feats, raw, slice(None))
+        keys = list(emb)
+        leaves = {k: v.detach().requires_grad_() for k, v in emb.items()}
+        out = self._loss(leaves, indices)
+        weights = dict(zip(self.objective.labels, self.objective.weights, strict=True))
+        pair = {lab: weights[lab] * out.parts[lab] for lab in self.harmonize.pairwise}
+        rest = out.loss - torch.stack(list(pair.values())).sum()
+
+        def grad_of(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+            gs = torch.autograd.grad(loss, [leaves[k] for k in keys], retain_graph=True,
+                                     allow_unused=True)
+            return {k: g if g is not None else torch.zeros_like(leaves[k])
+                    for k, g in zip(keys, gs, strict=True)}
+
+        adjusted = self.harmonize.apply({lab: grad_of(v) for lab, v in pair.items()}, self.step)
+        total = grad_of(rest)
+        for grads in adjusted.values():
+            for k in keys:
+                total[k] = total[k] + grads[k]
+        params = [p for p in self._replicated_params() if p.requires_grad]
+        if params:  # temperatures: the plain gradient of the whole loss
+            out.loss.backward(inputs=params)
+        torch.autograd.backward([emb[k] for k in keys], [total[k] for k in keys])
         return out
 
     def _replicated_params(self) -> list[nn.Parameter]:
@@ -469,7 +504,8 @@ class Trainer:
         return [p for r in self._recipes() for p in r.trainable()]
 
     def _recipes(self) -> list[Any]:
-        return [r for r in (self.momentum, self.distill, self.negatives) if r is not None]
+        return [r for r in (self.momentum, self.distill, self.negatives, self.harmonize)
+                if r is not None]
 
     def train_step(self, epoch: int, index: int) -> dict[str, float]:
         """One optimizer step on global batch ``index`` of ``epoch``; returns logged values."""
@@ -580,6 +616,8 @@ class Trainer:
             modules["distill"] = self.distill  # the student's logit scale (not the teacher)
         if self.negatives is not None:
             modules["negatives"] = self.negatives  # its logit scale (features are recomputed)
+        if self.harmonize is not None:
+            modules["harmonize"] = self.harmonize  # how often it fired so far
         return modules
 
     def _restore(self) -> bool:
@@ -595,6 +633,8 @@ class Trainer:
             self.distill.load_state_dict(ckpt.weights["distill"])
         if self.negatives is not None:
             self.negatives.load_state_dict(ckpt.weights["negatives"])
+        if self.harmonize is not None:
+            self.harmonize.load_state_dict(ckpt.weights["harmonize"])
         t = ckpt.trainer
         self.optimizer.load_state_dict(t["optimizer"])
         self.scheduler.load_state_dict(t["scheduler"])
@@ -702,6 +742,8 @@ class Trainer:
             "samples_per_s": self.epoch_samples / max(self.epoch_seconds, 1e-9),
             "train_seconds": self.train_seconds,
             "lr": self.scheduler.get_last_lr()[0], "logit_scales": self.logit_scales(), **val}
+        if self.harmonize is not None:
+            row["harmonize"] = self.harmonize.rates()
         if val:
             value = sign * val[metric]
             if self.best is None or value > self.best:
