@@ -1,7 +1,7 @@
 """Training recipes beside plain CLIP with the same budget, on the emoji data (cached features).
 
-Every case trains the built-in ``clip`` config (frozen towers, linear heads, batch 256, the same
-epochs, seed and learning rate) with one recipe switched on, picks the epoch by validation
+Every case trains a built-in config (``clip``, or ``clip_intra`` for the three-key cases; frozen
+towers, linear heads, batch 256, the same epochs, seed and learning rate) with one recipe on, picks the epoch by validation
 image->text R@1 as ``modalign train`` does, and measures on the test split:
 
 - ``i2t_r1``, ``t2i_r1``: cross-modal R@1 (positives: same concept);
@@ -33,6 +33,12 @@ CASES: dict[str, list[str]] = {
     "clip": [],
     "momentum": ["momentum.decay=0.995", "momentum.queue_size=1024", "momentum.alpha=0.4"],
     "negatives": ["negatives.k=3", "negatives.weight=0.1"],
+    # three keys (noto images, openmoji images, text): the built-in clip_intra config, plain and
+    # with gradient harmonization of its three pairwise terms ("@name": the base config)
+    "clip_intra": ["@clip_intra"],
+    "harmonize": ["@clip_intra", "harmonize.enabled=true"],
+    "harmonize_curriculum": ["@clip_intra", "harmonize.enabled=true", "harmonize.drop_below=0.0",
+                             "harmonize.curriculum_steps=75"],
     # a 64-d linear student, alone and distilled from the 256-d plain CLIP model (the teacher)
     "clip_small": ["model.joint_dim=64"],
     "distill_small": ["model.joint_dim=64", "distill.teacher={teacher}"],
@@ -49,11 +55,13 @@ def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher
     from modalign.train.loop import Trainer
 
     torch.set_num_threads(threads)
+    base = next((o[1:] for o in CASES[name] if o.startswith("@")), "clip")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("clip", [f"run.dir={tmp}", f"train.epochs={epochs}",
+        cfg = load_config(base, [f"run.dir={tmp}", f"train.epochs={epochs}",
                                    "train.progress=false", "validate.patience=0",
                                    f"train.num_threads={threads}",
-                                   *[o.format(teacher=teacher) for o in CASES[name]],
+                                   *[o.format(teacher=teacher) for o in CASES[name]
+                                     if not o.startswith("@")],
                                    *([f"data.embeddings={embeddings}"] if embeddings else [])])
         trainer = Trainer(cfg)
         result = trainer.run()
@@ -74,6 +82,8 @@ def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher
             m = retrieval_metrics(z, z, g, g, k_values=(1,), exclude=self_exclusion(ids, ids))
             out[f"{key}_map"] = round(float(m.metrics["map"]), 4)
         out["compositional"] = round(_compositional(trainer, tables), 4)
+        if trainer.harmonize is not None:
+            out.update({f"harmonize_{k}": round(v, 4) for k, v in trainer.harmonize.rates().items()})
         return out
 
 
