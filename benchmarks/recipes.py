@@ -1,8 +1,9 @@
 """Training recipes beside plain CLIP with the same budget, on the emoji data (cached features).
 
 Every case trains a built-in config (``clip``, or ``clip_intra`` for the three-key cases; frozen
-towers, linear heads, batch 256, the same epochs, seed and learning rate) with one recipe on, picks the epoch by validation
-image->text R@1 as ``modalign train`` does, and measures on the test split:
+towers, linear heads, batch 256, the same epochs, seed and learning rate) with one recipe on,
+picks the epoch by validation image->text R@1 as ``modalign train`` does, and measures on the
+test split:
 
 - ``i2t_r1``, ``t2i_r1``: cross-modal R@1 (positives: same concept);
 - ``gap``: distance between the image and text centroids in the joint space;
@@ -83,7 +84,8 @@ def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher
             out[f"{key}_map"] = round(float(m.metrics["map"]), 4)
         out["compositional"] = round(_compositional(trainer, tables), 4)
         if trainer.harmonize is not None:
-            out.update({f"harmonize_{k}": round(v, 4) for k, v in trainer.harmonize.rates().items()})
+            rates = trainer.harmonize.rates()
+            out.update({f"harmonize_{k}": round(v, 4) for k, v in rates.items()})
         return out
 
 
