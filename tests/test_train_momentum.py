@@ -4,6 +4,7 @@ updates, training from the config and bitwise resume (the distributed check is i
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -14,7 +15,7 @@ from torch import nn
 from modalign.errors import ModalignError
 from modalign.io import write_json_atomic
 from modalign.train.checkpoint import load_checkpoint
-from modalign.train.loop import Trainer, train
+from modalign.train.loop import Trainer, check_resume, train
 from modalign.train.recipes.momentum import (
     MomentumConfig,
     MomentumDistillation,
@@ -148,3 +149,20 @@ def test_three_keys_use_every_ordered_pair(tmp_path):
     logged = trainer.train_step(0, 0)
     assert math.isfinite(logged["momentum"]) and logged["momentum"] > 0
     assert trainer.momentum is not None and int(trainer.momentum.filled) == 8
+
+
+def test_a_run_from_before_the_recipe_sections_still_resumes(tmp_path):
+    synthetic_store(tmp_path / "store")
+    cfg = small_config(tmp_path / "store", tmp_path / "run",
+                       train={"epochs": 1, "num_threads": 1})
+    train(cfg)
+    resolved = tmp_path / "run" / "config.resolved.json"
+    data = json.loads(resolved.read_text())
+    for section in ("momentum", "distill", "negatives", "harmonize"):
+        del data["config"][section]
+    resolved.write_text(json.dumps(data))
+    check_resume(tmp_path / "run", cfg)  # no refusal: missing sections are their defaults
+    on = small_config(tmp_path / "store", tmp_path / "run", momentum={"decay": 0.9},
+                      train={"epochs": 1, "num_threads": 1})
+    with pytest.raises(ModalignError, match=r"momentum.decay: 0.0 -> 0.9"):
+        check_resume(tmp_path / "run", on)

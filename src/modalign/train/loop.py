@@ -82,7 +82,8 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         return
-    old = read_json(path).get("config", {})
+    # sections added since the run started (e.g. a new recipe) count as their defaults
+    old = {**TrainConfig().to_dict(), **read_json(path).get("config", {})}
     refused = {k: v for k, v in config_changes(old, config.to_dict()).items()
                if k not in RESUMABLE_KEYS}
     if refused:
