@@ -81,3 +81,6 @@ def test_three_modalities_train_and_report_how_often_it_fired(tmp_path):
     with pytest.raises(ModalignError, match=r"harmonize.drop_below must be in \[-1, 1\]"):
         small_config(tmp_path / "store", tmp_path / "r3",
                      harmonize={"enabled": True, "drop_below": 2.0})
+    with pytest.raises(ModalignError, match="cannot be combined"):
+        small_config(tmp_path / "store", tmp_path / "r4", harmonize={"enabled": True},
+                     negatives={"k": 2})

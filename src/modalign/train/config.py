@@ -295,6 +295,9 @@ class TrainConfig:
         self.distill.check()
         self.negatives.check(d.keys, t.accumulate)
         self.harmonize.check(t.accumulate)
+        if self.harmonize.enabled and self.negatives.enabled:
+            raise ModalignError("harmonize.enabled and negatives.k > 0 cannot be combined (the "
+                                "negatives' own embeddings are not harmonized); use one of them")
         # the model section must build a valid ModelConfig (with placeholder dims)
         self.model_config({k: "x" for k in self.modalities()} if not self.model.towers
                           else self.model.towers, {m: 1 for m in self.modalities()})
