@@ -51,8 +51,9 @@ def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher
     """Train ``clip`` plus the case's overrides; the test-split figures of the chosen epoch;
     ``keep``: copy its model folder there."""
     from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
-    from modalign.model import MultiTowerModel
+    from modalign.model import MultiTowerModel, base_modality
     from modalign.train.config import load_config
+    from modalign.train.data import KeyTable, load_key
     from modalign.train.loop import Trainer
 
     torch.set_num_threads(threads)
@@ -76,7 +77,8 @@ def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher
                "train_s": round(trainer.train_seconds, 1)}
         test = trainer.evaluate(tables)
         out.update({k: round(test[k], 4) for k in ("i2t_r1", "t2i_r1", "gap")})
-        for key, table in tables.items():
+        for key in dict.fromkeys(base_modality(k) for k in tables):  # every view of a modality
+            table = KeyTable.from_embeddings(key, load_key(trainer.store, key, "test"))
             z = trainer._embed_table(key, table)
             g = torch.from_numpy(table.group_ids)
             ids = [it["id"] for it in table.items]
