@@ -3,6 +3,8 @@ caption over its negatives) against naive references."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -58,12 +60,13 @@ def test_correct_matches_a_loop_and_ties_fail():
 
 
 def _bag_encoder(texts):
-    """Order-aware toy text embedding: a word's vector depends on its position."""
+    """Order-aware toy text embedding: a word's vector depends on its position (so no negative
+    ties with its caption; a tie would be decided by float rounding)."""
     out = []
     for t in texts:
         v = np.zeros(8)
         for pos, w in enumerate(t.lower().split()):
-            rng = np.random.default_rng(abs(hash((w, min(pos, 1)))) % 2**32)
+            rng = np.random.default_rng(zlib.crc32(f"{pos}:{w}".encode()))
             v += rng.normal(size=8)
         out.append(v / np.linalg.norm(v))
     return torch.tensor(np.array(out), dtype=torch.float32)
