@@ -2,6 +2,9 @@
 
 Each stage lives in its own module exposing ``register(subparsers)``; that function adds a
 subparser whose ``func`` attribute takes the parsed ``argparse.Namespace`` and returns an exit code.
+Stage modules are imported lazily: ``modalign COMMAND ...`` imports only the module of COMMAND and
+``modalign --version`` none, so start-up does not pay for torch, transformers or matplotlib that
+other stages need.
 """
 
 from __future__ import annotations
@@ -17,24 +20,28 @@ from pathlib import Path
 from modalign import __version__
 from modalign.errors import ModalignError
 
-# (module, subcommand) in the order ``modalign --help`` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "modalign.data.cli",
-    "modalign.embed.cli",
-    "modalign.train.cli",
-    "modalign.geometry.cli",
-    "modalign.bridge.cli",
-    "modalign.bridge.fit_cli",
-    "modalign.evaluate.cli",
-    "modalign.evaluate.search_cli",
-    "modalign.report.cli",
-    "modalign.inventory",
-    "modalign.refine.cli",
-    "modalign.lab.cli",
-    "modalign.reproduce.cli",
-    "modalign.explore.cli",
-    "modalign.demo",
-)
+# subcommand -> the module registering it, in the order ``modalign --help`` lists them.
+COMMANDS: dict[str, str] = {
+    "data": "modalign.data.cli",
+    "embed": "modalign.embed.cli",
+    "train": "modalign.train.cli",
+    "diagnose": "modalign.geometry.cli",
+    "invert": "modalign.bridge.cli",
+    "fit-bridge": "modalign.bridge.fit_cli",
+    "eval": "modalign.evaluate.cli",
+    "encode": "modalign.evaluate.search_cli",
+    "search": "modalign.evaluate.search_cli",
+    "index": "modalign.evaluate.search_cli",
+    "report": "modalign.report.cli",
+    "runs": "modalign.inventory",
+    "stores": "modalign.inventory",
+    "refine": "modalign.refine.cli",
+    "lab": "modalign.lab.cli",
+    "reproduce": "modalign.reproduce.cli",
+    "explore": "modalign.explore.cli",
+    "demo": "modalign.demo",
+}
+SUBCOMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 
 # Optional packages a command may need, with the line that installs them.
 OPTIONAL_MODULES: dict[str, str] = {
@@ -44,8 +51,13 @@ OPTIONAL_MODULES: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with every available subcommand."""
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser with the subcommands ``commands`` (default: all of them).
+
+    Example:
+        >>> build_parser(["eval"]).parse_args(["eval", "--embeddings", "store"]).command
+        'eval'
+    """
     parser = argparse.ArgumentParser(
         prog="modalign",
         description=(
@@ -57,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"modalign {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    wanted = COMMANDS if commands is None else commands
+    for name in dict.fromkeys(COMMANDS[c] for c in wanted):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -90,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     if not sys.stderr.isatty():  # piped or logged: epoch lines, no progress bars between them
         os.environ.setdefault("TQDM_DISABLE", "1")
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_commands_needed(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -122,6 +136,19 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"modalign {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _commands_needed(argv: Sequence[str]) -> list[str] | None:
+    """The subcommands whose modules parsing ``argv`` needs; ``None`` for all of them.
+
+    The top level has only ``--version`` and ``--help``: a known command in first place needs its
+    own module, ``--version`` none; help, no arguments and a mistyped command list them all.
+    """
+    if argv and argv[0] in COMMANDS:
+        return [argv[0]]
+    if argv and argv[0] == "--version":
+        return []
+    return None
 
 
 if __name__ == "__main__":

@@ -8,22 +8,44 @@ Examples:
     True
 """
 
-from modalign.evaluate.metrics import (
-    RetrievalResult,
-    metrics_from_positions,
-    recall_from_topk,
-    relevant_positions,
-    retrieval_metrics,
-    self_exclusion,
-)
-from modalign.evaluate.records import make_record, merge_records, read_record, write_record
-from modalign.evaluate.retrieval import TaskResult, cross_modal_retrieval, intra_modal_retrieval
-from modalign.evaluate.search import SearchIndex, build_index, recall_against_exact
-from modalign.evaluate.zeroshot import (
-    class_prototypes,
-    encode_prototypes,
-    zero_shot_classification,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> defining module; imported on first use so that ``modalign eval --help`` and
+# argument errors do not wait for torch.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("RetrievalResult", "metrics_from_positions", "recall_from_topk",
+                     "relevant_positions", "retrieval_metrics", "self_exclusion"),
+                    "modalign.evaluate.metrics"),
+    **dict.fromkeys(("make_record", "merge_records", "read_record", "write_record"),
+                    "modalign.evaluate.records"),
+    **dict.fromkeys(("TaskResult", "cross_modal_retrieval", "intra_modal_retrieval"),
+                    "modalign.evaluate.retrieval"),
+    **dict.fromkeys(("SearchIndex", "build_index", "recall_against_exact"),
+                    "modalign.evaluate.search"),
+    **dict.fromkeys(("class_prototypes", "encode_prototypes", "zero_shot_classification"),
+                    "modalign.evaluate.zeroshot"),
+}
+
+if TYPE_CHECKING:
+    from modalign.evaluate.metrics import (
+        RetrievalResult,
+        metrics_from_positions,
+        recall_from_topk,
+        relevant_positions,
+        retrieval_metrics,
+        self_exclusion,
+    )
+    from modalign.evaluate.records import make_record, merge_records, read_record, write_record
+    from modalign.evaluate.retrieval import TaskResult, cross_modal_retrieval, intra_modal_retrieval
+    from modalign.evaluate.search import SearchIndex, build_index, recall_against_exact
+    from modalign.evaluate.zeroshot import (
+        class_prototypes,
+        encode_prototypes,
+        zero_shot_classification,
+    )
 
 __all__ = [
     "RetrievalResult",
@@ -46,3 +68,12 @@ __all__ = [
     "write_record",
     "zero_shot_classification",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'modalign.evaluate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
