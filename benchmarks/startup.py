@@ -8,7 +8,7 @@ Rows (one JSON object per line), each the median over ``--repeats`` fresh proces
 - ``eval``: ``modalign eval --embeddings STORE --task retrieval`` on a small store written here,
   until its first line of output; baseline: the same with every stage module imported first;
   floor: ``python -c "import torch"``, which the evaluation needs.
-- ``eval-usage-error``: ``modalign eval`` with a bad ``--task``: argparse answers before torch loads.
+- ``eval-usage-error``: ``modalign eval`` with a bad ``--task``: answered before torch loads.
 
 ``seconds`` is wall time to the first byte on stdout or stderr, ``cpu_seconds`` the child's user +
 system CPU time for the whole run; on a shared machine wall time is inflated by other work, the CPU

@@ -242,3 +242,45 @@ def test_recall_from_topk_equals_full_ranking_recall():
     assert got["recall@3"] == pytest.approx(full.metrics["recall@3"])
     with pytest.raises(ValueError, match="k >= 5"):
         recall_from_topk(top, qg, gg, (5,))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("spread", ["few-candidates", "many-candidates", "wide"])
+def test_count_above_paths_match_a_loop(strict, spread):
+    # float64 scores with exact ties; thresholds drawn from the scores, -inf padding at the end.
+    from modalign.evaluate.metrics import _count_above, _count_above_full
+
+    gen = torch.Generator().manual_seed(3)
+    n, G = 7, 400
+    scores = torch.randint(0, 60, (n, G), generator=gen).to(torch.float64) / 7
+    scores[:, :5] = -torch.inf  # removed items
+    width = 12 if spread == "wide" else 4
+    pick = torch.randint(5, G, (n, width), generator=gen)
+    thresholds = scores.gather(1, pick)
+    if spread == "few-candidates":  # thresholds among the best scores: the candidate path
+        thresholds = thresholds.clamp(min=58 / 7)  # ~3% of scores clear them
+    thresholds = thresholds.sort(1, descending=True).values
+    thresholds[2, 1:] = -torch.inf  # padding
+    thresholds[4, :] = -torch.inf  # a query without relevant items
+    real = thresholds > -torch.inf
+    naive = torch.zeros(n, width, dtype=torch.int64)
+    for i in range(n):
+        for p in range(width):
+            for j in range(G):
+                s, t = scores[i, j].item(), thresholds[i, p].item()
+                naive[i, p] += (s > t) if strict else (s >= t)
+    for counts in (_count_above(scores, thresholds, strict=strict),
+                   _count_above_full(scores, thresholds, strict=strict)):
+        assert torch.equal(counts[real], naive[real])
+
+
+def test_finite_check_covers_every_float_dtype():
+    from modalign.evaluate.metrics import _all_finite
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = torch.ones(5, 3, dtype=dtype) * torch.finfo(dtype).max  # a sum in dtype overflows
+        assert _all_finite(x)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[4, 2] = bad
+            assert not _all_finite(y)

@@ -389,14 +389,32 @@ def _count_above(scores: Tensor, thresholds: Tensor, *, strict: bool) -> Tensor:
 
     ``scores`` entries of ``-inf`` are never counted against finite thresholds; ``-inf``
     thresholds are padding and their counts are meaningless.
+
+    One comparison pass over the block keeps the scores that clear the lowest real threshold of
+    their row (only those can clear any); each threshold is then compared with those candidates
+    only. When the candidates are a large share of the block (poor rankings), the counts come from
+    full passes instead, so memory stays bounded by the block.
     """
+    n, width = thresholds.shape
+    if width == 0:
+        return thresholds.new_zeros((n, 0), dtype=torch.int64)
+    compare = torch.gt if strict else torch.ge
+    lowest = torch.where(thresholds > -torch.inf, thresholds, torch.inf).amin(1, keepdim=True)
+    clears = compare(scores, lowest)
+    if int(clears.sum()) * width <= scores.numel() // 4:
+        rows, cols = clears.nonzero(as_tuple=True)
+        hits = compare(scores[rows, cols][:, None], thresholds[rows]).to(torch.int64)
+        return thresholds.new_zeros((n, width), dtype=torch.int64).index_add_(0, rows, hits)
+    return _count_above_full(scores, thresholds, strict=strict)
+
+
+def _count_above_full(scores: Tensor, thresholds: Tensor, *, strict: bool) -> Tensor:
+    """:func:`_count_above` by full passes over ``scores`` (one per threshold, or a search)."""
     n, width = thresholds.shape
     if width <= _COMPARE_LIMIT:
         compare = torch.gt if strict else torch.ge
         cols = [compare(scores, thresholds[:, p : p + 1]).sum(1, dtype=torch.int32)
                 for p in range(width)]
-        if not cols:
-            return thresholds.new_zeros((n, 0), dtype=torch.int64)
         return torch.stack(cols, 1).to(torch.int64)
     # One binary-search pass: bucket[i, j] = number of thresholds each score clears.
     ascending = thresholds.flip(1)
@@ -406,6 +424,17 @@ def _count_above(scores: Tensor, thresholds: Tensor, *, strict: bool) -> Tensor:
     # A score clears ascending threshold a iff bucket > a: reverse cumulative sum of hist[:, 1:].
     clears = torch.flip(torch.cumsum(torch.flip(hist[:, 1:], [1]), 1), [1])
     return clears.flip(1)
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, in one reduction for low-precision inputs.
+
+    A float64 sum of float32/16 values cannot overflow (each is below 3.5e38), so it is finite
+    exactly when every value is; float64 inputs take the element-wise test.
+    """
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return bool(torch.isfinite(x.sum(dtype=torch.float64)))
+    return bool(torch.isfinite(x).all())
 
 
 def _check_k_values(k_values: Sequence[int]) -> tuple[int, ...]:
@@ -426,7 +455,7 @@ def _check_inputs(
         if not isinstance(x, Tensor) or x.ndim != 2 or not x.is_floating_point():
             raise ValueError(f"{name}: expected a 2-D float tensor (n, d), got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise ValueError(f"{name}: expected finite values, found NaN or inf")
     if queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"queries dim {queries.shape[1]} != gallery dim {gallery.shape[1]}: "
