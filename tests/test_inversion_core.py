@@ -160,3 +160,63 @@ def test_bad_inputs_name_the_argument():
         invert(torch.randn(2, 4, dtype=torch.float64), fwd, keys=["a"])
     with pytest.raises(ValueError, match="forward"):
         invert(torch.randn(2, 4), object())  # type: ignore[arg-type]
+
+
+class ClosureForward:
+    """A tower reached only through a closure (as the CNN stage forward holds it)."""
+
+    modality = "image"
+    num_tokens = 2
+    token_dim = 5
+
+    def __init__(self) -> None:
+        torch.manual_seed(5)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, 16), torch.nn.GELU(),
+                                  torch.nn.Linear(16, 4)).double()
+        self.seen: list[bool] = []
+
+        def rest(x: torch.Tensor) -> torch.Tensor:
+            self.seen.append(any(p.requires_grad for p in net.parameters()))
+            return net(x)
+
+        self.rest = rest
+        self.net_for_test = net
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.rest(tokens)
+
+    def identity(self) -> dict:
+        return {"kind": "closure"}
+
+
+def test_tower_weights_are_frozen_while_inverting_and_restored_after():
+    fwd = ClosureForward()
+    head = torch.nn.Linear(4, 3).double()
+    head.bias.requires_grad_(False)  # a caller's own frozen parameter stays frozen
+    targets = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    s = InversionSettings(steps=20, lr=2e-2, seed=2, batch_size=2)
+    res = invert(targets, ProjectedForward(fwd, head), s, keys=[0, 1, 2])
+    assert fwd.seen and not any(fwd.seen)
+    assert all(p.requires_grad for p in fwd.net_for_test.parameters())
+    assert head.weight.requires_grad and not head.bias.requires_grad
+    # Same tokens as the step-by-step AdamW loop, run with the weights requiring grad.
+    init = initial_tokens([0, 1, 2], 2, 5, seed=2, std=0.02, dtype=torch.float64)
+    for i in range(3):
+        ref = naive_adamw_inversion(targets[i], lambda t: head(fwd(t)), init[i], s)
+        torch.testing.assert_close(res.tokens[i], ref, rtol=0, atol=1e-10)
+
+
+def test_weights_are_restored_when_the_forward_fails():
+    class BoomError(RuntimeError):
+        pass
+
+    class Failing(ClosureForward):
+        def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+            super().__call__(tokens)
+            raise BoomError
+
+    fwd = Failing()
+    with pytest.raises(BoomError):
+        invert(torch.randn(2, 4, dtype=torch.float64), fwd, InversionSettings(steps=2))
+    assert fwd.seen == [False]  # frozen during the call
+    assert all(p.requires_grad for p in fwd.net_for_test.parameters())

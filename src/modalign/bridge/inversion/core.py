@@ -17,8 +17,9 @@ evaluation re-encodes its saved tokens in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -266,6 +267,14 @@ def invert(
         raise ValueError(f"keys must have one entry per target ({n}), got {len(keys)}")
     check_forward(forward)
 
+    with frozen_weights(forward):
+        return _invert_all(targets, keys, forward, settings, progress)
+
+
+def _invert_all(targets: Tensor, keys: list[str | int], forward: InversionForward,
+                settings: InversionSettings, progress: Callable[[int], None] | None
+                ) -> InversionResult:
+    n = targets.shape[0]
     features, tokens, cosines = [], [], []
     curve = torch.zeros(settings.steps, dtype=torch.float64)
     for start in range(0, n, settings.batch_size):
@@ -281,6 +290,67 @@ def invert(
                            (curve / n).to(targets.dtype))
 
 
+def tower_parameters(forward: object, depth: int = 4) -> list[torch.nn.Parameter]:
+    """The parameters of the modules ``forward`` runs: modules held in its attributes, in
+    wrapped forwards and in the closures of its callables (``depth`` levels deep).
+
+    Examples:
+        >>> head = torch.nn.Linear(4, 2)
+        >>> fwd = ProjectedForward(lambda t: t.mean(1), head)
+        >>> [tuple(p.shape) for p in tower_parameters(fwd)]
+        [(2, 4), (2,)]
+    """
+    seen: dict[int, torch.nn.Parameter] = {}
+    visited: set[int] = set()
+
+    def visit(obj: object, level: int) -> None:
+        if level < 0 or id(obj) in visited:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            for p in obj.parameters():
+                seen.setdefault(id(p), p)
+            return
+        if isinstance(obj, (str, bytes, int, float, bool, Tensor)) or obj is None:
+            return
+        closure = getattr(obj, "__closure__", None)
+        for cell in closure or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                visit(cell.cell_contents, level - 1)
+        bound = getattr(obj, "__self__", None)
+        if bound is not None:
+            visit(bound, level - 1)
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item, level - 1)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                visit(item, level - 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for item in vars(obj).values():
+                visit(item, level - 1)
+
+    visit(forward, depth)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def frozen_weights(forward: object) -> Iterator[None]:
+    """Turn off ``requires_grad`` of the tower's weights while inverting, then restore it.
+
+    Only the pseudo-tokens need gradients: with the weights frozen, autograd neither computes
+    nor keeps anything for them (no weight gradients, no saved inputs for them).
+    """
+    params = [p for p in tower_parameters(forward) if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def check_forward(forward: object) -> InversionForward:
     """Return ``forward`` if it follows :class:`InversionForward`, else raise ``ValueError``."""
     missing = [a for a in ("modality", "num_tokens", "token_dim", "identity")
@@ -292,6 +362,14 @@ def check_forward(forward: object) -> InversionForward:
     return forward  # type: ignore[return-value]
 
 
+def _adamw_kernel(tokens: Tensor) -> dict[str, bool]:
+    """AdamW's fused kernel where torch has one for these tokens, else the foreach one."""
+    fused_types = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if tokens.dtype in fused_types and tokens.device.type in ("cpu", "cuda", "mps", "xpu"):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def _invert_batch(targets: Tensor, keys: Sequence[str | int], forward: InversionForward,
                   settings: InversionSettings) -> InversionResult:
     targets = F.normalize(targets.detach(), dim=-1)
@@ -299,7 +377,8 @@ def _invert_batch(targets: Tensor, keys: Sequence[str | int], forward: Inversion
                           std=settings.init_std, dtype=targets.dtype, device=targets.device)
     tokens = torch.nn.Parameter(init)
     optimizer = torch.optim.AdamW([tokens], lr=settings.lr, betas=settings.betas,
-                                  eps=settings.eps, weight_decay=settings.weight_decay)
+                                  eps=settings.eps, weight_decay=settings.weight_decay,
+                                  **_adamw_kernel(tokens))
     curve = torch.zeros(settings.steps, dtype=torch.float64)
     kind = targets.device.type
     amp = settings.precision != "fp32"
