@@ -220,3 +220,24 @@ def test_weights_are_restored_when_the_forward_fails():
         invert(torch.randn(2, 4, dtype=torch.float64), fwd, InversionSettings(steps=2))
     assert fwd.seen == [False]  # frozen during the call
     assert all(p.requires_grad for p in fwd.net_for_test.parameters())
+
+
+class TransposedForward(TanhForward):
+    """Reads the tokens transposed, so autograd hands back a non-contiguous gradient."""
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(tokens.transpose(1, 2).contiguous().flatten(1) @ self.w1) @ self.w2
+
+
+def test_a_gradient_in_another_layout_updates_the_right_entries():
+    fwd = TransposedForward()
+    probe = torch.zeros(1, 2, 5, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(fwd(probe).sum(), [probe])
+    assert not grad.is_contiguous()  # the case the optimiser step must handle
+    targets = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    s = InversionSettings(steps=15, lr=2e-2, seed=1, batch_size=3)
+    res = invert(targets, fwd, s)
+    init = initial_tokens([0, 1, 2], 2, 5, seed=1, std=0.02, dtype=torch.float64)
+    for i in range(3):
+        ref = naive_adamw_inversion(targets[i], fwd, init[i], s)
+        torch.testing.assert_close(res.tokens[i], ref, rtol=0, atol=1e-10)
