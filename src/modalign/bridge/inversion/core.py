@@ -390,8 +390,8 @@ def _invert_batch(targets: Tensor, keys: Sequence[str | int], forward: Inversion
             # A sum, not a mean: each sample's gradient is independent of the batch size.
             loss = per_sample.sum()
             (grad,) = torch.autograd.grad(scaler.scale(loss) if scaler else loss, [tokens])
-        # The fused AdamW kernel reads the gradient with the tokens' strides: a channels-last
-        # tower can hand back a gradient laid out otherwise, so make it contiguous like them.
+        # The fused AdamW kernel reads the gradient with the tokens' strides: a tower that reads
+        # the tokens in another layout hands back a gradient laid out otherwise.
         tokens.grad = grad.contiguous()
         if scaler is not None:
             scaler.step(optimizer)
