@@ -23,7 +23,7 @@ def test_main_restores_the_formatter_and_warnings_stay_recordable(monkeypatch) -
         return 0
 
     parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda commands=None: parser)
     sub = next(a for a in parser._actions if a.dest == "command")
     sub.choices["data"].set_defaults(func=func)
     before = warnings.formatwarning
