@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="items per batch (default 64)")
     p.add_argument("--normalize", action="store_true",
                    help="L2-normalise stored vectors (for joint-space towers such as CLIP)")
+    p.add_argument("--tokens", action="store_true",
+                   help="also write token-level features (ragged arrays: MiniLM token states, "
+                        "EfficientNet spatial positions) for the towers that give them")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--verify", action="store_true",
                    help="after embedding, compare every array of the store with its recorded "
@@ -88,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     store = embed_dataset(ds, encoders, out, batch_size=args.batch_size, progress=True,
                           device=args.device, normalize=args.normalize)
+    if args.tokens:
+        _embed_tokens(ds, encoders, store.path, args)
     print(f"embedded {ds!r} in {time.perf_counter() - t:.1f} s into {store.path}")
     for name in store.arrays:
         info = store.info(name)
@@ -96,3 +101,20 @@ def run(args: argparse.Namespace) -> int:
               f"{rate})")
     print(json.dumps({"store": str(store.path), "arrays": store.arrays}))
     return verify_store(str(store.path)) if args.verify else 0
+
+
+def _embed_tokens(ds, encoders, path, args: argparse.Namespace) -> None:
+    """``--tokens``: the ragged token arrays of every tower that gives tokens."""
+    from modalign.embed.tokens import embed_tokens, load_tokens, supports_tokens
+
+    able = {m: e for m, e in encoders.items() if supports_tokens(e)}
+    if not able:
+        raise ModalignError(f"--tokens: none of the towers {sorted(encoders)} gives token "
+                            "features (built-in: minilm, effnet-lite0)")
+    for m in sorted(set(encoders) - set(able)):
+        print(f"--tokens: the {m} tower gives no token features; its pooled array only")
+    embed_tokens(ds, able, path, batch_size=args.batch_size, progress=True, device=args.device,
+                 normalize=args.normalize)
+    for m in able:
+        tf = load_tokens(path, m)
+        print(f"  {m}.tokens: {len(tf)} rows, {len(tf.values)} tokens x {tf.dim}")

@@ -171,8 +171,12 @@ class EmbeddingStore:
     def verify(self) -> dict[str, str | None]:
         """Every array checked against its recorded checksum: name -> None (whole) or the
         problem. Reads every byte; see :meth:`check` for the cheap test."""
-        return {name: verify_array_file(self.path / info["file"], info)
-                for name, info in sorted(self.manifest["arrays"].items())}
+        from modalign.embed.tokens import verify_tokens
+
+        out: dict[str, str | None] = {
+            name: verify_array_file(self.path / info["file"], info)
+            for name, info in sorted(self.manifest["arrays"].items())}
+        return {**out, **verify_tokens(self)}
 
     def register(self, name: str, items: Sequence[Mapping[str, Any]], entry: Mapping[str, Any]
                  ) -> None:

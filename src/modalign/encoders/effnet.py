@@ -152,9 +152,28 @@ class EfficientNetLite0(nn.Module):
         """Normalised pixels ``(B, 3, H, W)`` -> the stem's feature map ``(B, 32, H/2, W/2)``."""
         return F.relu6(self._bn0(self._conv_stem(x)))
 
+    def head_map(self, h: torch.Tensor) -> torch.Tensor:
+        """The last block's map -> the head's spatial map ``(B, 1280, h, w)`` (before pooling)."""
+        return F.relu6(self._bn1(self._conv_head(h)))
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The last block's map -> pooled ``(B, 1280)`` features."""
-        return F.relu6(self._bn1(self._conv_head(h))).mean(dim=(-2, -1))
+        return self.head_map(h).mean(dim=(-2, -1))
+
+    def spatial_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels -> the head's spatial map ``(B, 1280, h, w)``; its mean over
+        ``(h, w)`` is :meth:`features`."""
+        h = self.stem(x)
+        for block in self._blocks:
+            h = block(h)
+        return self.head_map(h)
+
+    def output_side(self, side: int) -> int:
+        """Side of the head's map for an input of ``side`` pixels (each stride rounds up)."""
+        side = math.ceil(side / self._conv_stem.stride[0])
+        for block in self._blocks:
+            side = math.ceil(side / block._depthwise_conv.stride[0])
+        return side
 
     def features_from(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Run blocks ``start..`` and the head on ``h``, the input of block ``start``."""
@@ -249,6 +268,21 @@ class EfficientNetLite0Encoder(Tower):
             shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
             raise ValueError(f"batch must be a (B, 3, H, W) tensor from preprocess, got {shape}")
         return self.net.features(batch)
+
+    def token_counts(self, inputs: Sequence[ImageInput]) -> list[int]:
+        """Spatial positions (tokens) each image gets from :meth:`encode_tokens`."""
+        return [self.net.output_side(self.image_size) ** 2] * len(inputs)
+
+    def encode_tokens(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels -> spatial features ``(B, h*w, 1280)`` (row-major positions of the
+        head's map, before pooling) and an all-true mask ``(B, h*w)``; their mean is
+        :meth:`encode`."""
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:
+            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise ValueError(f"batch must be a (B, 3, H, W) tensor from preprocess, got {shape}")
+        fmap = self.net.spatial_features(batch)
+        tokens = fmap.flatten(2).transpose(1, 2)
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
     def classify(self, batch: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits ``(B, 1000)`` for a preprocessed batch."""

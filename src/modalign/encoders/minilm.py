@@ -166,6 +166,23 @@ class MiniLMEncoder(Tower):
         hidden = self.model(**batch).last_hidden_state
         return self._finish(hidden, batch["attention_mask"])
 
+    def token_counts(self, inputs: Sequence[str]) -> list[int]:
+        """Tokens each text gets from :meth:`encode_tokens` (special tokens included)."""
+        ids = self.tokenizer(list(inputs), truncation=True, max_length=self.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
+    def encode_tokens(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token batch -> last-layer token states ``(B, T, dim)`` and their mask ``(B, T)``.
+
+        The mask is the attention mask ([CLS] and [SEP] included, padding excluded); pooling the
+        states over it (and normalising, as the folder says) gives :meth:`encode`.
+        """
+        if not isinstance(batch, dict) or "input_ids" not in batch or "attention_mask" not in batch:
+            raise ValueError("batch must be the dict that preprocess returns "
+                             "(input_ids, attention_mask)")
+        hidden = self.model(**batch).last_hidden_state
+        return hidden, batch["attention_mask"].bool()
+
     def encode_embeddings(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                           token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Sentence vectors from input embeddings ``(B, T, dim)`` instead of token ids.
