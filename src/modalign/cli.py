@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "data": "modalign.data.cli",
     "embed": "modalign.embed.cli",
     "train": "modalign.train.cli",
+    "export": "modalign.export",
     "diagnose": "modalign.geometry.cli",
     "invert": "modalign.bridge.cli",
     "fit-bridge": "modalign.bridge.fit_cli",
@@ -48,6 +49,7 @@ OPTIONAL_MODULES: dict[str, str] = {
     "open_clip": "pip install 'modalign[openclip]' (open_clip towers)",
     "torchvision": "pip install 'modalign[openclip]' (open_clip towers)",
     "faiss": "pip install faiss-cpu (faiss search indexes), or use --index exact",
+    "peft": "pip install 'modalign[lora]' (LoRA adapters on the towers)",
 }
 
 

@@ -78,6 +78,8 @@ class ModelConfig:
         logit_bias_init: initial logit bias (SigLIP-style), or ``None`` for no bias.
         trainable_towers: modalities whose tower weights are part of the model (partly unfrozen
             towers); their weights are saved with the heads.
+        lora: modality -> LoRA settings (``modalign.encoders.lora.LoraSettings`` fields) of
+            towers trained with adapters; the adapters are re-applied on load.
 
     Examples:
         >>> cfg = ModelConfig(towers={"image": "effnet-lite0", "text": "minilm"},
@@ -100,6 +102,7 @@ class ModelConfig:
     learn_logit_scale: bool = True
     logit_bias_init: float | None = None
     trainable_towers: list[str] = field(default_factory=list)
+    lora: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +139,9 @@ class ModelConfig:
         if not (self.logit_scale_init > 0 and math.isfinite(self.logit_scale_init)):
             raise ValueError(f"logit_scale_init must be a positive finite number (the scale, not "
                              f"its log), got {self.logit_scale_init!r}")
+        if not set(self.lora) <= set(self.trainable_towers):
+            raise ValueError(f"lora {sorted(self.lora)} must be among trainable_towers "
+                             f"{sorted(self.trainable_towers)}")
         unknown = sorted(set(self.trainable_towers) - set(self.towers))
         if unknown:
             raise ValueError(f"trainable_towers {unknown} are not among towers "
@@ -451,7 +457,12 @@ class MultiTowerModel(nn.Module):
         state = read_safetensors(root / WEIGHTS_NAME, device=str(map_location))
         for m in model.config.trainable_towers:
             if any(k.startswith(f"towers.{m}.") for k in state):
-                model.attach_tower(m, model.tower(m))
+                tower = model.tower(m)
+                if m in model.config.lora:
+                    from modalign.encoders.lora import LoraSettings, apply_lora
+
+                    apply_lora(tower, LoraSettings(**model.config.lora[m]))
+                model.attach_tower(m, tower)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{root / WEIGHTS_NAME} does not match its config: missing "

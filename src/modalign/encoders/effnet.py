@@ -73,8 +73,12 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
 class SameConv2d(nn.Conv2d):
     """``nn.Conv2d`` with TensorFlow "SAME" padding computed from the input size at each call."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 groups: int = 1, bias: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, groups: int = 1, bias: bool = False) -> None:
+        # ``padding`` is accepted for nn.Conv2d's signature (peft builds LoRA layers with it) and
+        # must be 0: the padding is computed from the input size at each call
+        if any(int(p) for p in (padding if isinstance(padding, (tuple, list)) else [padding])):
+            raise ValueError(f"SameConv2d computes its padding; got padding={padding!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0,
                          groups=groups, bias=bias)
 

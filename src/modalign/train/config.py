@@ -116,6 +116,18 @@ class ValidateConfig:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (through peft) on the towers of these modalities; see
+    ``modalign.encoders.lora``."""
+
+    towers: list[str] = field(default_factory=list)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     """Where outputs go."""
 
@@ -178,6 +190,15 @@ HELP: dict[str, str] = {
     "validate.metric": "metric that picks the best epoch: i2t_r1, i2t_r5, t2i_r1, t2i_r5, "
                        "mean_r1, or -gap (a leading '-' means lower is better)",
     "validate.patience": "stop after this many epochs without improvement (0: never)",
+    "lora.towers": "modalities whose tower gets LoRA adapters, e.g. ['text'] (their items are "
+                   "encoded on the fly, as with train.unfreeze; adapters train at "
+                   "optim.tower_lr)",
+    "lora.rank": "LoRA rank r",
+    "lora.alpha": "LoRA alpha (the update is scaled by alpha / rank)",
+    "lora.dropout": "dropout on the adapters' input",
+    "lora.target_modules": "module names per modality, e.g. {text = ['query', 'value']}; "
+                           "default: the tower's attention and MLP projections (pointwise "
+                           "convolutions for EfficientNet)",
     "run.dir": "run folder (default: <modalign home>/runs/<run.name>)",
     "run.name": "run name (default: the config file's name)",
 }
@@ -189,7 +210,8 @@ HELP.update(HARMONIZE_HELP)
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelSection, "optim": OptimConfig, "train": TrainSection,
-    "augment": AugmentConfig, "validate": ValidateConfig, "run": RunConfig,
+    "augment": AugmentConfig, "validate": ValidateConfig, "lora": LoraSection,
+    "run": RunConfig,
     "momentum": MomentumConfig, "distill": DistillConfig, "negatives": NegativesConfig,
     "harmonize": HarmonizeConfig,
 }
@@ -214,6 +236,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
     run: RunConfig = field(default_factory=RunConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -298,6 +321,7 @@ class TrainConfig:
         if self.harmonize.enabled and self.negatives.enabled:
             raise ModalignError("harmonize.enabled and negatives.k > 0 cannot be combined (the "
                                 "negatives' own embeddings are not harmonized); use one of them")
+        self.lora_settings()
         # the model section must build a valid ModelConfig (with placeholder dims)
         self.model_config({k: "x" for k in self.modalities()} if not self.model.towers
                           else self.model.towers, {m: 1 for m in self.modalities()})
@@ -330,7 +354,29 @@ class TrainConfig:
             hidden_dim=m.hidden_dim, head_init=m.head_init,  # type: ignore[arg-type]
             cone_offset=m.cone_offset, input_norm=m.input_norm,  # type: ignore[arg-type]
             center_features=m.center_features, logit_scale_init=m.logit_scale_init,
-            trainable_towers=sorted(k for k, v in self.train.unfreeze.items() if v > 0))
+            trainable_towers=sorted({k for k, v in self.train.unfreeze.items() if v > 0}
+                                    | set(self.lora.towers)),
+            lora={k: v.to_dict() for k, v in self.lora_settings().items()})
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def lora_settings(self) -> dict[str, Any]:
+        """Modality -> :class:`~modalign.encoders.lora.LoraSettings` of ``[lora]``; checks the
+        section (no modality both LoRA-adapted and unfrozen, known modalities)."""
+        from modalign.encoders.lora import LoraSettings
+
+        lo = self.lora
+        mods = self.modalities()
+        for m in [*lo.towers, *lo.target_modules]:
+            if m not in mods:
+                raise ModalignError(f"lora: modality {m!r} is not among data.keys' modalities "
+                                    f"{mods}")
+        both = sorted(m for m in lo.towers if self.train.unfreeze.get(m, 0) > 0)
+        if both:
+            raise ModalignError(f"lora.towers and train.unfreeze both name {both}: choose LoRA "
+                                "adapters or unfrozen stages for a tower")
+        return {m: LoraSettings(rank=lo.rank, alpha=float(lo.alpha), dropout=float(lo.dropout),
+                                target_modules=list(lo.target_modules.get(m, [])))
+                for m in lo.towers}
 
 
 def check_objectives(objectives: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from modalign import __version__
 from modalign.embed.store import EmbeddingStore
+from modalign.encoders.lora import adapter_dropout_on, save_adapters
 from modalign.errors import ModalignError, SmallDataWarning
 from modalign.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from modalign.losses.objective import Objective, build_objective
@@ -238,6 +239,7 @@ class Trainer:
             tower_params += tower.trainable_tail(k)
             self.model.attach_tower(m, tower)
             self.raw_keys += [key for key in config.data.keys if base_modality(key) == m]
+        tower_params += self._attach_lora_towers(towers or {}, specs)
         self.raw = _RawInputs(config.data.dataset) if self.raw_keys else None
         for m, t in (towers or {}).items():
             if m not in self.model.towers:
@@ -274,6 +276,20 @@ class Trainer:
         self.stopped_early = False
 
     # -- construction helpers ----------------------------------------------------------------
+    def _attach_lora_towers(self, towers: Mapping[str, Any], specs: Mapping[str, str]
+                            ) -> list[nn.Parameter]:
+        """``[lora]``: wrap each listed tower with peft LoRA adapters and attach it to the model
+        (its items are encoded on the fly); returns the adapter parameters."""
+        from modalign.encoders.lora import apply_lora
+
+        params: list[nn.Parameter] = []
+        for m, settings in self.config.lora_settings().items():
+            tower = towers.get(m) or _load_tower(specs[m], m)
+            params += apply_lora(tower, settings)
+            self.model.attach_tower(m, tower)
+            self.raw_keys += [key for key in self.config.data.keys if base_modality(key) == m]
+        return params
+
     def _feature_dim(self, modality: str) -> int:
         dims = {self.data.feature_dim(k) for k in self.config.data.keys
                 if base_modality(k) == modality}
@@ -449,6 +465,7 @@ class Trainer:
         self.module.train()
         for tower in self.model.towers.values():
             tower.eval()  # unfrozen stages train their weights; BatchNorm statistics stay fixed
+            adapter_dropout_on(tower)  # LoRA's own dropout (when configured) still applies
         self.optimizer.zero_grad(set_to_none=True)
         if self.momentum is not None:
             self.momentum.begin_step(self.model,
@@ -783,6 +800,7 @@ class Trainer:
         self.model.save_pretrained(self.run_dir / MODEL_DIR, extra={
             "epoch": self.epoch, "step": self.step, "objectives": self.config.objectives,
             "embeddings": self.config.data.embeddings, "keys": self.config.data.keys})
+        save_adapters(self.model.towers, self.run_dir / MODEL_DIR / "adapters")
 
     def _finish(self) -> TrainResult:
         if self.val is None:
