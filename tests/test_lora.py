@@ -122,7 +122,7 @@ def test_lora_config_errors(image_dataset, tmp_path):  # noqa: F811
     with pytest.raises(ModalignError, match="lora rank"):
         small_config(store, tmp_path / "r", model={"towers": {"image": "a", "text": "b"}},
                      lora={"towers": ["image"], "rank": 0})
-    with pytest.raises(ModalignError, match="not among data.keys"):
+    with pytest.raises(ModalignError, match=r"not among data\.keys"):
         small_config(store, tmp_path / "r", model={"towers": {"image": "a", "text": "b"}},
                      lora={"towers": ["audio"]})
 

@@ -1,16 +1,19 @@
-"""LoRA adapters on a tower's network, through the ``peft`` library (``pip install modalign[lora]``).
+"""LoRA adapters on a tower's network, through the ``peft`` library (extra ``modalign[lora]``).
 
-The low-rank update ``W + (alpha / rank) * B A`` is peft's; this module only says where it goes:
+The low-rank update ``W + (alpha / rank) * B A`` is peft's; this module only says where it goes
+(the default targets; ``LoraSettings.target_modules`` chooses others):
 
-| tower | default targets | what peft wraps |
-|---|---|---|
-| ``minilm`` (BERT) | attention ``query``/``key``/``value``/output ``dense``, MLP ``intermediate``/``output`` ``dense`` | ``nn.Linear`` |
-| ``hf-clip`` image / text | ``q_proj``/``k_proj``/``v_proj``/``out_proj``, ``fc1``/``fc2`` of that tower's encoder only | ``nn.Linear`` |
-| ``effnet-lite0`` | the pointwise (1x1) convolutions: ``_expand_conv``, ``_project_conv``, ``_conv_head`` | ``nn.Conv2d`` |
+- ``minilm`` (BERT): ``nn.Linear`` attention ``query``/``key``/``value`` and its output
+  ``dense``, the MLP's ``intermediate.dense`` and ``output.dense`` of every layer;
+- ``hf-clip`` image or text tower: ``q_proj``/``k_proj``/``v_proj``/``out_proj`` and
+  ``fc1``/``fc2`` of that tower's encoder only (``nn.Linear``);
+- ``effnet-lite0``: the pointwise (1x1) ``nn.Conv2d`` of every block (``_expand_conv``,
+  ``_project_conv``) and the head (``_conv_head``).
 
 peft's ``Conv2d`` LoRA builds ``A`` with the base layer's kernel, stride and padding; the 1x1
 convolutions match exactly. The depthwise convolutions (``groups`` = channels, TensorFlow "SAME"
-padding computed at call time) are left out: the adapter branch would not get the same padding.
+padding computed at call time) and the stem are left out: the adapter branch would not get the
+same padding.
 
 Examples:
     >>> from modalign.encoders import load_encoder                       # doctest: +SKIP
@@ -30,8 +33,8 @@ from torch import nn
 
 from modalign.errors import ModalignError
 
-__all__ = ["LoraSettings", "adapter_dropout_on", "apply_lora", "default_targets", "has_lora", "merge_lora",
-           "save_adapters"]
+__all__ = ["LoraSettings", "adapter_dropout_on", "apply_lora", "default_targets", "has_lora",
+           "merge_lora", "save_adapters"]
 
 _MINILM = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|" \
           r"intermediate\.dense|output\.dense)"
