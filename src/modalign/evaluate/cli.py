@@ -93,6 +93,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     proto.add_argument("--ties", choices=("pessimistic", "optimistic"), default="pessimistic",
                        help="an irrelevant item with exactly the same score as a relevant one is "
                             "ranked before it (pessimistic, default) or after it")
+    proto.add_argument("--scoring", choices=("vector", "maxsim"), default="vector",
+                       help="retrieval scoring: 'vector' (one embedding per item) or 'maxsim' "
+                            "(late interaction: --model is a [late] run's model, --embeddings "
+                            "a store with token arrays; text queries against concept documents)")
+    proto.add_argument("--prefilter", type=int, default=0, metavar="N",
+                       help="with --scoring maxsim: also report the recall of a centroid "
+                            "prefilter of N candidates against exact MaxSim")
     proto.add_argument("--index", choices=("exact", "flat", "ivf", "hnsw"), default="exact",
                        help="retrieval/intra: also search with this faiss index (optional extra) "
                             "and report its recall@K and its agreement with the exact top-K "
@@ -169,10 +176,11 @@ def run(args: argparse.Namespace) -> int:
 
     from modalign.embed.joint import load_joint
 
-    _check_arguments(args)
     torch.manual_seed(args.seed)
     if args.task == "ood":
         return _run_ood(args)
+    if args.scoring == "maxsim":
+        return _maxsim_retrieval(args)
     inverted = _resolve_inverted(args)  # before any tower runs: a wrong name fails at once
     joint = load_joint(model_dir=args.model, embeddings_dir=args.embeddings,
                        data=args.data if args.model else None, split=None,
@@ -532,3 +540,26 @@ def _print_summary(result: Any, intervals: Mapping[str, Any],
         print("  [..]: 95% bootstrap interval over queries"
               + ("; vs native: paired difference, * where the interval excludes 0"
                  if diffs else ""))
+
+
+def _maxsim_retrieval(args: argparse.Namespace) -> int:
+    """``--task retrieval --scoring maxsim``: late-interaction retrieval, one record."""
+    from modalign.evaluate.records import make_record, write_record
+    from modalign.late.model import evaluate_late
+
+    if args.task != "retrieval" or not args.model or not args.embeddings:
+        raise ValueError("--scoring maxsim: expected --task retrieval, --model (a late-"
+                         "interaction model folder) and --embeddings (its token store)")
+    out = evaluate_late(args.model, args.embeddings, split=args.split, k_values=args.k,
+                        prefilter=args.prefilter)
+    protocol = {k: v for k, v in out.items() if k != "metrics"}
+    record = make_record(dataset=Path(str(args.embeddings)).name, split=args.split,
+                         model=args.model, task="retrieval:maxsim",
+                         protocol={**protocol, "scoring": "maxsim"}, metrics=out["metrics"],
+                         seed=args.seed)
+    path = write_record(record, args.out)
+    width = max(len(k) for k in out["metrics"])
+    for key, value in out["metrics"].items():
+        print(f"  {key:<{width}}  {value:.4f}")
+    print(f"record: {path}")
+    return 0

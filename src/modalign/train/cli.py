@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from modalign.errors import ModalignError
 from modalign.io import dumps
 from modalign.train.config import BUILTIN_CONFIGS, SECTIONS, flag_specs, load_config
 
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if cfg.late.enabled:
+        return _run_late(cfg, args)
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(dumps(_short(result.summary)))
@@ -88,3 +91,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _short(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if v is not None}
+
+
+def _run_late(cfg: Any, args: argparse.Namespace) -> int:
+    """``[late] enabled = true``: train late-interaction heads (see ``modalign.late``)."""
+    from modalign.late.model import train_late
+
+    if args.resume:
+        raise ModalignError("--resume: late-interaction runs are short and restart from scratch")
+    settings = cfg.late_settings()
+    if not settings.run_dir:
+        from modalign.train.loop import default_run_dir
+
+        settings.run_dir = str(default_run_dir(cfg))
+    print(dumps(train_late(settings, progress=cfg.train.progress)))
+    return 0

@@ -128,6 +128,18 @@ class LoraSection:
 
 
 @dataclass
+class LateSection:
+    """Late interaction: heads to a small token space trained on MaxSim scores (CLaMR);
+    see ``modalign.late``."""
+
+    enabled: bool = False
+    query: str = "text:alias"
+    documents: list[str] = field(default_factory=lambda: ["image", "text:name"])
+    dim: int = 64
+    temperature: float = 0.5
+
+
+@dataclass
 class RunConfig:
     """Where outputs go."""
 
@@ -199,6 +211,14 @@ HELP: dict[str, str] = {
     "lora.target_modules": "module names per modality, e.g. {text = ['query', 'value']}; "
                            "default: the tower's attention and MLP projections (pointwise "
                            "convolutions for EfficientNet)",
+    "late.enabled": "train a late-interaction model (token heads, MaxSim loss) from the "
+                    "token arrays of data.embeddings (modalign embed --tokens) instead of the "
+                    "single-vector model; uses train.epochs/batch_size/seed/max_steps, optim.lr "
+                    "and weight_decay",
+    "late.query": "key of the queries, 'modality' or 'modality:view'",
+    "late.documents": "keys whose rows' tokens make up a group's document",
+    "late.dim": "token dimension of the late-interaction heads",
+    "late.temperature": "initial temperature of the learned MaxSim logit scale",
     "run.dir": "run folder (default: <modalign home>/runs/<run.name>)",
     "run.name": "run name (default: the config file's name)",
 }
@@ -211,6 +231,7 @@ HELP.update(HARMONIZE_HELP)
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelSection, "optim": OptimConfig, "train": TrainSection,
     "augment": AugmentConfig, "validate": ValidateConfig, "lora": LoraSection,
+    "late": LateSection,
     "run": RunConfig,
     "momentum": MomentumConfig, "distill": DistillConfig, "negatives": NegativesConfig,
     "harmonize": HarmonizeConfig,
@@ -237,6 +258,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    late: LateSection = field(default_factory=LateSection)
     run: RunConfig = field(default_factory=RunConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -357,6 +379,21 @@ class TrainConfig:
             trainable_towers=sorted({k for k, v in self.train.unfreeze.items() if v > 0}
                                     | set(self.lora.towers)),
             lora={k: v.to_dict() for k, v in self.lora_settings().items()})
+
+    # -- late interaction ----------------------------------------------------------------------
+    def late_settings(self) -> Any:
+        """The :class:`~modalign.late.model.LateSettings` of a ``[late]`` run."""
+        from modalign.late.model import LateSettings
+
+        la = self.late
+        s = LateSettings(store=self.data.embeddings, run_dir=self.run.dir, query=la.query,
+                         documents=list(la.documents), dim=la.dim,
+                         temperature=float(la.temperature), epochs=self.train.epochs,
+                         batch_size=self.train.batch_size, lr=self.optim.lr,
+                         weight_decay=self.optim.weight_decay, seed=self.train.seed,
+                         max_steps=self.train.max_steps, train_split=self.data.train_split)
+        s.check()
+        return s
 
     # -- LoRA --------------------------------------------------------------------------------
     def lora_settings(self) -> dict[str, Any]:

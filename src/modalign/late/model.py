@@ -1,0 +1,312 @@
+"""Late-interaction model: per-modality projection heads to a small token space, trained with a
+contrastive loss on MaxSim scores, and its retrieval evaluation.
+
+A *document* is a group (a concept) made of the tokens of every row of the document keys
+(``image`` = all image views, ``text:name`` = the name's tokens, ...), each token tagged with the
+key it came from; a *query* is one row of the query key (``text:alias``). Token features come
+from the store's ragged token arrays (``modalign embed --tokens``).
+
+Examples:
+    >>> result = train_late(LateSettings(store="runs/emb", run_dir="runs/late"))  # doctest: +SKIP
+    >>> evaluate_late("runs/late/model", "runs/emb", split="test")["metrics"]      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from modalign import __version__
+from modalign.embed.store import EmbeddingStore
+from modalign.embed.tokens import TokenFeatures, load_tokens
+from modalign.errors import ModalignError
+from modalign.io import atomic_path, read_json, read_safetensors, write_json_atomic
+from modalign.late.maxsim import Ragged, maxsim_scores, modality_wins
+
+__all__ = ["LateInteractionModel", "LateSettings", "TokenCorpus", "evaluate_late", "train_late"]
+
+FORMAT = "modalign.LateInteractionModel"
+
+
+@dataclass
+class LateSettings:
+    """A late-interaction training run (the ``[late]`` keys plus where data and outputs are).
+
+    Attributes:
+        store: embedding store with token arrays of the query and document modalities.
+        query: key of the queries, ``modality`` or ``modality:view``.
+        documents: keys whose rows make up a group's document.
+        dim: token dimension of the heads' output.
+        temperature: initial temperature of the (learned) logit scale.
+    """
+
+    store: str = ""
+    run_dir: str = ""
+    query: str = "text:alias"
+    documents: list[str] = field(default_factory=lambda: ["image", "text:name"])
+    dim: int = 64
+    temperature: float = 0.5
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_steps: int = 0
+    train_split: str = "train"
+
+    def check(self) -> None:
+        if not self.documents:
+            raise ModalignError("late.documents: expected at least one key, e.g. ['image']")
+        if self.dim < 1 or self.batch_size < 2 or self.epochs < 1:
+            raise ModalignError(f"late: dim={self.dim}, batch_size={self.batch_size}, epochs="
+                                f"{self.epochs}; expected dim >= 1, batch_size >= 2, epochs >= 1")
+        if not self.temperature > 0:
+            raise ModalignError(f"late.temperature must be > 0, got {self.temperature}")
+
+
+def _split_key(key: str) -> tuple[str, str | None]:
+    m, _, v = key.partition(":")
+    return m, (v or None)
+
+
+class LateInteractionModel(nn.Module):
+    """One linear head per modality to ``dim``-d unit tokens, and a learned logit scale.
+
+    Examples:
+        >>> import torch
+        >>> m = LateInteractionModel({"text": 8, "image": 6}, dim=4)
+        >>> m.project("text", torch.ones(3, 8)).norm(dim=-1).tolist()
+        [1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, in_dims: Mapping[str, int], dim: int = 64, temperature: float = 0.5
+                 ) -> None:
+        super().__init__()
+        self.in_dims, self.dim = dict(in_dims), int(dim)
+        self.heads = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in sorted(in_dims.items())})
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+
+    def project(self, modality: str, tokens: torch.Tensor) -> torch.Tensor:
+        """``(n, in_dim)`` tower tokens of ``modality`` -> ``(n, dim)`` unit tokens."""
+        if modality not in self.heads:
+            raise ModalignError(f"modality {modality!r}: this model has heads for "
+                                f"{sorted(self.heads)}")
+        return F.normalize(self.heads[modality](tokens.float()), dim=-1)
+
+    def save_pretrained(self, directory: str | os.PathLike[str],
+                        extra: Mapping[str, Any] | None = None) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
+        write_json_atomic(out / "config.json", {"format": FORMAT, "modalign_version": __version__,
+                                                "in_dims": self.in_dims, "dim": self.dim,
+                                                "extra": dict(extra or {})})
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> LateInteractionModel:
+        root = Path(directory)
+        cfg_file = root / "config.json"
+        meta = read_json(cfg_file) if cfg_file.is_file() else {}
+        if meta.get("format") != FORMAT:
+            raise ModalignError(f"{root}: not a late-interaction model folder (expected "
+                                f"config.json with format {FORMAT!r}, written by a [late] run)")
+        model = cls(meta["in_dims"], meta["dim"])
+        model.load_state_dict(read_safetensors(root / "model.safetensors"))
+        model.extra = meta.get("extra", {})
+        return model
+
+
+class TokenCorpus:
+    """Queries and documents of one split, built from the store's token arrays.
+
+    ``query_rows[i]`` are the token sets of query ``i`` (a row of the query key) with
+    ``query_group[i]``; ``documents`` holds one token set per group of ``groups``, its tokens
+    tagged with the index of the document key they came from.
+    """
+
+    def __init__(self, store: EmbeddingStore | str | Path, query: str, documents: Sequence[str],
+                 split: str | Sequence[str]) -> None:
+        self.store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
+        self.query_key, self.document_keys = query, list(documents)
+        cache: dict[str, TokenFeatures] = {}
+
+        def rows(key: str) -> TokenFeatures:
+            m, view = _split_key(key)
+            if m not in cache:
+                cache[m] = load_tokens(self.store, m, split=split)
+            return cache[m] if view is None else cache[m].filter(view=view)
+
+        q = rows(query)
+        docs = {k: rows(k) for k in self.document_keys}
+        by_group: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for ki, k in enumerate(self.document_keys):
+            for i, it in enumerate(docs[k].items):
+                by_group.setdefault(it["group"], []).append((ki, np.asarray(docs[k].tokens(i))))
+        self.groups = sorted(g for g in by_group if any(it["group"] == g for it in q.items))
+        if len(self.groups) < 2:
+            raise ModalignError(f"split {split!r}: {len(self.groups)} groups have both query "
+                                f"({query}) and document ({', '.join(documents)}) tokens; "
+                                "expected at least 2")
+        index = {g: i for i, g in enumerate(self.groups)}
+        keep = [i for i, it in enumerate(q.items) if it["group"] in index]
+        self.queries = q.subset(keep)
+        self.query_group = torch.tensor([index[it["group"]] for it in self.queries.items])
+        self.modalities = {k: _split_key(k)[0] for k in self.document_keys}
+        self.query_modality = _split_key(query)[0]
+        self.doc_parts = [by_group[g] for g in self.groups]
+        self._dims = {m: tf.dim for m, tf in cache.items()}
+
+    def in_dims(self) -> dict[str, int]:
+        """Token dim of each modality (the heads' input sizes)."""
+        return dict(self._dims)
+
+    def project_queries(self, model: LateInteractionModel, idx: Sequence[int] | None = None
+                        ) -> Ragged:
+        idx = range(len(self.queries)) if idx is None else idx
+        return Ragged.from_list([model.project(self.query_modality,
+                                               torch.from_numpy(np.asarray(
+                                                   self.queries.tokens(int(i)))))
+                                 for i in idx])
+
+    def project_documents(self, model: LateInteractionModel, idx: Sequence[int] | None = None
+                          ) -> Ragged:
+        idx = range(len(self.groups)) if idx is None else idx
+        sets, tags = [], []
+        for g in idx:
+            parts = self.doc_parts[int(g)]
+            sets.append(torch.cat([model.project(self.modalities[self.document_keys[ki]],
+                                                 torch.from_numpy(t)) for ki, t in parts]))
+            tags.append(torch.cat([torch.full((len(t),), ki, dtype=torch.int64)
+                                   for ki, t in parts]))
+        return Ragged.from_list(sets, tags)
+
+
+def train_late(settings: LateSettings, progress: bool = True) -> dict[str, Any]:
+    """Train heads with a symmetric InfoNCE loss on in-batch MaxSim scores; writes
+    ``<run_dir>/model`` and returns a summary (steps, loss, samples/s)."""
+    settings.check()
+    if not settings.store:
+        raise ModalignError("late training needs data.embeddings: a store with token arrays "
+                            "(modalign embed --tokens)")
+    torch.manual_seed(settings.seed)
+    corpus = TokenCorpus(settings.store, settings.query, settings.documents,
+                         settings.train_split)
+    model = LateInteractionModel(corpus.in_dims(), settings.dim, settings.temperature)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr,
+                            weight_decay=settings.weight_decay)
+    n = len(corpus.groups)
+    bs = min(settings.batch_size, n)
+    gen = torch.Generator().manual_seed(settings.seed)
+    group_queries = [[] for _ in range(n)]
+    for qi, g in enumerate(corpus.query_group.tolist()):
+        group_queries[g].append(qi)
+    with_query = [g for g in range(n) if group_queries[g]]
+    steps, t0, loss_v = 0, time.perf_counter(), float("nan")
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(with_query), generator=gen).tolist()
+        for s in range(0, len(order) - bs + 1, bs):
+            groups = [with_query[i] for i in order[s:s + bs]]
+            qs = [group_queries[g][int(torch.randint(len(group_queries[g]), (1,),
+                                                     generator=gen))] for g in groups]
+            scores = maxsim_scores(corpus.project_queries(model, qs),
+                                   corpus.project_documents(model, groups)) * model.log_scale.exp()
+            target = torch.arange(len(groups))
+            loss = (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            loss_v = float(loss.detach())
+            if settings.max_steps and steps >= settings.max_steps:
+                break
+        if settings.max_steps and steps >= settings.max_steps:
+            break
+    seconds = time.perf_counter() - t0
+    out = Path(settings.run_dir or "late-run") / "model"
+    model.save_pretrained(out, extra={"settings": asdict(settings)})
+    summary = {"model": str(out), "steps": steps, "final_train_loss": loss_v,
+               "samples_per_s": round(steps * bs / seconds, 1) if seconds > 0 else None,
+               "logit_scale": float(model.log_scale.detach().exp())}
+    write_json_atomic(Path(settings.run_dir or "late-run") / "summary.json", summary)
+    return summary
+
+
+def _ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each query's relevant document, ties counted against it."""
+    return (scores >= scores.gather(1, target[:, None])).sum(1)
+
+
+@torch.no_grad()
+def evaluate_late(model: LateInteractionModel | str | os.PathLike[str],
+                  store: EmbeddingStore | str | Path, split: str = "test",
+                  query: str | None = None, documents: Sequence[str] | None = None,
+                  k_values: Sequence[int] = (1, 5, 10), ablations: bool = True,
+                  prefilter: int = 0) -> dict[str, Any]:
+    """Text-query -> document retrieval on ``split``: MaxSim against single-vector (mean token)
+    scoring with the same heads, per-document-key ablations, modality wins, index size and
+    latency.
+
+    Returns a dict with ``metrics`` (``maxsim/recall@K``, ``single/recall@K``, ``mrr``...),
+    ``ablations`` (metrics without each document key), ``wins`` (share of query tokens whose max
+    came from each key), ``index_mb`` and ``ms_per_1000_queries``; ``prefilter > 0`` adds the
+    recall of a centroid prefilter of that many candidates against exact MaxSim.
+    """
+    from modalign.evaluate.metrics import metrics_from_positions
+    from modalign.late.maxsim import maxsim_search, prefilter_search, topk_recall
+
+    if not isinstance(model, LateInteractionModel):
+        model = LateInteractionModel.from_pretrained(model)
+    s = dict(getattr(model, "extra", {}).get("settings", {}))
+    query = query or s.get("query", "text:alias")
+    documents = list(documents or s.get("documents", ["image", "text:name"]))
+    corpus = TokenCorpus(store, query, documents, split)
+    model.eval()
+    q = corpus.project_queries(model)
+    d = corpus.project_documents(model)
+    target = corpus.query_group
+
+    def metrics(scores: torch.Tensor) -> dict[str, float]:
+        pos = _ranks(scores, target)[:, None]
+        per = metrics_from_positions(pos, torch.ones(len(pos), dtype=torch.int64), k_values)
+        return {k: round(float(v.mean()), 4) for k, v in per.items()
+                if k.startswith("recall@") or k in ("mrr", "map")}
+
+    t0 = time.perf_counter()
+    exact = maxsim_scores(q, d)
+    seconds = time.perf_counter() - t0
+    single = q.centroids() @ d.centroids().T
+    out: dict[str, Any] = {
+        "split": split, "query": query, "documents": documents, "queries": len(q),
+        "gallery": len(d),
+        "metrics": {**{f"maxsim/{k}": v for k, v in metrics(exact).items()},
+                    **{f"single/{k}": v for k, v in metrics(single).items()}},
+        "index_mb": round(d.values.numel() * 4 / 1e6, 3),
+        "single_index_mb": round(len(d) * d.dim * 4 / 1e6, 3),
+        "ms_per_1000_queries": round(seconds * 1000 / len(q) * 1000, 1),
+    }
+    if ablations and len(documents) > 1:
+        out["ablations"] = {f"without {k}": metrics(maxsim_scores(q, d.drop_tags([ki])))
+                            for ki, k in enumerate(documents)}
+    own = d.select(target)
+    wins = modality_wins(q, own, len(documents)).sum(0).double()
+    out["wins"] = {k: round(float(w / wins.sum()), 4) for k, w in zip(documents, wins)}
+    if prefilter:
+        k = min(max(k_values), len(d))
+        _, ei = maxsim_search(q, d, k=k)
+        _, pi = prefilter_search(q, d, k=k, candidates=min(prefilter, len(d)))
+        out[f"prefilter{prefilter}_recall@{k}"] = round(topk_recall(ei, pi), 4)
+    return out
