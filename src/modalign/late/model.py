@@ -49,6 +49,8 @@ class LateSettings:
         documents: keys whose rows make up a group's document.
         dim: token dimension of the heads' output.
         temperature: initial temperature of the (learned) logit scale.
+        scoring: ``"maxsim"``, or ``"single"`` (cosine of the mean tokens: the single-vector
+            baseline trained with the same heads and loss).
     """
 
     store: str = ""
@@ -64,8 +66,12 @@ class LateSettings:
     seed: int = 0
     max_steps: int = 0
     train_split: str = "train"
+    scoring: str = "maxsim"
 
     def check(self) -> None:
+        if self.scoring not in ("maxsim", "single"):
+            raise ModalignError(f"late.scoring must be 'maxsim' or 'single' (cosine of the mean "
+                                f"tokens, the single-vector baseline), got {self.scoring!r}")
         if not self.documents:
             raise ModalignError("late.documents: expected at least one key, e.g. ['image']")
         if self.dim < 1 or self.batch_size < 2 or self.epochs < 1:
@@ -133,9 +139,9 @@ class LateInteractionModel(nn.Module):
 class TokenCorpus:
     """Queries and documents of one split, built from the store's token arrays.
 
-    ``query_rows[i]`` are the token sets of query ``i`` (a row of the query key) with
-    ``query_group[i]``; ``documents`` holds one token set per group of ``groups``, its tokens
-    tagged with the index of the document key they came from.
+    ``queries`` holds one row of the query key per query, ``query_group[i]`` the index of its
+    group in ``groups``; the gallery is one document per group with document tokens (also the
+    groups without a query), its tokens tagged with the index of the document key they came from.
     """
 
     def __init__(self, store: EmbeddingStore | str | Path, query: str, documents: Sequence[str],
@@ -156,13 +162,13 @@ class TokenCorpus:
         for ki, k in enumerate(self.document_keys):
             for i, it in enumerate(docs[k].items):
                 by_group.setdefault(it["group"], []).append((ki, np.asarray(docs[k].tokens(i))))
-        self.groups = sorted(g for g in by_group if any(it["group"] == g for it in q.items))
-        if len(self.groups) < 2:
-            raise ModalignError(f"split {split!r}: {len(self.groups)} groups have both query "
-                                f"({query}) and document ({', '.join(documents)}) tokens; "
-                                "expected at least 2")
+        self.groups = sorted(by_group)  # every group with document tokens is in the gallery
         index = {g: i for i, g in enumerate(self.groups)}
         keep = [i for i, it in enumerate(q.items) if it["group"] in index]
+        if len(self.groups) < 2 or not keep:
+            raise ModalignError(f"split {split!r}: {len(self.groups)} documents "
+                                f"({', '.join(documents)}) and {len(keep)} queries ({query}) of "
+                                "those groups; expected at least 2 documents and 1 query")
         self.queries = q.subset(keep)
         self.query_group = torch.tensor([index[it["group"]] for it in self.queries.items])
         self.modalities = {k: _split_key(k)[0] for k in self.document_keys}
@@ -177,22 +183,28 @@ class TokenCorpus:
     def project_queries(self, model: LateInteractionModel, idx: Sequence[int] | None = None
                         ) -> Ragged:
         idx = range(len(self.queries)) if idx is None else idx
-        return Ragged.from_list([model.project(self.query_modality,
-                                               torch.from_numpy(np.asarray(
-                                                   self.queries.tokens(int(i)))))
-                                 for i in idx])
+        sub = self.queries.subset(list(idx))
+        return Ragged(model.project(self.query_modality, torch.from_numpy(sub.values)),
+                      torch.from_numpy(sub.offsets))
 
     def project_documents(self, model: LateInteractionModel, idx: Sequence[int] | None = None
                           ) -> Ragged:
         idx = range(len(self.groups)) if idx is None else idx
-        sets, tags = [], []
-        for g in idx:
-            parts = self.doc_parts[int(g)]
-            sets.append(torch.cat([model.project(self.modalities[self.document_keys[ki]],
-                                                 torch.from_numpy(t)) for ki, t in parts]))
-            tags.append(torch.cat([torch.full((len(t),), ki, dtype=torch.int64)
-                                   for ki, t in parts]))
-        return Ragged.from_list(sets, tags)
+        parts = [(ki, t) for g in idx for ki, t in self.doc_parts[int(g)]]
+        # one head call per modality over every token of the batch, then back in document order
+        by_mod: dict[str, list[int]] = {}
+        for p, (ki, _) in enumerate(parts):
+            by_mod.setdefault(self.modalities[self.document_keys[ki]], []).append(p)
+        projected: list[torch.Tensor | None] = [None] * len(parts)
+        for m, ps in by_mod.items():
+            out = model.project(m, torch.from_numpy(np.concatenate([parts[p][1] for p in ps])))
+            for p, chunk in zip(ps, out.split([len(parts[p][1]) for p in ps])):
+                projected[p] = chunk
+        counts = [sum(len(t) for _, t in self.doc_parts[int(g)]) for g in idx]
+        values = torch.cat([x for x in projected if x is not None])
+        tags = torch.cat([torch.full((len(t),), ki, dtype=torch.int64) for ki, t in parts])
+        offsets = torch.tensor([0, *np.cumsum(counts)], dtype=torch.int64)
+        return Ragged(values, offsets, tags)
 
 
 def train_late(settings: LateSettings, progress: bool = True) -> dict[str, Any]:
@@ -209,12 +221,15 @@ def train_late(settings: LateSettings, progress: bool = True) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr,
                             weight_decay=settings.weight_decay)
     n = len(corpus.groups)
-    bs = min(settings.batch_size, n)
     gen = torch.Generator().manual_seed(settings.seed)
-    group_queries = [[] for _ in range(n)]
+    group_queries: list[list[int]] = [[] for _ in range(n)]
     for qi, g in enumerate(corpus.query_group.tolist()):
         group_queries[g].append(qi)
     with_query = [g for g in range(n) if group_queries[g]]
+    if len(with_query) < 2:
+        raise ModalignError(f"split {settings.train_split!r}: {len(with_query)} groups with a "
+                            f"query ({settings.query}); contrastive training needs at least 2")
+    bs = min(settings.batch_size, len(with_query))
     steps, t0, loss_v = 0, time.perf_counter(), float("nan")
     for _ in range(settings.epochs):
         order = torch.randperm(len(with_query), generator=gen).tolist()
@@ -222,8 +237,9 @@ def train_late(settings: LateSettings, progress: bool = True) -> dict[str, Any]:
             groups = [with_query[i] for i in order[s:s + bs]]
             qs = [group_queries[g][int(torch.randint(len(group_queries[g]), (1,),
                                                      generator=gen))] for g in groups]
-            scores = maxsim_scores(corpus.project_queries(model, qs),
-                                   corpus.project_documents(model, groups)) * model.log_scale.exp()
+            q, d = corpus.project_queries(model, qs), corpus.project_documents(model, groups)
+            scores = (maxsim_scores(q, d) if settings.scoring == "maxsim"
+                      else q.centroids() @ d.centroids().T) * model.log_scale.exp()
             target = torch.arange(len(groups))
             loss = (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2
             opt.zero_grad(set_to_none=True)

@@ -137,6 +137,7 @@ class LateSection:
     documents: list[str] = field(default_factory=lambda: ["image", "text:name"])
     dim: int = 64
     temperature: float = 0.5
+    scoring: str = "maxsim"
 
 
 @dataclass
@@ -219,6 +220,8 @@ HELP: dict[str, str] = {
     "late.documents": "keys whose rows' tokens make up a group's document",
     "late.dim": "token dimension of the late-interaction heads",
     "late.temperature": "initial temperature of the learned MaxSim logit scale",
+    "late.scoring": "'maxsim', or 'single' (cosine of mean tokens: the single-vector baseline "
+                    "with the same heads and loss)",
     "run.dir": "run folder (default: <modalign home>/runs/<run.name>)",
     "run.name": "run name (default: the config file's name)",
 }
@@ -388,7 +391,8 @@ class TrainConfig:
         la = self.late
         s = LateSettings(store=self.data.embeddings, run_dir=self.run.dir, query=la.query,
                          documents=list(la.documents), dim=la.dim,
-                         temperature=float(la.temperature), epochs=self.train.epochs,
+                         temperature=float(la.temperature), scoring=la.scoring,
+                         epochs=self.train.epochs,
                          batch_size=self.train.batch_size, lr=self.optim.lr,
                          weight_decay=self.optim.weight_decay, seed=self.train.seed,
                          max_steps=self.train.max_steps, train_split=self.data.train_split)
