@@ -103,19 +103,32 @@ def test_damage_and_bad_input(tmp_path):
         TokenFeatures(np.zeros((3, 2), np.float32), np.array([0, 2]), [{}], {})
 
 
-def test_minilm_and_effnet_tokens_pool_to_the_vectors():
+def test_embed_tokens_cli_minilm_tokens_pool_to_the_stored_vectors(tmp_path, capsys):
+    from modalign.cli import main
+
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("text,group\na red apple,a\na green pear on a table,b\nfig,c\n")
+    out = tmp_path / "store"
+    assert main(["embed", "--data", str(csv), "--modalities", "text", "--tokens", "--out",
+                 str(out), "--verify"]) == 0
+    assert "text.tokens: ok" in capsys.readouterr().out
+    tf = load_tokens(out, "text")
+    pooled = EmbeddingStore(out).load("text")
+    assert [it["id"] for it in tf.items] == [it["id"] for it in pooled.items]
+    mean = tf.pooled()
+    np.testing.assert_allclose(mean / np.linalg.norm(mean, axis=1, keepdims=True),
+                               pooled.vectors, rtol=1e-5, atol=1e-6)
+    assert tf.counts().tolist()[2] == 3  # [CLS] fig [SEP]
+    with pytest.raises(ModalignError, match="none of the towers"):
+        from modalign.embed.cli import _embed_tokens
+        _embed_tokens(None, {"text": object()}, out, None)
+
+
+def test_effnet_spatial_tokens_pool_to_the_vector():
     from PIL import Image
 
     from modalign.encoders import load_encoder
 
-    text = load_encoder("minilm")
-    batch = text.preprocess(["a red apple", "a pear"])
-    with torch.no_grad():
-        states, mask = text.encode_tokens(batch)
-        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        torch.testing.assert_close(torch.nn.functional.normalize(pooled, dim=-1),
-                                   text.encode(batch), rtol=1e-5, atol=1e-6)
-    assert mask.sum(1).tolist() == text.token_counts(["a red apple", "a pear"])
     image = load_encoder("effnet-lite0:image_size=64").eval()
     px = image.preprocess([Image.new("RGB", (70, 70), "red"), Image.new("RGB", (64, 64), "blue")])
     with torch.no_grad():
