@@ -160,3 +160,73 @@ def test_builtin_towers_adapters_start_at_identity_and_merge_exactly():
             (1, 1280)
     with pytest.raises(ModalignError, match="already carries"):
         apply_lora(image, LoraSettings())
+
+
+def _tiny_bert(folder):
+    """A 1-layer, 8-d BERT folder with its own word-piece vocabulary (loads as minilm:PATH)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "name", "alias", "of", "colour",
+             *"abcdefghijklmnopqrstuvwxyz0123456789(),"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=16,
+                         max_position_embeddings=64)).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_ddp_two_processes_match_one(image_dataset, tmp_path):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    from modalign.train.config import load_config
+
+    root, store = image_dataset
+    bert = _tiny_bert(tmp_path / "bert")
+    config = tmp_path / "cfg.toml"
+    config.write_text(f"""
+[data]
+embeddings = "{store}"
+dataset = "{root}"
+keys = ["image", "text:name"]
+val_split = ""
+[model]
+towers = {{ image = "tiny-image", text = "minilm:{bert}" }}
+joint_dim = 8
+[[objectives]]
+loss = "clip"
+modalities = ["image", "text:name"]
+[optim]
+lr = 1e-2
+tower_lr = 1e-2
+[lora]
+towers = ["text"]
+rank = 2
+[train]
+epochs = 1
+batch_size = 8
+num_threads = 1
+device = "cpu"
+progress = false
+""")
+    train(load_config(config, [f"run.dir={tmp_path / 'one'}"]))  # one process, in this one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "modalign", "train", "--config",
+                          str(config), "--run.dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "one" / "checkpoints")
+    b = load_checkpoint(tmp_path / "two" / "checkpoints")
+    assert a.step == b.step == 2 and b.trainer["world_size"] == 2
+    lora_keys = [k for k in a.weights["model"] if "lora_" in k]
+    assert lora_keys
+    for k, v in a.weights["model"].items():
+        if k != "log_logit_scale":
+            torch.testing.assert_close(b.weights["model"][k], v, rtol=0, atol=1e-6, msg=k)
