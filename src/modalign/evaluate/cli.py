@@ -544,12 +544,13 @@ def _print_summary(result: Any, intervals: Mapping[str, Any],
 
 def _maxsim_retrieval(args: argparse.Namespace) -> int:
     """``--task retrieval --scoring maxsim``: late-interaction retrieval, one record."""
+    from modalign.errors import ModalignError
     from modalign.evaluate.records import make_record, write_record
     from modalign.late.model import evaluate_late
 
     if args.task != "retrieval" or not args.model or not args.embeddings:
-        raise ValueError("--scoring maxsim: expected --task retrieval, --model (a late-"
-                         "interaction model folder) and --embeddings (its token store)")
+        raise ModalignError("--scoring maxsim: expected --task retrieval, --model (a late-"
+                            "interaction model folder) and --embeddings (its token store)")
     out = evaluate_late(args.model, args.embeddings, split=args.split, k_values=args.k,
                         prefilter=args.prefilter)
     protocol = {k: v for k, v in out.items() if k != "metrics"}
