@@ -177,10 +177,11 @@ def run(args: argparse.Namespace) -> int:
     from modalign.embed.joint import load_joint
 
     torch.manual_seed(args.seed)
-    if args.task == "ood":
-        return _run_ood(args)
     if args.scoring == "maxsim":
         return _maxsim_retrieval(args)
+    _check_arguments(args)
+    if args.task == "ood":
+        return _run_ood(args)
     inverted = _resolve_inverted(args)  # before any tower runs: a wrong name fails at once
     joint = load_joint(model_dir=args.model, embeddings_dir=args.embeddings,
                        data=args.data if args.model else None, split=None,
