@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.bridge.learned import SavedBridge
+from modalign.spec import parse_value
 
 DEFAULT_CHUNK_SIZE = 1 << 22
 
@@ -438,7 +439,7 @@ def build_bridge(spec: str, **context: Any) -> Bridge:
             allowed = ", ".join(sorted(accepted - set(fixed)))
             raise ValueError(f"bridge {spec!r}: unknown or malformed parameter {part!r}; "
                              f"expected key=value with key in: {allowed}")
-        kwargs[key] = _parse_value(value.strip())
+        kwargs[key] = parse_value(value)
     return cls(**kwargs, **fixed)
 
 
@@ -495,15 +496,3 @@ def _check_pair(gallery: Tensor, bank: Tensor) -> None:
     if gallery.shape[1] != bank.shape[1]:
         raise ValueError(f"gallery dim {gallery.shape[1]} != bank dim {bank.shape[1]}: "
                          "expected embeddings of one joint space")
-
-
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
