@@ -5,11 +5,14 @@ import re
 import zlib
 
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from modalign.cli import main
 from modalign.data import Item, PairedDataset
 from modalign.embed.tokens import embed_tokens
+from modalign.errors import ModalignError
 from modalign.late.maxsim import maxsim_scores
 from modalign.late.model import (
     LateInteractionModel,
@@ -99,3 +102,63 @@ def test_training_on_maxsim_beats_untrained_heads_and_cli_writes_a_record(tmp_pa
     record = json.loads((tmp_path / "rec.json").read_text())
     assert record["task"] == "retrieval:maxsim" and "maxsim/recall@1" in record["metrics"]
     assert main(["eval", "--scoring", "maxsim", "--embeddings", str(store)]) == 2
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [7, 9])  # mid-epoch, and the first step of epoch 3
+def test_late_run_killed_mid_step_resumes_bitwise(tmp_path, monkeypatch, crash_at):
+    import modalign.late.model as late_model
+    from modalign.train.checkpoint import load_checkpoint
+
+    store = token_store(tmp_path / "store")
+    settings = dict(store=str(store), dim=8, epochs=3, batch_size=11, lr=3e-2,
+                    checkpoint_every=3)  # 4 steps an epoch, 12 in all
+    full = train_late(LateSettings(run_dir=str(tmp_path / "full"), **settings), progress=False)
+
+    calls = [0]
+    real = late_model.maxsim_scores
+
+    def crashing(q, d):
+        calls[0] += 1
+        if calls[0] == crash_at:  # dies inside step crash_at, after its last checkpoint
+            raise Crash
+        return real(q, d)
+
+    monkeypatch.setattr(late_model, "maxsim_scores", crashing)
+    with pytest.raises(Crash):
+        train_late(LateSettings(run_dir=str(tmp_path / "killed"), **settings), progress=False)
+    monkeypatch.setattr(late_model, "maxsim_scores", real)
+    stopped = load_checkpoint(tmp_path / "killed" / "checkpoints").step
+    assert stopped == {7: 6, 9: 8}[crash_at]  # every 3 steps and at each epoch end (4, 8)
+    with pytest.raises(ModalignError, match="--resume"):
+        train_late(LateSettings(run_dir=str(tmp_path / "killed"), **settings), progress=False)
+    with pytest.raises(ModalignError, match="lr"):
+        train_late(LateSettings(run_dir=str(tmp_path / "killed"), **{**settings, "lr": 1e-3}),
+                   progress=False, resume=True)
+    resumed = train_late(LateSettings(run_dir=str(tmp_path / "killed"), **settings),
+                         progress=False, resume=True)
+
+    assert resumed["steps"] == full["steps"] == 12 and resumed["resumed_at_step"] == stopped
+    assert resumed["final_train_loss"] == full["final_train_loss"]
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+    ca, cb = (load_checkpoint(tmp_path / r / "checkpoints") for r in ("full", "killed"))
+    assert ca.step == cb.step == 12
+    sa, sb = ca.trainer["optimizer"]["state"], cb.trainer["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_cli_resume_of_a_late_run_continues_to_more_epochs(tmp_path):
+    store = token_store(tmp_path / "store")
+    base = ["train", "--set", "late.enabled=true", "--set", f"data.embeddings='{store}'",
+            "--set", "late.dim=8", "--set", "train.batch_size=11",
+            "--set", f"run.dir='{tmp_path / 'run'}'"]
+    assert main([*base, "--set", "train.epochs=1"]) == 0
+    assert main([*base, "--set", "train.epochs=1"]) == 2  # checkpoints there: needs --resume
+    assert main([*base, "--set", "train.epochs=2", "--resume"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["resumed_at_step"] == 4

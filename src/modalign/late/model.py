@@ -67,6 +67,8 @@ class LateSettings:
     max_steps: int = 0
     train_split: str = "train"
     scoring: str = "maxsim"
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
     def check(self) -> None:
         if self.scoring not in ("maxsim", "single"):
@@ -79,6 +81,9 @@ class LateSettings:
                                 f"{self.epochs}; expected dim >= 1, batch_size >= 2, epochs >= 1")
         if not self.temperature > 0:
             raise ModalignError(f"late.temperature must be > 0, got {self.temperature}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ModalignError(f"late: checkpoint_every={self.checkpoint_every}, keep_checkpoints"
+                                f"={self.keep_checkpoints}; expected >= 0 and >= 1")
 
 
 def _split_key(key: str) -> tuple[str, str | None]:
@@ -207,13 +212,53 @@ class TokenCorpus:
         return Ragged(values, offsets, tags)
 
 
-def train_late(settings: LateSettings, progress: bool = True) -> dict[str, Any]:
+RESUMABLE = frozenset({"epochs", "max_steps", "checkpoint_every", "keep_checkpoints",
+                       "run_dir"})
+"""Settings a resumed late-interaction run may change (how long it trains, checkpoint cadence)."""
+
+SETTINGS_NAME = "late_settings.json"
+
+
+def _check_resume(run_dir: Path, settings: LateSettings) -> None:
+    path = run_dir / SETTINGS_NAME
+    old = read_json(path) if path.is_file() else {}
+    new = asdict(settings)
+    changed = {k: (old.get(k), v) for k, v in new.items()
+               if k not in RESUMABLE and k in old and old[k] != v}
+    if changed:
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ModalignError(f"--resume: {run_dir} was started with other [late] settings "
+                            f"({diff}); a resume may only change {', '.join(sorted(RESUMABLE))}")
+
+
+def train_late(settings: LateSettings, progress: bool = True, resume: bool = False
+               ) -> dict[str, Any]:
     """Train heads with a symmetric InfoNCE loss on in-batch MaxSim scores; writes
-    ``<run_dir>/model`` and returns a summary (steps, loss, samples/s)."""
+    ``<run_dir>/model`` and returns a summary (steps, loss, samples/s).
+
+    Checkpoints (``<run_dir>/checkpoints``, as for the main loop) are written at every epoch end,
+    every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the latest
+    one, bitwise identical on CPU to an uninterrupted run.
+    """
+    from modalign.train.checkpoint import (
+        load_checkpoint,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
+
     settings.check()
     if not settings.store:
         raise ModalignError("late training needs data.embeddings: a store with token arrays "
                             "(modalign embed --tokens)")
+    run_dir = Path(settings.run_dir or "late-run")
+    ckpt_root = run_dir / "checkpoints"
+    resumed = resume and (ckpt_root / "latest.json").is_file()
+    if resumed:
+        _check_resume(run_dir, settings)
+    elif (ckpt_root / "latest.json").exists():
+        raise ModalignError(f"run folder {run_dir} already holds checkpoints; pass --resume to "
+                            "continue it or choose another run.dir")
     torch.manual_seed(settings.seed)
     corpus = TokenCorpus(settings.store, settings.query, settings.documents,
                          settings.train_split)
@@ -230,11 +275,38 @@ def train_late(settings: LateSettings, progress: bool = True) -> dict[str, Any]:
         raise ModalignError(f"split {settings.train_split!r}: {len(with_query)} groups with a "
                             f"query ({settings.query}); contrastive training needs at least 2")
     bs = min(settings.batch_size, len(with_query))
-    steps, t0, loss_v = 0, time.perf_counter(), float("nan")
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(with_query), generator=gen).tolist()
-        for s in range(0, len(order) - bs + 1, bs):
-            groups = [with_query[i] for i in order[s:s + bs]]
+    steps, epoch, pos, order, loss_v = 0, 0, 0, [], float("nan")
+    if resumed:
+        ckpt = load_checkpoint(ckpt_root)
+        model.load_state_dict(ckpt.weights["model"])
+        t = ckpt.trainer
+        opt.load_state_dict(t["optimizer"])
+        set_rng_state(t["rng"])
+        gen.set_state(t["generator"])
+        steps, epoch, pos = ckpt.step, int(t["epoch"]), int(t["pos"])
+        order, loss_v = list(t["order"]), float(t["loss"])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / SETTINGS_NAME, asdict(settings))
+
+    saved = [steps if resumed else -1]
+
+    def checkpoint() -> None:
+        saved[0] = steps
+        save_checkpoint(ckpt_root, steps, {"model": model}, {
+            "optimizer": opt.state_dict(), "rng": rng_state(), "generator": gen.get_state(),
+            "epoch": epoch, "pos": pos, "order": list(order), "loss": loss_v},
+            keep=settings.keep_checkpoints)
+
+    def stop() -> bool:
+        return bool(settings.max_steps) and steps >= settings.max_steps
+
+    t0, steps0 = time.perf_counter(), steps
+    while epoch < settings.epochs and not stop():
+        if pos == 0:
+            order = torch.randperm(len(with_query), generator=gen).tolist()
+        while pos + bs <= len(order) and not stop():
+            groups = [with_query[i] for i in order[pos:pos + bs]]
             qs = [group_queries[g][int(torch.randint(len(group_queries[g]), (1,),
                                                      generator=gen))] for g in groups]
             q, d = corpus.project_queries(model, qs), corpus.project_documents(model, groups)
@@ -245,19 +317,24 @@ def train_late(settings: LateSettings, progress: bool = True) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            steps += 1
+            steps, pos = steps + 1, pos + bs
             loss_v = float(loss.detach())
-            if settings.max_steps and steps >= settings.max_steps:
-                break
-        if settings.max_steps and steps >= settings.max_steps:
-            break
+            if settings.checkpoint_every and steps % settings.checkpoint_every == 0:
+                checkpoint()
+        if pos + bs > len(order):  # the epoch is done
+            epoch, pos, order = epoch + 1, 0, []
+            checkpoint()
+    if saved[0] != steps:
+        checkpoint()
     seconds = time.perf_counter() - t0
-    out = Path(settings.run_dir or "late-run") / "model"
+    out = run_dir / "model"
     model.save_pretrained(out, extra={"settings": asdict(settings)})
+    done = steps - steps0
     summary = {"model": str(out), "steps": steps, "final_train_loss": loss_v,
-               "samples_per_s": round(steps * bs / seconds, 1) if seconds > 0 else None,
-               "logit_scale": float(model.log_scale.detach().exp())}
-    write_json_atomic(Path(settings.run_dir or "late-run") / "summary.json", summary)
+               "samples_per_s": round(done * bs / seconds, 1) if seconds > 0 and done else None,
+               "logit_scale": float(model.log_scale.detach().exp()),
+               **({"resumed_at_step": steps0} if resumed else {})}
+    write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
 

@@ -7,7 +7,6 @@ import json
 import os
 from typing import Any
 
-from modalign.errors import ModalignError
 from modalign.io import dumps
 from modalign.train.config import BUILTIN_CONFIGS, SECTIONS, flag_specs, load_config
 
@@ -97,12 +96,10 @@ def _run_late(cfg: Any, args: argparse.Namespace) -> int:
     """``[late] enabled = true``: train late-interaction heads (see ``modalign.late``)."""
     from modalign.late.model import train_late
 
-    if args.resume:
-        raise ModalignError("--resume: late-interaction runs are short and restart from scratch")
     settings = cfg.late_settings()
     if not settings.run_dir:
         from modalign.train.loop import default_run_dir
 
         settings.run_dir = str(default_run_dir(cfg))
-    print(dumps(train_late(settings, progress=cfg.train.progress)))
+    print(dumps(train_late(settings, progress=cfg.train.progress, resume=args.resume)))
     return 0

@@ -395,7 +395,9 @@ class TrainConfig:
                          epochs=self.train.epochs,
                          batch_size=self.train.batch_size, lr=self.optim.lr,
                          weight_decay=self.optim.weight_decay, seed=self.train.seed,
-                         max_steps=self.train.max_steps, train_split=self.data.train_split)
+                         max_steps=self.train.max_steps, train_split=self.data.train_split,
+                         checkpoint_every=self.train.checkpoint_every,
+                         keep_checkpoints=self.train.keep_checkpoints)
         s.check()
         return s
 
