@@ -104,7 +104,7 @@ def test_training_on_maxsim_beats_untrained_heads_and_cli_writes_a_record(tmp_pa
     assert main(["eval", "--scoring", "maxsim", "--embeddings", str(store)]) == 2
 
 
-class Crash(Exception):
+class CrashError(Exception):
     pass
 
 
@@ -124,11 +124,11 @@ def test_late_run_killed_mid_step_resumes_bitwise(tmp_path, monkeypatch, crash_a
     def crashing(q, d):
         calls[0] += 1
         if calls[0] == crash_at:  # dies inside step crash_at, after its last checkpoint
-            raise Crash
+            raise CrashError
         return real(q, d)
 
     monkeypatch.setattr(late_model, "maxsim_scores", crashing)
-    with pytest.raises(Crash):
+    with pytest.raises(CrashError):
         train_late(LateSettings(run_dir=str(tmp_path / "killed"), **settings), progress=False)
     monkeypatch.setattr(late_model, "maxsim_scores", real)
     stopped = load_checkpoint(tmp_path / "killed" / "checkpoints").step
@@ -162,3 +162,84 @@ def test_cli_resume_of_a_late_run_continues_to_more_epochs(tmp_path):
     assert main([*base, "--set", "train.epochs=2", "--resume"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["resumed_at_step"] == 4
+
+
+class FileTokens(GroupTokens):
+    """GroupTokens reading a dataset's rows: image paths become ``img/<file name>``."""
+
+    def preprocess(self, inputs):
+        return [f"img/{s.rsplit('/', 1)[-1]}" if "/img/" in str(s) else str(s) for s in inputs]
+
+    def token_counts(self, inputs):
+        return super().token_counts(self.preprocess(inputs))
+
+
+def test_search_with_a_late_model_ranks_documents_by_maxsim_like_a_naive_loop(
+        tmp_path, monkeypatch, capsys):
+    import csv
+
+    from PIL import Image
+
+    import modalign.encoders as encoders
+    from modalign.data import load_dataset
+    from modalign.embed.encode import raw_input
+    from modalign.late.search import LateSpace, late_search
+
+    towers = {"image": FileTokens("image", 10, 1), "text": FileTokens("text", 7, 2)}
+    store = tmp_path / "store"
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    rows = []
+    for g in range(0, 60, 3):
+        Image.new("RGB", (4, 4)).save(tmp_path / "data" / "img" / f"g{g}.png")
+        rows.append({"image": f"img/g{g}.png", "text:name": f"name g{g}",
+                     "text:alias": f"alias g{g}", "group": f"g{g:02d}",
+                     "split": "train" if g < 44 else "test"})
+    manifest = tmp_path / "data" / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    ds = load_dataset(manifest)
+    embed_tokens(ds, towers, store, progress=False)
+    train_late(LateSettings(store=str(store), run_dir=str(tmp_path / "run"), dim=8, epochs=5,
+                            batch_size=7, lr=3e-2), progress=False)
+    model_dir = tmp_path / "run" / "model"
+    model = LateInteractionModel.from_pretrained(model_dir)
+
+    # naive: every group's tokens (image + name rows) projected, sum over query tokens of the max
+    def tokens(item):
+        tower = towers[item.modality]
+        states, mask = tower.encode_tokens(tower.preprocess([raw_input(ds, item)]))
+        return model.project(item.modality, states[0][mask[0]])
+
+    with torch.no_grad():
+        q = model.project("text", towers["text"].encode_tokens(["alias g33"])[0][0, :2 + 33 % 3])
+        naive = {}
+        for g in sorted({it.group for it in ds.items}):
+            d = torch.cat([tokens(it) for it in ds.items if it.group == g and (
+                it.modality == "image" or it.view == "name")])
+            naive[g] = float((q @ d.T).max(1).values.sum())
+    best = sorted(naive, key=lambda g: -naive[g])[:4]
+
+    hits = late_search(LateSpace(model_dir, towers=towers).encode("text", ["alias g33"]),
+                       LateSpace(model_dir, towers=towers).gallery(manifest), k=4)[0]
+    assert [h.id for h in hits] == best and [h.rank for h in hits] == [1, 2, 3, 4]
+    assert np.allclose([h.score for h in hits], [naive[g] for g in best], atol=1e-5)
+    n = int(best[0][1:])
+    assert hits[0].value.endswith(f"img/g{n}.png | name g{n}") and hits[0].group == best[0]
+
+    # the CLI finds the towers through the model's store, and prints as single-vector search
+    monkeypatch.setattr(encoders, "load_encoder", lambda name, modality=None: towers[modality])
+    capsys.readouterr()
+    assert main(["search", "--model", str(model_dir), "--data", str(manifest), "--text",
+                 "alias g33", "--k", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [h["id"] for h in out["hits"]] == best and out["query"] == {"text": "alias g33"}
+    assert np.allclose([h["score"] for h in out["hits"]], [naive[g] for g in best], atol=1e-5)
+    assert main(["search", "--model", str(model_dir), "--data", str(manifest), "--text",
+                 "alias g33", "--k", "2", "--split", "test"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("text query 'alias g33' -> 5 documents (image + text:name tokens")
+    assert len(lines) == 3 and lines[1].split()[:1] == ["1"]
+    assert main(["search", "--model", str(model_dir), "--data", str(manifest), "--text", "a",
+                 "--modality", "audio"]) == 2

@@ -158,7 +158,13 @@ def _write_vectors(path: Path, vectors: Any, meta: dict[str, str]) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     from modalign.errors import ModalignError
-    from modalign.evaluate.semantic import JointSpace, other_modality, semantic_search
+    from modalign.evaluate.semantic import (
+        JointSpace,
+        is_tower_spec,
+        other_modality,
+        resolve_model_dir,
+        semantic_search,
+    )
 
     if args.k < 1:
         raise ModalignError(f"--k must be a positive integer, got {args.k}")
@@ -166,6 +172,11 @@ def run_search(args: argparse.Namespace) -> int:
         raise ModalignError("pass --data DATA (search its items) or --index FILE (search an "
                             "index from 'modalign index build'), not both")
     modality, inputs = _query(args)
+    if args.model is not None and not is_tower_spec(args.model):
+        from modalign.late.model import is_late_model
+
+        if is_late_model(resolve_model_dir(args.model)):
+            return _run_late_search(args, modality, inputs)
     if args.index is not None:
         from modalign.evaluate.index_file import read_index
 
@@ -189,15 +200,40 @@ def run_search(args: argparse.Namespace) -> int:
     if index is not None and space.modalities is None and meta.get("model") != space.name:
         raise ModalignError(f"--model {space.name}: the index was built with {meta.get('model')}")
     hits = semantic_search(space.encode(modality, inputs), gallery, args.k, index=index)[0]
+    return _print_hits(args, modality, inputs[0], space.name, where, hits)
+
+
+def _print_hits(args: argparse.Namespace, modality: str, query: str, model: str, where: str,
+                hits: list[Any]) -> int:
     if args.json:
-        print(json.dumps({"query": {modality: inputs[0]}, "model": space.name,
+        print(json.dumps({"query": {modality: query}, "model": model,
                           "searched": where, "hits": [h.to_dict() for h in hits]}))
         return 0
-    print(f"{modality} query {inputs[0]!r} -> {where}, top {len(hits)}:")
+    print(f"{modality} query {query!r} -> {where}, top {len(hits)}:")
     id_width = max((len(h.id) for h in hits), default=2)
     for h in hits:
         print(f"  {h.rank:>3}  {h.score:+.4f}  {h.id:<{id_width}}  {h.value}")
     return 0
+
+
+def _run_late_search(args: argparse.Namespace, modality: str, inputs: list[str]) -> int:
+    """``search --model LATE_MODEL``: MaxSim of the query's tokens against the data's token
+    documents (one per group, made of the rows of the model's document keys)."""
+    from modalign.errors import ModalignError
+    from modalign.late.search import LateSpace, late_search
+
+    if args.index is not None:
+        raise ModalignError("--index: a late-interaction model searches --data by exact MaxSim; "
+                            "faiss indexes hold single vectors")
+    space = LateSpace(args.model, progress=_progress())
+    if args.modality not in (None, *space.document_keys):
+        raise ModalignError(f"--modality {args.modality!r}: a late-interaction model searches "
+                            f"its documents ({' + '.join(space.document_keys)})")
+    gallery = space.gallery(args.data, split=args.split)
+    where = (f"{len(gallery)} documents ({' + '.join(space.document_keys)} tokens, MaxSim) of "
+             f"{args.data}" + (f" ({args.split} split)" if args.split != "all" else ""))
+    hits = late_search(space.encode(modality, inputs), gallery, args.k)[0]
+    return _print_hits(args, modality, inputs[0], space.name, where, hits)
 
 
 def run_index_build(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,8 @@ from modalign.errors import ModalignError
 from modalign.io import atomic_path, read_json, read_safetensors, write_json_atomic
 from modalign.late.maxsim import Ragged, maxsim_scores, modality_wins
 
-__all__ = ["LateInteractionModel", "LateSettings", "TokenCorpus", "evaluate_late", "train_late"]
+__all__ = ["LateInteractionModel", "LateSettings", "TokenCorpus", "TokenDocuments", "evaluate_late",
+           "is_late_model", "token_rows", "train_late"]
 
 FORMAT = "modalign.LateInteractionModel"
 
@@ -141,6 +142,78 @@ class LateInteractionModel(nn.Module):
         return model
 
 
+def is_late_model(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds a late-interaction model (``config.json`` of its format)."""
+    cfg = Path(directory) / "config.json"
+    try:
+        return cfg.is_file() and read_json(cfg).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+class TokenDocuments:
+    """One document per group: the tokens of every row of the document keys, each token tagged
+    with the index of the key it came from.
+
+    Args:
+        rows: key (``modality`` or ``modality:view``) -> the token rows of that key.
+        documents: the document keys.
+    """
+
+    def __init__(self, rows: Callable[[str], TokenFeatures], documents: Sequence[str]) -> None:
+        self.document_keys = list(documents)
+        by_group: dict[str, list[tuple[int, np.ndarray]]] = {}
+        members: dict[str, list[dict[str, Any]]] = {}
+        for ki, k in enumerate(self.document_keys):
+            tf = rows(k)
+            for i, it in enumerate(tf.items):
+                by_group.setdefault(it["group"], []).append((ki, np.asarray(tf.tokens(i))))
+                members.setdefault(it["group"], []).append(it)
+        self.groups = sorted(by_group)
+        self.parts = [by_group[g] for g in self.groups]
+        self.members = [members[g] for g in self.groups]
+        self.modalities = {k: _split_key(k)[0] for k in self.document_keys}
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def project(self, model: LateInteractionModel, idx: Sequence[int] | None = None) -> Ragged:
+        """The documents ``idx`` (default all) as tagged unit tokens of ``model``."""
+        idx = range(len(self.groups)) if idx is None else idx
+        parts = [(ki, t) for g in idx for ki, t in self.parts[int(g)]]
+        # one head call per modality over every token of the batch, then back in document order
+        by_mod: dict[str, list[int]] = {}
+        for p, (ki, _) in enumerate(parts):
+            by_mod.setdefault(self.modalities[self.document_keys[ki]], []).append(p)
+        projected: list[torch.Tensor | None] = [None] * len(parts)
+        for m, ps in by_mod.items():
+            out = model.project(m, torch.from_numpy(np.concatenate([parts[p][1] for p in ps])))
+            for p, chunk in zip(ps, out.split([len(parts[p][1]) for p in ps])):
+                projected[p] = chunk
+        counts = [sum(len(t) for _, t in self.parts[int(g)]) for g in idx]
+        values = torch.cat([x for x in projected if x is not None])
+        tags = torch.cat([torch.full((len(t),), ki, dtype=torch.int64) for ki, t in parts])
+        offsets = torch.tensor([0, *np.cumsum(counts)], dtype=torch.int64)
+        return Ragged(values, offsets, tags)
+
+
+def token_rows(store: EmbeddingStore | str | Path, split: str | Sequence[str] | None
+               ) -> Callable[[str], TokenFeatures]:
+    """key (``modality`` or ``modality:view``) -> its token rows of ``split`` (``None``: all);
+    each modality's array is read once."""
+    store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
+    cache: dict[str, TokenFeatures] = {}
+
+    def rows(key: str) -> TokenFeatures:
+        m, view = _split_key(key)
+        if m not in cache:
+            cache[m] = load_tokens(store, m, split=split)
+        return cache[m] if view is None else cache[m].filter(view=view)
+
+    rows.cache = cache  # type: ignore[attr-defined]
+    return rows
+
+
 class TokenCorpus:
     """Queries and documents of one split, built from the store's token arrays.
 
@@ -153,21 +226,10 @@ class TokenCorpus:
                  split: str | Sequence[str]) -> None:
         self.store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
         self.query_key, self.document_keys = query, list(documents)
-        cache: dict[str, TokenFeatures] = {}
-
-        def rows(key: str) -> TokenFeatures:
-            m, view = _split_key(key)
-            if m not in cache:
-                cache[m] = load_tokens(self.store, m, split=split)
-            return cache[m] if view is None else cache[m].filter(view=view)
-
+        rows = token_rows(self.store, split)
         q = rows(query)
-        docs = {k: rows(k) for k in self.document_keys}
-        by_group: dict[str, list[tuple[int, np.ndarray]]] = {}
-        for ki, k in enumerate(self.document_keys):
-            for i, it in enumerate(docs[k].items):
-                by_group.setdefault(it["group"], []).append((ki, np.asarray(docs[k].tokens(i))))
-        self.groups = sorted(by_group)  # every group with document tokens is in the gallery
+        self.documents = TokenDocuments(rows, self.document_keys)
+        self.groups = self.documents.groups  # every group with document tokens is in the gallery
         index = {g: i for i, g in enumerate(self.groups)}
         keep = [i for i, it in enumerate(q.items) if it["group"] in index]
         if len(self.groups) < 2 or not keep:
@@ -176,10 +238,10 @@ class TokenCorpus:
                                 "those groups; expected at least 2 documents and 1 query")
         self.queries = q.subset(keep)
         self.query_group = torch.tensor([index[it["group"]] for it in self.queries.items])
-        self.modalities = {k: _split_key(k)[0] for k in self.document_keys}
+        self.modalities = self.documents.modalities
         self.query_modality = _split_key(query)[0]
-        self.doc_parts = [by_group[g] for g in self.groups]
-        self._dims = {m: tf.dim for m, tf in cache.items()}
+        self.doc_parts = self.documents.parts
+        self._dims = {m: tf.dim for m, tf in rows.cache.items()}  # type: ignore[attr-defined]
 
     def in_dims(self) -> dict[str, int]:
         """Token dim of each modality (the heads' input sizes)."""
@@ -194,22 +256,7 @@ class TokenCorpus:
 
     def project_documents(self, model: LateInteractionModel, idx: Sequence[int] | None = None
                           ) -> Ragged:
-        idx = range(len(self.groups)) if idx is None else idx
-        parts = [(ki, t) for g in idx for ki, t in self.doc_parts[int(g)]]
-        # one head call per modality over every token of the batch, then back in document order
-        by_mod: dict[str, list[int]] = {}
-        for p, (ki, _) in enumerate(parts):
-            by_mod.setdefault(self.modalities[self.document_keys[ki]], []).append(p)
-        projected: list[torch.Tensor | None] = [None] * len(parts)
-        for m, ps in by_mod.items():
-            out = model.project(m, torch.from_numpy(np.concatenate([parts[p][1] for p in ps])))
-            for p, chunk in zip(ps, out.split([len(parts[p][1]) for p in ps])):
-                projected[p] = chunk
-        counts = [sum(len(t) for _, t in self.doc_parts[int(g)]) for g in idx]
-        values = torch.cat([x for x in projected if x is not None])
-        tags = torch.cat([torch.full((len(t),), ki, dtype=torch.int64) for ki, t in parts])
-        offsets = torch.tensor([0, *np.cumsum(counts)], dtype=torch.int64)
-        return Ragged(values, offsets, tags)
+        return self.documents.project(model, idx)
 
 
 RESUMABLE = frozenset({"epochs", "max_steps", "checkpoint_every", "keep_checkpoints",
