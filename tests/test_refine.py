@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -78,3 +79,79 @@ def test_refine_command_writes_model_and_record(setup, tmp_path, method):
         assert np.isfinite(rec["metrics"][f"before/{key}"])
         assert np.isfinite(rec["metrics"][f"after/{key}"])
     assert main([*argv[:-4], "--alpha", "3"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A model whose image tower is fine-tuned (TinyImageTower), the dataset and its store."""
+    from modalign.data.dataset import PairedDataset
+    from modalign.embed.store import EmbeddingStore
+    from train_support import HashTextEncoder, TinyImageTower, tiny_image_dataset
+
+    root, store = tiny_image_dataset(tmp_path_factory.mktemp("tuned"))
+    torch.manual_seed(0)
+    model = MultiTowerModel(ModelConfig(towers={"image": "tiny-image", "text": "hash-text"},
+                                        feature_dims={"image": 12, "text": 8}, joint_dim=8,
+                                        trainable_towers=["image"]))
+    model.attach_tower("image", TinyImageTower())
+    model.attach_tower("text", HashTextEncoder())
+    return model, PairedDataset.load(root), EmbeddingStore(store)
+
+
+def _naive_image_features(model, dataset, data, rows):
+    """Tower features of the drawn image rows, one image at a time."""
+    from modalign.embed.encode import raw_input
+
+    by_id = {it.id: it for it in dataset.items}
+    tower = model.towers["image"]
+    return torch.cat([tower.encode(tower.preprocess(
+        [raw_input(dataset, by_id[data.tables["image"].items[r]["id"]])]).double()) for r in rows])
+
+
+def test_refine_trains_the_tuned_tower_tail_against_a_reference(tuned):
+    from modalign.refine.losses import hycd_loss, rafa_loss
+
+    model, dataset, store = tuned
+    data = PairedFeatures(store, ["image", "text"], "train")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr, wd = 1e-3, 0.1
+    cfg = RefineConfig(batch_size=len(data), lr=lr, weight_decay=wd)  # one step
+    with pytest.raises(ModalignError, match="dataset"):
+        refine_model(model, data, cfg)
+    r = refine_model(model, data, cfg, dataset=dataset)
+    assert r.steps == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # teacher kept
+    # reference: the step's loss recomputed with images encoded one by one, in float64
+    groups = data.batch_groups(seed=0, epoch=0, index=0, batch_size=len(data))
+    rows = data.draw_rows(groups, seed=0, epoch=0, index=0)
+    ref = copy.deepcopy(model).double()
+    img = _naive_image_features(ref, dataset, data, rows["image"].tolist())
+    za = ref.head_for("image")(img.double())
+    zb = ref.head_for("text")(data.features(rows)["text"].double())
+    reference = torch.randn(za.shape, generator=torch.Generator().manual_seed(0)).double()
+    rafa = rafa_loss(za, zb, reference=reference)
+    hycd = hycd_loss(za, zb, za.detach(), zb.detach())
+    assert r.log[0]["rafa"] == pytest.approx(rafa.item(), rel=1e-5)
+    assert r.log[0]["hycd"] == pytest.approx(hycd.item(), rel=1e-5)
+    (rafa + hycd).backward()
+    # AdamW's first step is w (1 - lr wd) - lr g / (|g| + eps): it recovers the gradient's sign
+    state = r.model.state_dict()
+    params = dict(ref.named_parameters())
+    for name in ("towers.image.top.weight", "towers.image.top.bias", "heads.image.layers.0.weight",
+                 "heads.text.layers.0.weight"):
+        w0 = params[name]
+        g = w0.grad
+        expected = w0.detach() * (1 - lr * wd) - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(state[name].double(), expected, atol=2e-6, rtol=0)
+        assert g.abs().max() > 0
+    # stage 1 of 2 (tower_stages=1): the stem is untouched although it had a gradient
+    assert ref.towers["image"].stem.weight.grad.abs().max() > 0
+    assert torch.equal(state["towers.image.stem.weight"], before["towers.image.stem.weight"])
+    assert not torch.equal(state["towers.image.top.weight"], before["towers.image.top.weight"])
+    # the refined model is measured through its own tower
+    after = evaluate_model(r.model, store, split="test", dataset=dataset)
+    assert after["gap"] >= 0
+    with pytest.raises(ModalignError, match="fine-tuned"):
+        evaluate_model(r.model, store, split="test")
+    with pytest.raises(ModalignError, match="tower_stages"):
+        refine_model(model, data, RefineConfig(tower_stages=3), dataset=dataset)

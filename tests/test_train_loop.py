@@ -7,15 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from modalign.data.dataset import Item, PairedDataset
-from modalign.embed.encode import embed_dataset
 from modalign.model import MultiTowerModel
 from modalign.train.checkpoint import load_checkpoint
 from modalign.train.loop import Trainer, train
-from train_support import HashTextEncoder, TinyImageTower, small_config, synthetic_store
+from train_support import (
+    TinyImageTower,
+    small_config,
+    synthetic_store,
+    tiny_image_dataset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,24 +143,7 @@ def test_three_keys_with_views_and_an_intra_modal_term(store, tmp_path):
 
 @pytest.fixture(scope="module")
 def image_dataset(tmp_path_factory):
-    """24 concepts, a 16x16 image and two texts each, embedded with tiny towers."""
-    root = tmp_path_factory.mktemp("imgdata")
-    rng = np.random.default_rng(0)
-    items = []
-    for g in range(24):
-        split = "train" if g < 16 else ("val" if g < 20 else "test")
-        colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
-        (root / "img").mkdir(exist_ok=True)
-        Image.new("RGB", (16, 16), colour).save(root / "img" / f"{g}.png")
-        items.append(Item(f"i{g}", "image", "flat", f"img/{g}.png", f"g{g}", split))
-        for v in ("name", "alias"):
-            items.append(Item(f"t{g}{v}", "text", v, f"{v} of colour {colour}", f"g{g}", split))
-    ds = PairedDataset("tiny", items, root=root)
-    ds.save(root)
-    store = root / "store"
-    embed_dataset(PairedDataset.load(root), {"image": TinyImageTower(), "text": HashTextEncoder()},
-                  store, progress=False)
-    return root, store
+    return tiny_image_dataset(tmp_path_factory.mktemp("imgdata"))
 
 
 def test_unfrozen_tower_tail_trains_and_the_rest_stays_frozen(image_dataset, tmp_path):

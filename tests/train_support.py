@@ -112,3 +112,28 @@ class HashTextEncoder:
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name}
+
+
+def tiny_image_dataset(root: Path) -> tuple[Path, Path]:
+    """24 concepts, a 16x16 image and two texts each, embedded with the tiny towers; returns the
+    dataset folder and its store (groups 0-15 train, 16-19 val, 20-23 test)."""
+    from PIL import Image
+
+    from modalign.data.dataset import Item, PairedDataset
+    from modalign.embed.encode import embed_dataset
+
+    rng = np.random.default_rng(0)
+    items = []
+    (root / "img").mkdir(exist_ok=True)
+    for g in range(24):
+        split = "train" if g < 16 else ("val" if g < 20 else "test")
+        colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
+        Image.new("RGB", (16, 16), colour).save(root / "img" / f"{g}.png")
+        items.append(Item(f"i{g}", "image", "flat", f"img/{g}.png", f"g{g}", split))
+        for v in ("name", "alias"):
+            items.append(Item(f"t{g}{v}", "text", v, f"{v} of colour {colour}", f"g{g}", split))
+    PairedDataset("tiny", items, root=root).save(root)
+    store = root / "store"
+    embed_dataset(PairedDataset.load(root), {"image": TinyImageTower(), "text": HashTextEncoder()},
+                  store, progress=False)
+    return root, store

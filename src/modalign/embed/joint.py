@@ -70,7 +70,7 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
             if dataset is None:
                 raise ValueError(f"the {m!r} tower of this model was fine-tuned: pass --data so "
                                  "its inputs are encoded by the model itself")
-            out[m] = _encode_with_model(model, dataset, m, split, store)
+            out[m] = encode_with_model(model, dataset, m, split, store)
             continue
         if m not in store.modalities:
             warnings.warn(f"modality {m!r}: no array in {store.path}; skipped", stacklevel=2)
@@ -81,7 +81,8 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
     return out
 
 
-def _encode_with_model(model, dataset, modality, split, store) -> Embeddings:
+def encode_with_model(model, dataset, modality, split, store) -> Embeddings:  # type: ignore[no-untyped-def]
+    """``dataset``'s ``modality`` items of ``split`` encoded by ``model`` (its own tower)."""
     from modalign.embed.encode import raw_input
 
     items = dataset.select(modality=modality, split=split)

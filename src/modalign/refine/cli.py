@@ -17,6 +17,10 @@ examples:
   modalign refine --model runs/clip/model --data emoji --out runs/cma \\
       --method cma --label subgroup --lr 1e-4
 
+A model with fine-tuned towers (trained with train.unfreeze or LoRA) needs --data: those
+modalities are encoded from their raw inputs, and the last --tower-stages stages of each such
+tower (or its LoRA adapters) are refined with the heads.
+
 The refined model is a normal model folder (config.json + model.safetensors); refine.json in it
 is the record: gap, retrieval and (with --label) zero-shot accuracy before and after, on
 --eval-split.
@@ -25,8 +29,9 @@ is the record: gap, retrieval and (with --label) zero-shot accuracy before and a
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "refine", help="refine a trained model's heads (CLIP-Refine RaFA+HyCD, or CMA)",
-        description="Post-training refinement of the heads of a model with frozen towers: "
+        "refine", help="refine a trained model (CLIP-Refine RaFA+HyCD, or CMA)",
+        description="Post-training refinement of a model's heads (and of its fine-tuned tower "
+                    "stages, if any): "
                     "CLIP-Refine (random feature alignment + hybrid contrastive distillation "
                     "to the starting model) or the cross-modal alignment (CMA) objective on "
                     "class prompts. Writes a normal model folder and a record with the gap, "
@@ -65,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="normalise features before RaFA and HyCD (official: raw)")
     opt.add_argument("--cma-lambda", type=float, default=0.001,
                      help="CMA: weight of the -logsumexp term (0.001)")
+    opt.add_argument("--tower-stages", type=int, default=1, metavar="K",
+                     help="fine-tuned towers: last K stages refined (default 1; 0: heads only)")
     opt.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
@@ -96,10 +103,18 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha, temperature=args.temperature, normalize=args.normalize,
         cma_lambda=args.cma_lambda, label=args.label,
         templates=tuple(args.template or ("a photo of a {}.",)), seed=args.seed,
-        split=args.split)
+        split=args.split, tower_stages=args.tower_stages)
     config.validate()
     model = MultiTowerModel.from_pretrained(args.model)
-    store = EmbeddingStore(args.embeddings) if args.embeddings else _store_for(model, args.data)
+    tuned = [m for m in mods if m in model.config.trainable_towers]
+    if tuned and not args.data:
+        raise ModalignError(f"--model: the {tuned} tower(s) are fine-tuned; pass --data (not "
+                            "--embeddings) so their raw inputs are encoded")
+    dataset = None
+    if args.embeddings:
+        store = EmbeddingStore(args.embeddings)
+    else:
+        store, dataset = _store_for(model, args.data)
     classnames: list[str] = []
     prompts = None
     if args.label:
@@ -107,11 +122,13 @@ def run(args: argparse.Namespace) -> int:
         prompts = class_prompt_features(model, classnames, config.templates, mods[1])
     data = PairedFeatures(store, list(mods), args.split)
     measure = dict(split=args.eval_split, modalities=(mods[0], mods[1]), label=args.label,
-                   prompt_features=prompts, classnames=classnames)
-    before = evaluate_model(model, store, **measure)  # type: ignore[arg-type]
+                   classnames=classnames, dataset=dataset)
+    before = evaluate_model(model, store, prompt_features=prompts, **measure)  # type: ignore[arg-type]
     result = refine_model(model, data, config, prompt_features=prompts, classnames=classnames,
-                          progress=True)
-    after = evaluate_model(result.model, store, **measure)  # type: ignore[arg-type]
+                          dataset=dataset, progress=True)
+    if args.label and mods[1] in tuned:  # the refined text tower encodes the prompts anew
+        prompts = class_prompt_features(result.model, classnames, config.templates, mods[1])
+    after = evaluate_model(result.model, store, prompt_features=prompts, **measure)  # type: ignore[arg-type]
     out = Path(args.out)
     summary = {"refine": config_dict(config), "from_model": str(args.model),
                "steps": result.steps, "seconds": round(result.seconds, 3)}
@@ -130,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _store_for(model, data: str):  # type: ignore[no-untyped-def]
-    """The embedding store of ``data`` for the model's towers, encoded if needed."""
+    """The dataset ``data`` and its embedding store for the model's towers (encoded if
+    needed). Fine-tuned towers' arrays hold their base tower's features, as in ``train``: only
+    their rows and groups are read."""
     from modalign.data import load_dataset
     from modalign.embed.encode import embed_dataset
     from modalign.embed.paths import default_store_dir
@@ -138,8 +157,11 @@ def _store_for(model, data: str):  # type: ignore[no-untyped-def]
 
     dataset = load_dataset(data)
     store = EmbeddingStore(default_store_dir(dataset, model.config.towers))
-    frozen = {m: model.tower(m) for m in model.modalities
-              if m not in model.config.trainable_towers and m in dataset.modalities}
-    if frozen:
-        embed_dataset(dataset, frozen, store.path)
-    return store
+    from modalign.encoders import load_encoder
+
+    towers = {m: (load_encoder(model.config.towers[m], modality=m)
+                  if m in model.config.trainable_towers else model.tower(m))
+              for m in model.modalities if m in dataset.modalities}
+    if towers:
+        embed_dataset(dataset, towers, store.path)
+    return store, dataset

@@ -1,10 +1,15 @@
-"""Short refinement of a trained model's heads: CLIP-Refine (RaFA + HyCD) and the CMA objective.
+"""Short refinement of a trained model: CLIP-Refine (RaFA + HyCD) and the CMA objective.
 
 ``refine_model`` takes a :class:`~modalign.model.MultiTowerModel` and paired tower features of a
 training split (frozen towers: the features come from the embedding store), trains the heads for
 a few steps with AdamW, and returns the refined model; the starting model is the frozen teacher
-of HyCD. ``evaluate_model`` measures what the refinement is meant to change and keep: the gap,
-cross-modal retrieval and zero-shot accuracy on a held-out split.
+of HyCD. A model with fine-tuned towers (``trainable_towers``, e.g. trained with
+``train.unfreeze`` or LoRA) is refined end to end: the items of those modalities are encoded
+from their raw inputs (``dataset``) by the student's tower, whose last ``tower_stages`` stages
+(or its LoRA adapters) train with the heads, and by the frozen teacher's copy for HyCD; no image
+augmentation, BatchNorm statistics fixed (as in ``train``). ``evaluate_model`` measures what the
+refinement is meant to change and keep: the gap, cross-modal retrieval and zero-shot accuracy on
+a held-out split.
 
 Methods:
 
@@ -28,8 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from modalign.data.dataset import Item, PairedDataset
+from modalign.embed.encode import raw_input
 from modalign.embed.store import Embeddings, EmbeddingStore
 from modalign.errors import ModalignError
 from modalign.losses.clip import clip_loss
@@ -67,6 +74,7 @@ class RefineConfig:
     templates: tuple[str, ...] = ("a photo of a {}.",)
     seed: int = 0
     split: str = "train"
+    tower_stages: int = 1
 
     def validate(self) -> None:
         """Raise :class:`ModalignError` naming the first bad setting."""
@@ -85,6 +93,9 @@ class RefineConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ModalignError(f"{name}={v!r}: expected a finite number >= 0")
+        if (not isinstance(self.tower_stages, int) or isinstance(self.tower_stages, bool)
+                or self.tower_stages < 0):
+            raise ModalignError(f"tower_stages={self.tower_stages!r}: expected an integer >= 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise ModalignError(f"alpha={self.alpha!r}: expected a number in [0, 1]")
         if self.method == "cma" and not self.label:
@@ -130,8 +141,8 @@ def class_prompt_features(model: MultiTowerModel, classnames: Sequence[str],
 
 def refine_model(model: MultiTowerModel, data: PairedFeatures, config: RefineConfig, *,
                  prompt_features: Tensor | None = None, classnames: Sequence[str] = (),
-                 progress: bool = False) -> RefineResult:
-    """Refine ``model``'s heads on ``data`` (frozen towers); returns a new model.
+                 dataset: PairedDataset | None = None, progress: bool = False) -> RefineResult:
+    """Refine ``model``'s heads (and fine-tuned tower stages) on ``data``; returns a new model.
 
     Args:
         model: the starting model (left unchanged; a frozen copy is the HyCD teacher).
@@ -140,6 +151,8 @@ def refine_model(model: MultiTowerModel, data: PairedFeatures, config: RefineCon
         prompt_features: ``(C, T, feature_dim)`` text-tower features of the class prompts
             (``method='cma'``), row ``c`` for ``classnames[c]``.
         classnames: label value of each prompt row.
+        dataset: the dataset of the store's items; needed when a refined modality's tower is
+            in ``model.config.trainable_towers`` (its raw inputs are encoded on the fly).
         progress: print one line per epoch.
 
     Examples:
@@ -159,10 +172,13 @@ def refine_model(model: MultiTowerModel, data: PairedFeatures, config: RefineCon
     """
     config.validate()
     a_key, b_key = config.modalities
-    trainable = [m for m in config.modalities if m in model.config.trainable_towers]
-    if trainable:
-        raise ModalignError(f"refine: the {trainable} tower(s) of this model are fine-tuned; "
-                            "refine trains the heads on stored features of frozen towers")
+    raw_mods = [m for m in config.modalities if m in model.config.trainable_towers]
+    if raw_mods and dataset is None:
+        raise ModalignError(f"refine: the {raw_mods} tower(s) of this model are fine-tuned; "
+                            "pass dataset (CLI: --data) so their raw inputs are encoded")
+    if config.method == "cma" and b_key in raw_mods:
+        raise ModalignError(f"method='cma': the {b_key!r} tower is fine-tuned, but the class "
+                            "prompts are encoded once by a frozen tower; use clip-refine")
     if config.method == "cma":
         if prompt_features is None or len(prompt_features) != len(classnames):
             raise ModalignError("method='cma' needs prompt_features (C, T, feature_dim) and the "
@@ -172,6 +188,9 @@ def refine_model(model: MultiTowerModel, data: PairedFeatures, config: RefineCon
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     student = copy.deepcopy(model).train()
     params = [p for m in config.modalities for p in student.head_for(m).parameters()]
+    for m in raw_mods:
+        params += _tower_params(student, m, config.tower_stages)
+    by_id = {it.id: it for it in dataset.items} if dataset is not None else {}
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     batch = min(config.batch_size, len(data))
     generator = torch.Generator().manual_seed(config.seed)
@@ -183,12 +202,14 @@ def refine_model(model: MultiTowerModel, data: PairedFeatures, config: RefineCon
             groups = data.batch_groups(seed=config.seed, epoch=epoch, index=index,
                                        batch_size=batch)
             rows = data.draw_rows(groups, seed=config.seed, epoch=epoch, index=index)
-            feats = data.features(rows)
-            za = student.head_for(a_key)(feats[a_key])
-            zb = student.head_for(b_key)(feats[b_key])
+            feats = data.features({k: r for k, r in rows.items() if k not in raw_mods})
+            for m in raw_mods:
+                inputs = [raw_input(dataset, _item(by_id, data.tables[m].items[r]))  # type: ignore[arg-type]
+                          for r in rows[m]]
+                feats[m] = student.tower(m).preprocess(inputs)
+            za, zb = (_features(student, m, feats[m], m in raw_mods) for m in (a_key, b_key))
             with torch.no_grad():
-                ta = teacher.head_for(a_key)(feats[a_key])
-                tb = teacher.head_for(b_key)(feats[b_key])
+                ta, tb = (_features(teacher, m, feats[m], m in raw_mods) for m in (a_key, b_key))
             parts: dict[str, Tensor] = {}
             if config.method == "clip-refine":
                 if config.lambda_cont:
@@ -230,11 +251,52 @@ def refine_model(model: MultiTowerModel, data: PairedFeatures, config: RefineCon
     return RefineResult(student, step, time.perf_counter() - start, log)
 
 
+def _tower_params(model: MultiTowerModel, modality: str, stages: int) -> list[nn.Parameter]:
+    """The trained parameters of a fine-tuned tower: its LoRA adapters, else its last
+    ``stages`` stages; the tower stays in eval mode (BatchNorm statistics fixed)."""
+    tower = model.towers[modality]
+    tower.eval()
+    if modality in model.config.lora:
+        return [p for n, p in tower.named_parameters() if "lora_" in n]
+    if not hasattr(tower, "trainable_tail"):
+        raise ModalignError(f"refine: the fine-tuned {modality!r} tower has no "
+                            "trainable_tail(k) to choose its stages from")
+    tower.freeze()
+    try:
+        return list(tower.trainable_tail(stages))
+    except ValueError as err:
+        raise ModalignError(f"tower_stages={stages!r}: {err}") from None
+
+
+def _features(model: MultiTowerModel, modality: str, x: Any, raw: bool) -> Tensor:
+    """Head outputs of tower features, or of a preprocessed raw batch encoded by the tower."""
+    if raw:
+        x = model.towers[modality].encode(x).float()
+    return model.head_for(modality)(x)
+
+
+def _item(by_id: Mapping[str, Item], row: Mapping[str, Any]) -> Item:
+    item = by_id.get(row["id"])
+    if item is None:
+        raise ModalignError(f"dataset: item {row['id']!r} of the embedding store is not in it")
+    return item
+
+
 def joint_embeddings(model: MultiTowerModel, store: EmbeddingStore, split: str,
-                     modalities: Sequence[str]) -> dict[str, Embeddings]:
-    """Store features of ``split`` projected by ``model``'s heads, per modality."""
+                     modalities: Sequence[str], dataset: PairedDataset | None = None,
+                     ) -> dict[str, Embeddings]:
+    """Joint embeddings of ``split`` per modality: store features projected by the heads, or
+    (fine-tuned towers) ``dataset``'s raw inputs encoded by the model."""
+    from modalign.embed.joint import encode_with_model
+
     out = {}
     for m in modalities:
+        if m in model.config.trainable_towers:
+            if dataset is None:
+                raise ModalignError(f"the {m!r} tower of this model is fine-tuned: pass dataset "
+                                    "(CLI: --data) so its inputs are encoded by the model")
+            out[m] = encode_with_model(model, dataset, m, split, store)
+            continue
         raw = store.load(m, split=split)
         if len(raw) == 0:
             raise ModalignError(f"split={split!r}: modality {m!r} has no rows in {store.path}")
@@ -245,7 +307,7 @@ def joint_embeddings(model: MultiTowerModel, store: EmbeddingStore, split: str,
 def evaluate_model(model: MultiTowerModel, store: EmbeddingStore, *, split: str = "test",
                    modalities: tuple[str, str] = ("image", "text"), label: str | None = None,
                    prompt_features: Tensor | None = None, classnames: Sequence[str] = (),
-                   ) -> dict[str, float]:
+                   dataset: PairedDataset | None = None) -> dict[str, float]:
     """Gap, cross-modal retrieval and (with prompts) zero-shot accuracy on ``split``.
 
     ``gap`` is the distance between the modality centroids of unit embeddings, ``gap_sq_per_dim``
@@ -256,7 +318,7 @@ def evaluate_model(model: MultiTowerModel, store: EmbeddingStore, *, split: str 
     from modalign.evaluate.zeroshot import zero_shot_classification
     from modalign.geometry.gap import modality_gap
 
-    emb = joint_embeddings(model, store, split, modalities)
+    emb = joint_embeddings(model, store, split, modalities, dataset)
     a, b = modalities
     gap = modality_gap(emb[a].vectors, emb[b].vectors)
     d = emb[a].dim
