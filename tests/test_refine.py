@@ -155,3 +155,33 @@ def test_refine_trains_the_tuned_tower_tail_against_a_reference(tuned):
         evaluate_model(r.model, store, split="test")
     with pytest.raises(ModalignError, match="tower_stages"):
         refine_model(model, data, RefineConfig(tower_stages=3), dataset=dataset)
+
+
+def test_refine_command_on_a_fine_tuned_image_tower(tmp_path):
+    from modalign.encoders import load_encoder
+    from train_support import tiny_image_dataset
+
+    root, _ = tiny_image_dataset(tmp_path / "data")
+    spec = "effnet-lite0:image_size=32"
+    model = MultiTowerModel(ModelConfig(towers={"image": spec, "text": "minilm"},
+                                        feature_dims={"image": 1280, "text": 384}, joint_dim=8,
+                                        trainable_towers=["image"]))
+    model.attach_tower("image", load_encoder(spec, modality="image"))
+    model_dir = model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "refined"
+    argv = ["refine", "--model", str(model_dir), "--data", str(root), "--out", str(out),
+            "--lr", "1e-3", "--batch-size", "8"]
+    assert main(argv) == 0
+    start, refined = (MultiTowerModel.from_pretrained(d).state_dict() for d in (model_dir, out))
+    changed = {k.split(".")[0] for k, v in refined.items() if not torch.equal(start[k], v)}
+    assert changed == {"heads", "towers"}
+    tower = model.towers["image"]
+    last = {id(p) for p in tower.blocks()[-1].parameters()}
+    last_stage = {f"towers.image.{n}" for n, p in tower.named_parameters() if id(p) in last}
+    tuned = {k for k, v in refined.items() if k.startswith("towers.")
+             and not torch.equal(start[k], v)}
+    assert tuned and tuned <= last_stage  # --tower-stages 1: only the last stage moved
+    rec = json.loads((out / "refine.json").read_text())
+    assert np.isfinite(rec["metrics"]["after/gap"]) and np.isfinite(rec["metrics"]["before/gap"])
+    assert rec["protocol"]["refine"]["tower_stages"] == 1
+    assert main([*argv[:3], "--embeddings", str(tmp_path), *argv[5:]]) == 2

@@ -124,7 +124,7 @@ def tiny_image_dataset(root: Path) -> tuple[Path, Path]:
 
     rng = np.random.default_rng(0)
     items = []
-    (root / "img").mkdir(exist_ok=True)
+    (root / "img").mkdir(parents=True, exist_ok=True)
     for g in range(24):
         split = "train" if g < 16 else ("val" if g < 20 else "test")
         colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
