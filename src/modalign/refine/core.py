@@ -128,11 +128,16 @@ def class_prompt_features(model: MultiTowerModel, classnames: Sequence[str],
         >>> class_prompt_features(m, ["cat", "dog"], ["a {}", "{}"]).shape
         torch.Size([2, 2, 4])
     """
+    return tower_prompt_features(model.tower(modality), classnames, templates)
+
+
+def tower_prompt_features(tower: Any, classnames: Sequence[str], templates: Sequence[str]
+                          ) -> Tensor:
+    """Features ``(C, T, feature_dim)`` of every class prompt encoded by a text ``tower``."""
     from modalign.evaluate.zeroshot import build_prompts, class_name
 
     prompts = build_prompts([class_name(c) for c in classnames], templates)
     flat = [p for per_class in prompts for p in per_class]
-    tower = model.tower(modality)
     with torch.no_grad():
         feats = torch.cat([tower.encode(tower.preprocess(flat[i:i + 256])).float()
                            for i in range(0, len(flat), 256)])
