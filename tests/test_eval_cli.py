@@ -190,3 +190,14 @@ def test_data_check_warns_about_leakage_and_a_small_test_split(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "leakage: 1 text value(s) appear in more than one split (2 rows)" in out
     assert "small test split: 2 test groups" in out
+
+
+def test_the_store_name_given_at_embed_time_names_the_record(store, tmp_path):
+    from modalign.io import write_json_atomic
+
+    write_json_atomic(store.path / "dataset.json", {"name": "toy", "display_name": "Toy set"})
+    out = tmp_path / "records"
+    assert run("--embeddings", store.path, "--out", out) == 0
+    rec = only_record(out)
+    assert rec["dataset"] == "Toy set"
+    assert next(out.glob("*.json")).name.startswith("Toy-set_")

@@ -49,3 +49,32 @@ def test_a_missing_optional_extra_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "pip install 'modalign[openclip]'" in err
+
+
+def test_embed_name_is_shown_and_the_store_is_still_found(tmp_path, capsys, monkeypatch):
+    import modalign.encoders
+    from modalign.data import load_dataset
+    from modalign.embed.paths import default_store_dir
+    from train_support import HashTextEncoder
+
+    monkeypatch.setenv("MODALIGN_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(modalign.encoders, "load_encoder", lambda spec, modality=None: (
+        HashTextEncoder()))
+    manifest = tmp_path / "shop" / "manifest.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("text,group\na cat,g1\na dog,g2\na cow,g3\n")
+    argv = ["embed", "--data", str(manifest), "--modalities", "text"]
+    assert main([*argv, "--name", "Shop photos"]) == 0
+    assert "as 'Shop photos'" in capsys.readouterr().out
+    # the folder key is the data and towers, so train/eval/search --data find the same store
+    path = default_store_dir(load_dataset(manifest), {"text": "minilm"})
+    assert path.name.startswith("shop-") and EmbeddingStore(path).display_name == "Shop photos"
+    (row,) = list_stores()
+    assert row["data"] == "Shop photos" and row["name"] == path.name
+    assert main(argv) == 0  # updated without --name: the name is kept
+    assert EmbeddingStore(path).display_name == "Shop photos"
+    assert main([*argv, "--name", "Shop v2"]) == 0
+    assert list_stores()[0]["data"] == "Shop v2"
+    capsys.readouterr()
+    assert main([*argv, "--name", " "]) == 2
+    assert "--name ' ': expected a non-empty dataset name" in capsys.readouterr().err

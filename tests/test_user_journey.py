@@ -61,7 +61,7 @@ def last_json(capsys):
 def test_a_users_own_data_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = str(write_manifest(tmp_path / "shop"))
-    assert main(["embed", "--data", data]) == 0
+    assert main(["embed", "--data", data, "--name", "shop-photos"]) == 0  # the folder key stays
     with pytest.warns(UserWarning, match="batch 16 holds more than a tenth of the 30 training "
                       "groups: 1 steps per epoch, 14 groups dropped"):
         assert main(["train", "--set", f"data.dataset={data}", "--set", "data.val_split=test",
@@ -80,8 +80,9 @@ def test_a_users_own_data_end_to_end(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "image → text recall@1" in out and "vs native" in out
     (bridged_path,) = list((tmp_path / "records").glob("*.json"))
-    assert bridged_path.name.startswith("shop_shop_retrieval_")  # folder names, not "manifest"
+    assert bridged_path.name.startswith("shop-photos_shop_retrieval_")  # not "manifest"
     bridged = read_record(bridged_path)
+    assert bridged["dataset"] == "shop-photos"  # the name given to `embed --name`
     lo, hi = bridged["intervals"]["text_retrieval_recall@1"]
     assert lo <= bridged["metrics"]["text_retrieval_recall@1"] <= hi
     diff = bridged["comparisons"][0]["differences"]["text_retrieval_map"]
@@ -98,7 +99,7 @@ def test_a_users_own_data_end_to_end(tmp_path, capsys, monkeypatch):
     array = json.loads(captured.out.strip().splitlines()[-1])["array"]
     assert main(["eval", "--model", model, "--data", data, "--inverted", "image=oti",
                  "--bootstrap", "100", "--name", "shop-oti", "--out", "records"]) == 0
-    inverted = read_record(next((tmp_path / "records").glob("shop_shop-oti_*.json")))
+    inverted = read_record(next((tmp_path / "records").glob("shop-photos_shop-oti_*.json")))
     assert inverted["inversion"]["queries"]["image"]["array"] == array
     assert inverted["inversion"]["queries"]["image"]["num_queries"] == 4
     assert inverted["inversion"]["queries"]["image"]["of"] == 10

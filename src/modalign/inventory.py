@@ -58,7 +58,8 @@ def list_runs(folders: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]
 
 def list_stores(folders: Iterable[str | os.PathLike[str]] | None = None
                 ) -> list[dict[str, Any]]:
-    """One row per embedding store found in ``folders`` (default the embeddings home)."""
+    """One row per embedding store found in ``folders`` (default the embeddings home); its
+    ``data`` is the name given with ``modalign embed --name``, else the dataset's name."""
     if folders is None:
         from modalign.paths import home
 
@@ -71,8 +72,11 @@ def list_stores(folders: Iterable[str | os.PathLike[str]] | None = None
             tower = (info.get("encoder") or {}).get("name") or (
                 "inverted" if "inversion" in info else "")
             parts.append(f"{name}:{info.get('count', '?')}" + (f"({tower})" if tower else ""))
+        dataset = _json(store / "dataset.json")
+        data = (dataset.get("display_name") or dataset.get("name")
+                or store.name.rsplit("-", 1)[0])
         rows.append({"name": store.name, "path": str(store),
-                     "data": store.name.rsplit("-", 1)[0], "arrays": " ".join(parts),
+                     "data": str(data), "arrays": " ".join(parts),
                      "size": _size(store), "date": _date(store)})
     return sorted(rows, key=lambda r: r["date"], reverse=True)
 

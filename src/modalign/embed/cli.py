@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default emoji)")
     p.add_argument("--out", default=None,
                    help="store folder (default: under $MODALIGN_HOME/embeddings)")
+    p.add_argument("--name", default=None,
+                   help="a readable dataset name recorded in the store, shown by `modalign "
+                        "stores` and in eval records (the store folder stays keyed by the data "
+                        "and towers, so train/eval/search --data still find it)")
     p.add_argument("--modalities", default=None,
                    help="comma-separated modalities to encode (default: all the data has)")
     for mod, spec in DEFAULT_TOWERS.items():
@@ -69,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from modalign.embed.paths import default_store_dir
     from modalign.encoders import load_encoder
 
+    if args.name is not None and not args.name.strip():
+        raise ModalignError(f"--name {args.name!r}: expected a non-empty dataset name")
     ds = load_dataset(args.data, progress=True)
     wanted = ([m.strip() for m in args.modalities.split(",") if m.strip()]
               if args.modalities else ds.modalities)
@@ -90,10 +96,11 @@ def run(args: argparse.Namespace) -> int:
     encoders = {m: load_encoder(s, modality=m) for m, s in specs.items()}
     t = time.perf_counter()
     store = embed_dataset(ds, encoders, out, batch_size=args.batch_size, progress=True,
-                          device=args.device, normalize=args.normalize)
+                          device=args.device, normalize=args.normalize, name=args.name)
     if args.tokens:
         _embed_tokens(ds, encoders, store.path, args)
-    print(f"embedded {ds!r} in {time.perf_counter() - t:.1f} s into {store.path}")
+    named = f" as {store.display_name!r}" if store.display_name else ""
+    print(f"embedded {ds!r}{named} in {time.perf_counter() - t:.1f} s into {store.path}")
     for name in store.arrays:
         info = store.info(name)
         rate = f", {info['items_per_s']} items/s" if info.get("items_per_s") else ""

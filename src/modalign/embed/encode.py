@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from modalign import __version__
 from modalign.data.dataset import Item, PairedDataset
 from modalign.embed.arrays import ArrayWriter, array_lock
-from modalign.embed.store import EmbeddingStore
+from modalign.embed.store import DATASET_INFO, EmbeddingStore
 from modalign.encoders.base import Encoder, check_encoder
 from modalign.errors import ModalignError
 from modalign.io import content_hash, write_json_atomic
@@ -54,7 +54,7 @@ def inputs_hash(ds: PairedDataset, items: Sequence[Item], encoder: Encoder) -> s
 def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
                   out_dir: str | Path, batch_size: int = 64, progress: bool = True,
                   device: str | torch.device = "cpu", normalize: bool = False,
-                  stop_after: int | None = None) -> EmbeddingStore:
+                  stop_after: int | None = None, name: str | None = None) -> EmbeddingStore:
     """Encode every item of the modalities in ``encoders`` into a store at ``out_dir``.
 
     Resumable: rows are written batch by batch through the shared
@@ -71,6 +71,9 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
         batch_size: items per ``encode`` call.
         normalize: L2-normalise the stored vectors (joint-space towers such as CLIP adapters).
         stop_after: stop after this many batches (for tests of resumption).
+        name: a readable dataset name recorded in the store (``dataset.json``), shown by
+            ``modalign stores`` and written into eval records; the folder key is unchanged. A
+            name given once is kept when the store is updated without one.
 
     Examples:
         >>> from modalign.data import load_dataset                          # doctest: +SKIP
@@ -80,10 +83,14 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
     """
     if batch_size < 1:
         raise ModalignError(f"batch_size={batch_size}: expected a positive integer")
+    if name is not None and not name.strip():
+        raise ModalignError(f"name={name!r}: expected a non-empty dataset name")
     store = EmbeddingStore(out_dir)
-    write_json_atomic(store.path / "dataset.json", {
+    display = name.strip() if name is not None else store.display_name
+    write_json_atomic(store.path / DATASET_INFO, {
         "name": dataset.name, "root": str(dataset.root) if dataset.root else None,
-        "counts": dataset.counts(), "options_key": dataset.info.get("options_key")})
+        "counts": dataset.counts(), "options_key": dataset.info.get("options_key"),
+        **({"display_name": display} if display else {})})
     store._register_groups(dataset.groups())
     batches_done = 0
     for modality, enc in encoders.items():

@@ -3,6 +3,8 @@
 Layout of a store folder::
 
     manifest.json              arrays, their encoders, the dataset and content hashes
+    dataset.json               the dataset encoded: name, root, counts and, when given with
+                               ``modalign embed --name``, a readable ``display_name``
     <array>.npy                float32 (rows, dim), memory-mapped on read
     <array>.items.jsonl        one JSON object per row: id, modality, view, value (the text, or
                                the file path), group, split, labels
@@ -25,6 +27,7 @@ from modalign.errors import ModalignError
 from modalign.io import atomic_path, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 MANIFEST = "manifest.json"
+DATASET_INFO = "dataset.json"
 
 
 @dataclass
@@ -114,6 +117,19 @@ class EmbeddingStore:
                 write_json_atomic(self.path / MANIFEST, m)
             finally:
                 _unlock(lock)
+
+    @property
+    def dataset_info(self) -> dict[str, Any]:
+        """``dataset.json``: the dataset encoded into this store ({} when not recorded)."""
+        p = self.path / DATASET_INFO
+        data = read_json(p) if p.exists() else {}
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def display_name(self) -> str | None:
+        """The readable dataset name given with ``modalign embed --name`` (None if none)."""
+        name = self.dataset_info.get("display_name")
+        return str(name) if name else None
 
     @property
     def arrays(self) -> list[str]:

@@ -310,7 +310,8 @@ def _write_and_print(args: argparse.Namespace, result: Any, baseline: Any | None
                 "differences": paired_bootstrap(result.per_query, baseline.per_query,
                                                 samples=args.bootstrap, seed=args.seed)})
     model = args.model or f"embeddings:{args.embeddings}"
-    dataset = dataset_name(args.data) if args.data else Path(str(args.embeddings)).name
+    dataset = (_store_display_name(args)
+               or (dataset_name(args.data) if args.data else Path(str(args.embeddings)).name))
     record = make_record(dataset=dataset, split=args.split, model=model, task=result.task,
                          protocol=result.protocol, metrics=result.metrics,
                          bridges=result.bridges, inversion=result.inversion, seed=args.seed,
@@ -320,6 +321,26 @@ def _write_and_print(args: argparse.Namespace, result: Any, baseline: Any | None
     _print_summary(result, intervals, comparisons,
                    _pair(args) if args.task == "retrieval" else None)
     print(f"record: {path}")
+
+
+def _store_display_name(args: argparse.Namespace) -> str | None:
+    """The name given with ``modalign embed --name`` to the store this evaluation read."""
+    from modalign.embed.store import DATASET_INFO, EmbeddingStore
+
+    if args.embeddings is not None:
+        path = Path(args.embeddings)
+    elif args.model is not None and args.data and (Path(args.model) / "config.json").is_file():
+        from modalign.data import load_dataset
+        from modalign.embed.paths import default_store_dir
+        from modalign.io import read_json
+
+        towers = (read_json(Path(args.model) / "config.json").get("model") or {}).get("towers")
+        if not towers:
+            return None
+        path = default_store_dir(load_dataset(args.data), dict(towers))
+    else:
+        return None
+    return EmbeddingStore(path).display_name if (path / DATASET_INFO).is_file() else None
 
 
 def _compositional(args: argparse.Namespace, test: Mapping[str, Any]) -> Any:
