@@ -44,7 +44,7 @@ def run_case(case: str, store: str, data: str, epochs: int, batch: int, threads:
                  "optim": {"lr": 1e-3, "tower_lr": 1e-4, "warmup_steps": 2},
                  "train": {"epochs": epochs, "batch_size": batch, "progress": False,
                            "device": "cpu"},
-                 "validate": {"metric": "i2t_r1"},
+                 "validate": {"metric": "image:noto-to-text:name_recall@1"},
                  "run": {"dir": tempfile.mkdtemp(prefix=f"lora-{case}-")}}
     for section, values in CASES[case].items():
         cfg.setdefault(section, {}).update(values)

@@ -5,7 +5,9 @@ towers, linear heads, batch 256, the same epochs, seed and learning rate) with o
 picks the epoch by validation image->text R@1 as ``modalign train`` does, and measures on the
 test split:
 
-- ``i2t_r1``, ``t2i_r1``: cross-modal R@1 (positives: same concept);
+- ``image-to-text_recall@1``, ``text-to-image_recall@1`` (the validation pair's keys, e.g.
+  ``image:noto-to-text_recall@1`` for the three-key cases): cross-modal R@1 (positives: same
+  concept);
 - ``gap``: distance between the image and text centroids in the joint space;
 - ``image_map``, ``text_map``: intra-modal mAP (each row retrieves the other rows of its
   modality, itself removed; positives: same concept);
@@ -76,7 +78,8 @@ def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher
                "best_epoch": (result.summary.get("best") or {}).get("epoch"),
                "train_s": round(trainer.train_seconds, 1)}
         test = trainer.evaluate(tables)
-        out.update({k: round(test[k], 4) for k in ("i2t_r1", "t2i_r1", "gap")})
+        out.update({k: round(v, 4) for k, v in test.items()
+                    if k == "gap" or (k.endswith("_recall@1") and k != "mean_recall@1")})
         for key in dict.fromkeys(base_modality(k) for k in tables):  # every view of a modality
             table = KeyTable.from_embeddings(key, load_key(trainer.store, key, "test"))
             z = trainer._embed_table(key, table)

@@ -60,6 +60,7 @@ def run_ours(name: str, epochs: int, threads: int) -> dict:
         resolve_store(cfg)  # cached features exist before timing starts
         trainer = Trainer(cfg, run_dir=tmp)
         val, test = trainer.split_tables("val"), trainer.split_tables("test")
+        metric = cfg.validation_metric()[0]  # image-to-text_recall@1
         seconds, samples, curve, val_r1 = 0.0, 0, [], []
         for epoch in range(epochs):
             t0 = time.perf_counter()
@@ -67,8 +68,8 @@ def run_ours(name: str, epochs: int, threads: int) -> dict:
                 trainer.train_step(epoch, index)
             seconds += time.perf_counter() - t0
             samples += trainer.steps_per_epoch * BATCH
-            curve.append((seconds, trainer.evaluate(test)["i2t_r1"]))
-            val_r1.append(trainer.evaluate(val)["i2t_r1"])
+            curve.append((seconds, trainer.evaluate(test)[metric]))
+            val_r1.append(trainer.evaluate(val)[metric])
     best = int(np.argmax(val_r1))
     return {"samples_per_s": samples / seconds, "curve": curve, "test_r1": curve[best][1],
             "peak_mb": _peak_mb(), "keys": cfg.data.keys}

@@ -25,7 +25,9 @@ def test_runs_and_stores_are_listed(tmp_path, capsys):
     (tmp_path / "runs" / "not-a-run").mkdir()
     rows = list_runs([tmp_path / "runs"])
     assert [r["name"] for r in rows] == ["shop"]
-    assert rows[0]["data"] == "shop/manifest.csv" and rows[0]["best"] == "i2t_r1 0.250"
+    # an older summary's i2t_r1 reads as today's key (no recorded pair: image, text)
+    assert rows[0]["data"] == "shop/manifest.csv"
+    assert rows[0]["best"] == "image-to-text_recall@1 0.250"
     assert rows[0]["towers"] == "image=effnet-lite0,text=minilm"
     store = EmbeddingStore(tmp_path / "emb" / "shop-abc")
     store.add_array("text", np.zeros((3, 2), np.float32),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -99,3 +100,58 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ValueError, match="not a built-in"):
         load_config("nope")
+
+
+def test_validation_metric_speaks_the_vocabulary_and_reads_older_keys(tmp_path):
+    from modalign.errors import ModalignError
+    from modalign.train.loop import check_resume
+
+    def cfg(metric, pair=None):
+        return TrainConfig.from_dict({
+            "data": {"keys": ["image:noto", "text"]},
+            "objectives": [{"loss": "clip", "modalities": ["image:noto", "text"]}],
+            "validate": {"metric": metric, "pair": pair or []}})
+
+    assert cfg("").validation_metric() == ("image:noto-to-text_recall@1", 1.0)
+    assert cfg("text-to-image:noto_recall@5").validation_metric() == (
+        "text-to-image:noto_recall@5", 1.0)
+    assert cfg("-gap").validation_metric() == ("gap", -1.0)
+    with pytest.warns(FutureWarning, match="'t2i_r5' is deprecated; use "
+                      "'text-to-image:noto_recall@5'"):
+        assert cfg("t2i_r5").validation_metric() == ("text-to-image:noto_recall@5", 1.0)
+    with pytest.warns(FutureWarning, match="use 'mean_recall@1'"):
+        assert cfg("mean_r1").validation_metric()[0] == "mean_recall@1"
+    with pytest.raises(ModalignError, match=r"validate.metric must be one of \['image-to-audio"):
+        TrainConfig.from_dict({"data": {"keys": ["image", "audio"]},
+                               "objectives": [{"loss": "clip", "modalities": ["image", "audio"]}],
+                               "validate": {"metric": "image-to-text_recall@1"}})
+    # a run started with the older spelling resumes under today's default
+    run = tmp_path / "run"
+    run.mkdir()
+    old = cfg("i2t_r1", pair=["image:noto", "text"]).to_dict()
+    (run / "config.resolved.json").write_text(json.dumps({"config": old}))
+    check_resume(run, cfg("", pair=["image:noto", "text"]))
+    with pytest.raises(ModalignError, match=r"validate\.metric"):
+        check_resume(run, cfg("mean_recall@1", pair=["image:noto", "text"]))
+
+
+def test_older_training_logs_read_with_todays_keys(tmp_path):
+    from modalign.inventory import list_runs
+    from modalign.report.run_report import read_log
+    from modalign.train.loop import _format_row
+
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    (run / "config.resolved.json").write_text(json.dumps(
+        {"config": {"data": {"keys": ["image:noto", "text"]}}}))
+    (run / "log.jsonl").write_text(json.dumps(
+        {"epoch": 1, "step": 4, "train_loss": 1.5, "i2t_r1": 0.25, "t2i_r5": 0.5,
+         "mean_r1": 0.3, "gap": 0.4, "samples_per_s": 10.0}) + "\n")
+    (run / "summary.json").write_text(json.dumps(
+        {"metric": "i2t_r1", "best": {"epoch": 1, "i2t_r1": 0.25}}))
+    (row,) = read_log(run / "log.jsonl")
+    assert row["image:noto-to-text_recall@1"] == 0.25 and row["mean_recall@1"] == 0.3
+    assert row["text-to-image:noto_recall@5"] == 0.5 and "i2t_r1" not in row
+    assert list_runs([tmp_path / "runs"])[0]["best"] == "image:noto-to-text_recall@1 0.250"
+    line = _format_row(row)
+    assert "image:noto → text recall@1 0.250" in line and "text → image:noto recall@5" in line

@@ -38,12 +38,16 @@ def test_run_learns_and_writes_a_complete_run_folder(store, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
-    assert max(r["i2t_r1"] for r in rows) > 3 / 16  # chance is 1/8 on 8 val groups
-    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "gap", "logit_scales", "samples_per_s"):
+    assert max(r["image-to-text_recall@1"] for r in rows) > 3 / 16  # chance is 1/8 on 8 val groups
+    for key in ("image-to-text_recall@1", "image-to-text_recall@5", "text-to-image_recall@1",
+                "text-to-image_recall@5", "mean_recall@1", "gap", "logit_scales",
+                "samples_per_s"):
         assert key in rows[0]
-    best = max(rows, key=lambda r: r["i2t_r1"])
+    best = max(rows, key=lambda r: r["image-to-text_recall@1"])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["best"]["i2t_r1"] == best["i2t_r1"] == result.summary["best"]["i2t_r1"]
+    assert summary["metric"] == "image-to-text_recall@1"
+    assert (summary["best"]["image-to-text_recall@1"] == best["image-to-text_recall@1"]
+            == result.summary["best"]["image-to-text_recall@1"])
     assert len((tmp_path / "run" / "summary.json").read_text().strip().splitlines()) == 1
     resolved = json.loads((tmp_path / "run" / "config.resolved.json").read_text())
     assert resolved["config"]["train"]["epochs"] == 6
@@ -58,7 +62,7 @@ def test_run_learns_and_writes_a_complete_run_folder(store, tmp_path):
                           torch.from_numpy(model.project_array("text", txt.vectors)),
                           torch.from_numpy(img.group_ids()), torch.from_numpy(txt.group_ids()),
                           k_values=(1,))
-    assert r.metrics["recall@1"] == pytest.approx(best["i2t_r1"])
+    assert r.metrics["recall@1"] == pytest.approx(best["image-to-text_recall@1"])
     assert float(model.logit_scale.detach()) == pytest.approx(
         next(iter(rows[best["epoch"] - 1]["logit_scales"].values())), rel=1e-5)
 

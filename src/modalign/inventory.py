@@ -44,7 +44,7 @@ def list_runs(folders: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]
                      or (p / "model" / "config.json").is_file()):
         config = _json(run / "config.resolved.json").get("config", {})
         model = _json(run / "model" / "config.json").get("model", {})
-        summary = _json(run / "summary.json")
+        summary = read_run_summary(run)
         best = summary.get("best") or {}
         metric = summary.get("metric")
         rows.append({
@@ -54,6 +54,29 @@ def list_runs(folders: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]
             "best": f"{metric} {best[metric]:.3f}" if metric in best else "",
             "size": _size(run), "date": _date(run)})
     return sorted(rows, key=lambda r: r["date"], reverse=True)
+
+
+def run_validation_pair(run: str | os.PathLike[str]) -> list[str] | None:
+    """The two keys a run validated on (``validate.pair``, else its first two ``data.keys``),
+    from ``RUN/config.resolved.json``; None when not recorded."""
+    config = _json(Path(run) / "config.resolved.json").get("config") or {}
+    pair = (config.get("validate") or {}).get("pair") or (config.get("data") or {}).get(
+        "keys", [])[:2]
+    return list(pair) if len(pair) == 2 else None
+
+
+def read_run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
+    """``RUN/summary.json`` with today's metric keys (older runs wrote ``i2t_r1``, ...)."""
+    from modalign.evaluate.vocabulary import upgrade_training_metric, upgrade_training_row
+
+    summary = _json(Path(run) / "summary.json")
+    pair = run_validation_pair(run) or ["image", "text"]
+    if isinstance(summary.get("best"), dict):
+        summary["best"] = upgrade_training_row(summary["best"], pair)
+    metric = str(summary.get("metric") or "").lstrip("-")
+    if metric:
+        summary["metric"] = upgrade_training_metric(metric, pair) or metric
+    return summary
 
 
 def list_stores(folders: Iterable[str | os.PathLike[str]] | None = None

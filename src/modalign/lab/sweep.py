@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from modalign import __version__
 from modalign.embed.store import EmbeddingStore
+from modalign.evaluate.vocabulary import upgrade_training_row
 from modalign.io import content_hash, file_hash, read_json, read_jsonl, write_json_atomic
 from modalign.lab.measure import LabTowers, SpaceData, measure_space
 from modalign.lab.settings import GapSetting, LabConfig
@@ -110,7 +111,7 @@ def training_config(setting: GapSetting, seed: int, config: LabConfig, store: Em
                   "warmup_steps": config.warmup_steps},
         "train": {**sections["train"], "batch_size": batch_size, "seed": seed,
                   "device": "cpu", "keep_checkpoints": 1, "progress": progress},
-        "validate": {"metric": "i2t_r1", "patience": 0},
+        "validate": {"metric": "image-to-text_recall@1", "patience": 0},
     })
 
 
@@ -157,8 +158,9 @@ def run_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embedd
         "name": setting.name, "setting": setting.to_dict(),
         "seed": seed, "modalign_version": __version__, "store": str(store.path),
         "towers": towers.identity,
-        "trajectory": [{k: row[k] for k in ("epoch", "gap", "i2t_r1", "t2i_r1", "train_loss")
-                        if k in row} for row in log],
+        "trajectory": [{k: v for k, v in upgrade_training_row(row).items()
+                        if k in ("epoch", "gap", "image-to-text_recall@1",
+                                 "text-to-image_recall@1", "train_loss")} for row in log],
         **measured,
     }
     record["seconds"]["train"] = train_seconds

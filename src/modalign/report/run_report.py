@@ -106,13 +106,18 @@ def run_report(paths: Sequence[str | Path], *, data: str | None = None, label: s
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    """The epoch rows of a ``log.jsonl`` (rows without an epoch are skipped)."""
+    """The epoch rows of a ``log.jsonl`` (rows without an epoch are skipped), with today's
+    metric keys (an older log's ``i2t_r1`` reads as ``image-to-text_recall@1``)."""
+    from modalign.evaluate.vocabulary import upgrade_training_row
+    from modalign.inventory import run_validation_pair
+
+    pair = run_validation_pair(path.parent)
     rows = []
     for line in path.read_text("utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
             if isinstance(row, dict) and "epoch" in row:
-                rows.append(row)
+                rows.append(upgrade_training_row(row, pair))
     return rows
 
 

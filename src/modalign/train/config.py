@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +24,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from modalign.errors import ModalignError
+from modalign.evaluate.vocabulary import metric_key, upgrade_training_metric
 from modalign.io import read_user_text
 from modalign.model import ModelConfig
 from modalign.train.recipes.distill import HELP as DISTILL_HELP
@@ -111,7 +113,7 @@ class ValidateConfig:
     """Per-epoch validation on ``data.val_split``."""
 
     pair: list[str] = field(default_factory=list)
-    metric: str = "i2t_r1"
+    metric: str = ""
     patience: int = 0
 
 
@@ -200,8 +202,10 @@ HELP: dict[str, str] = {
     "augment.color_jitter": "brightness/contrast/saturation jitter (unfrozen image towers)",
     "validate.pair": "the two keys validation retrieves between (default: the first two "
                      "data.keys)",
-    "validate.metric": "metric that picks the best epoch: i2t_r1, i2t_r5, t2i_r1, t2i_r5, "
-                       "mean_r1, or -gap (a leading '-' means lower is better)",
+    "validate.metric": "metric that picks the best epoch: QUERY-to-GALLERY_recall@1 or "
+                       "_recall@5 of the validation pair (e.g. image-to-text_recall@1), "
+                       "mean_recall@1, or -gap (a leading '-' means lower is better); default: "
+                       "the first key of the pair retrieving the second, recall@1",
     "validate.patience": "stop after this many epochs without improvement (0: never)",
     "lora.towers": "modalities whose tower gets LoRA adapters, e.g. ['text'] (their items are "
                    "encoded on the fly, as with train.unfreeze; adapters train at "
@@ -331,10 +335,7 @@ class TrainConfig:
         pair = self.validation_pair()
         if pair is not None and len(pair) != 2:
             raise ModalignError(f"validate.pair must name two keys, got {self.validate.pair!r}")
-        metric = self.validate.metric.lstrip("-")
-        if metric not in VALIDATION_METRICS:
-            raise ModalignError(f"validate.metric must be one of {sorted(VALIDATION_METRICS)} "
-                             f"(prefix '-' for lower-is-better), got {self.validate.metric!r}")
+        self.validation_metric(warn=False)
         if not self.objectives:
             raise ModalignError("objectives must list at least one "
                                 "{loss = ..., modalities = [...]}")
@@ -362,6 +363,40 @@ class TrainConfig:
         if self.validate.pair:
             return list(self.validate.pair)
         return list(self.data.keys[:2]) if len(self.data.keys) >= 2 else None
+
+    def validation_metric(self, warn: bool = True, metric: str | None = None
+                          ) -> tuple[str, float]:
+        """``(key, sign)``: the training-log key that picks the best epoch and +1 (higher is
+        better) or -1 (a leading ``-``). Older keys (``i2t_r1``, ...) are read, with a
+        ``FutureWarning`` naming today's key when ``warn``. ``metric`` resolves another value
+        of ``validate.metric`` against this config's validation pair.
+
+        Examples:
+            >>> cfg = TrainConfig.from_dict({"data": {"keys": ["image", "text"],
+            ...                                       "val_split": "val"}})
+            >>> cfg.validation_metric()
+            ('image-to-text_recall@1', 1.0)
+        """
+        raw = (self.validate.metric if metric is None else metric).strip()
+        sign = -1.0 if raw.startswith("-") else 1.0
+        name = raw.lstrip("-")
+        pair = self.validation_pair() or (list(self.data.keys[:2]) if len(self.data.keys) >= 2
+                                          else ["first", "second"])
+        allowed = [metric_key(q, g, f"recall@{k}") for q, g in (pair, pair[::-1])
+                   for k in (1, 5)] + ["mean_recall@1", "gap"]
+        if not name:
+            return metric_key(pair[0], pair[1], "recall@1"), sign
+        new = upgrade_training_metric(name, pair)
+        if new is not None and new in allowed:
+            if warn:
+                warnings.warn(f"validate.metric = {raw!r} is deprecated; use "
+                              f"{('-' if sign < 0 else '') + new!r} (training logs now write "
+                              "QUERY-to-GALLERY_MEASURE keys)", FutureWarning, stacklevel=2)
+            return new, sign
+        if name not in allowed:
+            raise ModalignError(f"validate.metric must be one of {allowed} for the validation "
+                                f"pair {pair} (prefix '-' for lower-is-better), got {raw!r}")
+        return name, sign
 
     def model_config(self, towers: Mapping[str, str],
                      feature_dims: Mapping[str, int]) -> ModelConfig:
@@ -489,9 +524,6 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
         elif a != b:
             out[section] = (a, b)
     return out
-
-
-VALIDATION_METRICS = frozenset({"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_r1", "gap"})
 
 
 def _build_section(name: str, cls: type, values: Mapping[str, Any]) -> Any:

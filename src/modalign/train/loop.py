@@ -34,6 +34,7 @@ from modalign import __version__
 from modalign.embed.store import EmbeddingStore
 from modalign.encoders.lora import adapter_dropout_on, save_adapters
 from modalign.errors import ModalignError, SmallDataWarning
+from modalign.evaluate.vocabulary import describe_metric, metric_key, parse_metric_key
 from modalign.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from modalign.losses.objective import Objective, build_objective
 from modalign.losses.output import LossOutput
@@ -85,8 +86,15 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
         return
     # sections added since the run started (e.g. a new recipe) count as their defaults
     old = {**TrainConfig().to_dict(), **read_json(path).get("config", {})}
-    refused = {k: v for k, v in config_changes(old, config.to_dict()).items()
-               if k not in RESUMABLE_KEYS}
+    new = config.to_dict()
+    for settings in (old, new):  # an older spelling of the same metric is the same setting
+        section = settings["validate"] = dict(settings.get("validate") or {})
+        try:
+            key, sign = config.validation_metric(warn=False, metric=section.get("metric", ""))
+        except ModalignError:
+            continue
+        section["metric"] = ("-" if sign < 0 else "") + key
+    refused = {k: v for k, v in config_changes(old, new).items() if k not in RESUMABLE_KEYS}
     if refused:
         diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ModalignError(
@@ -582,7 +590,9 @@ class Trainer:
     def evaluate(self, tables: Mapping[str, KeyTable]) -> dict[str, float]:
         """R@1/R@5 both ways (positives: same group) and the centroid gap of two keys' rows.
 
-        ``i2t`` is the first key retrieving the second, ``t2i`` the reverse.
+        Keys follow :mod:`modalign.evaluate.vocabulary`: ``image-to-text_recall@1`` is the first
+        key retrieving the second, ``text-to-image_recall@1`` the reverse; also
+        ``mean_recall@1`` and ``gap``.
         """
         from modalign.evaluate.metrics import retrieval_metrics
         from modalign.geometry.gap import modality_gap
@@ -593,9 +603,10 @@ class Trainer:
         a2b = retrieval_metrics(za, zb, ga, gb, k_values=(1, 5)).metrics
         b2a = retrieval_metrics(zb, za, gb, ga, k_values=(1, 5)).metrics
         gap = modality_gap(za.numpy(), zb.numpy(), normalize=False).centroid_distance
-        return {"i2t_r1": a2b["recall@1"], "i2t_r5": a2b["recall@5"],
-                "t2i_r1": b2a["recall@1"], "t2i_r5": b2a["recall@5"],
-                "mean_r1": 0.5 * (a2b["recall@1"] + b2a["recall@1"]), "gap": float(gap)}
+        out = {metric_key(q, g, f"recall@{k}"): m[f"recall@{k}"]
+               for q, g, m in ((ka, kb, a2b), (kb, ka, b2a)) for k in (1, 5)}
+        return {**out, "mean_recall@1": 0.5 * (a2b["recall@1"] + b2a["recall@1"]),
+                "gap": float(gap)}
 
     def _embed_table(self, key: str, table: KeyTable, batch_size: int = 1024) -> torch.Tensor:
         self.model.eval()
@@ -697,9 +708,7 @@ class Trainer:
                 "config": cfg.to_dict(), "model": self.model.config.to_dict(),
                 "world_size": self.ctx.world_size, "modalign_version": __version__,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps})
-        metric = cfg.validate.metric
-        sign = -1.0 if metric.startswith("-") else 1.0
-        metric = metric.lstrip("-")
+        metric, sign = cfg.validation_metric()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
                    disable=not (cfg.train.progress and self.ctx.is_main
                                         and sys.stderr.isatty()), file=sys.stderr)
@@ -810,9 +819,9 @@ class Trainer:
         best_row = best_rows[-1] if best_rows else None
         summary = {"run": str(self.run_dir), "model": str(self.run_dir / MODEL_DIR),
                    "steps": self.step, "epochs": self.epoch, "stopped_early": self.stopped_early,
-                   "metric": self.config.validate.metric,
-                   "best": {k: best_row[k] for k in ("epoch", "step", "i2t_r1", "i2t_r5",
-                                                     "t2i_r1", "t2i_r5", "gap") if k in best_row}
+                   "metric": self.config.validation_metric(warn=False)[0],
+                   "best": {k: v for k, v in best_row.items()
+                            if k in ("epoch", "step", "gap") or parse_metric_key(k)}
                    if best_row else None,
                    "final_train_loss": rows[-1]["train_loss"] if rows else None,
                    "samples_per_s": rows[-1]["samples_per_s"] if rows else None}
@@ -824,9 +833,9 @@ class Trainer:
 
 def _format_row(row: Mapping[str, Any]) -> str:
     parts = [f"epoch {row['epoch']:g}", f"step {row['step']}", f"loss {row['train_loss']:.4f}"]
-    for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
-        if k in row:
-            parts.append(f"{k} {row[k]:.3f}")
+    for k, v in row.items():
+        if parse_metric_key(k):
+            parts.append(f"{describe_metric(k)} {v:.3f}")
     if "gap" in row:
         parts.append(f"gap {row['gap']:.3f}")
     parts.append(f"{row['samples_per_s']:.0f} samples/s")
@@ -868,7 +877,7 @@ def train(config: TrainConfig, *, towers: Mapping[str, Any] | None = None,
     Examples:
         >>> from modalign.train.config import load_config
         >>> cfg = load_config("clip", ["run.dir=runs/clip"])
-        >>> train(cfg).summary["best"]["i2t_r1"]  # doctest: +SKIP
+        >>> train(cfg).summary["best"]["image-to-text_recall@1"]  # doctest: +SKIP
         0.27
     """
     trainer = Trainer(config, towers=towers, run_dir=run_dir, resume=resume)
