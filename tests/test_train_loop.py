@@ -224,3 +224,26 @@ def test_data_without_a_val_split_trains_without_validation_and_says_so(tmp_path
                          data={"val_split": "dev"})
     with pytest.raises(ValueError, match="split 'dev'"):
         train(named)  # a split the user named must exist
+
+
+def test_a_run_started_by_an_older_version_resumes_with_todays_keys(store, tmp_path):
+    cfg = small_config(store, tmp_path / "run", train={"epochs": 2},
+                       validate={"metric": "i2t_r1"})
+    with pytest.warns(FutureWarning, match="use 'image-to-text_recall@1'"):
+        train(cfg)
+    # rewrite the log and config as an older version wrote them
+    log = tmp_path / "run" / "log.jsonl"
+    old = {"image-to-text_recall@1": "i2t_r1", "image-to-text_recall@5": "i2t_r5",
+           "text-to-image_recall@1": "t2i_r1", "text-to-image_recall@5": "t2i_r5",
+           "mean_recall@1": "mean_r1"}
+    rows = [{old.get(k, k): v for k, v in json.loads(line).items()}
+            for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = train(small_config(store, tmp_path / "run", train={"epochs": 3}), resume=True)
+    best = max(rows[:2], key=lambda r: r["i2t_r1"])
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert "i2t_r1" in lines[0] and "image-to-text_recall@1" in lines[2]
+    assert again.summary["metric"] == "image-to-text_recall@1"
+    if lines[2].get("best"):
+        best = {"i2t_r1": lines[2]["image-to-text_recall@1"]}
+    assert again.summary["best"]["image-to-text_recall@1"] == best["i2t_r1"]

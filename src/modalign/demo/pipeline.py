@@ -212,7 +212,9 @@ def _train(name: str, store: EmbeddingStore, out: Path, fingerprint: dict[str, A
     cfg.train.progress = opts.progress
     run_dir = out / "models" / f"{name}-{key}"
     if (run_dir / SUMMARY_NAME).exists():
-        summary = read_json(run_dir / SUMMARY_NAME)
+        from modalign.inventory import read_run_summary
+
+        summary = read_run_summary(run_dir)  # an older run's keys read as today's
     else:
         resume = (run_dir / "checkpoints").exists()
         summary = train(cfg, run_dir=run_dir, resume=resume).summary

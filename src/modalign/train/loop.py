@@ -34,7 +34,12 @@ from modalign import __version__
 from modalign.embed.store import EmbeddingStore
 from modalign.encoders.lora import adapter_dropout_on, save_adapters
 from modalign.errors import ModalignError, SmallDataWarning
-from modalign.evaluate.vocabulary import describe_metric, metric_key, parse_metric_key
+from modalign.evaluate.vocabulary import (
+    describe_metric,
+    metric_key,
+    parse_metric_key,
+    upgrade_training_row,
+)
 from modalign.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from modalign.losses.objective import Objective, build_objective
 from modalign.losses.output import LossOutput
@@ -815,6 +820,8 @@ class Trainer:
         if self.val is None:
             self._save_model()  # no validation: the last weights are the model
         rows = read_jsonl(self.run_dir / LOG_NAME) if (self.run_dir / LOG_NAME).is_file() else []
+        pair = self.config.validation_pair()
+        rows = [upgrade_training_row(r, pair) for r in rows]  # a resumed older run's rows
         best_rows = [r for r in rows if r.get("best")]
         best_row = best_rows[-1] if best_rows else None
         summary = {"run": str(self.run_dir), "model": str(self.run_dir / MODEL_DIR),
