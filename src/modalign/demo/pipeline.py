@@ -20,7 +20,7 @@ from modalign.data import EmojiOptions, build_emoji
 from modalign.demo.stages import Stages
 from modalign.embed import EmbeddingStore, embed_dataset
 from modalign.embed.paths import default_store_dir
-from modalign.io import content_hash, file_hash, read_json, write_json_atomic
+from modalign.io import content_hash, file_hash, write_json_atomic
 
 TOWERS = {"image": "effnet-lite0", "text": "minilm", "audio": "logmel"}
 CONFIGS = ("clip", "clip_unif_align", "clip_intra", "three_modal")
