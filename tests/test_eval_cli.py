@@ -201,3 +201,17 @@ def test_the_store_name_given_at_embed_time_names_the_record(store, tmp_path):
     rec = only_record(out)
     assert rec["dataset"] == "Toy set"
     assert next(out.glob("*.json")).name.startswith("Toy-set_")
+
+
+def test_few_queries_warning_suggests_more_data_only_where_there_is_more():
+    from types import SimpleNamespace
+
+    from modalign.evaluate.cli import _small_data_warnings
+
+    result = SimpleNamespace(protocol={"directions": [
+        {"query": "text", "gallery": "image", "num_queries": 21}]})
+    with pytest.warns(UserWarning, match=r"text → image: 21\) in split 'test'.*--split all"):
+        _small_data_warnings(result, "test")
+    with pytest.warns(UserWarning) as seen:
+        _small_data_warnings(result, "all")
+    assert "--split all" not in str(seen[0].message)

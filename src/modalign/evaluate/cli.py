@@ -206,9 +206,10 @@ def _small_data_warnings(result: Any, split: str, minimum: int = 30) -> None:
         counts.append(("zero-shot", result.protocol["num_inputs"]))
     small = [f"{name}: {n}" for name, n in counts if n < minimum]
     if small:
+        more = ("" if split == "all" else
+                "; a 'split' column in the manifest or --split all gives more")
         warnings.warn(f"few queries ({', '.join(small)}) in split {split!r}: read the "
-                      "intervals, not the third decimal; a 'split' column in the manifest or "
-                      "--split all gives more", SmallDataWarning, stacklevel=2)
+                      f"intervals, not the third decimal{more}", SmallDataWarning, stacklevel=2)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
