@@ -233,3 +233,55 @@ def test_search_with_a_joint_space_tower_spec(clip_dir, tmp_path):
     order = torch.argsort(scores, descending=True).tolist()
     assert [Path(h.value).stem for h in hits] == [("red", "green", "blue")[i] for i in order]
     assert [h.score for h in hits] == pytest.approx(scores[order].tolist(), abs=1e-5)
+
+
+def test_clip_token_features_hold_the_pooled_vector(clip_dir, siglip_dir, tmp_path):
+    """CLIP tokens are projected as the pooled output is: token 0 of an image and the last token
+    of a text are the tower's vectors; SigLIP gives no tokens."""
+    import numpy as np
+
+    from modalign.cli import main
+    from modalign.data.dataset import Item, PairedDataset
+    from modalign.embed.tokens import load_tokens, supports_tokens
+
+    towers = load_hf_towers(str(clip_dir), family="clip")
+    image, text = towers["image"], towers["text"]
+    assert supports_tokens(image) and supports_tokens(text)
+    pictures = [Image.new("RGB", (40, 32), c) for c in ("red", "navy")]
+    with torch.no_grad():
+        states, mask = image.encode_tokens(image.preprocess(pictures))
+        vectors = image.encode(image.preprocess(pictures))
+    assert states.shape == (2, 1 + (32 // 8) ** 2, 32) and bool(mask.all())
+    assert image.token_counts(pictures) == [17, 17]
+    torch.testing.assert_close(states[:, 0], vectors, rtol=1e-5, atol=1e-6)
+    batch = text.preprocess(CAPTIONS)
+    with torch.no_grad():
+        states, mask = text.encode_tokens(batch)
+        vectors = text.encode(batch)
+    counts = text.token_counts(CAPTIONS)
+    assert mask.sum(1).tolist() == counts and states.shape[-1] == 32
+    for i, n in enumerate(counts):  # the end-of-text token is the row's last
+        torch.testing.assert_close(states[i, n - 1], vectors[i], rtol=1e-5, atol=1e-6)
+    siglip = load_hf_towers(str(siglip_dir), family="siglip")
+    assert not supports_tokens(siglip["image"]) and not supports_tokens(siglip["text"])
+
+    # embed --tokens with hf-clip towers: offsets follow the counts, rows are the tokens above
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    items = []
+    for g, colour in enumerate(("red", "navy", "gold")):
+        Image.new("RGB", (40, 32), colour).save(root / "img" / f"{g}.png")
+        items += [Item(f"i{g}", "image", "flat", f"img/{g}.png", f"g{g}", "test"),
+                  Item(f"t{g}", "text", "name", CAPTIONS[g], f"g{g}", "test")]
+    PairedDataset("tiny", items, root=root).save(root)
+    spec = f"hf-clip:{clip_dir}"
+    assert main(["embed", "--data", str(root), "--image", spec, "--text", spec, "--tokens",
+                 "--out", str(tmp_path / "emb"), "--batch-size", "2"]) == 0
+    tf = load_tokens(tmp_path / "emb", "image")
+    assert tf.counts().tolist() == [17, 17, 17] and tf.values.shape == (51, 32)
+    with torch.no_grad():
+        direct = image.encode(image.preprocess([str(root / "img" / "1.png")]))[0].numpy()
+    np.testing.assert_allclose(tf.tokens(1)[0], direct, rtol=1e-5, atol=1e-5)
+    tf = load_tokens(tmp_path / "emb", "text")
+    assert tf.counts().tolist() == counts and tf.offsets.tolist() == [0, *np.cumsum(counts)]
+    np.testing.assert_allclose(tf.tokens(2)[-1], vectors[2].numpy(), rtol=1e-5, atol=1e-5)

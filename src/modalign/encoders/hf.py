@@ -7,6 +7,20 @@ once with a message naming the local-folder alternative.
 The towers return the projected embeddings of the model (``get_image_features`` /
 ``get_text_features``), not normalised. CLIP text is padded to the longest caption of the batch;
 SigLIP text is padded to the model's full length, as SigLIP was trained.
+
+The CLIP towers also give token features (``token_counts`` / ``encode_tokens``, for
+``embed --tokens``), each token projected as the tower projects its pooled output, so one token
+of every row *is* the tower's vector:
+
+- image: the ViT's last-layer states, ``[CLS]`` first then the patches in row-major order
+  (``1 + (image_size / patch_size)^2`` tokens), each through ``post_layernorm`` and
+  ``visual_projection``; token 0 equals :meth:`HFImageTower.encode`;
+- text: the last-layer states after ``final_layer_norm`` of every non-padding token (start and
+  end tokens included), each through ``text_projection``; the end-of-text token (the row's last)
+  equals :meth:`HFTextTower.encode`.
+
+SigLIP pools its image by an attention head (no token is the pooled vector), so its towers give
+no tokens.
 """
 
 from __future__ import annotations
@@ -196,6 +210,46 @@ class HFTextTower(_HFTower):
                               f"truncated at {self.max_length}")
 
 
+class CLIPImageTower(HFImageTower):
+    """The image tower of a ``CLIPModel``, with patch-token features (see the module docstring).
+
+    Examples:
+        >>> image = load_hf_towers("path/to/clip-folder")["image"]            # doctest: +SKIP
+        >>> states, mask = image.encode_tokens(image.preprocess(["cat.png"]))  # doctest: +SKIP
+    """
+
+    def token_counts(self, inputs: Sequence[ImageInput]) -> list[int]:
+        """Tokens per image: ``[CLS]`` plus one per patch (the same for every image)."""
+        vision = self.model.config.vision_config
+        return [1 + (int(vision.image_size) // int(vision.patch_size)) ** 2] * len(inputs)
+
+    def encode_tokens(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_values`` -> projected tokens ``(B, 1 + patches, dim)`` and an all-true mask."""
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
+            raise ValueError("batch must be the (B, 3, H, W) pixel_values that preprocess returns")
+        vision = self.model.vision_model
+        states = vision(pixel_values=batch, return_dict=True).last_hidden_state
+        tokens = self.model.visual_projection(vision.post_layernorm(states))
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+
+class CLIPTextTower(HFTextTower):
+    """The text tower of a ``CLIPModel``, with token features (see the module docstring)."""
+
+    def token_counts(self, inputs: Sequence[str]) -> list[int]:
+        """Tokens per text (start and end tokens included, after truncation)."""
+        ids = self.tokenizer(list(inputs), truncation=True, max_length=self.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
+    def encode_tokens(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token batch -> projected token states ``(B, T, dim)`` and the attention mask."""
+        if not isinstance(batch, dict) or "input_ids" not in batch or "attention_mask" not in batch:
+            raise ValueError("batch must be the dict that preprocess returns "
+                             "(input_ids, attention_mask)")
+        states = self.model.text_model(**batch, return_dict=True).last_hidden_state
+        return self.model.text_projection(states), batch["attention_mask"].bool()
+
+
 def load_hf_towers(path_or_name: str, family: str = "clip") -> dict[str, _HFTower]:
     """Load a transformers ``CLIPModel`` (``family="clip"``) or ``SiglipModel`` as two towers.
 
@@ -229,5 +283,7 @@ def load_hf_towers(path_or_name: str, family: str = "clip") -> dict[str, _HFTowe
         raise ValueError(f"{argument}: {folder!r} must also hold the image processor and the "
                          f"tokenizer (save_pretrained them next to the model): {e}") from e
     name = f"hf-{family}:{path_or_name}"
-    return {"image": HFImageTower(model, image_processor, name, family, folder),
-            "text": HFTextTower(model, tokenizer, name, family, folder)}
+    image_cls, text_cls = ((CLIPImageTower, CLIPTextTower) if family == "clip"
+                           else (HFImageTower, HFTextTower))
+    return {"image": image_cls(model, image_processor, name, family, folder),
+            "text": text_cls(model, tokenizer, name, family, folder)}

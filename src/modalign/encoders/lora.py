@@ -88,11 +88,12 @@ def _inner_name(tower: Any) -> str:
 def default_targets(tower: Any) -> str:
     """The default target expression for a built-in tower (see the module docstring)."""
     kind = type(tower).__name__
+    kinds = {c.__name__ for c in type(tower).__mro__}
     if kind == "MiniLMEncoder":
         return _MINILM
-    if kind == "HFImageTower":
+    if "HFImageTower" in kinds:
         return _CLIP.format(part="vision_model")
-    if kind == "HFTextTower":
+    if "HFTextTower" in kinds:
         return _CLIP.format(part="text_model")
     if kind == "EfficientNetLite0Encoder":
         return _EFFNET
