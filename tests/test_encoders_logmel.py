@@ -239,3 +239,34 @@ def test_polyphase_resampling_equals_the_direct_computation(rates):
     assert fast.shape == direct.shape
     # same taps, summed in another order: float64 rounding only
     torch.testing.assert_close(fast, direct, rtol=0, atol=1e-10)
+
+
+def test_time_frame_tokens_are_the_head_map_columns_and_pool_to_the_vector(tower, tmp_path):
+    from modalign.data.dataset import Item, PairedDataset
+    from modalign.embed.tokens import embed_tokens, load_tokens
+
+    for i, freq in enumerate((440.0, 1800.0)):
+        _sine_wav(tmp_path / f"{i}.wav", freq, seconds=0.4 + 0.3 * i)
+    clips = [str(tmp_path / "0.wav"), str(tmp_path / "1.wav")]
+    batch = tower.preprocess(clips)
+    with torch.no_grad():
+        tokens, mask = tower.encode_tokens(batch)
+        fmap = tower.image_tower.net.spatial_features(batch)
+        vectors = tower.encode(batch)
+    w = tower.image_tower.net.output_side(96)
+    assert tokens.shape == (2, w, 1280) and bool(mask.all())
+    assert tower.token_counts(clips) == [w, w] == [3, 3]
+    for b in range(2):  # naive: token j is column j of the map, averaged over frequency rows
+        for j in range(w):
+            naive = sum(fmap[b, :, r, j] for r in range(fmap.shape[2])) / fmap.shape[2]
+            torch.testing.assert_close(tokens[b, j], naive, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tokens.mean(1), vectors, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batch must be"):
+        tower.encode_tokens(torch.zeros(2, 96, 96))
+
+    items = [Item(f"a{i}", "audio", "speech", f"{i}.wav", f"g{i}", "test") for i in range(2)]
+    store = embed_tokens(PairedDataset("clips", items, root=tmp_path), {"audio": tower},
+                         tmp_path / "emb", progress=False)
+    tf = load_tokens(store, "audio")
+    assert tf.offsets.tolist() == [0, 3, 6]
+    np.testing.assert_allclose(tf.tokens(1), tokens[1].numpy(), rtol=1e-5, atol=1e-5)

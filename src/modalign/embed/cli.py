@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="L2-normalise stored vectors (for joint-space towers such as CLIP)")
     p.add_argument("--tokens", action="store_true",
                    help="also write token-level features (ragged arrays: MiniLM token states, "
-                        "EfficientNet spatial positions, CLIP text and patch tokens) for the "
-                        "towers that give them")
+                        "EfficientNet spatial positions, CLIP text and patch tokens, log-mel "
+                        "time frames) for the towers that give them")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--verify", action="store_true",
                    help="after embedding, compare every array of the store with its recorded "
@@ -118,7 +118,7 @@ def _embed_tokens(ds, encoders, path, args: argparse.Namespace) -> None:
     able = {m: e for m, e in encoders.items() if supports_tokens(e)}
     if not able:
         raise ModalignError(f"--tokens: none of the towers {sorted(encoders)} gives token "
-                            "features (built-in: minilm, effnet-lite0, hf-clip)")
+                            "features (built-in: minilm, effnet-lite0, logmel, hf-clip)")
     for m in sorted(set(encoders) - set(able)):
         print(f"--tokens: the {m} tower gives no token features; its pooled array only")
     embed_tokens(ds, able, path, batch_size=args.batch_size, progress=True, device=args.device,

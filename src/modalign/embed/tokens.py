@@ -1,8 +1,9 @@
 """Token-level features in the embedding store: ragged arrays (token vectors plus offsets).
 
 A tower that can return its tokens (MiniLM's last-layer token states, EfficientNet's spatial
-positions, a transformers CLIP tower's projected text or ``[CLS]`` + patch tokens, or any tower
-with ``token_counts`` and ``encode_tokens``) gets, per modality::
+positions, a transformers CLIP tower's projected text or ``[CLS]`` + patch tokens, the log-mel
+audio tower's time frames, or any tower with ``token_counts`` and ``encode_tokens``) gets, per
+modality::
 
     <modality>.tokens.npy            float32 (total tokens, dim), memory-mapped on read
     <modality>.tokens.offsets.npy    int64 (rows + 1,): row i owns tokens offsets[i]:offsets[i+1]
@@ -238,7 +239,7 @@ def embed_tokens(dataset: PairedDataset, encoders: Mapping[str, Any], out_dir: s
         if not supports_tokens(enc):
             raise ModalignError(f"tower {getattr(enc, 'name', enc)!r} for {modality!r} gives no "
                                 "token features (it needs token_counts and encode_tokens); "
-                                "built-in: minilm, effnet-lite0, hf-clip")
+                                "built-in: minilm, effnet-lite0, logmel, hf-clip")
         items = dataset.select(modality=modality)
         if not items:
             raise ModalignError(f"encoders: modality {modality!r} has no items in dataset "

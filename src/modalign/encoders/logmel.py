@@ -12,6 +12,11 @@ tower:
    ``10 log10`` and an 80 dB floor below each clip's maximum;
 3. map the 80 dB range to 0..255 grey (low frequencies at the bottom), resize to a square
    ``image_size`` image, repeat on 3 channels and pass it to EfficientNet-Lite0 (1280-d output).
+
+Token features (``embed --tokens``) are time frames: the columns of EfficientNet's head map (the
+map's ``h x w`` positions averaged over its ``h`` frequency rows), left to right in time, so a
+clip gets ``w`` tokens (3 at 96 px, each about ``max_seconds / 3`` of audio) and their mean is the
+pooled vector.
 """
 
 from __future__ import annotations
@@ -327,6 +332,20 @@ class LogMelEncoder(Tower):
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Spectrogram images from :meth:`preprocess` -> ``(B, 1280)`` features."""
         return self.image_tower.encode(batch)
+
+    def token_counts(self, inputs: Sequence[AudioInput]) -> list[int]:
+        """Time-frame tokens each clip gets from :meth:`encode_tokens` (the same for all)."""
+        return [self.image_tower.net.output_side(self.image_size)] * len(inputs)
+
+    def encode_tokens(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spectrogram images -> time-frame tokens ``(B, w, 1280)`` (the head map's columns, each
+        averaged over frequency, in time order) and an all-true mask; their mean is
+        :meth:`encode`."""
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:
+            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise ValueError(f"batch must be a (B, 3, H, W) tensor from preprocess, got {shape}")
+        tokens = self.image_tower.net.spatial_features(batch).mean(dim=2).transpose(1, 2)
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
     def blocks(self) -> list[nn.Module]:
         """The image tower's stages (the front end has no parameters)."""
