@@ -8,6 +8,7 @@ per 1,000 queries and the recall of a centroid prefilter against exact MaxSim. O
 model.
 
     python benchmarks/late_interaction.py --store runs/emb --epochs 10
+    python benchmarks/late_interaction.py --store runs/emb-speech --documents image,text:name,audio
 """
 
 from __future__ import annotations
@@ -30,13 +31,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--prefilter", type=int, default=10)
+    p.add_argument("--documents", default="image,text:name",
+                   help="comma-separated document keys (e.g. image,text:name,audio with speech)")
     args = p.parse_args()
+    documents = [k.strip() for k in args.documents.split(",") if k.strip()]
     for scoring in ("maxsim", "single"):
         run = tempfile.mkdtemp(prefix=f"late-{scoring}-")
         c0 = time.process_time()
         summary = train_late(LateSettings(store=args.store, run_dir=run, dim=args.dim,
                                           epochs=args.epochs, batch_size=args.batch,
-                                          scoring=scoring), progress=False)
+                                          scoring=scoring, documents=documents),
+                           progress=False)
         out = evaluate_late(os.path.join(run, "model"), args.store, split="test",
                             prefilter=args.prefilter)
         print(json.dumps({"trained_with": scoring, "train": summary,
