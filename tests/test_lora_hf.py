@@ -49,8 +49,8 @@ def test_adapters_sit_on_the_towers_own_encoder_start_at_identity_and_merge(clip
     tower.encode(batch).pow(2).sum().backward()
     grads = {n for n, p in tower.named_parameters() if p.grad is not None}
     assert grads and grads <= set(names)
-    assert any(p.grad.abs().sum() > 0 for n, p in tower.named_parameters() if "lora_A" in n) or \
-        any(p.grad.abs().sum() > 0 for n, p in tower.named_parameters() if "lora_B" in n)
+    # B starts at zero, so the first step moves B (A's gradient goes through B)
+    assert all(p.grad.abs().sum() > 0 for n, p in tower.named_parameters() if "lora_B" in n)
     with torch.no_grad():
         for n, p in tower.named_parameters():
             if "lora_B" in n:
