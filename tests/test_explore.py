@@ -417,7 +417,7 @@ def test_serve_command_listens_on_loopback_and_stops_on_ctrl_c(tmp_path):
         with urllib.request.urlopen(url, timeout=10) as r:
             assert 'id="query-form"' in r.read().decode()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=60) == 0
         assert "stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:
