@@ -232,3 +232,18 @@ def test_eval_ood_cli_records_metrics_and_intervals(tmp_path):
     assert rec["bootstrap"]["replicates"] == 20 and "mcm/auroc_lo" not in m
     assert 0 <= m["id_acc1"] <= 1 and "knn/fpr@95tpr" in m
     assert main([*argv[:-6], "--out", str(out)]) == 2  # no prototypes and no model
+
+
+def test_classes_for_zero_shot_and_ood_come_from_one_resolver(tmp_path):
+    from modalign.errors import ModalignError
+    from modalign.evaluate.zeroshot import resolve_classes, save_class_embeddings
+
+    with pytest.raises(ModalignError, match="--task ood with --embeddings needs class"):
+        resolve_classes("ood", ["a"], label="x", class_embeddings=None, model_dir=None,
+                        templates=("{}",))
+    path = tmp_path / "classes.safetensors"
+    save_class_embeddings(path, ["cat", "dog"], torch.eye(2))
+    names, protos, templates = resolve_classes("zeroshot", ["ignored"], label="x",
+                                               class_embeddings=str(path), model_dir=None,
+                                               templates=("a photo of {}",))
+    assert names == ["cat", "dog"] and templates == () and protos.shape == (2, 2)

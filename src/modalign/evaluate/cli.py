@@ -378,10 +378,8 @@ def _zero_shot(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping
                bank: Mapping[str, Any] | None, overrides: Mapping[str, Any],
                inversion: Mapping[str, Any] | None, common: Mapping[str, Any]) -> Any:
     from modalign.evaluate.zeroshot import (
-        class_name,
         default_templates,
-        encode_prototypes,
-        load_class_embeddings,
+        resolve_classes,
         zero_shot_classification,
     )
 
@@ -392,26 +390,9 @@ def _zero_shot(args: argparse.Namespace, joint: Mapping[str, Any], test: Mapping
     inputs = _modality(test, args.modality)
     templates = (tuple(args.template) if args.template
                  else default_templates(str(args.data or "")))
-    if args.class_embeddings:
-        classnames, prototypes = load_class_embeddings(args.class_embeddings)
-        templates = ()
-    elif args.model:
-        from modalign.model import MultiTowerModel
-
-        model = MultiTowerModel.from_pretrained(args.model)
-        if "text" not in model.modalities:
-            raise ValueError(f"--task zeroshot: the model {args.model} has no text tower to "
-                             "encode class prompts; pass --class-embeddings FILE")
-        classnames = sorted({v for v in joint[args.modality].labels(args.label) if v})
-        if not classnames:
-            raise ValueError(f"--label {args.label!r}: the {args.modality} items carry no such "
-                             "label")
-        prototypes = encode_prototypes(lambda p: model.encode("text", p),
-                                       [class_name(c) for c in classnames], templates)
-    else:
-        raise ValueError("--task zeroshot with --embeddings needs class prototypes: pass "
-                         "--model DIR (its text tower encodes the prompts) or "
-                         "--class-embeddings FILE")
+    classnames, prototypes, templates = resolve_classes(
+        "zeroshot", joint[args.modality].labels(args.label), label=args.label,
+        class_embeddings=args.class_embeddings, model_dir=args.model, templates=templates)
     if len(classnames) <= 5:
         warnings.warn(f"zero-shot with {len(classnames)} classes: acc5 counts the true class "
                       f"among the top 5 of {len(classnames)}, so it means little",

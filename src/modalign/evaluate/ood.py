@@ -462,12 +462,7 @@ def ood_cli_task(args: Any) -> tuple[TaskResult, str]:
     """Run ``--task ood`` from parsed ``modalign eval`` arguments; returns the result and the
     dataset name for the record."""
     from modalign.embed.joint import load_joint
-    from modalign.evaluate.zeroshot import (
-        DEFAULT_TEMPLATES,
-        class_name,
-        encode_prototypes,
-        load_class_embeddings,
-    )
+    from modalign.evaluate.zeroshot import DEFAULT_TEMPLATES, resolve_classes
 
     if args.data is None and args.embeddings is None:
         raise ModalignError("--task ood: pass --in DATA (with --model) or --embeddings DIR")
@@ -500,24 +495,9 @@ def ood_cli_task(args: Any) -> tuple[TaskResult, str]:
         raise ModalignError("--task ood needs OOD inputs: --out-data DATA[:split] or "
                             "--ood-values LABEL=V1,V2")
     templates: tuple[str, ...] = tuple(args.template) if args.template else DEFAULT_TEMPLATES
-    if args.class_embeddings:
-        classnames, protos = load_class_embeddings(args.class_embeddings)
-        templates = ()
-    elif args.model:
-        from modalign.model import MultiTowerModel
-
-        model = MultiTowerModel.from_pretrained(args.model)
-        if "text" not in model.modalities:
-            raise ModalignError(f"--task ood: the model {args.model} has no text tower for the "
-                                "class prompts; pass --class-embeddings FILE")
-        classnames = sorted({v for v in emb.labels(args.label) if v} - excluded)
-        if not classnames:
-            raise ModalignError(f"--label {args.label!r}: the ID inputs carry no such label")
-        protos = encode_prototypes(lambda p: model.encode("text", p),
-                                   [class_name(c) for c in classnames], templates)
-    else:
-        raise ModalignError("--task ood with --embeddings needs --class-embeddings FILE or "
-                            "--model DIR")
+    classnames, protos, templates = resolve_classes(
+        "ood", emb.labels(args.label), label=args.label, class_embeddings=args.class_embeddings,
+        model_dir=args.model, templates=templates, exclude=frozenset(excluded))
     keep = np.array([v in set(classnames) for v in ind.labels(args.label)], dtype=bool)
     ind = ind.subset(keep)
     scores = [s.strip() for s in args.scores.split(",") if s.strip()]

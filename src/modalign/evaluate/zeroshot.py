@@ -155,6 +155,40 @@ def load_class_embeddings(path: str | os.PathLike[str]) -> tuple[list[str], Tens
     return names, class_prototypes(read_safetensors(path)["embeddings"])
 
 
+
+def resolve_classes(task: str, labels: Sequence[str | None], *, label: str,
+                    class_embeddings: str | None, model_dir: str | None,
+                    templates: Sequence[str], exclude: frozenset[str] = frozenset()
+                    ) -> tuple[list[str], Tensor, tuple[str, ...]]:
+    """Class names, their prototypes and the templates used, for ``--task TASK``.
+
+    From ``class_embeddings`` (a file of :func:`save_class_embeddings`; no templates), or else
+    the class values of ``labels`` (less ``exclude``) as prompts encoded by the text tower of
+    the model in ``model_dir``. Shared by zero-shot classification and OoD detection.
+    """
+    from modalign.errors import ModalignError
+
+    if class_embeddings:
+        names, prototypes = load_class_embeddings(class_embeddings)
+        return names, prototypes, ()
+    if not model_dir:
+        raise ModalignError(f"--task {task} with --embeddings needs class prototypes: pass "
+                            "--model DIR (its text tower encodes the prompts) or "
+                            "--class-embeddings FILE")
+    from modalign.model import MultiTowerModel
+
+    model = MultiTowerModel.from_pretrained(model_dir)
+    if "text" not in model.modalities:
+        raise ModalignError(f"--task {task}: the model {model_dir} has no text tower to encode "
+                            "class prompts; pass --class-embeddings FILE")
+    names = sorted({v for v in labels if v} - exclude)
+    if not names:
+        raise ModalignError(f"--label {label!r}: the inputs carry no such label")
+    prototypes = encode_prototypes(lambda p: model.encode("text", p),
+                                   [class_name(c) for c in names], templates)
+    return names, prototypes, tuple(templates)
+
+
 def zero_shot_classification(
     inputs: Embeddings,
     prototypes: Tensor,
