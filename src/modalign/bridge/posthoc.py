@@ -144,7 +144,9 @@ def close_noise(x: Tensor, std: float, *, generator: torch.Generator | None = No
                          f"{getattr(x, 'shape', type(x).__name__)}")
     if not math.isfinite(std) or std < 0:
         raise ValueError(f"std={std!r}: expected a finite number >= 0")
-    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    # a generator draws on its own device (a CPU generator gives the same noise on any device)
+    device = x.device if generator is None else generator.device
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
     return F.normalize(x + std * eps, dim=1)
 
 

@@ -6,9 +6,8 @@ import argparse
 import json
 import time
 
+from modalign.embed.resolve import DEFAULT_TOWERS
 from modalign.errors import ModalignError
-
-DEFAULT_TOWERS = {"image": "effnet-lite0", "text": "minilm", "audio": "logmel"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -177,6 +177,33 @@ def shard(rows: np.ndarray | torch.Tensor, rank: int, world_size: int) -> Any:
     return rows[rank * per:(rank + 1) * per]
 
 
+class RawInputs:
+    """Raw inputs (file paths, texts) of store rows, for towers that encode on the fly.
+
+    Args:
+        dataset_spec: the dataset the store was encoded from (``data.dataset``).
+    """
+
+    def __init__(self, dataset_spec: str) -> None:
+        from modalign.data import load_dataset
+
+        if not dataset_spec:
+            raise ModalignError("data.dataset must name the dataset when train.unfreeze is set "
+                                "(unfrozen towers encode raw inputs)")
+        self.dataset = load_dataset(dataset_spec)
+        self.by_id = {it.id: it for it in self.dataset.items}
+
+    def inputs(self, items: Sequence[dict[str, Any]]) -> list[Any]:
+        """The path (or, for text, the value) of each store row's item."""
+        out = []
+        for row in items:
+            it = self.by_id.get(row["id"])
+            if it is None:
+                raise ModalignError(f"item {row['id']!r} of the store is not in data.dataset")
+            out.append(str(self.dataset.resolve(it)) if it.modality != "text" else it.value)
+        return out
+
+
 def augment_image(image: Image.Image, rng: np.random.Generator, *,
                   crop_scale: Sequence[float] = (0.8, 1.0), color_jitter: float = 0.2,
                   ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:

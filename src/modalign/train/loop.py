@@ -1,15 +1,19 @@
 """The training loop: heads (and optionally tower tails) trained with any objective, resumable.
 
 One step: draw the global batch of groups, take this process's shard, compute joint embeddings
-(projected cached features; raw inputs through unfrozen towers), apply the objective, step AdamW,
-clamp the objective's temperatures. With ``train.accumulate = k > 1`` the step runs GradCache-style
-so the contrastive batch stays global: embeddings of the ``k`` micro-batches are computed without
-gradients, the loss on the whole batch gives the gradient with respect to every embedding, and
-each micro-batch is then re-embedded with gradients and back-propagated with that gradient.
+(projected cached features; raw inputs through unfrozen towers), apply the objective and the
+enabled recipes (``[momentum]``, ``[distill]``, ``[negatives]``, ``[harmonize]``), step AdamW,
+clamp the temperatures. ``train.accumulate = k > 1`` runs the step GradCache-style
+(:mod:`modalign.train.gradcache`) so the contrastive batch stays global.
 
-After every epoch the validation split is embedded (all its items for the two validation keys) and
-retrieval R@1/R@5 both ways and the centroid gap are printed and appended to ``log.jsonl``; the best
-epoch by ``validate.metric`` is saved as the run's model folder; ``validate.patience`` stops early.
+Host-side checks (the losses' input checks, a finite loss) run on the first step of a run, every
+:data:`CHECK_EVERY` steps, before each checkpoint and at the end of each epoch, not on every step:
+each one waits for the accelerator. A non-finite loss stops the run naming its first step.
+
+After every epoch the validation split is evaluated (:mod:`modalign.train.validate`) and the row
+is appended to ``log.jsonl``; the best epoch by ``validate.metric`` is saved as the run's model
+folder; ``validate.patience`` stops early. What the run trains is built by
+:mod:`modalign.train.build`.
 """
 
 from __future__ import annotations
@@ -26,26 +30,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from modalign import __version__
+from modalign.bridge.posthoc import close_noise
 from modalign.embed.store import EmbeddingStore
 from modalign.encoders.lora import adapter_dropout_on, save_adapters
 from modalign.errors import ModalignError, SmallDataWarning
-from modalign.evaluate.vocabulary import (
-    describe_metric,
-    metric_key,
-    parse_metric_key,
-    upgrade_training_row,
-)
+from modalign.evaluate.vocabulary import parse_metric_key, upgrade_training_row
 from modalign.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
-from modalign.losses.objective import Objective, build_objective
+from modalign.losses.objective import Objective
 from modalign.losses.output import LossOutput
-from modalign.model import MultiTowerModel, base_modality
+from modalign.losses.validation import validation, validation_enabled
+from modalign.model import base_modality
 from modalign.paths import home
+from modalign.train import build
 from modalign.train import distributed as D
+from modalign.train import validate as V
+from modalign.train.build import resolve_store, tower_specs
 from modalign.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -53,18 +57,23 @@ from modalign.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from modalign.train.config import RESUMABLE_KEYS, DataConfig, TrainConfig, config_changes
-from modalign.train.data import KeyTable, PairedFeatures, augment_image, load_key, shard
-from modalign.train.recipes.distill import ContrastiveDistillation, load_teacher
+from modalign.train.config import RESUMABLE_KEYS, TrainConfig, config_changes
+from modalign.train.data import KeyTable, PairedFeatures, RawInputs, augment_image, shard
+from modalign.train.gradcache import gradcache_backward
 from modalign.train.recipes.harmonize import GradientHarmonization
 from modalign.train.recipes.momentum import MomentumDistillation, alpha_at
-from modalign.train.recipes.negatives import HardNegatives
+from modalign.train.validate import format_row as _format_row
+
+__all__ = ["CHECK_EVERY", "TrainResult", "Trainer", "check_resume", "default_run_dir",
+           "resolve_store", "tower_specs", "train"]
 
 LOG_NAME = "log.jsonl"
 SUMMARY_NAME = "summary.json"
 CONFIG_NAME = "config.resolved.json"
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
+CHECK_EVERY = 50
+"""Steps between the host-side checks of a run (besides its first step, checkpoints, epoch ends)."""
 
 
 @dataclass
@@ -108,78 +117,6 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
             "to train with the new settings")
 
 
-def tower_specs(config: TrainConfig, store: EmbeddingStore) -> dict[str, str]:
-    """Encoder spec per modality: ``model.towers``, else the encoder recorded in the store."""
-    specs = dict(config.model.towers)
-    for m in config.modalities():
-        if m in specs:
-            continue
-        try:
-            enc = store.info(m).get("encoder") or {}
-        except ValueError:
-            enc = {}
-        name = enc.get("name") if isinstance(enc, Mapping) else None
-        if name:
-            specs[m] = str(name)
-    return specs
-
-
-def resolve_store(config: TrainConfig, ctx: D.DistContext | None = None) -> EmbeddingStore:
-    """The store of ``data.embeddings``; else the default store of ``data.dataset`` and the
-    configured towers, brought up to date by rank 0 (missing or stale arrays are encoded)."""
-    if config.data.embeddings:
-        path = Path(config.data.embeddings)
-        if not (path / "manifest.json").is_file():
-            raise FileNotFoundError(f"data.embeddings={str(path)!r} is not an embedding store "
-                                    "(no manifest.json); build one with 'modalign embed'")
-        return EmbeddingStore(path)
-    if not config.data.dataset:
-        raise ModalignError("set data.embeddings (a store folder) or data.dataset (e.g. 'emoji')")
-    from modalign.data import load_dataset
-    from modalign.embed.cli import DEFAULT_TOWERS
-    from modalign.embed.encode import embed_dataset
-    from modalign.embed.paths import default_store_dir
-
-    ds = load_dataset(config.data.dataset)
-    specs = {m: config.model.towers.get(m) or DEFAULT_TOWERS.get(m, "") for m in ds.modalities
-             if m in config.modalities()}
-    missing = [m for m in config.modalities() if not specs.get(m)]
-    if missing:
-        raise ModalignError(f"data.dataset={config.data.dataset!r} has no items of {missing} or no "
-                         f"default tower for them; it has {ds.modalities}")
-    path = default_store_dir(ds, specs)
-    store = EmbeddingStore(path)
-    if ctx is None or ctx.is_main:
-        # embed_dataset re-encodes an array whose inputs or tower changed and reuses the rest
-        embed_dataset(ds, {m: _load_tower(specs[m], m) for m in specs}, path,
-                      progress=sys.stderr.isatty())
-    if ctx is not None:
-        D.barrier(ctx)
-    return store
-
-
-class _RawInputs:
-    """Raw inputs (file paths, texts) of store rows, for towers that encode on the fly."""
-
-    def __init__(self, dataset_spec: str) -> None:
-        from modalign.data import load_dataset
-
-        if not dataset_spec:
-            raise ModalignError("data.dataset must name the dataset when train.unfreeze is set "
-                             "(unfrozen towers encode raw inputs)")
-        self.dataset = load_dataset(dataset_spec)
-        self.by_id = {it.id: it for it in self.dataset.items}
-
-    def inputs(self, items: list[dict[str, Any]]) -> list[Any]:
-        out = []
-        for row in items:
-            it = self.by_id.get(row["id"])
-            if it is None:
-                raise ModalignError(f"item {row['id']!r} of the store is not in data.dataset")
-            out.append(str(self.dataset.resolve(it)) if it.modality != "text" else it.value)
-        return out
-
-
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig` and runs it.
 
@@ -194,6 +131,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, towers: Mapping[str, Any] | None = None,
                  run_dir: str | Path | None = None, resume: bool = False) -> None:
         self.config = config
+        towers = towers or {}
         self.ctx = D.setup(config.train.device)
         if config.train.num_threads > 0:
             torch.set_num_threads(config.train.num_threads)
@@ -203,7 +141,7 @@ class Trainer:
         self.resume = resume
         if resume:
             check_resume(self.run_dir, config)
-        self.store = resolve_store(config, self.ctx)
+        self.store: EmbeddingStore = resolve_store(config, self.ctx)
         self.data = PairedFeatures(self.store, config.data.keys, config.data.train_split)
         if len(self.data) < 2:
             raise ModalignError(
@@ -214,65 +152,43 @@ class Trainer:
         self.local_batch = self.batch_size // self.ctx.world_size
         if self.batch_size % self.ctx.world_size:
             raise ModalignError(f"train.batch_size={self.batch_size} must be divisible by the "
-                             f"{self.ctx.world_size} processes")
+                                f"{self.ctx.world_size} processes")
         if self.local_batch % config.train.accumulate:
             raise ModalignError(f"the per-process batch {self.local_batch} must be divisible by "
-                             f"train.accumulate={config.train.accumulate}")
+                                f"train.accumulate={config.train.accumulate}")
         self.steps_per_epoch = self.data.num_batches(self.batch_size)
         _print_batch_warning(len(self.data.groups), self.batch_size, self.ctx.is_main)
         total = self.steps_per_epoch * config.train.epochs
         self.total_steps = min(total, config.train.max_steps) if config.train.max_steps else total
 
+        # The order below fixes the run's random draws: keep it.
         torch.manual_seed(config.train.seed)
         specs = tower_specs(config, self.store)
-        for m, t in (towers or {}).items():
+        for m, t in towers.items():
             specs.setdefault(m, getattr(t, "name", m))
-        dims = {m: self._feature_dim(m) for m in config.modalities()}
-        self.model = MultiTowerModel(config.model_config(specs, dims))
-        self.model.log_logit_scale.requires_grad_(False)  # the objectives learn their own scale
-        if self.model.logit_bias is not None:
-            self.model.logit_bias.requires_grad_(False)
-        if self.model.config.center_features:
-            for m in config.modalities():
-                feats = torch.cat([t.features for k, t in self.data.tables.items()
-                                   if base_modality(k) == m])
-                if self.model.config.input_norm == "l2":
-                    feats = F.normalize(feats, dim=-1)
-                self.model.set_feature_center(m, feats.mean(0))
-        self.raw_keys: list[str] = []
-        tower_params: list[nn.Parameter] = []
-        for m, k in config.train.unfreeze.items():
-            if k <= 0:
-                continue
-            tower = (towers or {}).get(m) or _load_tower(specs[m], m)
-            if not hasattr(tower, "trainable_tail"):
-                raise ModalignError(f"train.unfreeze[{m!r}]: tower {specs[m]!r} cannot be partly "
-                                 "unfrozen (it has no trainable_tail(k))")
-            tower.freeze()
-            tower_params += tower.trainable_tail(k)
-            self.model.attach_tower(m, tower)
-            self.raw_keys += [key for key in config.data.keys if base_modality(key) == m]
-        tower_params += self._attach_lora_towers(towers or {}, specs)
-        self.raw = _RawInputs(config.data.dataset) if self.raw_keys else None
-        for m, t in (towers or {}).items():
-            if m not in self.model.towers:
-                self.model.attach_tower(m, t)
-
-        self.objective: Objective = build_objective(
-            [_with_dataset_size(spec, len(self.data)) for spec in config.objectives]
-        ).to(self.ctx.device)
+        dims = build.feature_dims(config, self.data)
+        self.model = build.build_model(config, self.data, specs, dims)
+        self.raw_keys, tower_params = build.attach_towers(self.model, config, specs, towers)
+        self.raw = RawInputs(config.data.dataset) if self.raw_keys else None
+        build.attach_inference_towers(self.model, towers)
+        device = self.ctx.device
+        self.objective: Objective = build.training_objective(config, len(self.data)).to(device)
+        # recipes: hooks around the objective (see _loss and compute_gradients)
         self.momentum = (MomentumDistillation(self.model, config.data.keys, config.model.joint_dim,
-                                              config.momentum).to(self.ctx.device)
+                                              config.momentum).to(device)
                          if config.momentum.enabled else None)
-        self.distill = self._distillation(dims)
-        self.negatives = self._hard_negatives(specs, towers or {})
+        distill = build.build_distillation(config, dims, self.raw_keys)
+        self.distill = distill.to(device) if distill is not None else None
+        negatives = build.build_negatives(config, self.data, specs, towers)
+        self.negatives = negatives.to(device) if negatives is not None else None
         self.harmonize = (GradientHarmonization(config.objectives, self.objective.labels,
                                                 config.harmonize)
                           if config.harmonize.enabled else None)
         self.module = D.wrap(self.model, self.ctx)
-        self.optimizer = self._optimizer(tower_params)
+        self.optimizer = build.build_optimizer(self.model, self.objective, self._recipe_params(),
+                                               tower_params, config.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.val = self._validation_tables()
+        self.val = V.validation_tables(config, self.store)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if config.train.precision == "bf16" else nullcontext())
         # loop state (restored on resume)
@@ -287,106 +203,12 @@ class Trainer:
         self.epoch_seconds = 0.0
         self.train_seconds = 0.0
         self.stopped_early = False
-
-    # -- construction helpers ----------------------------------------------------------------
-    def _attach_lora_towers(self, towers: Mapping[str, Any], specs: Mapping[str, str]
-                            ) -> list[nn.Parameter]:
-        """``[lora]``: wrap each listed tower with peft LoRA adapters and attach it to the model
-        (its items are encoded on the fly); returns the adapter parameters."""
-        from modalign.encoders.lora import apply_lora
-
-        params: list[nn.Parameter] = []
-        for m, settings in self.config.lora_settings().items():
-            tower = towers.get(m) or _load_tower(specs[m], m)
-            params += apply_lora(tower, settings)
-            self.model.attach_tower(m, tower)
-            self.raw_keys += [key for key in self.config.data.keys if base_modality(key) == m]
-        return params
-
-    def _feature_dim(self, modality: str) -> int:
-        dims = {self.data.feature_dim(k) for k in self.config.data.keys
-                if base_modality(k) == modality}
-        if len(dims) != 1:
-            raise ModalignError(f"keys of modality {modality!r} have different feature dims {dims}")
-        return dims.pop()
-
-    def _distillation(self, dims: Mapping[str, int]) -> ContrastiveDistillation | None:
-        cfg = self.config
-        if not cfg.distill.enabled:
-            return None
-        if self.raw_keys:
-            raise ModalignError("distill.teacher cannot be combined with train.unfreeze: the "
-                                "teacher reads cached tower features")
-        teacher = load_teacher(cfg.distill.teacher, dims)
-        return ContrastiveDistillation(teacher, cfg.data.keys, cfg.distill).to(self.ctx.device)
-
-    def _hard_negatives(self, specs: Mapping[str, str],
-                        towers: Mapping[str, Any]) -> HardNegatives | None:
-        cfg = self.config.negatives
-        if not cfg.enabled:
-            return None
-        m = base_modality(cfg.text_key)
-        tower = towers.get(m) or _load_tower(specs[m], m)
-
-        @torch.no_grad()
-        def encode(texts: list[str]) -> torch.Tensor:
-            return torch.cat([tower.encode(tower.preprocess(texts[i:i + 256])).float().cpu()
-                              for i in range(0, len(texts), 256)])
-
-        given = None
-        if cfg.file:
-            given = read_json(cfg.file)
-            if not isinstance(given, dict) or not all(
-                    isinstance(v, list) and all(isinstance(t, str) for t in v)
-                    for v in given.values()):
-                raise ModalignError(f"negatives.file={cfg.file!r} must hold a JSON object "
-                                    "{caption: [negative caption, ...]}")
-        items = self.data.tables[cfg.text_key].items
-        return HardNegatives(items, encode, cfg, given).to(self.ctx.device)
-
-    def _optimizer(self, tower_params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        o = self.config.optim
-        tower_ids = {id(p) for p in tower_params}
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad or id(p) in tower_ids:
-                continue
-            (decay if p.ndim >= 2 and not name.endswith("center") else no_decay).append(p)
-        obj_params = [p for p in self.objective.parameters() if p.requires_grad]
-        obj_params += self._recipe_params()
-        groups = [{"params": decay, "lr": o.lr, "weight_decay": o.weight_decay},
-                  {"params": no_decay + obj_params, "lr": o.lr, "weight_decay": 0.0}]
-        if tower_params:
-            groups.append({"params": [p for p in tower_params if p.ndim >= 2], "lr": o.tower_lr,
-                           "weight_decay": o.weight_decay})
-            groups.append({"params": [p for p in tower_params if p.ndim < 2], "lr": o.tower_lr,
-                           "weight_decay": 0.0})
-        groups = [g for g in groups if g["params"]]
-        return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps)  # type: ignore[arg-type]
+        # steps run since the last host-side check: (step, epoch, detached loss)
+        self._unchecked: list[tuple[int, int, LossOutput]] = []
+        self._checked_step = 0
 
     def _lr_factor(self, step: int) -> float:
-        o = self.config.optim
-        if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        span = max(1, self.total_steps - o.warmup_steps)
-        progress = min(1.0, (step - o.warmup_steps) / span)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    def _validation_tables(self) -> dict[str, KeyTable] | None:
-        pair = self.config.validation_pair()
-        if pair is None:
-            return None
-        split = self.config.data.val_split
-        if split == DataConfig.val_split and not _has_split(self.store, pair, split):
-            # The default split is missing (a user's manifest with only train/test): train
-            # without validation and say so; a split the user named must exist.
-            warnings.warn(f"the data has no {split!r} split, so this run trains without "
-                          "validation; set data.val_split to validate on another split "
-                          "(e.g. --set data.val_split=test)", stacklevel=2)
-            return None
-        return {k: KeyTable.from_embeddings(k, load_key(self.store, k, split)) for k in pair}
+        return build.lr_factor(step, self.config.optim, self.total_steps)
 
     # -- one step ----------------------------------------------------------------------------
     def _batch(self, epoch: int, index: int) -> tuple[dict[str, torch.Tensor], dict[str, list],
@@ -432,7 +254,8 @@ class Trainer:
         return {k: v.float() for k, v in out.items()}
 
     def _noisy(self, emb: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """CLOSE-style noise on the configured keys: ``normalize(z + sigma * eps)``."""
+        """``augment.embedding_noise``: CLOSE noise (:func:`~modalign.bridge.posthoc.
+        close_noise`) on the configured keys, seeded by (seed, step, rank)."""
         noise = self.config.augment.embedding_noise
         if not noise:
             return emb
@@ -441,11 +264,11 @@ class Trainer:
         out = dict(emb)
         for k in sorted(noise):
             if k in out and noise[k] > 0:
-                eps = torch.randn(out[k].shape, generator=g).to(out[k])
-                out[k] = F.normalize(out[k] + noise[k] * eps, dim=-1)
+                out[k] = close_noise(out[k], noise[k], generator=g)
         return out
 
     def _loss(self, emb: dict[str, torch.Tensor], indices: torch.Tensor) -> LossOutput:
+        """The objective on ``emb`` plus the loss-adding recipes (momentum, distill, negatives)."""
         # Every group appears once per batch, so positives match by row (groups=None).
         with self.autocast:
             out = self.objective(self._noisy(emb, self.step),
@@ -492,7 +315,9 @@ class Trainer:
             out = self._loss(self._embed(self.module, feats, raw, slice(None)), indices)
             out.loss.backward()
         else:
-            out = self._gradcache_backward(feats, raw, indices, k)
+            out = gradcache_backward(
+                self.module, lambda module, sl: self._embed(module, feats, raw, sl),
+                lambda emb: self._loss(emb, indices), batch=self.local_batch, k=k)
         if self.momentum is not None:
             self.momentum.enqueue()
         D.average_gradients(self._replicated_params(), self.ctx)
@@ -538,8 +363,9 @@ class Trainer:
         return [r for r in (self.momentum, self.distill, self.negatives, self.harmonize)
                 if r is not None]
 
-    def train_step(self, epoch: int, index: int) -> dict[str, float]:
-        """One optimizer step on global batch ``index`` of ``epoch``; returns logged values."""
+    def _optimizer_step(self, epoch: int, index: int) -> LossOutput:
+        """One optimizer step on global batch ``index`` of ``epoch``; the loss, detached (still
+        on the device: reading it waits for the step)."""
         out = self.compute_gradients(epoch, index)
         if self.config.optim.grad_clip > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -550,34 +376,14 @@ class Trainer:
         for recipe in self._recipes():
             recipe.clamp_()
         self.step += 1
-        logged = out.detached()
+        return LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.parts.items()})
+
+    def train_step(self, epoch: int, index: int) -> dict[str, float]:
+        """One optimizer step on global batch ``index`` of ``epoch``; returns logged values."""
+        logged = self._optimizer_step(epoch, index).detached()
         if self.ctx.world_size > 1:
             logged["loss"] = D.mean_over_ranks(logged["loss"], self.ctx)
         return logged
-
-    def _gradcache_backward(self, feats: Mapping[str, torch.Tensor], raw: Mapping[str, list],
-                            indices: torch.Tensor, k: int) -> LossOutput:
-        """Loss on the whole local batch, gradients pushed back one micro-batch at a time."""
-        n = self.local_batch
-        size = n // k
-        slices = [slice(i * size, (i + 1) * size) for i in range(k)]
-        inner = self.module.module if isinstance(self.module, D.DistributedDataParallel) \
-            else self.module
-        with torch.no_grad():
-            parts = [self._embed(inner, feats, raw, sl) for sl in slices]
-        cached = {key: torch.cat([p[key] for p in parts]).requires_grad_() for key in parts[0]}
-        out = self._loss(cached, indices)
-        out.loss.backward()
-        for i, sl in enumerate(slices):
-            sync = nullcontext() if (i == k - 1 or not hasattr(self.module, "no_sync")) \
-                else self.module.no_sync()
-            with sync:
-                emb = self._embed(self.module, feats, raw, sl)
-                terms = [(emb[key] * cached[key].grad[sl]).sum() for key in emb
-                         if cached[key].grad is not None]
-                if terms:
-                    torch.stack(terms).sum().backward()
-        return out
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -586,43 +392,18 @@ class Trainer:
 
     def split_tables(self, split: str) -> dict[str, KeyTable]:
         """The two validation keys' rows of ``split`` (to evaluate another split the same way)."""
-        pair = self.config.validation_pair() or list(self.config.data.keys[:2])
-        if len(pair) != 2:
-            raise ModalignError(f"evaluation needs two keys, got {pair}")
-        return {k: KeyTable.from_embeddings(k, load_key(self.store, k, split)) for k in pair}
+        return V.split_tables(self.config, self.store, split)
 
-    @torch.no_grad()
     def evaluate(self, tables: Mapping[str, KeyTable]) -> dict[str, float]:
-        """R@1/R@5 both ways (positives: same group) and the centroid gap of two keys' rows.
-
-        Keys follow :mod:`modalign.evaluate.vocabulary`: ``image-to-text_recall@1`` is the first
-        key retrieving the second, ``text-to-image_recall@1`` the reverse; also
-        ``mean_recall@1`` and ``gap``.
-        """
-        from modalign.evaluate.metrics import retrieval_metrics
-        from modalign.geometry.gap import modality_gap
-
-        (ka, ta), (kb, tb) = tables.items()
-        za, zb = self._embed_table(ka, ta), self._embed_table(kb, tb)
-        ga, gb = torch.from_numpy(ta.group_ids), torch.from_numpy(tb.group_ids)
-        a2b = retrieval_metrics(za, zb, ga, gb, k_values=(1, 5)).metrics
-        b2a = retrieval_metrics(zb, za, gb, ga, k_values=(1, 5)).metrics
-        gap = modality_gap(za.numpy(), zb.numpy(), normalize=False).centroid_distance
-        out = {metric_key(q, g, f"recall@{k}"): m[f"recall@{k}"]
-               for q, g, m in ((ka, kb, a2b), (kb, ka, b2a)) for k in (1, 5)}
-        return {**out, "mean_recall@1": 0.5 * (a2b["recall@1"] + b2a["recall@1"]),
-                "gap": float(gap)}
+        """R@1/R@5 both ways and the centroid gap of two keys' rows
+        (:func:`modalign.train.validate.evaluate`)."""
+        return V.evaluate(self.model, tables, self._raw_inputs())
 
     def _embed_table(self, key: str, table: KeyTable, batch_size: int = 1024) -> torch.Tensor:
-        self.model.eval()
-        try:
-            if key not in self.raw_keys:
-                return torch.from_numpy(self.model.project_array(key, table.features, batch_size))
-            assert self.raw is not None
-            inputs = self.raw.inputs(table.items)
-            return self.model.encode(key, inputs, batch_size=64).float().cpu()
-        finally:
-            self.model.train()
+        return V.embed_table(self.model, key, table, self._raw_inputs().get(key), batch_size)
+
+    def _raw_inputs(self) -> dict[str, RawInputs]:
+        return {k: self.raw for k in self.raw_keys if self.raw is not None}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
@@ -707,7 +488,7 @@ class Trainer:
         if not resumed and self.ctx.is_main:
             if (self.run_dir / CHECKPOINTS / "latest.json").exists():
                 raise ModalignError(f"run folder {self.run_dir} already holds checkpoints; pass "
-                                 "--resume to continue it or choose another run.dir")
+                                    "--resume to continue it or choose another run.dir")
             (self.run_dir / LOG_NAME).unlink(missing_ok=True)
             write_json_atomic(self.run_dir / CONFIG_NAME, {
                 "config": cfg.to_dict(), "model": self.model.config.to_dict(),
@@ -716,53 +497,94 @@ class Trainer:
         metric, sign = cfg.validation_metric()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
                    disable=not (cfg.train.progress and self.ctx.is_main
-                                        and sys.stderr.isatty()), file=sys.stderr)
+                                and sys.stderr.isatty()), file=sys.stderr)
+        self._unchecked, self._checked_step = [], self.step
+        first = self.step
         done = self.step >= self.total_steps or self.stopped_early
-        while not done and self.epoch < cfg.train.epochs:
-            while self.index < self.steps_per_epoch and self.step < self.total_steps:
-                t0 = time.perf_counter()
-                logged = self.train_step(self.epoch, self.index)
-                if not math.isfinite(logged["loss"]):
-                    bar.close()
-                    raise self._non_finite(logged)
-                dt = time.perf_counter() - t0
-                self.index += 1
-                self.epoch_loss_sum += logged["loss"] * self.batch_size
-                self.epoch_samples += self.batch_size
-                self.epoch_seconds += dt
-                self.train_seconds += dt
-                bar.update(1)
-                rate = self.epoch_samples / max(self.epoch_seconds, 1e-9)
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", samples_s=f"{rate:.0f}")
-                every = cfg.train.checkpoint_every
-                if every and self.step % every == 0 and self.index < self.steps_per_epoch:
-                    self.save_checkpoint()
-            finished_epoch = self.index >= self.steps_per_epoch
-            row = self._end_of_epoch(metric, sign, finished_epoch)
-            if finished_epoch:
-                self.epoch += 1
-                self.index = 0
-                self.epoch_loss_sum, self.epoch_samples, self.epoch_seconds = 0.0, 0, 0.0
-            self.save_checkpoint()
-            if row is not None and self.ctx.is_main:
-                bar.write(_format_row(row))
-            if self.stopped_early or self.step >= self.total_steps:
-                done = True
-        bar.close()
+        try:
+            while not done and self.epoch < cfg.train.epochs:
+                while self.index < self.steps_per_epoch and self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    check = self._check_due(first)
+                    # the losses' own input checks run with the host-side checks only
+                    with validation(check and validation_enabled()):
+                        out = self._optimizer_step(self.epoch, self.index)
+                    self._unchecked.append((self.step, self.epoch, out))
+                    self.index += 1
+                    dt = time.perf_counter() - t0
+                    self.epoch_seconds += dt
+                    self.train_seconds += dt
+                    bar.update(1)
+                    if check:
+                        self._check_losses(bar)
+                    every = cfg.train.checkpoint_every
+                    if every and self.step % every == 0 and self.index < self.steps_per_epoch:
+                        self.save_checkpoint()
+                finished_epoch = self.index >= self.steps_per_epoch
+                row = self._end_of_epoch(metric, sign, finished_epoch)
+                if finished_epoch:
+                    self.epoch += 1
+                    self.index = 0
+                    self.epoch_loss_sum, self.epoch_samples, self.epoch_seconds = 0.0, 0, 0.0
+                self.save_checkpoint()
+                if row is not None and self.ctx.is_main:
+                    bar.write(_format_row(row))
+                if self.stopped_early or self.step >= self.total_steps:
+                    done = True
+        finally:
+            bar.close()
         return self._finish()
 
-    def _non_finite(self, logged: Mapping[str, float]) -> ModalignError:
+    def _check_due(self, first: int) -> bool:
+        """Whether the step about to run is followed by the host-side checks: the run's first
+        step, every :data:`CHECK_EVERY` steps, a checkpoint's step, an epoch's or the run's last."""
+        after = self.step + 1
+        every = self.config.train.checkpoint_every
+        return (self.step == first or after % CHECK_EVERY == 0
+                or self.index + 1 >= self.steps_per_epoch or after >= self.total_steps
+                or bool(every and after % every == 0))
+
+    def _check_losses(self, bar: tqdm) -> None:
+        """Read the losses of the steps since the last check (one wait for the device), stop
+        the run at the first non-finite one, else add them to the epoch's running loss."""
+        if not self._unchecked:
+            return
+        t0 = time.perf_counter()
+        losses = torch.stack([out.loss.to(torch.float64) for _, _, out in self._unchecked])
+        if self.ctx.world_size > 1:  # the mean over ranks of each step's loss
+            dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+            values = [v / self.ctx.world_size for v in losses.tolist()]
+        else:
+            values = losses.tolist()
+        for (step, epoch, out), value in zip(self._unchecked, values, strict=True):
+            if not math.isfinite(value):
+                raise self._non_finite(step, epoch, value, out.detached())
+            self.epoch_loss_sum += value * self.batch_size
+            self.epoch_samples += self.batch_size
+        self._checked_step = self._unchecked[-1][0]
+        self._unchecked = []
+        dt = time.perf_counter() - t0
+        self.epoch_seconds += dt
+        self.train_seconds += dt
+        rate = self.epoch_samples / max(self.epoch_seconds, 1e-9)
+        bar.set_postfix(loss=f"{values[-1]:.4f}", samples_s=f"{rate:.0f}")
+
+    def _non_finite(self, step: int, epoch: int, loss: float,
+                    logged: Mapping[str, float]) -> ModalignError:
         parts = ", ".join(f"{k}={v:.4g}" for k, v in logged.items() if k != "loss")
         try:
             last = latest_checkpoint(self.run_dir / CHECKPOINTS)
         except FileNotFoundError:
             last = None
         kept = (f"the last checkpoint ({last.name}) is kept; " if last is not None else "")
+        ran = (f"the run was checked after step {self.step} (steps "
+               f"{self._checked_step + 1}-{self.step} since the last check); "
+               if self.step > step else "")
         return ModalignError(
-            f"training stopped: the loss is {logged['loss']} at step {self.step} (epoch "
-            f"{self.epoch + 1}; {parts or 'no parts'}); nothing of this step was saved; {kept}"
-            "lower optim.lr, raise train.batch_size (some losses need 2+ rows per batch) or "
-            "check the embeddings for NaN rows (modalign data check STORE)")
+            f"training stopped: the loss is {loss} at step {step} (epoch {epoch + 1}; "
+            f"{parts or 'no parts'}); {ran}nothing after step {self._checked_step} was saved; "
+            f"{kept}lower optim.lr, raise train.batch_size (some losses need 2+ rows per batch) "
+            "or check the embeddings for NaN rows (modalign data check STORE)")
 
     def _end_of_epoch(self, metric: str, sign: float, complete: bool) -> dict[str, Any] | None:
         if self.epoch_samples == 0:
@@ -838,39 +660,12 @@ class Trainer:
         return TrainResult(self.run_dir, self.run_dir / MODEL_DIR, summary)
 
 
-def _format_row(row: Mapping[str, Any]) -> str:
-    parts = [f"epoch {row['epoch']:g}", f"step {row['step']}", f"loss {row['train_loss']:.4f}"]
-    for k, v in row.items():
-        if parse_metric_key(k):
-            parts.append(f"{describe_metric(k)} {v:.3f}")
-    if "gap" in row:
-        parts.append(f"gap {row['gap']:.3f}")
-    parts.append(f"{row['samples_per_s']:.0f} samples/s")
-    if row.get("best"):
-        parts.append("*best*")
-    return " | ".join(parts)
-
-
-def _with_dataset_size(spec: Mapping[str, Any], n: int) -> dict[str, Any]:
-    """Per-sample objectives (iSogCLR) get ``dataset_size`` = the number of training groups."""
-    spec = dict(spec)
-    if spec.get("loss") == "isogclr":
-        spec.setdefault("dataset_size", n)
-    return spec
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-def _load_tower(spec: str, modality: str) -> Any:
-    from modalign.encoders import load_encoder
-
-    return load_encoder(spec, modality=modality)
 
 
 def train(config: TrainConfig, *, towers: Mapping[str, Any] | None = None,
@@ -900,13 +695,3 @@ def _print_batch_warning(groups: int, batch_size: int, main: bool) -> None:
     line = batch_warning(groups, batch_size)
     if line and main:
         warnings.warn(line, SmallDataWarning, stacklevel=2)
-
-
-def _has_split(store: EmbeddingStore, keys: list[str], split: str) -> bool:
-    """Whether every modality of ``keys`` has rows in ``split`` of ``store``."""
-    for key in keys:
-        modality, _, view = key.partition(":")
-        if modality in store.arrays and len(store.load(modality, view=view or None,
-                                                       split=split)) == 0:
-            return False
-    return True

@@ -1,0 +1,209 @@
+"""What a run trains, built from its config: store, model, towers, objective, recipes, optimiser.
+
+Each function is one piece of :class:`~modalign.train.loop.Trainer`'s set-up; the trainer calls
+them in a fixed order (the random draws of a run depend on it).
+
+Examples:
+    >>> from modalign.train.config import OptimConfig
+    >>> o = OptimConfig(warmup_steps=2, schedule="cosine")
+    >>> [round(lr_factor(s, o, total_steps=6), 3) for s in range(6)]
+    [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalign.embed.resolve import dataset_store, load_tower, open_store, recorded_towers
+from modalign.embed.store import EmbeddingStore
+from modalign.errors import ModalignError
+from modalign.io import read_json
+from modalign.losses.objective import Objective, build_objective
+from modalign.model import MultiTowerModel, base_modality
+from modalign.train import distributed as D
+from modalign.train.config import OptimConfig, TrainConfig
+from modalign.train.data import PairedFeatures
+from modalign.train.recipes.distill import ContrastiveDistillation, load_teacher
+from modalign.train.recipes.negatives import HardNegatives
+
+
+# -- store -----------------------------------------------------------------------------------
+def resolve_store(config: TrainConfig, ctx: D.DistContext | None = None) -> EmbeddingStore:
+    """The store of ``data.embeddings``; else the default store of ``data.dataset`` and the
+    configured towers, brought up to date by rank 0 (missing or stale arrays are encoded)."""
+    if config.data.embeddings:
+        return open_store(config.data.embeddings, option="data.embeddings")
+    if not config.data.dataset:
+        raise ModalignError("set data.embeddings (a store folder) or data.dataset (e.g. 'emoji')")
+    store = dataset_store(config.data.dataset, config.modalities(), config.model.towers,
+                          encode=ctx is None or ctx.is_main,
+                          option="data.dataset")
+    if ctx is not None:
+        D.barrier(ctx)
+    return store
+
+
+def tower_specs(config: TrainConfig, store: EmbeddingStore) -> dict[str, str]:
+    """Encoder spec per modality: ``model.towers``, else the encoder recorded in the store."""
+    specs = dict(config.model.towers)
+    specs.update(recorded_towers(store, [m for m in config.modalities() if m not in specs]))
+    return specs
+
+
+# -- model -----------------------------------------------------------------------------------
+def feature_dims(config: TrainConfig, data: PairedFeatures) -> dict[str, int]:
+    """The (single) feature dimension of each modality's keys."""
+    out = {}
+    for m in config.modalities():
+        dims = {data.feature_dim(k) for k in config.data.keys if base_modality(k) == m}
+        if len(dims) != 1:
+            raise ModalignError(f"keys of modality {m!r} have different feature dims {dims}")
+        out[m] = dims.pop()
+    return out
+
+
+def build_model(config: TrainConfig, data: PairedFeatures, specs: Mapping[str, str],
+                dims: Mapping[str, int]) -> MultiTowerModel:
+    """The heads to train; the objectives own the temperature, so the model's is frozen; with
+    ``model.center_features`` each modality's training-feature mean is stored as its centre."""
+    model = MultiTowerModel(config.model_config(specs, dims))
+    model.log_logit_scale.requires_grad_(False)  # the objectives learn their own scale
+    if model.logit_bias is not None:
+        model.logit_bias.requires_grad_(False)
+    if model.config.center_features:
+        for m in config.modalities():
+            feats = torch.cat([t.features for k, t in data.tables.items()
+                               if base_modality(k) == m])
+            if model.config.input_norm == "l2":
+                feats = F.normalize(feats, dim=-1)
+            model.set_feature_center(m, feats.mean(0))
+    return model
+
+
+def attach_towers(model: MultiTowerModel, config: TrainConfig, specs: Mapping[str, str],
+                  towers: Mapping[str, Any]) -> tuple[list[str], list[nn.Parameter]]:
+    """Attach the towers that encode raw inputs during training: ``train.unfreeze`` tails, then
+    ``[lora]`` adapters, then any other given tower (used at inference only).
+
+    Returns the keys whose items are encoded on the fly and the tower parameters to train.
+    """
+    from modalign.encoders.lora import apply_lora
+
+    raw_keys: list[str] = []
+    params: list[nn.Parameter] = []
+    for m, k in config.train.unfreeze.items():
+        if k <= 0:
+            continue
+        tower = towers.get(m) or load_tower(specs[m], m)
+        if not hasattr(tower, "trainable_tail"):
+            raise ModalignError(f"train.unfreeze[{m!r}]: tower {specs[m]!r} cannot be partly "
+                                "unfrozen (it has no trainable_tail(k))")
+        tower.freeze()
+        params += tower.trainable_tail(k)
+        model.attach_tower(m, tower)
+        raw_keys += [key for key in config.data.keys if base_modality(key) == m]
+    for m, settings in config.lora_settings().items():
+        tower = towers.get(m) or load_tower(specs[m], m)
+        params += apply_lora(tower, settings)
+        model.attach_tower(m, tower)
+        raw_keys += [key for key in config.data.keys if base_modality(key) == m]
+    return raw_keys, params
+
+
+def attach_inference_towers(model: MultiTowerModel, towers: Mapping[str, Any]) -> None:
+    """Attach the given towers not attached yet (they encode at inference, not in training)."""
+    for m, t in towers.items():
+        if m not in model.towers:
+            model.attach_tower(m, t)
+
+
+# -- objective and recipes -------------------------------------------------------------------
+def training_objective(config: TrainConfig, n_groups: int) -> Objective:
+    """The weighted sum of ``objectives``; per-sample terms (iSogCLR) learn one state per
+    training group, so they get ``dataset_size = n_groups`` unless the config sets it."""
+    return build_objective([_with_dataset_size(spec, n_groups) for spec in config.objectives])
+
+
+def _with_dataset_size(spec: Mapping[str, Any], n: int) -> dict[str, Any]:
+    spec = dict(spec)
+    if spec.get("loss") == "isogclr":
+        spec.setdefault("dataset_size", n)
+    return spec
+
+
+def build_distillation(config: TrainConfig, dims: Mapping[str, int],
+                       raw_keys: Sequence[str]) -> ContrastiveDistillation | None:
+    """``[distill]``: the frozen teacher and the distillation term (None when off)."""
+    if not config.distill.enabled:
+        return None
+    if raw_keys:
+        raise ModalignError("distill.teacher cannot be combined with train.unfreeze: the "
+                            "teacher reads cached tower features")
+    teacher = load_teacher(config.distill.teacher, dims)
+    return ContrastiveDistillation(teacher, config.data.keys, config.distill)
+
+
+def build_negatives(config: TrainConfig, data: PairedFeatures, specs: Mapping[str, str],
+                    towers: Mapping[str, Any]) -> HardNegatives | None:
+    """``[negatives]``: hard negative captions of the text key, generated or read from
+    ``negatives.file``, encoded with the text tower (None when off)."""
+    cfg = config.negatives
+    if not cfg.enabled:
+        return None
+    m = base_modality(cfg.text_key)
+    tower = towers.get(m) or load_tower(specs[m], m)
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        return torch.cat([tower.encode(tower.preprocess(texts[i:i + 256])).float().cpu()
+                          for i in range(0, len(texts), 256)])
+
+    given = None
+    if cfg.file:
+        given = read_json(cfg.file)
+        if not isinstance(given, dict) or not all(
+                isinstance(v, list) and all(isinstance(t, str) for t in v)
+                for v in given.values()):
+            raise ModalignError(f"negatives.file={cfg.file!r} must hold a JSON object "
+                                "{caption: [negative caption, ...]}")
+    return HardNegatives(data.tables[cfg.text_key].items, encode, cfg, given)
+
+
+# -- optimiser and schedule ------------------------------------------------------------------
+def build_optimizer(model: nn.Module, objective: nn.Module, extra: Sequence[nn.Parameter],
+                    tower_params: Sequence[nn.Parameter], o: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the heads (weight decay on matrices only), the objective's and the recipes'
+    parameters (``extra``; no decay) and the trained tower parameters (at ``optim.tower_lr``)."""
+    tower_ids = {id(p) for p in tower_params}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in tower_ids:
+            continue
+        (decay if p.ndim >= 2 and not name.endswith("center") else no_decay).append(p)
+    obj_params = [p for p in objective.parameters() if p.requires_grad] + list(extra)
+    groups = [{"params": decay, "lr": o.lr, "weight_decay": o.weight_decay},
+              {"params": no_decay + obj_params, "lr": o.lr, "weight_decay": 0.0}]
+    if tower_params:
+        groups.append({"params": [p for p in tower_params if p.ndim >= 2], "lr": o.tower_lr,
+                       "weight_decay": o.weight_decay})
+        groups.append({"params": [p for p in tower_params if p.ndim < 2], "lr": o.tower_lr,
+                       "weight_decay": 0.0})
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps)  # type: ignore[arg-type]
+
+
+def lr_factor(step: int, o: OptimConfig, total_steps: int) -> float:
+    """The learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to 0."""
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return 0.5 * (1 + math.cos(math.pi * progress))
