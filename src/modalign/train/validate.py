@@ -6,9 +6,9 @@ measures R@1/R@5 both ways (positives: the same group) and the centroid gap.
 
 Examples:
     >>> row = {"epoch": 1, "step": 3, "train_loss": 2.5, "image-to-text_recall@1": 0.5,
-    ...        "gap": 0.8, "samples_per_s": 120.0, "best": True}
+    ...        "samples_per_s": 120.0, "best": True}
     >>> format_row(row)
-    'epoch 1 | step 3 | loss 2.5000 | image-to-text R@1 0.500 | gap 0.800 | 120 samples/s | *best*'
+    'epoch 1 | step 3 | loss 2.5000 | image → text recall@1 0.500 | 120 samples/s | *best*'
 """
 
 from __future__ import annotations
