@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -33,8 +34,8 @@ def store(tmp_path_factory):
 class RecordsChecks(torch.nn.Module):
     """An alignment loss that records, per call, whether the losses' input checks were on."""
 
-    seen: list[bool] = []
-    blow_up_at: int | None = None  # the 1-based call whose loss is infinite
+    seen: ClassVar[list[bool]] = []
+    blow_up_at: ClassVar[int | None] = None  # the 1-based call whose loss is infinite
 
     def __init__(self, modalities):
         super().__init__()
@@ -134,7 +135,7 @@ def test_gradcache_matches_the_full_batch_gradient_in_float64():
 def test_store_resolution_lives_in_embed(store, tmp_path):
     assert recorded_towers(open_store(store), ["image", "text", "audio"]) == {
         "image": "fake-image", "text": "fake-text"}
-    with pytest.raises(FileNotFoundError, match="data.embeddings="):
+    with pytest.raises(FileNotFoundError, match=r"data\.embeddings="):
         open_store(tmp_path, option="data.embeddings")
     csv = tmp_path / "pairs.csv"
     csv.write_text("text:caption,group\na red apple,1\na blue car,2\n")
