@@ -26,6 +26,7 @@ from PIL import Image, ImageEnhance
 
 from modalign.embed.store import Embeddings, EmbeddingStore
 from modalign.errors import ModalignError
+from modalign.model import base_modality
 
 
 @dataclass
@@ -202,6 +203,49 @@ class RawInputs:
                 raise ModalignError(f"item {row['id']!r} of the store is not in data.dataset")
             out.append(str(self.dataset.resolve(it)) if it.modality != "text" else it.value)
         return out
+
+
+@dataclass
+class Batch:
+    """One process's share of a global batch."""
+
+    rows: dict[str, np.ndarray]  # table rows per key
+    features: dict[str, torch.Tensor]  # cached features of the keys read from the store
+    raw: dict[str, list[Any]]  # raw inputs (augmented images) of the keys encoded on the fly
+    indices: torch.Tensor  # each sample's group position among the training groups
+
+
+def draw_batch(data: PairedFeatures, *, seed: int, epoch: int, index: int, batch_size: int,
+               rank: int = 0, world_size: int = 1, sample: bool = True,
+               raw: RawInputs | None = None, raw_keys: Sequence[str] = (),
+               crop_scale: Sequence[float] = (0.8, 1.0), color_jitter: float = 0.2,
+               device: torch.device | str = "cpu") -> Batch:
+    """This process's shard of global batch ``index`` of ``epoch``: cached features, raw inputs
+    of ``raw_keys`` (images augmented, seeded by ``(seed, epoch, index, rank)``) and indices.
+
+    A sample's index is its group's position among the training groups (stable across epochs;
+    what per-sample objectives such as iSogCLR key their state on).
+    """
+    groups = data.batch_groups(seed=seed, epoch=epoch, index=index, batch_size=batch_size)
+    rows = data.draw_rows(groups, seed=seed, epoch=epoch, index=index, sample=sample)
+    rows = {k: shard(r, rank, world_size) for k, r in rows.items()}
+    indices = torch.from_numpy(np.searchsorted(data.groups, shard(groups, rank, world_size)))
+    cached = {k: r for k, r in rows.items() if k not in raw_keys}
+    feats = {k: v.to(device) for k, v in data.features(cached).items()}
+    inputs: dict[str, list[Any]] = {}
+    for k in raw_keys:
+        if raw is None:
+            raise ValueError(f"raw_keys {list(raw_keys)} need raw (the dataset's inputs)")
+        table = data.tables[k]
+        values = raw.inputs([table.items[i] for i in rows[k]])
+        if base_modality(k) == "image":
+            from modalign.encoders.images import to_rgb
+
+            rng = np.random.default_rng([seed, epoch, index, rank, 0x1A6E])
+            values = [augment_image(to_rgb(x), rng, crop_scale=crop_scale,
+                                    color_jitter=color_jitter) for x in values]
+        inputs[k] = values
+    return Batch(rows, feats, inputs, indices)
 
 
 def augment_image(image: Image.Image, rng: np.random.Generator, *,

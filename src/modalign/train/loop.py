@@ -58,7 +58,7 @@ from modalign.train.checkpoint import (
     set_rng_state,
 )
 from modalign.train.config import RESUMABLE_KEYS, TrainConfig, config_changes
-from modalign.train.data import KeyTable, PairedFeatures, RawInputs, augment_image, shard
+from modalign.train.data import KeyTable, PairedFeatures, RawInputs, draw_batch
 from modalign.train.gradcache import gradcache_backward
 from modalign.train.recipes.harmonize import GradientHarmonization
 from modalign.train.recipes.momentum import MomentumDistillation, alpha_at
@@ -213,36 +213,16 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------
     def _batch(self, epoch: int, index: int) -> tuple[dict[str, torch.Tensor], dict[str, list],
                                                       torch.Tensor]:
-        """This rank's features (cached keys), raw inputs (unfrozen keys) and sample indices.
-
-        A sample's index is its group's position among the training groups (stable across
-        epochs; what per-sample objectives such as iSogCLR key their state on)."""
-        seed = self.config.train.seed
-        groups = self.data.batch_groups(seed=seed, epoch=epoch, index=index,
-                                        batch_size=self.batch_size)
-        rows = self.data.draw_rows(groups, seed=seed, epoch=epoch, index=index,
-                                   sample=self.config.augment.sample_items)
-        rows = {k: shard(r, self.ctx.rank, self.ctx.world_size) for k, r in rows.items()}
-        self._rows = rows  # this rank's table rows per key (hard negatives look theirs up)
-        indices = torch.from_numpy(np.searchsorted(self.data.groups,
-                                                   shard(groups, self.ctx.rank,
-                                                         self.ctx.world_size)))
-        cached = {k: r for k, r in rows.items() if k not in self.raw_keys}
-        feats = {k: v.to(self.ctx.device) for k, v in self.data.features(cached).items()}
-        raw: dict[str, list] = {}
-        for k in self.raw_keys:
-            assert self.raw is not None
-            table = self.data.tables[k]
-            inputs = self.raw.inputs([table.items[i] for i in rows[k]])
-            if base_modality(k) == "image":
-                rng = np.random.default_rng([seed, epoch, index, self.ctx.rank, 0x1A6E])
-                from modalign.encoders.images import to_rgb
-
-                inputs = [augment_image(to_rgb(x), rng, crop_scale=self.config.augment.crop_scale,
-                                        color_jitter=self.config.augment.color_jitter)
-                          for x in inputs]
-            raw[k] = inputs
-        return feats, raw, indices
+        """This rank's features (cached keys), raw inputs (unfrozen keys) and sample indices."""
+        cfg = self.config
+        batch = draw_batch(self.data, seed=cfg.train.seed, epoch=epoch, index=index,
+                           batch_size=self.batch_size, rank=self.ctx.rank,
+                           world_size=self.ctx.world_size, sample=cfg.augment.sample_items,
+                           raw=self.raw, raw_keys=self.raw_keys,
+                           crop_scale=cfg.augment.crop_scale,
+                           color_jitter=cfg.augment.color_jitter, device=self.ctx.device)
+        self._rows = batch.rows  # this rank's table rows per key (hard negatives look theirs up)
+        return batch.features, batch.raw, batch.indices
 
     def _embed(self, module: nn.Module, feats: Mapping[str, torch.Tensor],
                raw: Mapping[str, list], sl: slice) -> dict[str, torch.Tensor]:
