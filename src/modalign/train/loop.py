@@ -404,6 +404,7 @@ class Trainer:
         D.barrier(self.ctx)
 
     def _checkpoint_modules(self) -> dict[str, nn.Module]:
+        """The modules whose weights a checkpoint holds, by name (the recipes when enabled)."""
         modules: dict[str, nn.Module] = {"model": self.model, "objective": self.objective}
         if self.momentum is not None:
             modules["momentum"] = self.momentum  # EMA weights, queues, pointer, scale
@@ -420,16 +421,8 @@ class Trainer:
         if not (root / "latest.json").is_file():
             return False
         ckpt = load_checkpoint(root)
-        self.model.load_state_dict(ckpt.weights["model"])
-        self.objective.load_state_dict(ckpt.weights["objective"])
-        if self.momentum is not None:
-            self.momentum.load_state_dict(ckpt.weights["momentum"])
-        if self.distill is not None:
-            self.distill.load_state_dict(ckpt.weights["distill"])
-        if self.negatives is not None:
-            self.negatives.load_state_dict(ckpt.weights["negatives"])
-        if self.harmonize is not None:
-            self.harmonize.load_state_dict(ckpt.weights["harmonize"])
+        for name, module in self._checkpoint_modules().items():
+            module.load_state_dict(ckpt.weights[name])
         t = ckpt.trainer
         self.optimizer.load_state_dict(t["optimizer"])
         self.scheduler.load_state_dict(t["scheduler"])
