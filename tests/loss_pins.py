@@ -4,7 +4,7 @@
 time) and the gradient of the loss with respect to every input, in float64, as computed by the
 loss modules built with their defaults; ``test_losses_pinned.py`` recomputes them with today's
 code. Write the file again only for a deliberate change of results:
-``python -m tests.loss_pins`` (from the repository root).
+``python tests/loss_pins.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ PIN_FILE = Path(__file__).parent / "data" / "loss_pins.json"
 B, D = 6, 5
 
 
-def inputs(keys: list[str], seed: int, rows: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+def inputs(keys: list[str], seed: int, rows: dict[str, int] | None = None
+           ) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn((rows or {}).get(k, B), D, generator=g, dtype=torch.float64)
             for k in keys}

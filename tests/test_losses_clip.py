@@ -136,7 +136,7 @@ def test_module_defaults_and_registry():
     out = loss({"image": torch.randn(4, 3), "text": torch.randn(4, 3)})
     out.loss.backward()
     assert loss.logit_bias.grad is not None  # used, so DDP does not flag it as unused
-    fixed = ClipLoss(["a", "b"], learnable_scale=False)
+    fixed = ClipLoss(["a", "b"], learnable_temperature=False)
     assert not list(fixed.parameters())
 
 

@@ -49,7 +49,7 @@ def test_identity_weights_give_one_direction_infonce():
     out = cwcl_loss(p, q, 4.0, sharpness=200.0)
     logits = 4.0 * p @ F.normalize(q, dim=1).T
     expected = F.cross_entropy(logits, torch.arange(5))
-    torch.testing.assert_close(out.parts["frozen_to_trained"], expected)
+    torch.testing.assert_close(out.parts["frozen-to-trained"], expected)
 
 
 def test_equal_weights_give_uniform_target_ce():
@@ -57,7 +57,7 @@ def test_equal_weights_give_uniform_target_ce():
     q = randn(4, 3, seed=4)
     logits = 3.0 * F.normalize(p, dim=1) @ F.normalize(q, dim=1).T
     expected = (logits.logsumexp(dim=1) - logits.mean(dim=1)).mean()
-    torch.testing.assert_close(cwcl_loss(p, q, 3.0).parts["frozen_to_trained"], expected)
+    torch.testing.assert_close(cwcl_loss(p, q, 3.0).parts["frozen-to-trained"], expected)
 
 
 def test_weights_rows_sum_to_one_lie_in_unit_interval_and_are_detached():
@@ -70,7 +70,7 @@ def test_weights_rows_sum_to_one_lie_in_unit_interval_and_are_detached():
     assert not w.requires_grad
     # The frozen tower only receives gradient through the logits, never through the targets.
     q = randn(7, 4, seed=6)
-    (g_ours,) = torch.autograd.grad(cwcl_loss(p, q, 5.0).parts["frozen_to_trained"], p)
+    (g_ours,) = torch.autograd.grad(cwcl_loss(p, q, 5.0).parts["frozen-to-trained"], p)
     logits = 5.0 * F.normalize(p, dim=1) @ F.normalize(q, dim=1).T
     constant_targets = cwcl_weights(p.detach().clone())
     fixed = -(constant_targets * logits.log_softmax(dim=1)).sum(dim=1).mean()

@@ -96,16 +96,15 @@ class LoopState:
 
 def test_module_two_steps_match_loop_state_and_running_max_is_invisible():
     kw = {
-        "tau_init": 0.05,
-        "tau_min": 0.01,
-        "tau_max": 1.0,
+        "temperature": 0.05,
+        "temperature_bounds": (0.01, 1.0),
         "gamma": 0.7,
         "rho": 1.0,
         "eta": 0.05,
         "beta_u": 0.9,
     }
     loss = ISogCLRLoss(["image", "text"], dataset_size=8, **kw)
-    ref = LoopState(8, kw["tau_init"])
+    ref = LoopState(8, kw["temperature"])
     for step, idx in enumerate(([0, 3, 5, 7], [3, 1, 0, 6])):
         x, y = randn(4, 5, seed=10 + step), randn(4, 5, seed=20 + step)
         before_module, before_ref = copy.deepcopy(loss), copy.deepcopy(ref)
@@ -122,8 +121,7 @@ def test_module_two_steps_match_loop_state_and_running_max_is_invisible():
                 kw["rho"],
                 kw["eta"],
                 kw["beta_u"],
-                kw["tau_min"],
-                kw["tau_max"],
+                *kw["temperature_bounds"],
             )
 
         assert_same_value_and_grad(ours, reference, [x, y], rtol=1e-9, atol=1e-12)
@@ -135,8 +133,7 @@ def test_module_two_steps_match_loop_state_and_running_max_is_invisible():
             kw["rho"],
             kw["eta"],
             kw["beta_u"],
-            kw["tau_min"],
-            kw["tau_max"],
+            *kw["temperature_bounds"],
         )
         for side in range(2):
             for k in idx:
@@ -180,8 +177,8 @@ def test_bad_indices(indices, word):
 def test_bad_construction_and_batch_of_one():
     with pytest.raises(ValueError, match="dataset_size"):
         ISogCLRLoss(["a", "b"], dataset_size=1)
-    with pytest.raises(ValueError, match="tau_init"):
-        ISogCLRLoss(["a", "b"], dataset_size=4, tau_init=2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        ISogCLRLoss(["a", "b"], dataset_size=4, temperature=2.0)
     with pytest.raises(ValueError, match="gamma"):
         ISogCLRLoss(["a", "b"], dataset_size=4, gamma=1.5)
     loss = ISogCLRLoss(["a", "b"], dataset_size=4)

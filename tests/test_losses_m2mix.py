@@ -87,7 +87,7 @@ def test_m2mix_with_lam_one_is_clip_like_x_to_y_for_the_x_anchor():
     logits = xu @ xu.T
     logits.diagonal().copy_((xu * yu).sum(1))
     expected = torch.nn.functional.cross_entropy(5.0 * logits, torch.arange(4))
-    torch.testing.assert_close(m2mix_loss(x, y, 5.0, 1.0).parts["x_anchor"], expected)
+    torch.testing.assert_close(m2mix_loss(x, y, 5.0, 1.0).parts["x-to-mixed"], expected)
 
 
 @settings(max_examples=15, deadline=None)

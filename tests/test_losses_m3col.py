@@ -57,7 +57,7 @@ def test_no_mixing_is_twice_the_clip_loss():
     labels = torch.arange(4)
     clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     out = m3col_loss(x, y, 10.0, torch.tensor([3, 2, 1, 0]), torch.ones(4, dtype=torch.float64))
-    torch.testing.assert_close(out.parts["mixed_x"], clip)
+    torch.testing.assert_close(out.parts["mixed-x"], clip)
     torch.testing.assert_close(out.loss, 2 * clip)
 
 

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 
 from modalign.losses import available_losses, build_loss, build_objective
 
-# name -> (constructor params besides modalities, modality names, extra keys, needs groups/indices)
+# name -> (constructor params besides modalities, modality names, extra keys, needed call input)
 SPECS = {
     "cwcl": ({}, ["speech", "words"], [], None),
     "isogclr": ({"dataset_size": 64}, ["speech", "words"], [], "indices"),
     "m2mix": ({"generator": None}, ["speech", "words"], [], None),
     "m3col": ({"generator": None}, ["speech", "words"], [], None),
-    "one_to_k": ({}, ["speech", "words"], [], "groups"),
+    "one_to_k": ({}, ["speech", "words"], [], "anchor_rows"),
     "slap": ({}, ["speech", "words"], ["speech_target", "words_target"], None),
     "modx": ({}, ["speech", "words"], ["speech_old", "words_old"], None),
     "symile": ({"negatives": "n_squared"}, ["ecg", "xray", "labs"], [], None),
@@ -38,8 +38,8 @@ def run(name, batch, dim, dtype, seed=0):
     kwargs = {}
     if needs == "indices":
         kwargs["indices"] = torch.arange(batch)
-    if needs == "groups":
-        kwargs["groups"] = torch.arange(batch)
+    if needs == "anchor_rows":
+        kwargs["anchor_rows"] = torch.arange(batch)
     torch.manual_seed(seed + 1)
     out = loss(emb, **kwargs)
     grads = torch.autograd.grad(out.loss, list(emb.values()), allow_unused=True)
@@ -121,7 +121,7 @@ def test_bad_tensor_error_names_the_users_modality(name, defect):
     bad = mods[-1]
     emb[bad] = torch.full((4, 3), float("nan")) if defect == "nan" else torch.randn(4, 5)
     kwargs = {"indices": torch.arange(4)} if needs == "indices" else {}
-    if needs == "groups":
-        kwargs["groups"] = torch.arange(4)
+    if needs == "anchor_rows":
+        kwargs["anchor_rows"] = torch.arange(4)
     with pytest.raises(ValueError, match=bad):
         loss(emb, **kwargs)

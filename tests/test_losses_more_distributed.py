@@ -34,7 +34,7 @@ class BlockOneToK(nn.Module):
         image, packed = embeddings["image"], embeddings["captions"]
         captions = packed.reshape(packed.shape[0] * self.k, -1)
         groups = torch.arange(image.shape[0]).repeat_interleave(self.k)
-        return self.inner({"image": image, "caption": captions}, groups=groups)
+        return self.inner({"image": image, "caption": captions}, anchor_rows=groups)
 
 
 def shards(keys, sizes, dim=4, seed=0):
@@ -71,7 +71,9 @@ def cases(sizes):
             name="gram",
         ),
         DistributedCase(
-            functools.partial(build_loss, "mv_infonce", modalities=views, learnable_scale=True),
+            functools.partial(
+                build_loss, "mv_infonce", modalities=views, learnable_temperature=True
+            ),
             shards(views, sizes, seed=3),
             name="mv_infonce",
         ),
@@ -83,7 +85,9 @@ def cases(sizes):
             name="mv_infonce-paper",
         ),
         DistributedCase(
-            functools.partial(build_loss, "mv_dhel", modalities=views, learnable_scale=True),
+            functools.partial(
+                build_loss, "mv_dhel", modalities=views, learnable_temperature=True
+            ),
             shards(views, sizes, seed=4),
             name="mv_dhel",
         ),
@@ -98,7 +102,7 @@ def cases(sizes):
             name="modx",
         ),
         DistributedCase(
-            functools.partial(build_loss, "m2mix", modalities=pair, learnable_scale=True),
+            functools.partial(build_loss, "m2mix", modalities=pair, learnable_temperature=True),
             shards(pair, sizes, seed=8),
             name="m2mix",
         ),

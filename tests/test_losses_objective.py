@@ -39,7 +39,7 @@ def test_objective_from_dicts_is_the_weighted_sum_with_named_parts():
     emb = embeddings()
     obj = build_objective(
         [
-            {"loss": "clip", "modalities": ["image", "text"], "init_logit_scale": 2.0},
+            {"loss": "clip", "modalities": ["image", "text"], "temperature": math.exp(-2.0)},
             {"loss": "uniformity", "modalities": ["image", "text"], "weight": 1.0},
             {"loss": "alignment", "modalities": ["image", "text"], "weight": 1.0},
             {"loss": "intra", "modalities": ["image", "image:openmoji"], "weight": 0.5},
@@ -48,13 +48,13 @@ def test_objective_from_dicts_is_the_weighted_sum_with_named_parts():
     out = obj(emb)
     x, y, z = emb["image"], emb["text"], emb["image:openmoji"]
     clip = clip_loss(x, y, torch.tensor(2.0, dtype=torch.float64).exp()).loss
-    unif = (uniformity_loss(x) + uniformity_loss(y)) / 2
+    unif = (uniformity_loss(x).loss + uniformity_loss(y).loss) / 2
     intra = clip_loss(x, z, math.exp(math.log(1 / 0.07))).loss
-    expected = clip + unif + alignment_loss(x, y) + 0.5 * intra
+    expected = clip + unif + alignment_loss(x, y).loss + 0.5 * intra
     torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
     assert set(out.parts) >= {
         "clip[image,text]",
-        "clip[image,text]/image->text",
+        "clip[image,text]/image-to-text",
         "uniformity[image,text]",
         "uniformity[image,text]/image",
         "alignment[image,text]",
@@ -114,7 +114,7 @@ def test_pairwise_weighted_sum_or_mean_equals_a_loop(reduction):
         base_loss="clip",
         weights=weights,
         reduction=reduction,
-        learnable_scale=False,
+        learnable_temperature=False,
     ).double()
     out = loss(emb)
     terms = [clip_loss(emb[a], emb[b], 1 / 0.07).loss for a, b in loss.pairs]
@@ -122,7 +122,7 @@ def test_pairwise_weighted_sum_or_mean_equals_a_loop(reduction):
     if reduction == "mean":
         total = total / sum(weights)
     torch.testing.assert_close(out.loss, total, rtol=1e-6, atol=0)
-    assert set(out.parts) >= {"image,text", "image,audio", "text,audio", "image,text/image->text"}
+    assert set(out.parts) >= {"image,text", "image,audio", "text,audio", "image,text/image-to-text"}
 
 
 def test_pairwise_skip_missing_and_its_absence():
@@ -133,14 +133,14 @@ def test_pairwise_skip_missing_and_its_absence():
     lenient = PairwiseLoss(["image", "text", "audio"], skip_missing=True)
     assert set(lenient(emb).parts) == {
         "image,text",
-        "image,text/image->text",
-        "image,text/text->image",
+        "image,text/image-to-text",
+        "image,text/text-to-image",
     }
 
 
 def test_intra_is_symmetric_infonce_between_views():
     emb = embeddings(keys=("image", "image:openmoji"))
-    out = IntraModalLoss(["image", "image:openmoji"], learnable_scale=False)(emb)
+    out = IntraModalLoss(["image", "image:openmoji"], learnable_temperature=False)(emb)
     ref = clip_loss(emb["image"], emb["image:openmoji"], 1 / 0.07).loss
     torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=0)
 

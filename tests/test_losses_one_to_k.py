@@ -68,7 +68,7 @@ def test_multi_hot_term_is_the_sum_of_single_positive_ces():
         for k in range(2)
     )
     torch.testing.assert_close(
-        one_to_k_loss(a, c, groups, 3.0).parts["anchor_to_candidates"], total / 3 / 2
+        one_to_k_loss(a, c, groups, 3.0).parts["anchors-to-candidates"], total / 3 / 2
     )
 
 
@@ -78,13 +78,13 @@ def test_module_reads_groups_and_clamps_tau_range():
         "img": randn(2, 3, dtype=torch.float32),
         "caption": randn(4, 3, seed=1, dtype=torch.float32),
     }
-    out = loss(emb, groups=torch.tensor([0, 1, 1, 0]))
+    out = loss(emb, anchor_rows=torch.tensor([0, 1, 1, 0]))
     assert out.loss.ndim == 0
     with torch.no_grad():
         loss.log_logit_scale.fill_(-3.0)
     loss.clamp_()
     assert abs(float(loss.logit_scale().detach()) - 2.0) < 1e-5  # tau <= 0.5
-    with pytest.raises(ValueError, match="groups"):
+    with pytest.raises(ValueError, match="anchor_rows"):
         loss(emb)
 
 
@@ -104,10 +104,10 @@ def test_hypothesis_against_reference(b, k, d, scale):
 @pytest.mark.parametrize(
     ("groups", "word"),
     [
-        (torch.tensor([0, 1, 0]), "groups"),  # wrong length
-        (torch.tensor([0.0, 1.0, 0.0, 1.0]), "groups"),  # not integer
-        (torch.tensor([0, 2, 0, 1]), "groups"),  # out of range
-        (torch.tensor([0, 0, 0, 0]), "groups"),  # anchor 1 has no candidate
+        (torch.tensor([0, 1, 0]), "anchor_rows"),  # wrong length
+        (torch.tensor([0.0, 1.0, 0.0, 1.0]), "anchor_rows"),  # not integer
+        (torch.tensor([0, 2, 0, 1]), "anchor_rows"),  # out of range
+        (torch.tensor([0, 0, 0, 0]), "anchor_rows"),  # anchor 1 has no candidate
     ],
 )
 def test_bad_groups_name_the_argument(groups, word):

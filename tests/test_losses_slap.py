@@ -37,7 +37,7 @@ def test_argument_order_weights_the_right_terms_regression():
     qa, qb = zb.clone(), za.clone()  # q_a points at z_b, q_b at z_a
     out = slap_loss(qa, qb, za, zb, cross_weight=1.0)
     assert float(out.loss) == pytest.approx(0.0, abs=1e-12)
-    torch.testing.assert_close(out.parts["a_to_a"], torch.tensor(4.0, dtype=torch.float64))
+    torch.testing.assert_close(out.parts["a-to-a"], torch.tensor(4.0, dtype=torch.float64))
     out = slap_loss(qa, qb, za, zb, cross_weight=0.25)
     assert float(out.loss) == pytest.approx(0.75 * 4.0)
 
@@ -56,8 +56,8 @@ def test_range_zero_iff_aligned_and_no_gradient_to_targets():
 def test_without_unimodal_terms_only_cross_terms_count():
     inputs = [randn(4, 3, seed=s) for s in range(4)]
     out = slap_loss(*inputs, unimodal=False)
-    torch.testing.assert_close(out.loss, (out.parts["a_to_b"] + out.parts["b_to_a"]) / 2)
-    assert sorted(out.parts) == ["a_to_b", "b_to_a"]
+    torch.testing.assert_close(out.loss, (out.parts["a-to-b"] + out.parts["b-to-a"]) / 2)
+    assert sorted(out.parts) == ["a-to-b", "b-to-a"]
 
 
 def test_ema_update_formula_copy_and_frozen():

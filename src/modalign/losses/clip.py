@@ -1,13 +1,15 @@
 """CLIP: symmetric InfoNCE with a learnable logit scale (Radford et al., 2021).
 
-With ``S = t X Y^T + b`` (rows L2-normalised, ``t = exp(log_logit_scale)``)::
+With ``S = X Y^T / tau + b`` (rows L2-normalised; the module passes ``t = 1 / tau =
+exp(log_logit_scale)``)::
 
     L = 1/2 [ 1/B sum_i (LSE_j S_ij - S_ii) + 1/B sum_j (LSE_i S_ij - S_jj) ]
 
 With group ids, the target of a row is uniform over the columns of its group (multi-positive
 InfoNCE); ``S_ii`` becomes the mean of the row's positive logits. The bias cancels in a softmax; it
-is accepted (and receives a zero gradient) so that checkpoints with a bias load and DDP sees the
-parameter used.
+is accepted so that checkpoints with a bias load and DDP sees the parameter used. Its gradient is
+exactly 0 on the tiled path (set so in the backward pass); on the full-matrix path it is the
+rounding noise of a sum that is 0 in exact arithmetic (about 1e-8 in float32, 1e-16 in float64).
 
 Two implementations give the same values and gradients: ``"full"`` builds the B x B logits;
 ``"tiled"`` (:mod:`modalign.losses.tiled`) never holds more than ``tile_size x B`` of them.
@@ -22,7 +24,7 @@ Examples:
     >>> x, y = torch.randn(8, 16), torch.randn(8, 16)
     >>> out = clip_loss(x, y, logit_scale=torch.tensor(1 / 0.07))
     >>> sorted(out.parts)
-    ['x->y', 'y->x']
+    ['x-to-y', 'y-to-x']
     >>> loss = ClipLoss(["image", "text"])
     >>> out = loss({"image": x, "text": y})
     >>> out.loss.backward(); loss.clamp_()
@@ -30,9 +32,8 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +45,9 @@ from modalign.distributed.gather import (
     all_sizes,
     gather_with_grad,
     get_world_size,
-    parse_gather,
 )
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
+from modalign.evaluate.vocabulary import direction_name
+from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.groups import same_group_sums
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -173,7 +174,7 @@ def clip_loss(
         names: the names of x and y in error messages and part names.
 
     Returns:
-        ``LossOutput(loss, {"x->y": ..., "y->x": ...})`` with ``loss`` the mean of the two parts.
+        ``LossOutput(loss, {"x-to-y": ..., "y-to-x": ...})``, ``loss`` the mean of the two parts.
 
     Examples:
         >>> import torch
@@ -215,7 +216,7 @@ def clip_loss(
             row_ce = _row_cross_entropy(x, y, scale, bias, 0, groups, groups, tiled, tile_size)
             col_ce = _row_cross_entropy(y, x, scale, bias, 0, groups, groups, tiled, tile_size)
         x2y, y2x = row_ce.mean(), col_ce.mean()
-        return LossOutput((x2y + y2x) / 2, {f"{a}->{b}": x2y, f"{b}->{a}": y2x})
+        return LossOutput((x2y + y2x) / 2, {direction_name(a, b): x2y, direction_name(b, a): y2x})
 
     assert gather is not None
     sizes = all_sizes(x.shape[0], process_group, x.device)
@@ -229,54 +230,47 @@ def clip_loss(
     factor = xs.world_size / xs.total
     x2y = _row_cross_entropy(x, ys.tensor, *common).sum() * factor
     y2x = _row_cross_entropy(y, xs.tensor, *common).sum() * factor
-    return LossOutput((x2y + y2x) / 2, {f"{a}->{b}": x2y, f"{b}->{a}": y2x})
+    return LossOutput((x2y + y2x) / 2, {direction_name(a, b): x2y, direction_name(b, a): y2x})
 
 
 class PairLogitLoss(ScaledLoss):
-    """Two-modality loss module on the logits ``t X Y^T + b`` (shared by CLIP and SigLIP).
+    """Two-modality loss module on the logits ``X Y^T / tau + b`` (shared by CLIP and SigLIP).
 
-    It validates ``impl``, keeps the normalisation / implementation / gather settings and calls
+    It validates ``impl``, keeps the normalisation / implementation settings and calls
     :attr:`pair_loss` (a pure function with the signature of :func:`clip_loss`) on the selected
-    pair. Subclasses set :attr:`pair_loss` and declare their own defaults in ``__init__``.
+    pair. Subclasses set :attr:`pair_loss` and their :attr:`scale_defaults`.
+
+    Args:
+        modalities: the two embedding keys, e.g. ``["image", "text"]``.
+        normalize: L2-normalise the embeddings inside the loss (default True).
+        impl: ``"auto"``, ``"full"`` or ``"tiled"``; tile_size: rows per tile.
+        gather: :class:`GatherGrad` used when a multi-rank process group is initialised
+            (default GLOBAL, the exact one), or None to never gather.
+        temperature, learnable_temperature, temperature_bounds, init_logit_bias, learnable_bias:
+            the :class:`~modalign.losses.base.ScaleOptions`.
     """
 
     pair_loss: Callable[..., LossOutput]
+    supports_groups = True
+    distributed = True
 
     def __init__(
         self,
         modalities: Sequence[str],
         *,
-        init_logit_scale: float,
-        learnable_scale: bool,
-        init_logit_bias: float | None,
-        learnable_bias: bool,
-        scale_bounds: tuple[float, float],
-        normalize: bool,
-        impl: Impl,
-        tile_size: int | None,
-        gather: GatherGrad | str | None,
+        normalize: bool = True,
+        impl: Impl = "auto",
+        tile_size: int | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            modalities,
-            n_modalities=2,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            init_logit_bias=init_logit_bias,
-            learnable_bias=learnable_bias,
-            scale_bounds=scale_bounds,
-        )
+        super().__init__(modalities, **options)
         use_tiled(impl, 0, 0)  # validates impl
         self.normalize = normalize
         self.impl: Impl = impl
         self.tile_size = tile_size
-        self.gather = parse_gather(gather)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         x, y = self.select(embeddings)
         return self.pair_loss(
@@ -295,52 +289,18 @@ class PairLogitLoss(ScaledLoss):
 
 @register_loss("clip")
 class ClipLoss(PairLogitLoss):
-    """CLIP symmetric InfoNCE on two modalities with a learnable log logit scale.
+    """CLIP symmetric InfoNCE on two modalities; tau = 0.07, learnable, kept in [0.01, 1].
 
-    Args:
-        modalities: the two embedding keys, e.g. ``["image", "text"]``.
-        init_logit_scale: initial log logit scale (default log(1/0.07) = 2.659).
-        learnable_scale: learn the scale (False: fixed temperature).
-        init_logit_bias: initial bias of the logits, or None (default) for none.
-        scale_bounds: clamp range of the log scale applied by :meth:`clamp_` (default [0, log 100]).
-        normalize: L2-normalise the embeddings inside the loss (default True).
-        impl: ``"auto"``, ``"full"`` or ``"tiled"``; tile_size: rows per tile.
-        gather: :class:`GatherGrad` used when a multi-rank process group is initialised
-            (default GLOBAL, the exact one), or None to never gather.
+    Takes the arguments of :class:`PairLogitLoss`; no bias by default (``init_logit_bias=x``
+    adds one).
 
     Examples:
         >>> import torch
         >>> loss = ClipLoss(["image", "text"], impl="tiled", tile_size=3)
         >>> out = loss({"image": torch.randn(5, 4), "text": torch.randn(5, 4)})
         >>> sorted(out.parts)
-        ['image->text', 'text->image']
+        ['image-to-text', 'text-to-image']
     """
 
     pair_loss = staticmethod(clip_loss)
-
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        init_logit_scale: float = math.log(1 / 0.07),
-        learnable_scale: bool = True,
-        init_logit_bias: float | None = None,
-        learnable_bias: bool = True,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
-        normalize: bool = True,
-        impl: Impl = "auto",
-        tile_size: int | None = None,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-    ) -> None:
-        super().__init__(
-            modalities,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            init_logit_bias=init_logit_bias,
-            learnable_bias=learnable_bias,
-            scale_bounds=scale_bounds,
-            normalize=normalize,
-            impl=impl,
-            tile_size=tile_size,
-            gather=gather,
-        )
+    scale_defaults = ScaleOptions(temperature=0.07)

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import pick
-from modalign.losses.base import ScaledLoss
+from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 
@@ -33,7 +35,8 @@ CMA_DEFAULT_LAMBDA = 0.001
 
 
 def cma_loss(image: Tensor, text: Tensor, logit_scale: Tensor | float, lam: float = 0.001, *,
-             groups: Tensor | None = None, label_aware: bool = False) -> LossOutput:
+             groups: Tensor | None = None, label_aware: bool = False,
+             names: Sequence[str] = ("image", "text")) -> LossOutput:
     """CMA loss of B image embeddings and the B class-prompt embeddings of their labels.
 
     Args:
@@ -43,13 +46,14 @@ def cma_loss(image: Tensor, text: Tensor, logit_scale: Tensor | float, lam: floa
         lam: weight of the ``-logsumexp`` regulariser.
         groups: ``(B,)`` class id per row; used only with ``label_aware``.
         label_aware: drop the other rows of the same class from each softmax.
+        names: the two modality names in the part names.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> a, b = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
         >>> out = cma_loss(a, b, 10.0, 0.0)
         >>> sorted(out.parts)
-        ['i2t', 'lse', 't2i']
+        ['image-to-text', 'lse', 'text-to-image']
     """
     if not math.isfinite(float(lam)):
         raise ValueError(f"lam must be finite, got {lam}")
@@ -69,14 +73,17 @@ def cma_loss(image: Tensor, text: Tensor, logit_scale: Tensor | float, lam: floa
     i2t = (lse_row - diag).mean() - lam * lse_row.mean()
     t2i = (lse_col - diag).mean() - lam * lse_col.mean()
     lse = (lse_row.mean() + lse_col.mean()) / 2
-    return LossOutput((i2t + t2i) / 2, {"i2t": i2t, "t2i": t2i, "lse": lse.detach()})
+    parts = {direction_name(*names): i2t, direction_name(names[1], names[0]): t2i,
+             "lse": lse.detach()}
+    return LossOutput((i2t + t2i) / 2, parts)
 
 
 @register_loss("cma")
 class CMALoss(ScaledLoss):
-    """The CMA objective; ``modalities = (image, class-prompt text)``; learnable, unclamped scale.
+    """The CMA objective; ``modalities = (image, class-prompt text)``; learnable, unbounded tau.
 
-    ``groups`` (the class of each row) is used only with ``label_aware=True``.
+    ``groups`` (the class of each row) is used only with ``label_aware=True`` (and refused
+    otherwise).
 
     Examples:
         >>> loss = CMALoss(["image", "text"], lam=0.001)
@@ -85,22 +92,23 @@ class CMALoss(ScaledLoss):
         0
     """
 
+    supports_groups = True
+    scale_defaults = ScaleOptions(temperature=0.07, temperature_bounds=(0.0, math.inf))
+
     def __init__(self, modalities: Sequence[str], *, lam: float = CMA_DEFAULT_LAMBDA,
-                 label_aware: bool = False, init_logit_scale: float = math.log(1 / 0.07),
-                 learnable_scale: bool = True,
-                 scale_bounds: tuple[float, float] = (-math.inf, math.inf)) -> None:
-        super().__init__(modalities, n_modalities=2, init_logit_scale=init_logit_scale,
-                         learnable_scale=learnable_scale, scale_bounds=scale_bounds)
+                 label_aware: bool = False, **options: Any) -> None:
+        super().__init__(modalities, **options)
         if not math.isfinite(float(lam)):
             raise ValueError(f"lam must be finite, got {lam}")
         self.lam = float(lam)
         self.label_aware = bool(label_aware)
+        self.supports_groups = self.label_aware
 
-    def forward(self, embeddings: Mapping[str, Tensor], *, groups: Tensor | None = None,
-                indices: Tensor | None = None) -> LossOutput:
+    def compute(self, embeddings: Mapping[str, Tensor], groups: Tensor | None,
+                indices: Tensor | None) -> LossOutput:
         image, text = pick(embeddings, self.modalities)
         return cma_loss(image, text, self.logit_scale(), self.lam, groups=groups,
-                        label_aware=self.label_aware)
+                        label_aware=self.label_aware, names=self.modalities)
 
     def extra_repr(self) -> str:
         return f"modalities={self.modalities}, lam={self.lam}, label_aware={self.label_aware}"

@@ -7,15 +7,16 @@ other one (V): ``w_ij = ((p_i . p_j + 1) / 2) ** sharpness``, row-normalised and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.distributed.gather import GatherGrad, ProcessGroup, parse_gather
+from modalign.distributed.gather import GatherGrad, ProcessGroup
+from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import gather_rows, local_labels, pick, unit_rows
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
+from modalign.losses.base import ScaledLoss
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_positive
@@ -51,13 +52,15 @@ def cwcl_loss(
     sharpness: float = 1.0,
     gather: GatherGrad | None = GatherGrad.GLOBAL,
     process_group: ProcessGroup | None = None,
+    names: Sequence[str] = ("frozen", "trained"),
 ) -> LossOutput:
     """CWCL between a frozen modality U (``frozen``) and a trained modality V (``trained``).
 
     ``U->V = -mean_i sum_j wbar_ij log softmax_j(s p_i.q_j)`` with ``wbar`` from
     :func:`cwcl_weights`; ``V->U`` is the standard InfoNCE of ``q_i`` against all ``p_j``. The total
     is their mean. Both inputs are L2-normalised here; no gradient reaches ``frozen`` through the
-    targets. Across processes the local rows are scored against every rank's columns.
+    targets. Across processes the local rows are scored against every rank's columns. ``names``
+    (frozen, trained) name the parts ``U-to-V`` and ``V-to-U``.
 
     Examples:
         >>> import torch
@@ -65,7 +68,7 @@ def cwcl_loss(
         >>> p, q = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
         >>> out = cwcl_loss(p, q, 10.0)
         >>> sorted(out.parts)
-        ['frozen_to_trained', 'trained_to_frozen']
+        ['frozen-to-trained', 'trained-to-frozen']
     """
     p = unit_rows(frozen, "frozen")
     q = unit_rows(trained, "trained", rows=p.shape[0], dim=p.shape[1])
@@ -77,53 +80,34 @@ def cwcl_loss(
     targets = cwcl_weights(p, sharpness=sharpness, columns=all_p.tensor)
     u_to_v = -(targets * (logit_scale * p @ all_q.T).log_softmax(dim=1)).sum() * factor
     v_to_u = F.cross_entropy(logit_scale * q @ all_p.tensor.T, labels, reduction="sum") * factor
-    parts = {"frozen_to_trained": u_to_v, "trained_to_frozen": v_to_u}
+    parts = {direction_name(*names): u_to_v, direction_name(names[1], names[0]): v_to_u}
     return LossOutput((u_to_v + v_to_u) / 2, parts)
 
 
 @register_loss("cwcl")
 class CWCLLoss(ScaledLoss):
-    """CWCL with a learnable logit scale; ``modalities = (frozen, trained)``.
+    """CWCL with a learnable temperature (0.07); ``modalities = (frozen, trained)``.
 
     Examples:
         >>> import torch
         >>> loss = CWCLLoss(["image", "text"])
         >>> g = torch.Generator().manual_seed(0)
         >>> emb = {"image": torch.randn(4, 8, generator=g), "text": torch.randn(4, 8, generator=g)}
-        >>> out = loss(emb)
-        >>> out.loss.ndim
-        0
+        >>> sorted(loss(emb).parts)
+        ['image-to-text', 'text-to-image']
     """
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        init_logit_scale: float = math.log(1 / 0.07),
-        learnable_scale: bool = True,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
-        sharpness: float = 1.0,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-    ) -> None:
-        super().__init__(
-            modalities,
-            n_modalities=2,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            scale_bounds=scale_bounds,
-        )
+    distributed = True
+
+    def __init__(self, modalities: Sequence[str], *, sharpness: float = 1.0, **options: Any
+                 ) -> None:
+        super().__init__(modalities, **options)
         check_positive("sharpness", sharpness)
         self.sharpness = float(sharpness)
-        self.gather = parse_gather(gather)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         frozen, trained = pick(embeddings, self.modalities)
-        return cwcl_loss(
-            frozen, trained, self.logit_scale(), sharpness=self.sharpness, gather=self.gather
-        )
+        return cwcl_loss(frozen, trained, self.logit_scale(), sharpness=self.sharpness,
+                         gather=self.gather, names=self.modalities)

@@ -17,9 +17,9 @@ equals the single-process value.
 Examples:
     >>> import torch
     >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-    >>> float(uniformity_loss(x))  # two antipodal points: -2 * 4
+    >>> float(uniformity_loss(x).loss)  # two antipodal points: -2 * 4
     -8.0
-    >>> float(alignment_loss(x, -x))
+    >>> float(alignment_loss(x, -x).loss)
     4.0
 """
 
@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from modalign.distributed.gather import (
     GatherGrad,
@@ -38,9 +39,8 @@ from modalign.distributed.gather import (
     all_sizes,
     gather_with_grad,
     get_world_size,
-    parse_gather,
 )
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, as_modalities, select_modalities
+from modalign.losses.base import LossModule, ScaledLoss, ScaleOptions
 from modalign.losses.clip import Impl, clip_loss, prepare_pair
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -83,12 +83,12 @@ def uniformity_loss(
     gather: GatherGrad | None = GatherGrad.GLOBAL,
     process_group: ProcessGroup | None = None,
     name: str = "x",
-) -> Tensor:
+) -> LossOutput:
     """``log mean_{i != j} exp(-t ||x_i - x_j||^2)`` over the rows of ``x`` (at least 2 rows).
 
     Examples:
         >>> import torch
-        >>> float(uniformity_loss(torch.ones(4, 3)))  # all points identical: the maximum, 0
+        >>> float(uniformity_loss(torch.ones(4, 3)).loss)  # all points identical: the maximum, 0
         0.0
     """
     check_embedding(name, x, normalize=normalize)
@@ -105,9 +105,9 @@ def uniformity_loss(
         raise ValueError(f"{name} needs at least 2 rows for uniformity, got {total}")
     rows_idx = torch.arange(x.shape[0], device=x.device) + offset
     excluded = rows_idx[:, None] == torch.arange(total, device=x.device)[None, :]
-    return _log_mean_exp_off_pairs(
+    return LossOutput(_log_mean_exp_off_pairs(
         x, cols, t, excluded, total * (total - 1), world, gather or GatherGrad.GLOBAL, process_group
-    )
+    ))
 
 
 def cross_uniformity_loss(
@@ -120,13 +120,13 @@ def cross_uniformity_loss(
     gather: GatherGrad | None = GatherGrad.GLOBAL,
     process_group: ProcessGroup | None = None,
     names: Sequence[str] = ("x", "y"),
-) -> Tensor:
+) -> LossOutput:
     """``log mean exp(-t ||x_i - y_j||^2)`` over pairs i != j (or of different groups).
 
     Examples:
         >>> import torch
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        >>> round(float(cross_uniformity_loss(x, x)), 6)  # both off-diagonal pairs at distance^2 2
+        >>> round(float(cross_uniformity_loss(x, x).loss), 6)  # off-diagonal pairs at d^2 = 2
         -4.0
     """
     x, y = prepare_pair(x, y, names, normalize=normalize)
@@ -154,9 +154,9 @@ def cross_uniformity_loss(
         raise ValueError(
             f"cross-uniformity needs at least one pair of different samples, got {total}"
         )
-    return _log_mean_exp_off_pairs(
+    return LossOutput(_log_mean_exp_off_pairs(
         x, cols, t, excluded, n_pairs, world, gather or GatherGrad.GLOBAL, process_group
-    )
+    ))
 
 
 def alignment_loss(
@@ -168,13 +168,13 @@ def alignment_loss(
     gather: GatherGrad | None = GatherGrad.GLOBAL,
     process_group: ProcessGroup | None = None,
     names: Sequence[str] = ("x", "y"),
-) -> Tensor:
+) -> LossOutput:
     """``mean_i ||x_i - y_i||^alpha`` over paired rows.
 
     Examples:
         >>> import torch
         >>> x = torch.randn(5, 3)
-        >>> float(alignment_loss(x, x))
+        >>> float(alignment_loss(x, x).loss)
         0.0
     """
     x, y = prepare_pair(x, y, names, normalize=normalize)
@@ -183,29 +183,20 @@ def alignment_loss(
     per_row = diff.pow(2).sum(1) if alpha == 2 else diff.norm(dim=1).pow(alpha)
     world = get_world_size(process_group) if gather is not None else 1
     if world == 1:
-        return per_row.mean()
+        return LossOutput(per_row.mean())
     total = sum(all_sizes(x.shape[0], process_group, x.device))
-    return per_row.sum() * (world / total)
+    return LossOutput(per_row.sum() * (world / total))
 
 
-class _GapTerm(nn.Module):
-    """Shared constructor of the geometric terms: modalities, t/alpha, normalize, gather."""
+class _GapTerm(LossModule):
+    """Shared constructor of the geometric terms: modalities, normalize, gather."""
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        n_modalities: int | None,
-        *,
-        normalize: bool,
-        gather: GatherGrad | str | None,
-    ) -> None:
-        super().__init__()
-        self.modalities = as_modalities(modalities, n_modalities)
+    distributed = True
+
+    def __init__(self, modalities: Sequence[str], *, normalize: bool = True, **options: Any
+                 ) -> None:
+        super().__init__(modalities, **options)
         self.normalize = normalize
-        self.gather = parse_gather(gather)
-
-    def select(self, embeddings: Mapping[str, Tensor]) -> list[Tensor]:
-        return select_modalities(embeddings, self.modalities)
 
 
 @register_loss("uniformity")
@@ -220,27 +211,20 @@ class UniformityLoss(_GapTerm):
         ['image', 'text']
     """
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        t: float = 2.0,
-        normalize: bool = True,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-    ) -> None:
-        super().__init__(modalities, None, normalize=normalize, gather=gather)
+    min_modalities, max_modalities = 1, None
+
+    def __init__(self, modalities: Sequence[str], *, t: float = 2.0, **options: Any) -> None:
+        super().__init__(modalities, **options)
         check_positive("t", t)
         self.t = float(t)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         parts = {
-            m: uniformity_loss(x, t=self.t, normalize=self.normalize, gather=self.gather, name=m)
+            m: uniformity_loss(
+                x, t=self.t, normalize=self.normalize, gather=self.gather, name=m
+            ).loss
             for m, x in zip(self.modalities, self.select(embeddings), strict=True)
         }
         return LossOutput(torch.stack(list(parts.values())).mean(), parts)
@@ -257,35 +241,17 @@ class AlignmentLoss(_GapTerm):
         0.0
     """
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        alpha: float = 2.0,
-        normalize: bool = True,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-    ) -> None:
-        super().__init__(modalities, 2, normalize=normalize, gather=gather)
+    def __init__(self, modalities: Sequence[str], *, alpha: float = 2.0, **options: Any) -> None:
+        super().__init__(modalities, **options)
         check_positive("alpha", alpha)
         self.alpha = float(alpha)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         x, y = self.select(embeddings)
-        loss = alignment_loss(
-            x,
-            y,
-            alpha=self.alpha,
-            normalize=self.normalize,
-            gather=self.gather,
-            names=self.modalities,
-        )
-        return LossOutput(loss, {})
+        return alignment_loss(x, y, alpha=self.alpha, normalize=self.normalize,
+                              gather=self.gather, names=self.modalities)
 
 
 @register_loss("cross_uniformity")
@@ -299,76 +265,59 @@ class CrossUniformityLoss(_GapTerm):
         True
     """
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        t: float = 2.0,
-        normalize: bool = True,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-    ) -> None:
-        super().__init__(modalities, 2, normalize=normalize, gather=gather)
+    supports_groups = True
+
+    def __init__(self, modalities: Sequence[str], *, t: float = 2.0, **options: Any) -> None:
+        super().__init__(modalities, **options)
         check_positive("t", t)
         self.t = float(t)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         x, y = self.select(embeddings)
-        loss = cross_uniformity_loss(
-            x,
-            y,
-            t=self.t,
-            groups=groups,
-            normalize=self.normalize,
-            gather=self.gather,
-            names=self.modalities,
-        )
-        return LossOutput(loss, {})
+        return cross_uniformity_loss(x, y, t=self.t, groups=groups, normalize=self.normalize,
+                                     gather=self.gather, names=self.modalities)
 
 
 @register_loss("cua")
-class CuaLoss(_GapTerm):
+class CuaLoss(ScaledLoss):
     """CUA = CLIP (fixed tau = 0.01) + uniformity (mean of both) + alignment; CUAXU adds XU.
 
     Args:
         modalities: the two embedding keys.
-        temperature: the CLIP temperature (default 0.01, fixed as in the paper).
-        learnable_temperature: learn it instead (log-parameterised, clamped by :meth:`clamp_`).
         cross_uniformity: add the cross-uniformity term (CUAXU).
         weights: weights of (clip, uniformity, alignment, cross_uniformity), default all 1.
         t: the uniformity kernel's t (2). alpha: the alignment exponent (2).
-        normalize, impl, tile_size, gather: as in :class:`modalign.losses.clip.ClipLoss`.
+        normalize, impl, tile_size, gather: as in :class:`modalign.losses.clip.PairLogitLoss`.
+        temperature, learnable_temperature, temperature_bounds: the CLIP term's
+            :class:`~modalign.losses.base.ScaleOptions` (default 0.01, fixed as in the paper).
 
     Examples:
         >>> import torch
         >>> emb = {"image": torch.randn(6, 4), "text": torch.randn(6, 4)}
         >>> sorted(CuaLoss(["image", "text"])(emb).parts)
-        ['alignment', 'clip', 'clip/image->text', 'clip/text->image', 'uniformity']
+        ['alignment', 'clip', 'clip/image-to-text', 'clip/text-to-image', 'uniformity']
     """
+
+    supports_groups = True
+    distributed = True
+    scale_defaults = ScaleOptions(temperature=0.01, learnable_temperature=False)
 
     def __init__(
         self,
         modalities: Sequence[str],
         *,
-        temperature: float = 0.01,
-        learnable_temperature: bool = False,
         cross_uniformity: bool = False,
         weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
         t: float = 2.0,
         alpha: float = 2.0,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
         normalize: bool = True,
         impl: Impl = "auto",
         tile_size: int | None = None,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+        **options: Any,
     ) -> None:
-        super().__init__(modalities, 2, normalize=normalize, gather=gather)
-        check_positive("temperature", temperature)
+        super().__init__(modalities, **options)
         check_positive("t", t)
         check_positive("alpha", alpha)
         weights = tuple(float(w) for w in weights)
@@ -379,27 +328,12 @@ class CuaLoss(_GapTerm):
         self.weights = weights
         self.cross_uniformity = cross_uniformity
         self.t, self.alpha = float(t), float(alpha)
+        self.normalize = normalize
         self.impl: Impl = impl
         self.tile_size = tile_size
-        self.scale_bounds = scale_bounds
-        log_scale = torch.tensor(math.log(1.0 / temperature), dtype=torch.float32)
-        if learnable_temperature:
-            self.log_logit_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_logit_scale", log_scale)
 
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Clamp a learnable log logit scale to ``scale_bounds`` (a fixed one is left alone)."""
-        if isinstance(self.log_logit_scale, nn.Parameter):
-            self.log_logit_scale.clamp_(*self.scale_bounds)
-
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         x, y = self.select(embeddings)
         a, b = self.modalities
@@ -408,7 +342,7 @@ class CuaLoss(_GapTerm):
         clip = clip_loss(
             x,
             y,
-            self.log_logit_scale.exp(),
+            self.logit_scale(),
             groups=groups,
             impl=self.impl,
             tile_size=self.tile_size,
@@ -416,17 +350,17 @@ class CuaLoss(_GapTerm):
             **common,
         )
         unif = (
-            uniformity_loss(x, t=self.t, name=a, **common)
-            + uniformity_loss(y, t=self.t, name=b, **common)
+            uniformity_loss(x, t=self.t, name=a, **common).loss
+            + uniformity_loss(y, t=self.t, name=b, **common).loss
         ) / 2
-        align = alignment_loss(x, y, alpha=self.alpha, names=self.modalities, **common)
+        align = alignment_loss(x, y, alpha=self.alpha, names=self.modalities, **common).loss
         parts = {"clip": clip.loss, "uniformity": unif, "alignment": align}
         parts.update({f"clip/{k}": v for k, v in clip.parts.items()})
         total = w_clip * clip.loss + w_unif * unif + w_align * align
         if self.cross_uniformity:
             xunif = cross_uniformity_loss(
                 x, y, t=self.t, groups=groups, names=self.modalities, **common
-            )
+            ).loss
             parts["cross_uniformity"] = xunif
             total = total + w_xunif * xunif
         return LossOutput(total, parts)
@@ -443,6 +377,6 @@ class CuaxuLoss(CuaLoss):
         True
     """
 
-    def __init__(self, modalities: Sequence[str], **params: object) -> None:
-        params.setdefault("cross_uniformity", True)
-        super().__init__(modalities, **params)  # type: ignore[arg-type]
+    def __init__(self, modalities: Sequence[str], **options: Any) -> None:
+        options.setdefault("cross_uniformity", True)
+        super().__init__(modalities, **options)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.distributed.gather import GatherGrad, ProcessGroup, parse_gather
+from modalign.distributed.gather import GatherGrad, ProcessGroup
+from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import gather_rows, local_labels, pick, unit_rows
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
+from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_positive
@@ -73,18 +75,20 @@ def m2mix_loss(
     *,
     gather: GatherGrad | None = GatherGrad.GLOBAL,
     process_group: ProcessGroup | None = None,
+    names: Sequence[str] = ("x", "y"),
 ) -> LossOutput:
     """m²-Mix: CE of each anchor against its true partner and the mixed negatives ``n_j``, j != i.
 
     ``L = CE(s [x_i.y_i | x_i.n_j]) + CE(s [y_i.x_i | y_i.n_j])``, ``n_j = slerp(x_j, y_j, lam)``
     (a sum, as in the reference code). Inputs are L2-normalised here; ``lam`` is one ratio or one
-    per row. Across processes the local anchors meet the mixtures of every rank's pairs.
+    per row. Across processes the local anchors meet the mixtures of every rank's pairs. Parts:
+    ``<x>-to-mixed`` and ``<y>-to-mixed`` with ``names``.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> x, y = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
         >>> sorted(m2mix_loss(x, y, 1 / 0.07, 0.5).parts)
-        ['x_anchor', 'y_anchor']
+        ['x-to-mixed', 'y-to-mixed']
     """
     xs = unit_rows(x, "x")
     ys = unit_rows(y, "y", rows=xs.shape[0], dim=xs.shape[1])
@@ -109,57 +113,48 @@ def m2mix_loss(
     positive = (xs * ys).sum(dim=-1, keepdim=True)
     factor = all_x.world_size / all_x.total
     parts = {}
-    for name, anchor in (("x_anchor", xs), ("y_anchor", ys)):
+    for name, anchor in zip(names, (xs, ys), strict=True):
         sims = torch.where(own_column, positive, anchor @ mixed.T)
-        parts[name] = F.cross_entropy(logit_scale * sims, labels, reduction="sum") * factor
-    return LossOutput(parts["x_anchor"] + parts["y_anchor"], parts)
+        parts[direction_name(name, "mixed")] = (
+            F.cross_entropy(logit_scale * sims, labels, reduction="sum") * factor)
+    x_part, y_part = parts.values()
+    return LossOutput(x_part + y_part, parts)
 
 
 @register_loss("m2mix")
 class M2MixLoss(ScaledLoss):
     """m²-Mix with ``lam ~ Beta(beta, beta)`` per batch (``beta = 0.5``) and ``tau2 = 0.07``.
 
-    Pass ``generator`` for reproducible ratios. The scale is fixed by default, as ``tau2`` in the
-    reference code; ``learnable_scale=True`` learns it.
+    Pass ``generator`` for reproducible ratios. The temperature is fixed by default, as ``tau2`` in
+    the reference code; ``learnable_temperature=True`` learns it.
 
     Examples:
         >>> loss = M2MixLoss(["image", "text"], generator=torch.Generator().manual_seed(0))
         >>> emb = {"image": torch.randn(4, 8), "text": torch.randn(4, 8)}
-        >>> loss(emb).loss.ndim
-        0
+        >>> sorted(loss(emb).parts)
+        ['image-to-mixed', 'lam', 'text-to-mixed']
     """
+
+    distributed = True
+    scale_defaults = ScaleOptions(temperature=0.07, learnable_temperature=False)
 
     def __init__(
         self,
         modalities: Sequence[str],
         *,
         beta: float = 0.5,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-        init_logit_scale: float = math.log(1 / 0.07),
-        learnable_scale: bool = False,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
         generator: torch.Generator | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            modalities,
-            n_modalities=2,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            scale_bounds=scale_bounds,
-        )
+        super().__init__(modalities, **options)
         check_positive("beta", beta)
         self.beta = float(beta)
         self.generator = generator
-        self.gather = parse_gather(gather)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         x, y = pick(embeddings, self.modalities)
         lam = sample_beta(self.beta, generator=self.generator)
-        out = m2mix_loss(x, y, self.logit_scale(), lam, gather=self.gather)
+        out = m2mix_loss(x, y, self.logit_scale(), lam, gather=self.gather, names=self.modalities)
         return LossOutput(out.loss, {**out.parts, "lam": lam.detach()})

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.distributed.gather import GatherGrad, ProcessGroup, parse_gather
+from modalign.distributed.gather import GatherGrad, ProcessGroup
+from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import (
-    at_least_two,
     check_fraction,
     checked,
     gather_rows,
@@ -24,7 +25,7 @@ from modalign.losses._support import (
     pick,
     unit_rows,
 )
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
+from modalign.losses.base import ScaledLoss
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_positive
@@ -76,17 +77,19 @@ def gram_loss(
     eps: float = DEFAULT_VOLUME_EPS,
     gather: GatherGrad | None = GatherGrad.GLOBAL,
     process_group: ProcessGroup | None = None,
+    names: Sequence[str] = ("anchors", "tuples"),
 ) -> LossOutput:
     """``(CE(-s V, diag) + CE(-s V^T, diag)) / 2`` with ``V = gram_volume(anchors, *tuples)``.
 
     Across processes each rank scores its anchors against all tuples and its tuples against all
-    anchors; the mean of the per-rank losses is the single-process loss.
+    anchors; the mean of the per-rank losses is the single-process loss. Parts: ``A-to-T`` and
+    ``T-to-A`` with ``names = (A, T)``.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> t, v, a = (torch.randn(4, 8, generator=g) for _ in range(3))
         >>> sorted(gram_loss(t, [v, a], 1 / 0.07).parts)
-        ['anchor_to_tuple', 'tuple_to_anchor']
+        ['anchors-to-tuples', 'tuples-to-anchors']
     """
     check_positive("logit_scale", logit_scale)
     check_fraction(label_smoothing, "label_smoothing")
@@ -106,27 +109,30 @@ def gram_loss(
         t2a = a2t.T
     else:
         t2a = -logit_scale * gram_volume(all_anchors.tensor, *tuples, eps=eps).T
-    parts = {
-        name: F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum")
-        * factor
-        for name, logits in (("anchor_to_tuple", a2t), ("tuple_to_anchor", t2a))
-    }
-    return LossOutput((parts["anchor_to_tuple"] + parts["tuple_to_anchor"]) / 2, parts)
+    a2t_loss, t2a_loss = (
+        F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum") * factor
+        for logits in (a2t, t2a)
+    )
+    parts = {direction_name(*names): a2t_loss, direction_name(names[1], names[0]): t2a_loss}
+    return LossOutput((a2t_loss + t2a_loss) / 2, parts)
 
 
 @register_loss("gram")
 class GramLoss(ScaledLoss):
     """GRAM volume loss; ``modalities[0]`` is the anchor (text in the paper), the rest the tuple.
 
-    The temperature (0.07 at init) is learned as a log logit scale and clamped to <= 100, unlike the
+    The temperature (0.07 at init) is learned as a log logit scale and kept in [0.01, 1], unlike the
     reference's unclamped learnable divisor; label smoothing defaults to 0.1 as there.
 
     Examples:
         >>> loss = GramLoss(["text", "video", "audio"])
         >>> emb = {m: torch.randn(4, 8) for m in ["text", "video", "audio"]}
-        >>> loss(emb).loss.ndim
-        0
+        >>> sorted(loss(emb).parts)
+        ['text-to-video+audio', 'video+audio-to-text']
     """
+
+    max_modalities = None
+    distributed = True
 
     def __init__(
         self,
@@ -134,38 +140,18 @@ class GramLoss(ScaledLoss):
         *,
         label_smoothing: float = 0.1,
         eps: float = DEFAULT_VOLUME_EPS,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-        init_logit_scale: float = math.log(1 / 0.07),
-        learnable_scale: bool = True,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            modalities,
-            n_modalities=None,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            scale_bounds=scale_bounds,
-        )
-        at_least_two(self.modalities)
+        super().__init__(modalities, **options)
         check_fraction(label_smoothing, "label_smoothing")
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {eps}")
         self.label_smoothing, self.eps = float(label_smoothing), float(eps)
-        self.gather = parse_gather(gather)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         anchors, *tuples = pick(embeddings, self.modalities)
-        return gram_loss(
-            anchors,
-            tuples,
-            self.logit_scale(),
-            label_smoothing=self.label_smoothing,
-            eps=self.eps,
-            gather=self.gather,
-        )
+        names = (self.modalities[0], "+".join(self.modalities[1:]))
+        return gram_loss(anchors, tuples, self.logit_scale(), label_smoothing=self.label_smoothing,
+                         eps=self.eps, gather=self.gather, names=names)

@@ -11,7 +11,7 @@ Examples:
     >>> loss = IntraModalLoss(["image", "image:openmoji"])
     >>> out = loss({"image": torch.randn(6, 8), "image:openmoji": torch.randn(6, 8)})
     >>> sorted(out.parts)
-    ['image->image:openmoji', 'image:openmoji->image']
+    ['image-to-image:openmoji', 'image:openmoji-to-image']
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from modalign.losses.registry import register_loss
 
 @register_loss("intra")
 class IntraModalLoss(ClipLoss):
-    """InfoNCE between two views of one modality; takes the arguments of :class:`ClipLoss`.
+    """InfoNCE between two views of one modality; takes the arguments of :class:`ClipLoss`
+    (tau = 0.07, learnable).
 
     Examples:
-        >>> loss = IntraModalLoss(["text", "text:alias"], learnable_scale=False)
+        >>> loss = IntraModalLoss(["text", "text:alias"], learnable_temperature=False)
         >>> loss.modalities
         ('text', 'text:alias')
     """

@@ -10,14 +10,17 @@ outside autograd. State (one entry per dataset sample) is indexed by ``indices``
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from modalign.errors import ModalignError
 from modalign.losses._support import check_fraction, pick, unit_rows
-from modalign.losses.base import as_modalities
+from modalign.losses.base import LossModule, ScaleOptions, caller_stacklevel
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_positive
@@ -64,14 +67,19 @@ def isogclr_anchor_step(
 
 
 @register_loss("isogclr")
-class ISogCLRLoss(nn.Module):
+class ISogCLRLoss(LossModule):
     """iSogCLR with per-sample temperatures for both modalities; needs ``indices`` in ``forward``.
 
-    Defaults are the reference bimodal ones: ``tau_init = 0.01``, ``tau`` in ``[0.005, 1]``,
-    ``gamma = 0.8``, ``rho = 8``, ``eta = 0.03``, ``beta_u = 0.9``, ``dF/dtau`` clipped to
-    ``[-5, 5]``. In training mode every call updates the state of the samples in ``indices``; in
-    eval mode the state is read, not written. ``loss`` is the gradient surrogate; the parts hold
-    the objective values (``objective_<m>``) and the mean temperature of the batch (``tau_<m>``).
+    Defaults: ``temperature = 0.01`` (every tau_i at the start), ``temperature_bounds =
+    (0.005, 1)``, ``gamma = 0.8``, ``rho = 8``, ``eta = 0.03``, ``beta_u = 0.9``, ``dF/dtau``
+    clipped to ``[-5, 5]``: the argparse defaults of the reference bimodal code (``rho = 8``,
+    ``eta = 0.03``; its README's example command passes ``rho = 6``). The temperatures are not a
+    gradient-trained log scale: they take their own momentum step (``learnable_temperature=False``
+    keeps them at ``temperature``). In training mode every call updates the state of the samples in
+    ``indices``; in eval mode the state is read, not written. ``loss`` is the gradient surrogate;
+    the parts hold the objective values (``objective_<m>``) and the mean temperature of the batch
+    (``tau_<m>``). ``tau_init``, ``tau_min`` and ``tau_max`` are the older spellings of
+    ``temperature`` and ``temperature_bounds``.
 
     Examples:
         >>> loss = ISogCLRLoss(["image", "text"], dataset_size=10)
@@ -80,6 +88,10 @@ class ISogCLRLoss(nn.Module):
         >>> sorted(out.parts)[:2]
         ['objective_image', 'objective_text']
     """
+
+    needs_indices = True
+    needs_dataset_size = True
+    scale_defaults = ScaleOptions(temperature=0.01, temperature_bounds=(5e-3, 1.0))
 
     s: Tensor
     b: Tensor
@@ -91,23 +103,26 @@ class ISogCLRLoss(nn.Module):
         modalities: Sequence[str],
         dataset_size: int,
         *,
-        tau_init: float = 0.01,
-        tau_min: float = 5e-3,
-        tau_max: float = 1.0,
         gamma: float = 0.8,
         rho: float = 8.0,
         eta: float = 0.03,
         beta_u: float = 0.9,
         grad_clip: float = 5.0,
+        **options: Any,
     ) -> None:
-        super().__init__()
-        self.modalities = as_modalities(modalities, 2)
+        _read_older_temperature_keywords(options)
+        super().__init__(modalities, **options)
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 2:
             raise ValueError(f"dataset_size must be an integer >= 2, got {dataset_size!r}")
+        opts = self.scale_options
+        if opts.init_logit_bias is not None:
+            raise ModalignError("isogclr has no logit bias; leave init_logit_bias unset")
+        tau_init, (tau_min, tau_max) = opts.temperature, opts.temperature_bounds
         for name, value in (("tau_min", tau_min), ("eta", eta), ("grad_clip", grad_clip)):
             check_positive(name, value)
         if not tau_min <= tau_init <= tau_max:
-            raise ValueError(f"tau_init must lie in [tau_min, tau_max], got {tau_init}")
+            raise ValueError(f"temperature must lie in temperature_bounds {opts.temperature_bounds}"
+                             f", got {tau_init}")
         if not (math.isfinite(rho) and rho >= 0):
             raise ValueError(f"rho must be a finite number >= 0, got {rho}")
         check_fraction(gamma, "gamma")
@@ -135,12 +150,8 @@ class ISogCLRLoss(nn.Module):
             raise ValueError("indices must be distinct within a batch")
         return indices.to(self.s.device).long()
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         x_raw, y_raw = pick(embeddings, self.modalities)
         x = unit_rows(x_raw, self.modalities[0])
@@ -172,7 +183,9 @@ class ISogCLRLoss(nn.Module):
         grad = step.tau_grad.detach().clamp(-self.grad_clip, self.grad_clip)
         u = (1 - self.beta_u) * self.u[side, idx] + self.beta_u * grad
         self.u[side, idx] = u
-        self.tau[side, idx] = (self.tau[side, idx] - self.eta * u).clamp(self.tau_min, self.tau_max)
+        if self.scale_options.learnable_temperature:
+            tau = (self.tau[side, idx] - self.eta * u).clamp(self.tau_min, self.tau_max)
+            self.tau[side, idx] = tau
         self.s[side, idx] = step.s.detach()
         self.b[side, idx] = step.b.detach()
 
@@ -180,3 +193,22 @@ class ISogCLRLoss(nn.Module):
     def clamp_(self) -> None:
         """Keep every temperature in ``[tau_min, tau_max]`` (they are updated in ``forward``)."""
         self.tau.clamp_(self.tau_min, self.tau_max)
+
+
+_OLDER_KEYWORDS = {"tau_init": "temperature", "tau_min": "temperature_bounds",
+                   "tau_max": "temperature_bounds"}
+
+
+def _read_older_temperature_keywords(options: dict[str, Any]) -> None:
+    """Rewrite ``tau_init`` / ``tau_min`` / ``tau_max`` in place, with a ``FutureWarning``."""
+    old = [k for k in _OLDER_KEYWORDS if k in options]
+    if not old:
+        return
+    warnings.warn(f"isogclr: {old} are deprecated; use 'temperature' (the initial tau) and "
+                  "'temperature_bounds' = (tau_min, tau_max)", FutureWarning,
+                  stacklevel=caller_stacklevel())
+    if "tau_init" in options:
+        options["temperature"] = options.pop("tau_init")
+    if "tau_min" in options or "tau_max" in options:
+        lo, hi = options.get("temperature_bounds", ISogCLRLoss.scale_defaults.temperature_bounds)
+        options["temperature_bounds"] = (options.pop("tau_min", lo), options.pop("tau_max", hi))

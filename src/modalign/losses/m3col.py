@@ -6,15 +6,15 @@ the other; the target of row i puts ``b_i`` on column i and ``1 - b_i`` on colum
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.losses._support import check_fraction, checked, pick, soft_cross_entropy
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
+from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.geodesic_mixup import sample_beta
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
@@ -73,29 +73,35 @@ def mixed_contrast(
 
 
 def m3col_loss(
-    x: Tensor, y: Tensor, logit_scale: Tensor | float, permutation: Tensor, mix_weights: Tensor
+    x: Tensor, y: Tensor, logit_scale: Tensor | float, permutation: Tensor, mix_weights: Tensor,
+    *, names: Sequence[str] = ("x", "y"),
 ) -> LossOutput:
     """M3Co: mixed-x against y plus mixed-y against x, each the mean of both directions.
 
     ``permutation`` (B,) and ``mix_weights`` (B,) in [0, 1] are shared by both terms (see
-    :func:`sample_m3col_mixing`). With ``mix_weights = 1`` each term is the CLIP loss.
+    :func:`sample_m3col_mixing`). With ``mix_weights = 1`` each term is the CLIP loss. Parts:
+    ``mixed-<x>`` and ``mixed-<y>`` with ``names``.
+
+    Departure from the reference code: there each modality draws its own permutation and its own
+    beta vector, and (through an in-place view) the mixing also reaches the modality it is
+    contrasted with, so both sides of a term are mixed. Here one permutation and one weight vector
+    serve both terms, and each mixed modality is contrasted with the clean other one.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> x, y = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
         >>> out = m3col_loss(x, y, 10.0, torch.tensor([1, 0, 3, 2]), torch.full((4,), 0.7))
         >>> sorted(out.parts)
-        ['mixed_x', 'mixed_y']
+        ['mixed-x', 'mixed-y']
     """
     checked(x, "x", normalize=True)
     checked(y, "y", rows=x.shape[0], dim=x.shape[1], normalize=True)
     check_positive("logit_scale", logit_scale)
     _check_mixing(permutation, mix_weights, x.shape[0])
-    parts = {
-        "mixed_x": mixed_contrast(x, y, logit_scale, permutation, mix_weights),
-        "mixed_y": mixed_contrast(y, x, logit_scale, permutation, mix_weights),
-    }
-    return LossOutput(parts["mixed_x"] + parts["mixed_y"], parts)
+    mixed_x = mixed_contrast(x, y, logit_scale, permutation, mix_weights)
+    mixed_y = mixed_contrast(y, x, logit_scale, permutation, mix_weights)
+    parts = {f"mixed-{names[0]}": mixed_x, f"mixed-{names[1]}": mixed_y}
+    return LossOutput(mixed_x + mixed_y, parts)
 
 
 def sample_m3col_mixing(
@@ -123,17 +129,21 @@ def sample_m3col_mixing(
 
 @register_loss("m3col")
 class M3CoLLoss(ScaledLoss):
-    """M3Co mixup contrastive loss: ``tau = 0.1``, ``beta = 0.15``, mixing probability 0.5.
+    """M3Co mixup contrastive loss: ``tau = 0.1`` (fixed, as in the reference code; the
+    temperature keywords change it), ``beta = 0.15``, mixing probability 0.5.
 
-    The scale is fixed by default, as in the reference code; ``learnable_scale=True`` learns it.
-    Single-process only: the mixing permutation pairs rows within the local batch.
+    Single-process only: the mixing permutation pairs rows within the local batch. One
+    permutation and one weight vector serve both terms (see :func:`m3col_loss` for how this
+    departs from the reference code).
 
     Examples:
         >>> loss = M3CoLLoss(["image", "text"], generator=torch.Generator().manual_seed(0))
         >>> emb = {"image": torch.randn(4, 8), "text": torch.randn(4, 8)}
-        >>> loss(emb).loss.ndim
-        0
+        >>> sorted(loss(emb).parts)
+        ['mixed-image', 'mixed-text']
     """
+
+    scale_defaults = ScaleOptions(temperature=0.1, learnable_temperature=False)
 
     def __init__(
         self,
@@ -141,29 +151,17 @@ class M3CoLLoss(ScaledLoss):
         *,
         beta: float = 0.15,
         mix_probability: float = 0.5,
-        init_logit_scale: float = math.log(1 / 0.1),
-        learnable_scale: bool = False,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
         generator: torch.Generator | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            modalities,
-            n_modalities=2,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            scale_bounds=scale_bounds,
-        )
+        super().__init__(modalities, **options)
         check_positive("beta", beta)
         check_fraction(mix_probability, "mix_probability")
         self.beta, self.mix_probability = float(beta), float(mix_probability)
         self.generator = generator
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         x, y = pick(embeddings, self.modalities)
         checked(x, self.modalities[0])
@@ -173,4 +171,5 @@ class M3CoLLoss(ScaledLoss):
             mix_probability=self.mix_probability,
             generator=self.generator,
         )
-        return m3col_loss(x, y, self.logit_scale(), perm.to(x.device), weights.to(x.device))
+        return m3col_loss(x, y, self.logit_scale(), perm.to(x.device), weights.to(x.device),
+                          names=self.modalities)

@@ -7,15 +7,17 @@ zero and carry no gradient ("cognition align").
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from modalign.distributed.gather import GatherGrad, ProcessGroup, parse_gather
+from modalign.distributed.gather import GatherGrad, ProcessGroup
+from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import gather_rows, local_labels, pick, unit_rows
-from modalign.losses.base import as_modalities
+from modalign.losses.base import ScaledLoss, ScaleOptions, as_modalities, caller_stacklevel
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_positive
@@ -42,16 +44,19 @@ def aligned_row_kl(
 
 
 def modx_loss(
-    new_x: Tensor, new_y: Tensor, old_x: Tensor, old_y: Tensor, *,
-    temperature: float = 1.0, reduction: Reduction = "mean",
+    new_x: Tensor, new_y: Tensor, old_x: Tensor, old_y: Tensor,
+    logit_scale: Tensor | float = 1.0, *, reduction: Reduction = "mean",
     gather: GatherGrad | None = GatherGrad.GLOBAL, process_group: ProcessGroup | None = None,
+    names: Sequence[str] = ("x", "y"), temperature: float | None = None,
 ) -> LossOutput:
-    """Mod-X distillation: ``(KL_x2y + KL_y2x) / 2`` on cosines divided by ``temperature``.
+    """Mod-X distillation: ``(KL_x2y + KL_y2x) / 2`` on cosines times ``logit_scale`` (1 / tau).
 
     ``old_*`` come from the frozen previous model and are detached. ``reduction="mean"`` averages
     the per-row KL (batch-size free); ``"sum"`` adds them, the reference code's scaling, which grows
-    with the batch. The reference uses ``temperature = 1`` (unscaled cosines) and adds the term to
-    CLIP with weight 20. Across processes, local rows are scored against all columns.
+    with the batch. The reference uses tau = 1 (unscaled cosines) and adds the term to CLIP with
+    weight 20. Across processes, local rows are scored against all columns. ``names`` name the
+    parts ``x-to-y`` and ``y-to-x``; ``temperature=tau`` is the older spelling of
+    ``logit_scale=1/tau``.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
@@ -59,7 +64,12 @@ def modx_loss(
         >>> float(modx_loss(x, y, x, y).loss)
         0.0
     """
-    check_positive("temperature", temperature)
+    if temperature is not None:
+        warnings.warn("modx_loss(temperature=tau) is deprecated; use logit_scale=1/tau",
+                      FutureWarning, stacklevel=caller_stacklevel())
+        check_positive("temperature", temperature)
+        logit_scale = 1 / temperature
+    check_positive("logit_scale", logit_scale)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     nx = unit_rows(new_x, "new_x")
@@ -74,56 +84,51 @@ def modx_loss(
     all_oy = gather_rows(oy, frozen, process_group, sizes).tensor
     positives = local_labels(all_nx, nx.device)
     factor = all_nx.world_size / (all_nx.total if reduction == "mean" else 1)
-    parts = {
-        "x_to_y": aligned_row_kl(nx @ all_ny.T / temperature, ox @ all_oy.T / temperature,
-                                 positives).sum() * factor,
-        "y_to_x": aligned_row_kl(ny @ all_nx.tensor.T / temperature, oy @ all_ox.T / temperature,
-                                 positives).sum() * factor,
-    }
-    return LossOutput((parts["x_to_y"] + parts["y_to_x"]) / 2, parts)
+    s = logit_scale
+    x2y = aligned_row_kl(nx @ all_ny.T * s, ox @ all_oy.T * s, positives).sum() * factor
+    y2x = aligned_row_kl(ny @ all_nx.tensor.T * s, oy @ all_ox.T * s, positives).sum() * factor
+    parts = {direction_name(*names): x2y, direction_name(names[1], names[0]): y2x}
+    return LossOutput((x2y + y2x) / 2, parts)
 
 
 @register_loss("modx")
-class ModXLoss(nn.Module):
+class ModXLoss(ScaledLoss):
     """Mod-X distillation; ``old_keys`` name the frozen old model's embeddings (``<m>_old``).
 
-    Combine it with ``clip`` in the objective list (the reference weight is 20).
+    tau = 1, fixed (the reference's unscaled cosines); the temperature keywords of
+    :class:`~modalign.losses.base.ScaleOptions` change it. Combine it with ``clip`` in the
+    objective list (the reference weight is 20).
 
     Examples:
         >>> loss = ModXLoss(["image", "text"])
         >>> emb = {k: torch.randn(4, 8) for k in ["image", "text", "image_old", "text_old"]}
-        >>> loss(emb).loss.ndim
-        0
+        >>> sorted(loss(emb).parts)
+        ['image-to-text', 'text-to-image']
     """
+
+    distributed = True
+    scale_defaults = ScaleOptions(temperature=1.0, learnable_temperature=False)
 
     def __init__(
         self,
         modalities: Sequence[str],
         *,
         old_keys: Sequence[str] | None = None,
-        temperature: float = 1.0,
         reduction: Reduction = "mean",
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
+        **options: Any,
     ) -> None:
-        super().__init__()
-        self.modalities = as_modalities(modalities, 2)
+        super().__init__(modalities, **options)
         keys = old_keys if old_keys is not None else [f"{m}_old" for m in self.modalities]
         self.old_keys = as_modalities(keys, 2, name="old_keys")
-        check_positive("temperature", temperature)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self.temperature, self.reduction = float(temperature), reduction
-        self.gather = parse_gather(gather)
+        self.reduction = reduction
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         x, y = pick(embeddings, self.modalities)
         ox, oy = pick(embeddings, self.old_keys)
         pick(embeddings, [self.modalities[0], self.old_keys[0]], same_dim=False)
-        return modx_loss(x, y, ox, oy, temperature=self.temperature, reduction=self.reduction,
-                         gather=self.gather)
+        return modx_loss(x, y, ox, oy, self.logit_scale(), reduction=self.reduction,
+                         gather=self.gather, names=self.modalities)

@@ -7,21 +7,22 @@ written with log-sum-exp, so no ``exp`` can overflow whatever the temperature.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup, parse_gather
+from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup
 from modalign.errors import ModalignError
 from modalign.losses._support import at_least_two, gather_rows, pick, unit_rows
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
+from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_positive
 
-MV_INIT_LOG_SCALE = math.log(1 / 0.5)  # tau = 0.5, as in the reference CIFAR / ImageNet-100 configs
+MV_TEMPERATURE = 0.5
+"""tau of the reference CIFAR / ImageNet-100 configs."""
 
 
 def view_similarity(
@@ -136,26 +137,12 @@ def mv_dhel_loss(
 
 
 class _MultiViewLoss(ScaledLoss):
-    """Shared constructor of the multi-view losses: the views, the scale, the gather mode."""
+    """What the multi-view losses share: N >= 2 views, tau = 0.5 (fixed by default, as in the
+    reference configs), the gather mode."""
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        init_logit_scale: float,
-        learnable_scale: bool,
-        scale_bounds: tuple[float, float],
-        gather: GatherGrad | str | None,
-    ) -> None:
-        super().__init__(
-            modalities,
-            n_modalities=None,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            scale_bounds=scale_bounds,
-        )
-        at_least_two(self.modalities)
-        self.gather = parse_gather(gather)
+    max_modalities = None
+    distributed = True
+    scale_defaults = ScaleOptions(temperature=MV_TEMPERATURE, learnable_temperature=False)
 
 
 @register_loss("mv_infonce")
@@ -169,38 +156,16 @@ class MVInfoNCELoss(_MultiViewLoss):
         0
     """
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        same_view_negatives: bool = True,
-        init_logit_scale: float = MV_INIT_LOG_SCALE,
-        learnable_scale: bool = False,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-    ) -> None:
-        super().__init__(
-            modalities,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            scale_bounds=scale_bounds,
-            gather=gather,
-        )
+    def __init__(self, modalities: Sequence[str], *, same_view_negatives: bool = True,
+                 **options: Any) -> None:
+        super().__init__(modalities, **options)
         self.same_view_negatives = bool(same_view_negatives)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
-        return mv_infonce_loss(
-            pick(embeddings, self.modalities),
-            self.logit_scale(),
-            same_view_negatives=self.same_view_negatives,
-            gather=self.gather,
-        )
+        return mv_infonce_loss(pick(embeddings, self.modalities), self.logit_scale(),
+                               same_view_negatives=self.same_view_negatives, gather=self.gather)
 
 
 @register_loss("mv_dhel")
@@ -214,35 +179,13 @@ class MVDHELLoss(_MultiViewLoss):
         0
     """
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        include_self: bool = False,
-        init_logit_scale: float = MV_INIT_LOG_SCALE,
-        learnable_scale: bool = False,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-    ) -> None:
-        super().__init__(
-            modalities,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            scale_bounds=scale_bounds,
-            gather=gather,
-        )
+    def __init__(self, modalities: Sequence[str], *, include_self: bool = False,
+                 **options: Any) -> None:
+        super().__init__(modalities, **options)
         self.include_self = bool(include_self)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
-        return mv_dhel_loss(
-            pick(embeddings, self.modalities),
-            self.logit_scale(),
-            include_self=self.include_self,
-            gather=self.gather,
-        )
+        return mv_dhel_loss(pick(embeddings, self.modalities), self.logit_scale(),
+                            include_self=self.include_self, gather=self.gather)

@@ -2,7 +2,7 @@
 
 A training config declares its objective as a list of terms::
 
-    [{"loss": "clip", "modalities": ["image", "text"], "weight": 1.0, "init_logit_scale": 2.659},
+    [{"loss": "clip", "modalities": ["image", "text"], "weight": 1.0, "temperature": 0.07},
      {"loss": "uniformity", "modalities": ["image", "text"], "weight": 1.0},
      {"loss": "intra", "modalities": ["image", "image:openmoji"], "weight": 0.5}]
 
@@ -36,9 +36,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from modalign.losses.base import as_modalities
+from modalign.errors import ModalignError
+from modalign.losses.base import LossModule, as_modalities
 from modalign.losses.output import LossOutput
-from modalign.losses.registry import build_loss, register_loss
+from modalign.losses.registry import build_loss, loss_class, register_loss
 
 Reduction = Literal["sum", "mean"]
 
@@ -86,18 +87,26 @@ class LossTerm:
 
 
 class Objective(nn.Module):
-    """A weighted sum of loss terms; forwards ``groups`` and ``indices`` to every term.
+    """A weighted sum of loss terms; passes each term the per-batch inputs it declares.
+
+    ``groups`` go to every term and are refused (``ModalignError`` naming the term) by a term that
+    would ignore them; ``indices`` go to the terms that declare ``needs_indices``, ``anchor_rows``
+    to those that declare ``needs_anchor_rows``. A term that is a plain ``nn.Module`` (not a
+    :class:`~modalign.losses.base.LossModule`) receives ``groups`` and ``indices``.
 
     Args:
         terms: :class:`LossTerm` objects or plain dicts (see :meth:`LossTerm.from_dict`).
+        dataset_size: passed to the terms whose loss declares ``needs_dataset_size`` (iSogCLR's
+            per-sample state) unless their params give it.
 
     Examples:
         >>> obj = Objective([LossTerm("clip", ("image", "text"))])
-        >>> obj.labels
-        ['clip[image,text]']
+        >>> obj.labels, obj.needs_indices
+        (['clip[image,text]'], False)
     """
 
-    def __init__(self, terms: Sequence[LossTerm | Mapping[str, Any]]) -> None:
+    def __init__(self, terms: Sequence[LossTerm | Mapping[str, Any]], *,
+                 dataset_size: int | None = None) -> None:
         super().__init__()
         if isinstance(terms, (str, Mapping)) or not isinstance(terms, Sequence) or not terms:
             raise ValueError("terms must be a non-empty list of loss terms")
@@ -115,10 +124,23 @@ class Objective(nn.Module):
                     raise ValueError(f"params of {term.name()} must be empty when loss is a module")
                 module = term.loss
             else:
-                module = build_loss(term.loss, modalities=list(term.modalities), **term.params)
+                params = dict(term.params)
+                if dataset_size is not None and loss_class(term.loss).needs_dataset_size:
+                    params.setdefault("dataset_size", dataset_size)
+                module = build_loss(term.loss, modalities=list(term.modalities), **params)
             self.labels.append(term.name())
             self.weights.append(term.weight)
             self.terms.append(module)
+
+    @property
+    def needs_indices(self) -> bool:
+        """Whether a term needs the dataset index of every row."""
+        return any(getattr(m, "needs_indices", False) for m in self.terms)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether every term is exact across processes (see ``LossModule.distributed``)."""
+        return all(getattr(m, "distributed", False) for m in self.terms)
 
     def forward(
         self,
@@ -126,11 +148,23 @@ class Objective(nn.Module):
         *,
         groups: Tensor | None = None,
         indices: Tensor | None = None,
+        anchor_rows: Tensor | None = None,
     ) -> LossOutput:
+        if groups is not None:
+            refusing = [label for label, m in zip(self.labels, self.terms, strict=True)
+                        if isinstance(m, LossModule) and not m.supports_groups]
+            if refusing:
+                raise ModalignError(f"objective terms {refusing} do not use groups (shared "
+                                    "positives); call the objective without groups or drop them")
         total: Tensor | None = None
         parts: dict[str, Tensor] = {}
         for label, weight, module in zip(self.labels, self.weights, self.terms, strict=True):
-            out = module(embeddings, groups=groups, indices=indices)
+            inputs: dict[str, Tensor | None] = {"groups": groups}
+            if not isinstance(module, LossModule) or module.needs_indices:
+                inputs["indices"] = indices
+            if getattr(module, "needs_anchor_rows", False):
+                inputs["anchor_rows"] = anchor_rows
+            out = module(embeddings, **inputs)
             parts[label] = out.loss
             for key, value in out.parts.items():
                 parts[f"{label}/{key}"] = value
@@ -146,8 +180,10 @@ class Objective(nn.Module):
             _clamp_tree(module)
 
 
-def build_objective(spec: Sequence[LossTerm | Mapping[str, Any]] | Mapping[str, Any]) -> Objective:
-    """Build an :class:`Objective` from a list of terms or ``{"terms": [...]}``.
+def build_objective(spec: Sequence[LossTerm | Mapping[str, Any]] | Mapping[str, Any], *,
+                    dataset_size: int | None = None) -> Objective:
+    """Build an :class:`Objective` from a list of terms or ``{"terms": [...]}`` (``dataset_size``:
+    see :class:`Objective`).
 
     Examples:
         >>> build_objective({"terms": [{"loss": "siglip", "modalities": ["a", "b"]}]}).labels
@@ -159,14 +195,14 @@ def build_objective(spec: Sequence[LossTerm | Mapping[str, Any]] | Mapping[str, 
                 f"spec must be a list of terms or a mapping with 'terms', got {sorted(spec)}"
             )
         spec = spec["terms"]
-    return Objective(spec)
+    return Objective(spec, dataset_size=dataset_size)
 
 
 PairSpec = Literal["all", "anchor"] | Sequence[Sequence[str]]
 
 
 @register_loss("pairwise")
-class PairwiseLoss(nn.Module):
+class PairwiseLoss(LossModule):
     """Apply a two-modality loss to several pairs of N modalities, with weights; sum or mean.
 
     Args:
@@ -187,8 +223,10 @@ class PairwiseLoss(nn.Module):
         [('image', 'text'), ('image', 'audio')]
         >>> emb = {m: torch.randn(4, 3) for m in ["image", "text", "audio"]}
         >>> sorted(loss(emb).parts)[:2]
-        ['image,audio', 'image,audio/audio->image']
+        ['image,audio', 'image,audio/audio-to-image']
     """
+
+    max_modalities = None
 
     def __init__(
         self,
@@ -202,10 +240,7 @@ class PairwiseLoss(nn.Module):
         skip_missing: bool = False,
         **params: Any,
     ) -> None:
-        super().__init__()
-        self.modalities = as_modalities(modalities)
-        if len(self.modalities) < 2:
-            raise ValueError(f"modalities must name at least 2 modalities, got {self.modalities}")
+        super().__init__(modalities)
         self.pairs = _resolve_pairs(self.modalities, pairs, anchor)
         if weights is None:
             weights = [1.0] * len(self.pairs)
@@ -225,13 +260,12 @@ class PairwiseLoss(nn.Module):
         self.losses = nn.ModuleList(
             build_loss(base_loss, modalities=list(p), **params) for p in self.pairs
         )
+        base = loss_class(base_loss)  # what the pairs' loss declares, this loss declares
+        self.supports_groups, self.distributed = base.supports_groups, base.distributed
+        self.needs_indices = base.needs_indices
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         total: Tensor | None = None
         weight_sum = 0.0
@@ -239,7 +273,8 @@ class PairwiseLoss(nn.Module):
         for k, ((a, b), w) in enumerate(zip(self.pairs, self.weights, strict=True)):
             if self.skip_missing and (a not in embeddings or b not in embeddings):
                 continue
-            out = self.losses[k](embeddings, groups=groups, indices=indices)
+            inputs = {"indices": indices} if self.needs_indices else {}
+            out = self.losses[k](embeddings, groups=groups, **inputs)
             label = f"{a},{b}"
             parts[label] = out.loss
             for key, value in out.parts.items():

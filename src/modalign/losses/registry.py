@@ -40,12 +40,23 @@ def available_losses() -> list[str]:
     return sorted(_LOSSES)
 
 
-def build_loss(name: str, **params: Any) -> nn.Module:
-    """Instantiate the loss registered as ``name`` with ``params``."""
+def loss_class(name: str) -> type[nn.Module]:
+    """The class registered as ``name``: read its declarations (``needs_dataset_size``, ...)
+    before building it.
+
+    Examples:
+        >>> loss_class("isogclr").needs_dataset_size, loss_class("clip").supports_groups
+        (True, True)
+    """
     _import_builtins()
     if name not in _LOSSES:
         raise ValueError(f"loss={name!r} is unknown; expected one of {sorted(_LOSSES)}")
-    return _LOSSES[name](**params)
+    return _LOSSES[name]
+
+
+def build_loss(name: str, **params: Any) -> nn.Module:
+    """Instantiate the loss registered as ``name`` with ``params``."""
+    return loss_class(name)(**params)
 
 
 def _import_builtins() -> None:

@@ -7,7 +7,7 @@ With ``l_ij = t x_i . y_j + b`` and ``z_ij = +1`` for positives (the diagonal, o
 
 The right-hand form (``softplus(-l) = softplus(l) - l``) is what both paths compute: the softplus
 sum over the whole matrix (full, or tiled in O(tile_size x B) memory) plus an O(B d) positive term.
-Defaults follow the paper: ``t = exp(log 10)``, ``b = -10``, both learnable.
+Defaults follow the paper: ``t = 10`` (tau = 0.1), ``b = -10``, both learnable.
 
 Across processes each rank scores its rows against the gathered columns (the same scaling
 convention as :func:`modalign.losses.clip.clip_loss`: the mean over ranks is the single-process
@@ -23,7 +23,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -37,7 +36,7 @@ from modalign.distributed.gather import (
     gather_with_grad,
     get_world_size,
 )
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS
+from modalign.losses.base import ScaleOptions
 from modalign.losses.clip import Impl, PairLogitLoss, prepare_pair, use_tiled
 from modalign.losses.groups import same_group_sums
 from modalign.losses.output import LossOutput
@@ -128,14 +127,9 @@ def siglip_loss(
 
 @register_loss("siglip")
 class SigLipLoss(PairLogitLoss):
-    """SigLIP sigmoid loss with learnable log scale (init log 10) and bias (init -10).
+    """SigLIP sigmoid loss: tau = 0.1 (logit scale 10) and bias -10, both learnable (the paper's).
 
-    Args:
-        modalities: the two embedding keys.
-        init_logit_scale: initial log logit scale (default log 10).
-        init_logit_bias: initial bias (default -10).
-        learnable_scale, learnable_bias, scale_bounds: as in :class:`ScaledLoss`.
-        normalize, impl, tile_size, gather: as in :class:`modalign.losses.clip.ClipLoss`.
+    Takes the arguments of :class:`modalign.losses.clip.PairLogitLoss`.
 
     Examples:
         >>> import torch
@@ -145,30 +139,4 @@ class SigLipLoss(PairLogitLoss):
     """
 
     pair_loss = staticmethod(siglip_loss)
-
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        init_logit_scale: float = math.log(10.0),
-        learnable_scale: bool = True,
-        init_logit_bias: float = -10.0,
-        learnable_bias: bool = True,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
-        normalize: bool = True,
-        impl: Impl = "auto",
-        tile_size: int | None = None,
-        gather: GatherGrad | str | None = GatherGrad.GLOBAL,
-    ) -> None:
-        super().__init__(
-            modalities,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            init_logit_bias=init_logit_bias,
-            learnable_bias=learnable_bias,
-            scale_bounds=scale_bounds,
-            normalize=normalize,
-            impl=impl,
-            tile_size=tile_size,
-            gather=gather,
-        )
+    scale_defaults = ScaleOptions(temperature=0.1, init_logit_bias=-10.0)

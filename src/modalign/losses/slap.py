@@ -11,8 +11,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import check_fraction, pick, unit_rows
-from modalign.losses.base import as_modalities
+from modalign.losses.base import LossModule, as_modalities
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 
@@ -32,30 +33,32 @@ def slap_loss(
     *,
     cross_weight: float = 0.5,
     unimodal: bool = True,
+    names: Sequence[str] = ("a", "b"),
 ) -> LossOutput:
     """``w (d(q_a, z_b) + d(q_b, z_a)) / 2 + (1 - w) (d(q_a, z_a) + d(q_b, z_b)) / 2``.
 
     ``prediction_*`` are the online predictor outputs, ``target_*`` the EMA target projections of
     the same modality (a and b); ``cross_weight`` is ``w``. Without ``unimodal`` only the cross
-    terms are used (weight 1).
+    terms are used (weight 1). Part ``a-to-b`` is ``d(q_a, z_b)``, with ``names = (a, b)``.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> qa, qb, za, zb = (torch.randn(4, 8, generator=g) for _ in range(4))
         >>> sorted(slap_loss(qa, qb, za, zb).parts)
-        ['a_to_a', 'a_to_b', 'b_to_a', 'b_to_b']
+        ['a-to-a', 'a-to-b', 'b-to-a', 'b-to-b']
     """
     check_fraction(cross_weight, "cross_weight")
-    parts = {
-        "a_to_b": byol_distance(prediction_a, target_b),
-        "b_to_a": byol_distance(prediction_b, target_a),
-    }
-    cross = (parts["a_to_b"] + parts["b_to_a"]) / 2
+    a, b = names
+    a_to_b = byol_distance(prediction_a, target_b)
+    b_to_a = byol_distance(prediction_b, target_a)
+    parts = {direction_name(a, b): a_to_b, direction_name(b, a): b_to_a}
+    cross = (a_to_b + b_to_a) / 2
     if not unimodal:
         return LossOutput(cross, parts)
-    parts["a_to_a"] = byol_distance(prediction_a, target_a)
-    parts["b_to_b"] = byol_distance(prediction_b, target_b)
-    uni = (parts["a_to_a"] + parts["b_to_b"]) / 2
+    a_to_a = byol_distance(prediction_a, target_a)
+    b_to_b = byol_distance(prediction_b, target_b)
+    parts.update({direction_name(a, a): a_to_a, direction_name(b, b): b_to_b})
+    uni = (a_to_a + b_to_b) / 2
     return LossOutput(cross_weight * cross + (1 - cross_weight) * uni, parts)
 
 
@@ -87,17 +90,19 @@ def ema_update_(target: nn.Module, online: nn.Module, decay: float) -> None:
 
 
 @register_loss("slap")
-class SLAPLoss(nn.Module):
+class SLAPLoss(LossModule):
     """SLAP loss; ``modalities`` are the two predictor-output keys, ``target_keys`` the EMA targets.
 
     Defaults follow the reference configuration: ``cross_weight = 0.5``, unimodal terms on; use
     :func:`ema_update_` with ``decay = 0.995`` on the target towers after each optimiser step.
+    Across processes it needs no gather: every term is a mean over rows, so with equal per-rank
+    batches the mean over ranks is the single-process value.
 
     Examples:
         >>> loss = SLAPLoss(["audio", "text"])
         >>> emb = {k: torch.randn(4, 8) for k in ["audio", "text", "audio_target", "text_target"]}
-        >>> loss(emb).loss.ndim
-        0
+        >>> sorted(loss(emb).parts)
+        ['audio-to-audio', 'audio-to-text', 'text-to-audio', 'text-to-text']
     """
 
     def __init__(
@@ -108,21 +113,17 @@ class SLAPLoss(nn.Module):
         cross_weight: float = 0.5,
         unimodal: bool = True,
     ) -> None:
-        super().__init__()
-        self.modalities = as_modalities(modalities, 2)
+        super().__init__(modalities)
         keys = target_keys if target_keys is not None else [f"{m}_target" for m in self.modalities]
         self.target_keys = as_modalities(keys, 2, name="target_keys")
         check_fraction(cross_weight, "cross_weight")
         self.cross_weight, self.unimodal = float(cross_weight), bool(unimodal)
 
-    def forward(
-        self,
-        embeddings: Mapping[str, Tensor],
-        *,
-        groups: Tensor | None = None,
-        indices: Tensor | None = None,
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
     ) -> LossOutput:
         q_a, q_b = pick(embeddings, self.modalities)
         z_a, z_b = pick(embeddings, self.target_keys)
         pick(embeddings, [self.modalities[0], self.target_keys[0]])  # predictions match targets
-        return slap_loss(q_a, q_b, z_a, z_b, cross_weight=self.cross_weight, unimodal=self.unimodal)
+        return slap_loss(q_a, q_b, z_a, z_b, cross_weight=self.cross_weight,
+                         unimodal=self.unimodal, names=self.modalities)

@@ -7,16 +7,15 @@ sample's rows. The loss is the mean over anchors of the CE.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.losses._support import at_least_two, checked, pick
-from modalign.losses.base import DEFAULT_SCALE_BOUNDS, ScaledLoss
+from modalign.losses._support import checked, pick
+from modalign.losses.base import ScaledLoss
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_positive
@@ -133,7 +132,7 @@ def observed_rows(masks: Sequence[Tensor | None], batch: int) -> Tensor:
 
 @register_loss("symile")
 class SymileLoss(ScaledLoss):
-    """Symile over the declared modalities with a learnable logit scale (init log(1/0.07)).
+    """Symile over the declared modalities with a learnable temperature (0.07 at init).
 
     ``observed`` (optional, in ``forward``) maps a modality to a boolean mask of present rows: every
     Symile term needs all M modalities, so a sample missing any of them is left out of the loss (as
@@ -146,24 +145,11 @@ class SymileLoss(ScaledLoss):
         0
     """
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        *,
-        negatives: Negatives = "n",
-        init_logit_scale: float = math.log(1 / 0.07),
-        learnable_scale: bool = True,
-        scale_bounds: tuple[float, float] = DEFAULT_SCALE_BOUNDS,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(
-            modalities,
-            n_modalities=None,
-            init_logit_scale=init_logit_scale,
-            learnable_scale=learnable_scale,
-            scale_bounds=scale_bounds,
-        )
-        at_least_two(self.modalities)
+    max_modalities = None
+
+    def __init__(self, modalities: Sequence[str], *, negatives: Negatives = "n",
+                 generator: torch.Generator | None = None, **options: Any) -> None:
+        super().__init__(modalities, **options)
         if negatives not in ("n", "n_squared"):
             raise ValueError(f"negatives must be 'n' or 'n_squared', got {negatives!r}")
         self.negatives: Negatives = negatives
@@ -177,6 +163,7 @@ class SymileLoss(ScaledLoss):
         indices: Tensor | None = None,
         observed: Mapping[str, Tensor] | None = None,
     ) -> LossOutput:
+        self.check_call(groups, indices)
         xs = pick(embeddings, self.modalities, normalize=False)
         checked(xs[0], self.modalities[0])
         names = [f"anchor_{m}" for m in self.modalities]
