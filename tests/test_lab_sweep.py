@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +159,8 @@ def test_keys_change_with_what_changes_the_result(lab_run) -> None:
 def test_settings_and_config_validate() -> None:
     s = GapSetting(temperature=0.3)
     clip = s.train_sections()["objectives"][0]
-    assert clip["learnable_scale"] is False
-    assert math.exp(clip["init_logit_scale"]) == pytest.approx(1 / 0.3)
+    assert clip["learnable_temperature"] is False
+    assert clip["temperature"] == 0.3
     assert GapSetting("cone", 3).train_sections()["model"] == {"head_init": "cone",
                                                                "head": "mlp", "head_depth": 3}
     with pytest.raises(ValueError, match="temperature"):

@@ -57,7 +57,7 @@ def test_mlp_head_has_the_declared_depth_and_gradients_reach_every_layer():
 
 @pytest.mark.parametrize("bad", [
     {"joint_dim": 0}, {"head": "conv"}, {"head": "mlp", "head_depth": 1},
-    {"head_init": "kaiming"}, {"logit_scale_init": -1.0}, {"feature_dims": {"image": 6}},
+    {"head_init": "kaiming"}, {"temperature": -1.0}, {"feature_dims": {"image": 6}},
     {"trainable_towers": ["audio"]}, {"towers": {"image:noto": "effnet-lite0", "text": "minilm"}},
 ])
 def test_bad_config_raises_value_error_naming_the_field(bad):

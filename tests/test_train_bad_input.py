@@ -40,8 +40,8 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(tmp_path):
 
 
 @pytest.mark.parametrize("objective,match", [
-    ({"loss": "clip", "modalities": ["image", "text"], "init_logit_scal": 1.0},
-     r"unknown parameters \['init_logit_scal'\]; clip accepts \[.*'init_logit_scale'"),
+    ({"loss": "clip", "modalities": ["image", "text"], "temperatur": 0.1},
+     r"unknown parameters \['temperatur'\]; clip accepts \[.*'temperature'"),
     ({"loss": "clipp", "modalities": ["image", "text"]}, r"objectives\[0\]\.loss='clipp'"),
     ({"loss": "clip", "modalities": ["image", "audio"]}, r"\['audio'\] not in data\.keys"),
     ({"loss": "clip", "modalities": ["image", "text"], "weight": -1.0}, r"weight=-1\.0"),
@@ -94,8 +94,11 @@ def test_every_loss_at_batch_one_is_finite_or_a_clear_error():
         emb = {m: torch.nn.functional.normalize(torch.randn(1, 8), dim=-1)
                for m in ("image", "text", "image_old", "text_old", "image_target",
                          "text_target")}
+        inputs = {k: torch.tensor([0]) for k, needed in (
+            ("indices", loss.needs_indices), ("groups", loss.supports_groups),
+            ("anchor_rows", getattr(loss, "needs_anchor_rows", False))) if needed}
         try:
-            out = loss(emb, indices=torch.tensor([0]), groups=torch.tensor([0]))
+            out = loss(emb, **inputs)
         except ValueError as e:  # the clear error: it says how many rows it needs or got
             assert any(w in str(e) for w in ("1", "row", "batch", "groups")), (name, e)
             continue

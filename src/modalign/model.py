@@ -15,8 +15,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,8 +74,11 @@ class ModelConfig:
         input_norm: ``"l2"`` normalises tower features before the head; ``"none"`` keeps them.
         center_features: subtract a per-modality feature mean (a buffer the trainer fills from the
             training split) before the head.
-        logit_scale_init: initial value of the logit scale (not its log); CLIP uses 1/0.07.
-        learn_logit_scale: whether the model's logit scale is a trained parameter.
+        temperature: initial temperature tau of the model's scale ``log_logit_scale = log(1/tau)``;
+            CLIP uses 0.07. (``logit_scale_init = 1/tau``, the older linear-scale key, is read
+            with a ``FutureWarning``.)
+        learnable_temperature: whether that scale (and the bias) is a trained parameter
+            (``learn_logit_scale`` is its older name).
         logit_bias_init: initial logit bias (SigLIP-style), or ``None`` for no bias.
         trainable_towers: modalities whose tower weights are part of the model (partly unfrozen
             towers); their weights are saved with the heads.
@@ -98,13 +102,27 @@ class ModelConfig:
     cone_offset: float = 1.0
     input_norm: Literal["l2", "none"] = "l2"
     center_features: bool = True
-    logit_scale_init: float = 1 / 0.07
-    learn_logit_scale: bool = True
+    temperature: float = 0.07
+    learnable_temperature: bool = True
     logit_bias_init: float | None = None
     trainable_towers: list[str] = field(default_factory=list)
     lora: dict[str, dict[str, Any]] = field(default_factory=dict)
+    logit_scale_init: InitVar[float | None] = None
+    learn_logit_scale: InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, logit_scale_init: float | None, learn_logit_scale: bool | None
+                      ) -> None:
+        if logit_scale_init is not None:
+            warnings.warn("ModelConfig: logit_scale_init is deprecated; use temperature "
+                          "(= 1 / logit_scale_init)", FutureWarning, stacklevel=3)
+            if not (logit_scale_init > 0 and math.isfinite(logit_scale_init)):
+                raise ValueError(f"logit_scale_init must be a positive finite number (the "
+                                 f"scale, not its log), got {logit_scale_init!r}")
+            self.temperature = 1 / logit_scale_init
+        if learn_logit_scale is not None:
+            warnings.warn("ModelConfig: learn_logit_scale is deprecated; use "
+                          "learnable_temperature", FutureWarning, stacklevel=3)
+            self.learnable_temperature = bool(learn_logit_scale)
         self.validate()
 
     def validate(self) -> None:
@@ -136,9 +154,9 @@ class ModelConfig:
             raise ValueError(f"head_init must be one of {_HEAD_INITS}, got {self.head_init!r}")
         if self.input_norm not in ("l2", "none"):
             raise ValueError(f"input_norm must be 'l2' or 'none', got {self.input_norm!r}")
-        if not (self.logit_scale_init > 0 and math.isfinite(self.logit_scale_init)):
-            raise ValueError(f"logit_scale_init must be a positive finite number (the scale, not "
-                             f"its log), got {self.logit_scale_init!r}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a positive finite number, "
+                             f"got {self.temperature!r}")
         if not set(self.lora) <= set(self.trainable_towers):
             raise ValueError(f"lora {sorted(self.lora)} must be among trainable_towers "
                              f"{sorted(self.trainable_towers)}")
@@ -153,7 +171,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Build from a dict; unknown keys raise ``ValueError`` listing the accepted ones."""
+        """Build from a dict; unknown keys raise ``ValueError`` listing the accepted ones. The
+        ``logit_scale_init`` and ``learn_logit_scale`` of earlier model folders are read as
+        ``temperature = 1 / logit_scale_init`` and ``learnable_temperature``."""
+        d = dict(d)
+        if "logit_scale_init" in d and "temperature" not in d:
+            scale = float(d.pop("logit_scale_init"))
+            d["temperature"] = 1 / scale if scale > 0 else scale  # <= 0: refused by validate
+        if "learn_logit_scale" in d and "learnable_temperature" not in d:
+            d["learnable_temperature"] = bool(d.pop("learn_logit_scale"))
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -240,13 +266,13 @@ class MultiTowerModel(nn.Module):
                               input_norm=config.input_norm)
             for m in sorted(config.towers)
         })
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)),
-                                            requires_grad=config.learn_logit_scale)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature)),
+                                            requires_grad=config.learnable_temperature)
         if config.logit_bias_init is None:
             self.logit_bias: nn.Parameter | None = None
         else:
             self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)),
-                                           requires_grad=config.learn_logit_scale)
+                                           requires_grad=config.learnable_temperature)
         # Towers are loaded lazily; trainable ones are registered as submodules so that their
         # weights are trained and saved with the heads.
         self.towers = nn.ModuleDict()

@@ -7,7 +7,6 @@ measured (inverted queries, inversion steps, shift amounts, bridges).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -69,8 +68,7 @@ class GapSetting:
             model.update(head="mlp", head_depth=self.head_depth)
         clip: dict[str, Any] = {"loss": "clip", "modalities": ["image", "text"], "weight": 1.0}
         if self.temperature is not None:
-            clip.update(init_logit_scale=math.log(1.0 / self.temperature),
-                        learnable_scale=False)
+            clip.update(temperature=self.temperature, learnable_temperature=False)
         return {"model": model, "objectives": [clip], "train": {"epochs": self.epochs}}
 
     def to_dict(self) -> dict[str, Any]:

@@ -205,6 +205,10 @@ class LossModule(nn.Module):
         min_modalities, max_modalities: how many embedding keys it reads (None: no maximum).
         distributed: with a multi-rank process group, the mean over ranks of its loss equals the
             single-process loss on the concatenated batch (and its gradients match).
+
+    Also: :attr:`scale_defaults` (the loss holds a temperature), :attr:`older_keywords`
+    (deprecated constructor keywords it still reads), :attr:`open_parameters` (its ``**params``
+    go to another loss, checked when that one is built).
     """
 
     supports_groups: bool = False
@@ -214,6 +218,8 @@ class LossModule(nn.Module):
     max_modalities: int | None = 2
     distributed: bool = False
     scale_defaults: ClassVar[ScaleOptions | None] = None
+    older_keywords: ClassVar[tuple[str, ...]] = ()
+    open_parameters: ClassVar[bool] = False
 
     gather: GatherGrad | None
     scale_options: ScaleOptions
@@ -238,8 +244,9 @@ class LossModule(nn.Module):
                                 f"expected {self.parameter_names()}")
 
     @classmethod
-    def parameter_names(cls) -> list[str]:
-        """Every constructor keyword besides ``modalities`` (for config checks and messages)."""
+    def parameter_names(cls, older: bool = False) -> list[str]:
+        """Every constructor keyword besides ``modalities`` (for config checks and messages);
+        ``older`` adds the deprecated ones still read."""
         names: set[str] = set()
         for klass in cls.__mro__:
             init = klass.__dict__.get("__init__")
@@ -253,6 +260,10 @@ class LossModule(nn.Module):
             names.add("gather")
         if cls.scale_defaults is not None:
             names.update(SCALE_KEYWORDS)
+            if older:
+                names.update(DEPRECATED_SCALE_KEYWORDS)
+        if older:
+            names.update(cls.older_keywords)
         return sorted(names)
 
     def check_call(self, groups: Tensor | None, indices: Tensor | None) -> None:

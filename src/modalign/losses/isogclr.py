@@ -91,6 +91,7 @@ class ISogCLRLoss(LossModule):
 
     needs_indices = True
     needs_dataset_size = True
+    older_keywords = ("tau_init", "tau_min", "tau_max")
     scale_defaults = ScaleOptions(temperature=0.01, temperature_bounds=(5e-3, 1.0))
 
     s: Tensor

@@ -227,6 +227,7 @@ class PairwiseLoss(LossModule):
     """
 
     max_modalities = None
+    open_parameters = True
 
     def __init__(
         self,

@@ -10,10 +10,11 @@ and fall back to plain strings.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ class ModelSection:
     cone_offset: float = 1.0
     input_norm: str = "l2"
     center_features: bool = True
-    logit_scale_init: float = 1 / 0.07
+    temperature: float = 0.07
 
 
 @dataclass
@@ -169,7 +170,8 @@ HELP: dict[str, str] = {
     "model.cone_offset": "norm of the random final bias of a 'cone' head",
     "model.input_norm": "'l2' normalises tower features before the head, 'none' keeps them",
     "model.center_features": "subtract the training-split feature mean before the head",
-    "model.logit_scale_init": "logit scale stored with the model until training sets it",
+    "model.temperature": "temperature tau of the scale stored with the model (the first "
+                         "scaled objective term trains it)",
     "optim.lr": "learning rate of the heads and the objectives' temperatures",
     "optim.tower_lr": "learning rate of unfrozen tower stages",
     "optim.weight_decay": "AdamW weight decay of weight matrices (none on biases and "
@@ -283,6 +285,7 @@ class TrainConfig:
         for ov in overrides:
             key, value = parse_override(ov)
             set_dotted(merged, key, value)
+        merged = upgrade_config(merged, warn=True)
         unknown = sorted(set(merged) - set(SECTIONS) - {"objectives"})
         if unknown:
             raise ModalignError(f"config has unknown sections {unknown}; expected "
@@ -316,6 +319,10 @@ class TrainConfig:
         if o.schedule not in ("cosine", "constant"):
             raise ModalignError(f"optim.schedule must be 'cosine' or 'constant', "
                                 f"got {o.schedule!r}")
+        if not (isinstance(self.model.temperature, (int, float)) and self.model.temperature > 0
+                and math.isfinite(self.model.temperature)):
+            raise ModalignError(f"model.temperature must be a finite number > 0, "
+                                f"got {self.model.temperature!r}")
         if not o.lr > 0 or not o.tower_lr > 0:
             raise ModalignError(f"optim.lr and optim.tower_lr must be > 0, "
                                 f"got {o.lr}, {o.tower_lr}")
@@ -413,7 +420,7 @@ class TrainConfig:
             joint_dim=m.joint_dim, head=m.head, head_depth=m.head_depth,  # type: ignore[arg-type]
             hidden_dim=m.hidden_dim, head_init=m.head_init,  # type: ignore[arg-type]
             cone_offset=m.cone_offset, input_norm=m.input_norm,  # type: ignore[arg-type]
-            center_features=m.center_features, logit_scale_init=m.logit_scale_init,
+            center_features=m.center_features, temperature=m.temperature,
             trainable_towers=sorted({k for k, v in self.train.unfreeze.items() if v > 0}
                                     | set(self.lora.towers)),
             lora={k: v.to_dict() for k, v in self.lora_settings().items()})
@@ -457,15 +464,47 @@ class TrainConfig:
                 for m in lo.towers}
 
 
+OLDER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "model.logit_scale_init": ("model.temperature",
+                               lambda scale: 1 / float(scale) if float(scale) > 0 else scale),
+}
+"""Older dotted config key -> (today's key, how its value converts)."""
+
+
+def upgrade_config(d: Mapping[str, Any], *, warn: bool = False) -> dict[str, Any]:
+    """A config dict with the :data:`OLDER_KEYS` rewritten to today's keys (a ``FutureWarning``
+    naming the new key per older one when ``warn``; ``config.resolved.json`` of earlier runs is
+    read without one).
+
+    Examples:
+        >>> upgrade_config({"model": {"logit_scale_init": 20.0}})
+        {'model': {'temperature': 0.05}}
+    """
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+    for old, (new, convert) in OLDER_KEYS.items():
+        section, key = old.split(".")
+        values = out.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values.pop(key)
+        new_section, new_key = new.split(".")
+        if new_key in out.setdefault(new_section, {}):
+            raise ModalignError(f"give {new} only ({old} is its older spelling)")
+        if warn:
+            warnings.warn(f"{old} is deprecated; use {new} (converted: {new} = "
+                          f"{convert(value)!r})", FutureWarning, stacklevel=3)
+        out[new_section][new_key] = convert(value)
+    return out
+
+
 def check_objectives(objectives: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
     """Build every objective term now (before any data is read) and name what is wrong: an
     unknown loss, a misspelled parameter (with the accepted ones), modalities that are not in
     ``data.keys``, a negative or non-finite weight."""
     import inspect
-    import math
 
     from modalign.losses.objective import LossTerm
-    from modalign.losses.registry import _LOSSES, available_losses, build_loss
+    from modalign.losses.registry import available_losses, build_loss, loss_class
 
     for i, spec in enumerate(objectives):
         where = f"objectives[{i}]"
@@ -485,12 +524,18 @@ def check_objectives(objectives: Sequence[Mapping[str, Any]], keys: Sequence[str
             raise ModalignError(f"{where}.weight={term.weight}: expected a finite number >= 0 "
                                 "(a negative weight would maximise the loss)")
         params = dict(term.params)
-        if loss == "isogclr":
+        cls = loss_class(loss)
+        if getattr(cls, "needs_dataset_size", False):
             params.setdefault("dataset_size", 2)  # set from the data when training starts
-        signature = inspect.signature(_LOSSES[loss]).parameters
-        accepted = sorted(n for n in signature if n not in ("self", "modalities"))
-        open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.values())
-        unknown = sorted(set(params) - set(accepted))
+        names = getattr(cls, "parameter_names", None)
+        if callable(names):  # a LossModule: its own, the shared and the older keywords
+            accepted, known = names(), names(older=True)
+            open_ended = getattr(cls, "open_parameters", False)
+        else:
+            signature = inspect.signature(cls).parameters
+            accepted = known = sorted(n for n in signature if n not in ("self", "modalities"))
+            open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.values())
+        unknown = sorted(set(params) - set(known))
         if unknown and not open_ended:
             raise ModalignError(f"{where} ({loss}): unknown parameters {unknown}; {loss} accepts "
                                 f"{accepted} besides loss, modalities, weight and label")
