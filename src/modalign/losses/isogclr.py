@@ -102,7 +102,7 @@ class ISogCLRLoss(LossModule):
     def __init__(
         self,
         modalities: Sequence[str],
-        dataset_size: int,
+        dataset_size: int | None = None,
         *,
         gamma: float = 0.8,
         rho: float = 8.0,
@@ -113,6 +113,9 @@ class ISogCLRLoss(LossModule):
     ) -> None:
         _read_older_temperature_keywords(options)
         super().__init__(modalities, **options)
+        if dataset_size is None:
+            raise ModalignError("isogclr needs dataset_size (the number of training samples: "
+                                "its per-sample state); the trainer passes it")
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 2:
             raise ValueError(f"dataset_size must be an integer >= 2, got {dataset_size!r}")
         opts = self.scale_options
