@@ -50,7 +50,7 @@ CASES: dict[str, tuple[str, dict[str, Any], list[str], dict[str, Any]]] = {
     "cuaxu": _pair("cuaxu"),
     "cma": _pair("cma"),
     "cwcl": _pair("cwcl"),
-    "isogclr": ("isogclr", {"dataset_size": 10}, ["image", "text"],
+    "isogclr": ("isogclr", {"dataset_size": 10, "rho": 8.0}, ["image", "text"],
                 {"indices": torch.tensor([0, 2, 3, 5, 7, 9])}),
     "one_to_k": ("one_to_k", {}, ["image", "text"], {"groups": torch.tensor([0, 1, 2, 0, 1, 2])}),
     "slap": ("slap", {}, ["audio", "text", "audio_target", "text_target"], {}),

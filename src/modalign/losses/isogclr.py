@@ -71,9 +71,11 @@ class ISogCLRLoss(LossModule):
     """iSogCLR with per-sample temperatures for both modalities; needs ``indices`` in ``forward``.
 
     Defaults: ``temperature = 0.01`` (every tau_i at the start), ``temperature_bounds =
-    (0.005, 1)``, ``gamma = 0.8``, ``rho = 8``, ``eta = 0.03``, ``beta_u = 0.9``, ``dF/dtau``
-    clipped to ``[-5, 5]``: the argparse defaults of the reference bimodal code (``rho = 8``,
-    ``eta = 0.03``; its README's example command passes ``rho = 6``). The temperatures are not a
+    (0.005, 1)``, ``gamma = 0.8``, ``rho = 6``, ``eta = 0.03``, ``beta_u = 0.9``, ``dF/dtau``
+    clipped to ``[-5, 5]``: one source, the reference's bimodal launch command
+    (``run_sogclrdro.sh``: ``--tau_init 0.01 --sogclr_gamma 0.8 --rho_init 6.0 --eta_init 0.03
+    --eta_sched const``; ``beta_u`` and the bounds from its code; its argparse defaults differ:
+    ``rho_init 8.0``, ``eta_init 0.001``). The temperatures are not a
     gradient-trained log scale: they take their own momentum step (``learnable_temperature=False``
     keeps them at ``temperature``). In training mode every call updates the state of the samples in
     ``indices``; in eval mode the state is read, not written. ``loss`` is the gradient surrogate;
@@ -105,7 +107,7 @@ class ISogCLRLoss(LossModule):
         dataset_size: int | None = None,
         *,
         gamma: float = 0.8,
-        rho: float = 8.0,
+        rho: float = 6.0,
         eta: float = 0.03,
         beta_u: float = 0.9,
         grad_clip: float = 5.0,
