@@ -177,7 +177,7 @@ def clip_loss(
         ``LossOutput(loss, {"x-to-y": ..., "y-to-x": ...})``, ``loss`` the mean of the two parts.
 
     Examples:
-        >>> import torch
+        >>> import math, torch
         >>> x = torch.randn(4, 8)
         >>> round(float(clip_loss(x, x, 1e-6).loss), 4) == round(math.log(4), 4)
         True

@@ -179,6 +179,25 @@ class Objective(nn.Module):
         for module in self.terms:
             _clamp_tree(module)
 
+    def log_scales(self) -> dict[str, Tensor]:
+        """Every temperature of the objective as its ``log_logit_scale`` tensor (the parameter or
+        buffer itself), keyed by term label, ``label/path`` for one inside a term (``pairwise``'s
+        ``losses.0``, ...). The first entry is the scale a trained model reports.
+
+        Examples:
+            >>> obj = build_objective([{"loss": "clip", "modalities": ["a", "b"]},
+            ...                        {"loss": "siglip", "modalities": ["a", "b"]}])
+            >>> {k: round(float(v.detach().exp()), 3) for k, v in obj.log_scales().items()}
+            {'clip[a,b]': 14.286, 'siglip[a,b]': 10.0}
+        """
+        out: dict[str, Tensor] = {}
+        for label, term in zip(self.labels, self.terms, strict=True):
+            for path, module in term.named_modules():
+                scale = getattr(module, "log_logit_scale", None)
+                if isinstance(scale, Tensor):
+                    out[label + (f"/{path}" if path else "")] = scale
+        return out
+
 
 def build_objective(spec: Sequence[LossTerm | Mapping[str, Any]] | Mapping[str, Any], *,
                     dataset_size: int | None = None) -> Objective:

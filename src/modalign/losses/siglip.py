@@ -14,7 +14,7 @@ convention as :func:`modalign.losses.clip.clip_loss`: the mean over ranks is the
 loss on the concatenated batch).
 
 Examples:
-    >>> import torch
+    >>> import math, torch
     >>> x = torch.randn(6, 4)
     >>> out = siglip_loss(x, x, logit_scale=torch.tensor(1e-9), logit_bias=0.0)
     >>> round(float(out.loss), 4) == round(6 * math.log(2), 4)  # B log 2 at zero logits
