@@ -247,3 +247,18 @@ def test_model_and_train_configs_name_the_temperature():
             "model": {"temperature": 0.25}}
     with pytest.raises(ModalignError, match=r"model\.temperature"):
         TrainConfig.from_dict({"model": {"temperature": -1.0}})
+
+
+def test_log_scales_are_read_from_the_modules_in_term_order():
+    obj = build_objective([
+        {"loss": "cua", "modalities": ["image", "text"]},
+        {"loss": "pairwise", "modalities": ["image", "text", "audio"], "pairs": "anchor",
+         "temperature": 0.05},
+        {"loss": "isogclr", "modalities": ["image", "text"]},
+    ], dataset_size=4)
+    scales = obj.log_scales()
+    assert list(scales) == ["cua[image,text]", "pairwise[image,text,audio]/losses.0",
+                            "pairwise[image,text,audio]/losses.1"]
+    assert scales["cua[image,text]"] is obj.terms[0].log_logit_scale  # the tensor itself
+    second = scales["pairwise[image,text,audio]/losses.1"]
+    assert float(second.detach().exp()) == pytest.approx(20.0)
