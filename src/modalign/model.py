@@ -243,8 +243,8 @@ class MultiTowerModel(nn.Module):
 
     ``project(key, features)`` applies the head of ``base_modality(key)`` to tower features;
     ``encode(key, inputs)`` runs the tower too (loaded on first use). ``log_logit_scale`` is the
-    log of the scale used to score the joint space (training objectives keep their own and the
-    trainer copies the learnt value here).
+    log of the scale used to score the joint space; in training it is the objective's first
+    temperature itself (:meth:`use_scale`), so the model always holds the trained value.
 
     Examples:
         >>> cfg = ModelConfig(towers={"image": "effnet-lite0", "text": "minilm"},
@@ -408,6 +408,25 @@ class MultiTowerModel(nn.Module):
         if not out:
             return torch.zeros(0, self.config.joint_dim)
         return torch.cat(out)
+
+    def use_scale(self, log_logit_scale: torch.Tensor) -> None:
+        """Make ``log_logit_scale`` (an objective's learnable parameter) this model's scale: one
+        parameter, owned by the objective's term and held here, so the model reports and saves
+        the trained temperature with no copy. A fixed temperature (a buffer) is held by value.
+
+        Examples:
+            >>> cfg = ModelConfig(towers={"text": "minilm"}, feature_dims={"text": 4}, joint_dim=2)
+            >>> model, learnt = MultiTowerModel(cfg), nn.Parameter(torch.tensor(3.0))
+            >>> model.use_scale(learnt)
+            >>> model.log_logit_scale is learnt
+            True
+        """
+        if not isinstance(log_logit_scale, nn.Parameter):
+            log_logit_scale = nn.Parameter(log_logit_scale.detach().clone(), requires_grad=False)
+        if log_logit_scale.shape != self.log_logit_scale.shape:
+            raise ValueError(f"log_logit_scale must be a scalar, got shape "
+                             f"{tuple(log_logit_scale.shape)}")
+        self.log_logit_scale = log_logit_scale
 
     def set_feature_center(self, key: str, mean: torch.Tensor | np.ndarray) -> None:
         """Set the feature mean subtracted before ``key``'s head (in the head's input space)."""

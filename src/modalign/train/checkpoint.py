@@ -88,11 +88,16 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, modules: Mapping[st
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
         flat: dict[str, torch.Tensor] = {}
+        stored: set[int] = set()
         for mod_name, module in modules.items():
             if "." in mod_name:
                 raise ValueError(f"module name {mod_name!r} must not contain '.'")
             for k, v in module.state_dict().items():
-                flat[f"{mod_name}.{k}"] = v.detach().cpu().contiguous()
+                t = v.detach().cpu().contiguous()
+                if t.data_ptr() in stored:  # one parameter held by two modules (the scale)
+                    t = t.clone()
+                stored.add(t.data_ptr())
+                flat[f"{mod_name}.{k}"] = t
         try:
             save_file(flat, str(tmp / WEIGHTS))
             torch.save({**dict(trainer), "step": int(step), "modules": sorted(modules)},
