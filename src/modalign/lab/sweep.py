@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -131,9 +130,7 @@ def train_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embe
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
     with contextlib.redirect_stdout(io.StringIO()):  # the per-epoch lines go to log.jsonl
         trainer.run()
-    scales = list(trainer.logit_scales().values())
-    with torch.no_grad():  # the last epoch's temperature (the run saved its best epoch's)
-        trainer.model.log_logit_scale.fill_(math.log(scales[0]))
+    # trainer.model holds the last epoch's weights and temperature (the run saved its best's)
     log = read_jsonl(run_dir / LOG_NAME) if (run_dir / LOG_NAME).is_file() else []
     return trainer.model, log
 

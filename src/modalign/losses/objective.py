@@ -125,7 +125,8 @@ class Objective(nn.Module):
                 module = term.loss
             else:
                 params = dict(term.params)
-                if dataset_size is not None and loss_class(term.loss).needs_dataset_size:
+                declares = getattr(loss_class(term.loss), "needs_dataset_size", False)
+                if dataset_size is not None and declares:
                     params.setdefault("dataset_size", dataset_size)
                 module = build_loss(term.loss, modalities=list(term.modalities), **params)
             self.labels.append(term.name())
@@ -280,9 +281,12 @@ class PairwiseLoss(LossModule):
         self.losses = nn.ModuleList(
             build_loss(base_loss, modalities=list(p), **params) for p in self.pairs
         )
-        base = loss_class(base_loss)  # what the pairs' loss declares, this loss declares
-        self.supports_groups, self.distributed = base.supports_groups, base.distributed
-        self.needs_indices = base.needs_indices
+        # what the pairs' loss declares, this loss declares (a plain module: the old contract,
+        # groups and indices passed through)
+        base = loss_class(base_loss)
+        self.supports_groups = getattr(base, "supports_groups", True)
+        self.needs_indices = getattr(base, "needs_indices", True)
+        self.distributed = getattr(base, "distributed", False)
 
     def compute(
         self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None

@@ -70,10 +70,12 @@ def feature_dims(config: TrainConfig, data: PairedFeatures) -> dict[str, int]:
 
 def build_model(config: TrainConfig, data: PairedFeatures, specs: Mapping[str, str],
                 dims: Mapping[str, int]) -> MultiTowerModel:
-    """The heads to train; the objectives own the temperature, so the model's is frozen; with
-    ``model.center_features`` each modality's training-feature mean is stored as its centre."""
+    """The heads to train; the objective owns the temperatures, so the model's own scale is
+    frozen (the trainer then gives the model the objective's first one, see
+    :meth:`~modalign.model.MultiTowerModel.use_scale`); with ``model.center_features`` each
+    modality's training-feature mean is stored as its centre."""
     model = MultiTowerModel(config.model_config(specs, dims))
-    model.log_logit_scale.requires_grad_(False)  # the objectives learn their own scale
+    model.log_logit_scale.requires_grad_(False)
     if model.logit_bias is not None:
         model.logit_bias.requires_grad_(False)
     if model.config.center_features:
@@ -125,16 +127,9 @@ def attach_inference_towers(model: MultiTowerModel, towers: Mapping[str, Any]) -
 
 # -- objective and recipes -------------------------------------------------------------------
 def training_objective(config: TrainConfig, n_groups: int) -> Objective:
-    """The weighted sum of ``objectives``; per-sample terms (iSogCLR) learn one state per
-    training group, so they get ``dataset_size = n_groups`` unless the config sets it."""
-    return build_objective([_with_dataset_size(spec, n_groups) for spec in config.objectives])
-
-
-def _with_dataset_size(spec: Mapping[str, Any], n: int) -> dict[str, Any]:
-    spec = dict(spec)
-    if spec.get("loss") == "isogclr":
-        spec.setdefault("dataset_size", n)
-    return spec
+    """The weighted sum of ``objectives``; the terms whose loss declares ``needs_dataset_size``
+    (per-sample state, as iSogCLR's) get ``dataset_size = n_groups`` unless the config sets it."""
+    return build_objective(config.objectives, dataset_size=n_groups)
 
 
 def build_distillation(config: TrainConfig, dims: Mapping[str, int],
@@ -179,11 +174,12 @@ def build_negatives(config: TrainConfig, data: PairedFeatures, specs: Mapping[st
 def build_optimizer(model: nn.Module, objective: nn.Module, extra: Sequence[nn.Parameter],
                     tower_params: Sequence[nn.Parameter], o: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the heads (weight decay on matrices only), the objective's and the recipes'
-    parameters (``extra``; no decay) and the trained tower parameters (at ``optim.tower_lr``)."""
-    tower_ids = {id(p) for p in tower_params}
+    parameters (``extra``; no decay) and the trained tower parameters (at ``optim.tower_lr``).
+    A parameter the model holds for the objective (its temperature) goes with the objective."""
+    skip = {id(p) for p in tower_params} | {id(p) for p in objective.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in tower_ids:
+        if not p.requires_grad or id(p) in skip:
             continue
         (decay if p.ndim >= 2 and not name.endswith("center") else no_decay).append(p)
     obj_params = [p for p in objective.parameters() if p.requires_grad] + list(extra)

@@ -57,7 +57,7 @@ from modalign.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from modalign.train.config import RESUMABLE_KEYS, TrainConfig, config_changes
+from modalign.train.config import RESUMABLE_KEYS, TrainConfig, config_changes, upgrade_config
 from modalign.train.data import KeyTable, PairedFeatures, RawInputs, draw_batch
 from modalign.train.gradcache import gradcache_backward
 from modalign.train.recipes.harmonize import GradientHarmonization
@@ -99,7 +99,7 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
     if not path.is_file():
         return
     # sections added since the run started (e.g. a new recipe) count as their defaults
-    old = {**TrainConfig().to_dict(), **read_json(path).get("config", {})}
+    old = {**TrainConfig().to_dict(), **upgrade_config(read_json(path).get("config", {}))}
     new = config.to_dict()
     for settings in (old, new):  # an older spelling of the same metric is the same setting
         section = settings["validate"] = dict(settings.get("validate") or {})
@@ -185,6 +185,15 @@ class Trainer:
                                                 config.harmonize)
                           if config.harmonize.enabled else None)
         self.module = D.wrap(self.model, self.ctx)
+        # The objective owns the temperatures: its own DDP wrapper averages their gradients over
+        # ranks, and the model holds the first one itself (given after wrapping the model, so
+        # the model's wrapper leaves that parameter to the objective's).
+        self.loss_module = (D.wrap(self.objective, self.ctx)
+                            if any(p.requires_grad for p in self.objective.parameters())
+                            else self.objective)
+        scales = self.objective.log_scales()
+        if scales:
+            self.model.use_scale(next(iter(scales.values())))
         self.optimizer = build.build_optimizer(self.model, self.objective, self._recipe_params(),
                                                tower_params, config.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -251,7 +260,7 @@ class Trainer:
         """The objective on ``emb`` plus the loss-adding recipes (momentum, distill, negatives)."""
         # Every group appears once per batch, so positives match by row (groups=None).
         with self.autocast:
-            out = self.objective(self._noisy(emb, self.step),
+            out = self.loss_module(self._noisy(emb, self.step),
                                  indices=indices.to(self.ctx.device))
         loss, parts = out.loss, dict(out.parts)
         if self.momentum is not None:
@@ -300,7 +309,7 @@ class Trainer:
                 lambda emb: self._loss(emb, indices), batch=self.local_batch, k=k)
         if self.momentum is not None:
             self.momentum.enqueue()
-        D.average_gradients(self._replicated_params(), self.ctx)
+        D.average_gradients(self._recipe_params(), self.ctx)
         return out
 
     def _harmonized_backward(self, feats: Mapping[str, torch.Tensor], raw: Mapping[str, list],
@@ -326,17 +335,18 @@ class Trainer:
         for grads in adjusted.values():
             for k in keys:
                 total[k] = total[k] + grads[k]
-        params = [p for p in self._replicated_params() if p.requires_grad]
+        params = [p for p in self._loss_params() if p.requires_grad]
         if params:  # temperatures: the plain gradient of the whole loss
             out.loss.backward(inputs=params)
         torch.autograd.backward([emb[k] for k in keys], [total[k] for k in keys])
         return out
 
-    def _replicated_params(self) -> list[nn.Parameter]:
-        """Trained parameters outside the DDP module (averaged over ranks by hand)."""
+    def _loss_params(self) -> list[nn.Parameter]:
+        """Trained parameters of the losses: the objective's temperatures and the recipes'."""
         return list(self.objective.parameters()) + self._recipe_params()
 
     def _recipe_params(self) -> list[nn.Parameter]:
+        """The recipes' trained parameters (outside any DDP module: averaged by hand)."""
         return [p for r in self._recipes() for p in r.trainable()]
 
     def _recipes(self) -> list[Any]:
@@ -588,24 +598,12 @@ class Trainer:
         return row
 
     def logit_scales(self) -> dict[str, float]:
-        """Every objective temperature as a logit scale (``exp`` of its log parameter)."""
-        out = {}
-        for name, t in self.objective.state_dict().items():
-            if not name.endswith("log_logit_scale"):
-                continue
-            _, index, rest = name.split(".", 2)  # "terms.<i>.<path>.log_logit_scale"
-            path = rest.removesuffix("log_logit_scale").rstrip(".")
-            label = self.objective.labels[int(index)] + (f"/{path}" if path else "")
-            out[label] = float(t.detach().exp())
-        return out
+        """Every objective temperature as a logit scale, by term label."""
+        return {k: float(v.detach().exp()) for k, v in self.objective.log_scales().items()}
 
     def _save_model(self) -> None:
         if not self.ctx.is_main:
             return
-        scales = list(self.logit_scales().values())
-        if scales:
-            with torch.no_grad():
-                self.model.log_logit_scale.fill_(math.log(scales[0]))
         self.model.save_pretrained(self.run_dir / MODEL_DIR, extra={
             "epoch": self.epoch, "step": self.step, "objectives": self.config.objectives,
             "embeddings": self.config.data.embeddings, "keys": self.config.data.keys})
