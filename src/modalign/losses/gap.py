@@ -75,6 +75,41 @@ def _log_mean_exp_off_pairs(
     return lse - math.log(n_pairs)
 
 
+def _off_pairs(
+    x: Tensor,
+    y: Tensor,
+    t: float,
+    groups: Tensor | None,
+    gather: GatherGrad | None,
+    process_group: ProcessGroup | None,
+    too_few: str,
+) -> Tensor:
+    """``log mean exp(-t ||x_i - y_j||^2)`` over the pairs of different samples (different
+    groups with ``groups``), ``y`` gathered from every rank; ValueError ``too_few`` if none."""
+    world = get_world_size(process_group) if gather is not None else 1
+    cols, offset, total, col_groups = y, 0, x.shape[0], groups
+    if world > 1:
+        assert gather is not None
+        sizes = all_sizes(x.shape[0], process_group, x.device)
+        ys = gather_with_grad(y, gather, process_group, sizes)
+        cols, offset, total = ys.tensor, ys.offset, ys.total
+        if groups is not None:
+            col_groups = gather_with_grad(groups, GatherGrad.NONE, process_group, sizes).tensor
+    if groups is None:
+        rows_idx = torch.arange(x.shape[0], device=x.device) + offset
+        excluded = rows_idx[:, None] == torch.arange(total, device=x.device)[None, :]
+        n_pairs = total * (total - 1)
+    else:
+        assert col_groups is not None
+        excluded = groups[:, None] == col_groups[None, :]
+        n_pairs = total * total - int(torch.unique(col_groups, return_counts=True)[1].pow(2).sum())
+    if n_pairs < 1:
+        raise ValueError(f"{too_few}, got {total}")
+    return _log_mean_exp_off_pairs(
+        x, cols, t, excluded, n_pairs, world, gather or GatherGrad.GLOBAL, process_group
+    )
+
+
 def uniformity_loss(
     x: Tensor,
     *,
@@ -95,19 +130,8 @@ def uniformity_loss(
     check_positive("t", t)
     if normalize:
         x = F.normalize(x, dim=-1)
-    world = get_world_size(process_group) if gather is not None else 1
-    cols, offset, total = x, 0, x.shape[0]
-    if world > 1:
-        assert gather is not None
-        xs = gather_with_grad(x, gather, process_group)
-        cols, offset, total = xs.tensor, xs.offset, xs.total
-    if total < 2:
-        raise ValueError(f"{name} needs at least 2 rows for uniformity, got {total}")
-    rows_idx = torch.arange(x.shape[0], device=x.device) + offset
-    excluded = rows_idx[:, None] == torch.arange(total, device=x.device)[None, :]
-    return LossOutput(_log_mean_exp_off_pairs(
-        x, cols, t, excluded, total * (total - 1), world, gather or GatherGrad.GLOBAL, process_group
-    ))
+    return LossOutput(_off_pairs(x, x, t, None, gather, process_group,
+                                 f"{name} needs at least 2 rows for uniformity"))
 
 
 def cross_uniformity_loss(
@@ -133,30 +157,8 @@ def cross_uniformity_loss(
     check_positive("t", t)
     if groups is not None:
         check_groups("groups", groups, x.shape[0])
-    world = get_world_size(process_group) if gather is not None else 1
-    cols, offset, total, col_groups = y, 0, x.shape[0], groups
-    if world > 1:
-        assert gather is not None
-        sizes = all_sizes(x.shape[0], process_group, x.device)
-        ys = gather_with_grad(y, gather, process_group, sizes)
-        cols, offset, total = ys.tensor, ys.offset, ys.total
-        if groups is not None:
-            col_groups = gather_with_grad(groups, GatherGrad.NONE, process_group, sizes).tensor
-    if groups is None:
-        rows_idx = torch.arange(x.shape[0], device=x.device) + offset
-        excluded = rows_idx[:, None] == torch.arange(total, device=x.device)[None, :]
-        n_pairs = total * (total - 1)
-    else:
-        assert col_groups is not None
-        excluded = groups[:, None] == col_groups[None, :]
-        n_pairs = total * total - int(torch.unique(col_groups, return_counts=True)[1].pow(2).sum())
-    if n_pairs < 1:
-        raise ValueError(
-            f"cross-uniformity needs at least one pair of different samples, got {total}"
-        )
-    return LossOutput(_log_mean_exp_off_pairs(
-        x, cols, t, excluded, n_pairs, world, gather or GatherGrad.GLOBAL, process_group
-    ))
+    return LossOutput(_off_pairs(x, y, t, groups, gather, process_group,
+                                 "cross-uniformity needs at least one pair of different samples"))
 
 
 def alignment_loss(
