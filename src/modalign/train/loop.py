@@ -173,6 +173,13 @@ class Trainer:
         build.attach_inference_towers(self.model, towers)
         device = self.ctx.device
         self.objective: Objective = build.training_objective(config, len(self.data)).to(device)
+        local = [label for label, m in zip(self.objective.labels, self.objective.terms,
+                                           strict=True) if not getattr(m, "distributed", True)]
+        if self.ctx.world_size > 1 and local and self.ctx.is_main:
+            warnings.warn(f"objective terms {local} declare no cross-process computation: each "
+                          f"of the {self.ctx.world_size} processes scores its own rows only, "
+                          "which is not the single-process loss on the global batch",
+                          stacklevel=2)
         # recipes: hooks around the objective (see _loss and compute_gradients)
         self.momentum = (MomentumDistillation(self.model, config.data.keys, config.model.joint_dim,
                                               config.momentum).to(device)
