@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from modalign.losses import LossOutput
@@ -63,3 +64,17 @@ def test_a_fixed_first_temperature_is_held_by_value(tmp_path):
     assert not trainer.model.log_logit_scale.requires_grad
     assert float(trainer.model.logit_scale.detach()) == float(
         trainer.objective.terms[0].logit_scale())
+
+
+def test_a_multi_process_run_warns_about_terms_that_stay_local(tmp_path, monkeypatch):
+    from modalign.train import distributed as D
+
+    store = synthetic_store(tmp_path / "store", n_groups=24)
+    cfg = small_config(store.path, tmp_path / "run", train={"epochs": 1},
+                       objectives=[{"loss": "clip", "modalities": ["image", "text"]},
+                                   {"loss": "cma", "modalities": ["image", "text"]}])
+    # two processes as far as the trainer's construction goes (no process group is started)
+    monkeypatch.setattr(D, "setup", lambda device: D.DistContext(0, 2, 0, torch.device("cpu")))
+    monkeypatch.setattr(D, "wrap", lambda module, ctx: module)
+    with pytest.warns(UserWarning, match=r"\['cma\[image,text\]'\] declare no cross-process"):
+        Trainer(cfg)
