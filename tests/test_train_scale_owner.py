@@ -78,3 +78,27 @@ def test_a_multi_process_run_warns_about_terms_that_stay_local(tmp_path, monkeyp
     monkeypatch.setattr(D, "wrap", lambda module, ctx: module)
     with pytest.warns(UserWarning, match=r"\['cma\[image,text\]'\] declare no cross-process"):
         Trainer(cfg)
+
+
+def test_a_checkpoint_with_a_stale_model_scale_resumes_with_the_objective_one(tmp_path):
+    """Checkpoints written before the model held the objective's temperature stored a model
+    scale of their own (the initial value, or the last saved copy); on resume the objective's
+    value wins, as the objective is restored after the model."""
+    from safetensors.torch import load_file, save_file
+
+    from modalign.train.checkpoint import WEIGHTS, load_checkpoint
+    from modalign.train.loop import train
+
+    store = synthetic_store(tmp_path / "store", n_groups=24)
+    run = tmp_path / "run"
+    train(small_config(store.path, run, train={"epochs": 1}))
+    ckpt = load_checkpoint(run / "checkpoints")
+    weights = load_file(ckpt.path / WEIGHTS)
+    learnt = weights["objective.terms.0.log_logit_scale"].clone()
+    weights["model.log_logit_scale"] = torch.tensor(math.log(1 / 0.07))  # a stale copy
+    save_file(weights, str(ckpt.path / WEIGHTS))
+    trainer = Trainer(small_config(store.path, run, train={"epochs": 2}), resume=True)
+    assert trainer._restore()
+    assert trainer.model.log_logit_scale is trainer.objective.terms[0].log_logit_scale
+    assert torch.equal(trainer.model.log_logit_scale.detach(), learnt)
+    assert not torch.equal(learnt, torch.tensor(math.log(1 / 0.07)))
