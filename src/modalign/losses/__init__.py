@@ -3,7 +3,8 @@
 # ruff: noqa: F401, I001  (the built-in modules are imported for their registrations)
 
 from modalign.losses.output import LossOutput
-from modalign.losses.registry import available_losses, build_loss, register_loss
+from modalign.losses.base import LossModule, ScaledLoss, ScaleOptions
+from modalign.losses.registry import available_losses, build_loss, loss_class, register_loss
 
 # Built-in loss modules (each registers its losses on import), one line per module.
 from modalign.losses import clip
@@ -26,12 +27,16 @@ from modalign.losses import cma
 from modalign.losses.objective import LossTerm, Objective, PairwiseLoss, build_objective
 
 __all__ = [
+    "LossModule",
     "LossOutput",
     "LossTerm",
     "Objective",
     "PairwiseLoss",
+    "ScaleOptions",
+    "ScaledLoss",
     "available_losses",
     "build_loss",
     "build_objective",
+    "loss_class",
     "register_loss",
 ]
