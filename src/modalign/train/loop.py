@@ -174,7 +174,7 @@ class Trainer:
         device = self.ctx.device
         self.objective: Objective = build.training_objective(config, len(self.data)).to(device)
         local = [label for label, m in zip(self.objective.labels, self.objective.terms,
-                                           strict=True) if not getattr(m, "distributed", True)]
+                                           strict=True) if not getattr(m, "distributed", False)]
         if self.ctx.world_size > 1 and local and self.ctx.is_main:
             warnings.warn(f"objective terms {local} declare no cross-process computation: each "
                           f"of the {self.ctx.world_size} processes scores its own rows only, "
