@@ -195,8 +195,11 @@ class Trainer:
         # The objective owns the temperatures: its own DDP wrapper averages their gradients over
         # ranks, and the model holds the first one itself (given after wrapping the model, so
         # the model's wrapper leaves that parameter to the objective's).
-        self.loss_module = (D.wrap(self.objective, self.ctx)
-                            if any(p.requires_grad for p in self.objective.parameters())
+        # (A pair that pairwise's skip_missing leaves out gets no gradient in a step, which DDP
+        # does not allow: such an objective's temperatures are averaged by hand.)
+        trained = any(p.requires_grad for p in self.objective.parameters())
+        skips = any(getattr(m, "skip_missing", False) for m in self.objective.modules())
+        self.loss_module = (D.wrap(self.objective, self.ctx) if trained and not skips
                             else self.objective)
         scales = self.objective.log_scales()
         if scales:
@@ -316,7 +319,7 @@ class Trainer:
                 lambda emb: self._loss(emb, indices), batch=self.local_batch, k=k)
         if self.momentum is not None:
             self.momentum.enqueue()
-        D.average_gradients(self._recipe_params(), self.ctx)
+        D.average_gradients(self._hand_averaged(), self.ctx)
         return out
 
     def _harmonized_backward(self, feats: Mapping[str, torch.Tensor], raw: Mapping[str, list],
@@ -351,6 +354,12 @@ class Trainer:
     def _loss_params(self) -> list[nn.Parameter]:
         """Trained parameters of the losses: the objective's temperatures and the recipes'."""
         return list(self.objective.parameters()) + self._recipe_params()
+
+    def _hand_averaged(self) -> list[nn.Parameter]:
+        """Trained parameters outside any DDP wrapper: the recipes', and the objective's when it
+        is not wrapped (see ``__init__``)."""
+        own = [] if self.loss_module is not self.objective else list(self.objective.parameters())
+        return own + self._recipe_params()
 
     def _recipe_params(self) -> list[nn.Parameter]:
         """The recipes' trained parameters (outside any DDP module: averaged by hand)."""
