@@ -225,6 +225,7 @@ class Trainer:
         # steps run since the last host-side check: (step, epoch, detached loss)
         self._unchecked: list[tuple[int, int, LossOutput]] = []
         self._checked_step = 0
+        self._first_step = 0  # the first step of this run (checked like a check step)
 
     def _lr_factor(self, step: int) -> float:
         return build.lr_factor(step, self.config.optim, self.total_steps)
@@ -498,27 +499,11 @@ class Trainer:
                    disable=not (cfg.train.progress and self.ctx.is_main
                                 and sys.stderr.isatty()), file=sys.stderr)
         self._unchecked, self._checked_step = [], self.step
-        first = self.step
+        self._first_step = self.step
         done = self.step >= self.total_steps or self.stopped_early
         try:
             while not done and self.epoch < cfg.train.epochs:
-                while self.index < self.steps_per_epoch and self.step < self.total_steps:
-                    t0 = time.perf_counter()
-                    check = self._check_due(first)
-                    # the losses' own input checks run with the host-side checks only
-                    with validation(check and validation_enabled()):
-                        out = self._optimizer_step(self.epoch, self.index)
-                    self._unchecked.append((self.step, self.epoch, out))
-                    self.index += 1
-                    dt = time.perf_counter() - t0
-                    self.epoch_seconds += dt
-                    self.train_seconds += dt
-                    bar.update(1)
-                    if check:
-                        self._check_losses(bar)
-                    every = cfg.train.checkpoint_every
-                    if every and self.step % every == 0 and self.index < self.steps_per_epoch:
-                        self.save_checkpoint()
+                self.train_epoch(bar)
                 finished_epoch = self.index >= self.steps_per_epoch
                 row = self._end_of_epoch(metric, sign, finished_epoch)
                 if finished_epoch:
@@ -534,6 +519,30 @@ class Trainer:
             bar.close()
         return self._finish()
 
+    def train_epoch(self, bar: tqdm | None = None) -> None:
+        """Run the steps left in the current epoch (up to ``total_steps``): the hot loop of
+        :meth:`run`, with the host-side checks every :data:`CHECK_EVERY` steps and at the
+        epoch's end and checkpoints every ``train.checkpoint_every`` steps; validation, the log
+        row and the epoch's checkpoint are :meth:`run`'s."""
+        every = self.config.train.checkpoint_every
+        while self.index < self.steps_per_epoch and self.step < self.total_steps:
+            t0 = time.perf_counter()
+            check = self._check_due(self._first_step)
+            # the losses' own input checks run with the host-side checks only
+            with validation(check and validation_enabled()):
+                out = self._optimizer_step(self.epoch, self.index)
+            self._unchecked.append((self.step, self.epoch, out))
+            self.index += 1
+            dt = time.perf_counter() - t0
+            self.epoch_seconds += dt
+            self.train_seconds += dt
+            if bar is not None:
+                bar.update(1)
+            if check:
+                self._check_losses(bar)
+            if every and self.step % every == 0 and self.index < self.steps_per_epoch:
+                self.save_checkpoint()
+
     def _check_due(self, first: int) -> bool:
         """Whether the step about to run is followed by the host-side checks: the run's first
         step, every :data:`CHECK_EVERY` steps, a checkpoint's step, an epoch's or the run's last."""
@@ -543,7 +552,7 @@ class Trainer:
                 or self.index + 1 >= self.steps_per_epoch or after >= self.total_steps
                 or bool(every and after % every == 0))
 
-    def _check_losses(self, bar: tqdm) -> None:
+    def _check_losses(self, bar: tqdm | None = None) -> None:
         """Read the losses of the steps since the last check (one wait for the device), stop
         the run at the first non-finite one, else add them to the epoch's running loss."""
         if not self._unchecked:
@@ -565,6 +574,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.epoch_seconds += dt
         self.train_seconds += dt
+        if bar is None:
+            return
         rate = self.epoch_samples / max(self.epoch_seconds, 1e-9)
         bar.set_postfix(loss=f"{values[-1]:.4f}", samples_s=f"{rate:.0f}")
 
