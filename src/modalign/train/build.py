@@ -175,7 +175,8 @@ def build_optimizer(model: nn.Module, objective: nn.Module, extra: Sequence[nn.P
                     tower_params: Sequence[nn.Parameter], o: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the heads (weight decay on matrices only), the objective's and the recipes'
     parameters (``extra``; no decay) and the trained tower parameters (at ``optim.tower_lr``).
-    A parameter the model holds for the objective (its temperature) goes with the objective."""
+    A parameter the model holds for the objective (its temperature) goes with the objective.
+    PyTorch's fused implementation where the parameters allow it (CPU or CUDA, floating)."""
     skip = {id(p) for p in tower_params} | {id(p) for p in objective.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -191,7 +192,12 @@ def build_optimizer(model: nn.Module, objective: nn.Module, extra: Sequence[nn.P
         groups.append({"params": [p for p in tower_params if p.ndim < 2], "lr": o.tower_lr,
                        "weight_decay": 0.0})
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps)  # type: ignore[arg-type]
+    params = [p for g in groups for p in g["params"]]
+    # the fused kernel (one pass per tensor instead of a dozen ops) where every parameter allows it
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                 for p in params)
+    return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps,  # type: ignore[arg-type]
+                             fused=fused or None)
 
 
 def lr_factor(step: int, o: OptimConfig, total_steps: int) -> float:

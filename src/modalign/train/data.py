@@ -50,7 +50,11 @@ class KeyTable:
         start = np.full(size, -1, dtype=np.int64)
         count = np.zeros(size, dtype=np.int64)
         start[uniq], count[uniq] = starts, counts
-        feats = torch.from_numpy(np.array(emb.vectors, dtype=np.float32, copy=True))
+        vectors = emb.vectors
+        # one float32 copy in memory (a filtered store array is already one: not copied again)
+        owned = (not isinstance(vectors, np.memmap) and vectors.dtype == np.float32
+                 and vectors.flags.c_contiguous and vectors.flags.writeable)
+        feats = torch.from_numpy(vectors if owned else np.array(vectors, dtype=np.float32))
         finite = torch.isfinite(feats).all(dim=1)
         if not bool(finite.all()):
             bad = torch.nonzero(~finite)[:, 0].tolist()
@@ -121,6 +125,8 @@ class PairedFeatures:
         self.groups = np.asarray(common, dtype=np.int64)
         if len(self.groups) == 0:
             raise ValueError(f"no group of split {split!r} has items for every key {self.keys}")
+        self._perm: tuple[tuple[int, int], np.ndarray] | None = None  # the last epoch's order
+        self._on: dict[tuple[str, str], torch.Tensor] = {}  # features moved to a device once
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -137,8 +143,10 @@ class PairedFeatures:
 
     def batch_groups(self, *, seed: int, epoch: int, index: int, batch_size: int) -> np.ndarray:
         """The group ids of global batch ``index`` of ``epoch`` (a seeded permutation per epoch)."""
-        perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(self.groups))
-        return self.groups[perm[index * batch_size:(index + 1) * batch_size]]
+        if self._perm is None or self._perm[0] != (seed, epoch):  # drawn once per epoch
+            order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(self.groups))
+            self._perm = ((seed, epoch), order)
+        return self.groups[self._perm[1][index * batch_size:(index + 1) * batch_size]]
 
     def draw_rows(self, groups: np.ndarray, *, seed: int, epoch: int, index: int,
                   sample: bool = True) -> dict[str, np.ndarray]:
@@ -153,9 +161,26 @@ class PairedFeatures:
             out[key] = table.order[table.start[groups] + offset]
         return out
 
-    def features(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Tower features of the chosen rows, per key."""
-        return {k: self.tables[k].features[torch.from_numpy(r)] for k, r in rows.items()}
+    def features(self, rows: dict[str, np.ndarray],
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Tower features of the chosen rows, per key, on ``device`` (each key's table is moved
+        there once, on first use; the rows are gathered there)."""
+        out = {}
+        for k, r in rows.items():
+            table = self.features_on(k, device)
+            out[k] = table.index_select(0, torch.from_numpy(r).to(table.device))
+        return out
+
+    def features_on(self, key: str, device: torch.device | str) -> torch.Tensor:
+        """Key ``key``'s feature table on ``device`` (copied there once, then reused)."""
+        table = self.tables[key].features
+        dev = torch.device(device)
+        if table.device == dev or (dev.type == table.device.type and dev.index is None):
+            return table
+        cached = self._on.get((key, str(dev)))
+        if cached is None:
+            cached = self._on[(key, str(dev))] = table.to(dev)
+        return cached
 
     def feature_mean(self, modality: str) -> torch.Tensor:
         """Mean feature of a modality over the keys that use it (after L2 when ``l2``)."""
@@ -231,7 +256,7 @@ def draw_batch(data: PairedFeatures, *, seed: int, epoch: int, index: int, batch
     rows = {k: shard(r, rank, world_size) for k, r in rows.items()}
     indices = torch.from_numpy(np.searchsorted(data.groups, shard(groups, rank, world_size)))
     cached = {k: r for k, r in rows.items() if k not in raw_keys}
-    feats = {k: v.to(device) for k, v in data.features(cached).items()}
+    feats = data.features(cached, device)
     inputs: dict[str, list[Any]] = {}
     for k in raw_keys:
         if raw is None:
