@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from modalign.embed.store import EmbeddingStore
-from modalign.train.data import PairedFeatures, augment_image, shard
+from modalign.train.data import PairedFeatures, augment_image, draw_batch, shard
 from train_support import synthetic_store
 
 
@@ -51,6 +52,50 @@ def test_sampling_covers_every_item_of_a_group_and_off_means_first_item(store):
     assert all(len(p) == 2 for p in per_group)  # both texts (name, alias) get drawn
     first = data.draw_rows(groups, seed=0, epoch=0, index=0, sample=False)["text"]
     assert [data.tables["text"].rows_of_group(int(g))[0] for g in groups] == first.tolist()
+
+
+def _reference_batch(store, keys, *, seed, epoch, index, batch_size, rank, world_size):
+    """The batch drawn the naive way: a fresh permutation per call, rows gathered from the
+    store's own vectors (float32) by plain indexing."""
+    tables = {}
+    for k in keys:
+        modality, _, view = k.partition(":")
+        emb = store.load(modality, view=view or None, split="train")
+        tables[k] = (np.asarray(emb.vectors, np.float32), emb.group_ids())
+    groups = np.unique(tables[keys[0]][1])
+    for _, g in tables.values():
+        groups = np.intersect1d(groups, g)
+    perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(groups))
+    chosen = groups[perm[index * batch_size:(index + 1) * batch_size]]
+    per = batch_size // world_size
+    out = {}
+    for k_i, k in enumerate(keys):
+        vectors, gids = tables[k]
+        rows_of = {int(g): np.flatnonzero(gids == g) for g in chosen}
+        pick = np.random.default_rng([seed, epoch, index, k_i, 0xD2A3]).integers(
+            0, [len(rows_of[int(g)]) for g in chosen])
+        rows = np.array([rows_of[int(g)][p] for g, p in zip(chosen, pick, strict=True)])
+        out[k] = torch.from_numpy(vectors[rows[rank * per:(rank + 1) * per]])
+    indices = np.searchsorted(groups, chosen[rank * per:(rank + 1) * per])
+    return out, torch.from_numpy(indices)
+
+
+def test_batches_equal_the_naive_draw_in_any_call_order(store):
+    """The epoch's order is drawn once and rows are gathered from the tables: the batches are
+    exactly those of a fresh draw per call, whatever the order of the calls."""
+    keys = ["image:noto", "image", "text"]
+    data = PairedFeatures(store, keys, "train")
+    calls = [(3, 0, 0, 0, 1), (3, 0, 1, 0, 1), (3, 1, 2, 0, 1), (3, 0, 2, 1, 2), (4, 0, 2, 1, 2),
+             (3, 1, 0, 0, 2), (4, 1, 0, 0, 2), (3, 0, 0, 0, 1)]
+    for seed, epoch, index, rank, world in calls:
+        got = draw_batch(data, seed=seed, epoch=epoch, index=index, batch_size=6, rank=rank,
+                         world_size=world)
+        want, indices = _reference_batch(store, keys, seed=seed, epoch=epoch, index=index,
+                                         batch_size=6, rank=rank, world_size=world)
+        assert list(got.features) == keys
+        for k in keys:
+            assert torch.equal(got.features[k], want[k]), (seed, epoch, index, rank, k)
+        assert torch.equal(got.indices, indices)
 
 
 def test_shards_concatenate_to_the_global_batch():
