@@ -130,3 +130,13 @@ def test_image_augmentation_is_seeded_keeps_size_and_changes_pixels():
     same = augment_image(img, np.random.default_rng(0), crop_scale=(1.0, 1.0), color_jitter=0.0,
                          ratio=(1.0, 1.0))
     assert np.array_equal(np.asarray(same), arr)
+
+
+def test_features_move_to_a_device_once_and_are_gathered_there(store):
+    data = PairedFeatures(store, ["image", "text"], "train")
+    rows = data.draw_rows(data.groups[:5], seed=0, epoch=0, index=0)
+    assert data.features_on("text", "cpu") is data.tables["text"].features  # no copy
+    on = data.features(rows, "meta")  # another device: the table is copied there once
+    assert on["image"].device.type == "meta" and on["image"].shape == (5, 12)
+    assert data.features_on("image", "meta") is data.features_on("image", "meta")
+    assert data.features_on("image", "meta") is not data.tables["image"].features

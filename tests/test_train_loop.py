@@ -247,3 +247,31 @@ def test_a_run_started_by_an_older_version_resumes_with_todays_keys(store, tmp_p
     if lines[2].get("best"):
         best = {"i2t_r1": lines[2]["image-to-text_recall@1"]}
     assert again.summary["best"]["image-to-text_recall@1"] == best["i2t_r1"]
+
+
+def test_the_fused_optimizer_steps_like_the_plain_per_tensor_adamw(store, tmp_path):
+    """The trainer's AdamW uses the fused kernel; in float64 its updates equal those of
+    PyTorch's plain per-tensor AdamW with the same groups, from the same gradients."""
+    trainer = Trainer(small_config(store, tmp_path / "r"))
+    trainer.model.double()
+    trainer.objective.double()
+    opt = trainer.optimizer
+    assert opt.defaults["fused"] is True
+    params = [p for g in opt.param_groups for p in g["params"]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    start = [p.detach().clone() for p in params]
+    it = iter(twins)
+    reference = torch.optim.AdamW(
+        [{**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
+          "params": [next(it) for _ in g["params"]]} for g in opt.param_groups],
+        foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+    for p, q, p0 in zip(params, twins, start, strict=True):
+        assert not torch.equal(p.detach(), p0)  # the steps moved every parameter
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)

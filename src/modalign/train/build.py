@@ -80,8 +80,8 @@ def build_model(config: TrainConfig, data: PairedFeatures, specs: Mapping[str, s
         model.logit_bias.requires_grad_(False)
     if model.config.center_features:
         for m in config.modalities():
-            feats = torch.cat([t.features for k, t in data.tables.items()
-                               if base_modality(k) == m])
+            tables = [t.features for k, t in data.tables.items() if base_modality(k) == m]
+            feats = tables[0] if len(tables) == 1 else torch.cat(tables)  # no copy of one table
             if model.config.input_norm == "l2":
                 feats = F.normalize(feats, dim=-1)
             model.set_feature_center(m, feats.mean(0))
