@@ -168,7 +168,7 @@ class PairedFeatures:
         out = {}
         for k, r in rows.items():
             table = self.features_on(k, device)
-            out[k] = table.index_select(0, torch.from_numpy(r).to(table.device))
+            out[k] = table.index_select(0, to_device(torch.from_numpy(r), table.device))
         return out
 
     def features_on(self, key: str, device: torch.device | str) -> torch.Tensor:
@@ -186,6 +186,20 @@ class PairedFeatures:
         """Mean feature of a modality over the keys that use it (after L2 when ``l2``)."""
         tabs = [t.features for k, t in self.tables.items() if k.split(":", 1)[0] == modality]
         return torch.cat(tabs).mean(0)
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``; to a CUDA device through pinned memory without waiting for the copy
+    (a plain copy from pageable memory waits for the work queued before it).
+
+    Examples:
+        >>> to_device(torch.arange(3), "cpu").tolist()
+        [0, 1, 2]
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def shard(rows: np.ndarray | torch.Tensor, rank: int, world_size: int) -> Any:
@@ -237,7 +251,7 @@ class Batch:
     rows: dict[str, np.ndarray]  # table rows per key
     features: dict[str, torch.Tensor]  # cached features of the keys read from the store
     raw: dict[str, list[Any]]  # raw inputs (augmented images) of the keys encoded on the fly
-    indices: torch.Tensor  # each sample's group position among the training groups
+    indices: torch.Tensor  # each sample's group position among the training groups (on device)
 
 
 def draw_batch(data: PairedFeatures, *, seed: int, epoch: int, index: int, batch_size: int,
@@ -254,7 +268,8 @@ def draw_batch(data: PairedFeatures, *, seed: int, epoch: int, index: int, batch
     groups = data.batch_groups(seed=seed, epoch=epoch, index=index, batch_size=batch_size)
     rows = data.draw_rows(groups, seed=seed, epoch=epoch, index=index, sample=sample)
     rows = {k: shard(r, rank, world_size) for k, r in rows.items()}
-    indices = torch.from_numpy(np.searchsorted(data.groups, shard(groups, rank, world_size)))
+    indices = to_device(torch.from_numpy(np.searchsorted(data.groups,
+                                                         shard(groups, rank, world_size))), device)
     cached = {k: r for k, r in rows.items() if k not in raw_keys}
     feats = data.features(cached, device)
     inputs: dict[str, list[Any]] = {}

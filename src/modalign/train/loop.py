@@ -58,7 +58,7 @@ from modalign.train.checkpoint import (
     set_rng_state,
 )
 from modalign.train.config import RESUMABLE_KEYS, TrainConfig, config_changes, upgrade_config
-from modalign.train.data import KeyTable, PairedFeatures, RawInputs, draw_batch
+from modalign.train.data import KeyTable, PairedFeatures, RawInputs, draw_batch, to_device
 from modalign.train.gradcache import gradcache_backward
 from modalign.train.recipes.harmonize import GradientHarmonization
 from modalign.train.recipes.momentum import MomentumDistillation, alpha_at
@@ -290,7 +290,7 @@ class Trainer:
         """Image-grounded contrast of every other key against the text key's hard negatives."""
         assert self.negatives is not None
         t = self.config.negatives.text_key
-        rows = torch.from_numpy(np.asarray(self._rows[t])).to(self.ctx.device)
+        rows = to_device(torch.from_numpy(np.asarray(self._rows[t])), self.ctx.device)
         terms = [self.negatives.loss(emb[a], emb[t], rows, lambda f: self.model.project(t, f))
                  for a in emb if a != t]
         return torch.stack(terms).mean()
