@@ -275,3 +275,49 @@ def test_the_fused_optimizer_steps_like_the_plain_per_tensor_adamw(store, tmp_pa
     for p, q, p0 in zip(params, twins, start, strict=True):
         assert not torch.equal(p.detach(), p0)  # the steps moved every parameter
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_pair_losses_skip_a_second_normalisation_with_the_same_loss_and_gradients(store,
+                                                                                 tmp_path):
+    """The heads hand the objective unit rows, so the trainer switches off the pair losses'
+    own L2: in float64 the loss and the gradients (of the rows before their one normalisation,
+    and of the temperatures) equal those with it on; the trainer's losses agree to float32."""
+    import copy
+
+    from modalign.losses.clip import PairLogitLoss
+    from modalign.losses.objective import build_objective
+    from modalign.train.build import skip_second_normalisation
+
+    objectives = [{"loss": "clip", "modalities": ["image", "text"]},
+                  {"loss": "pairwise", "base_loss": "siglip",
+                   "modalities": ["image", "text", "image:noto"], "weight": 0.5}]
+    plain = build_objective(objectives).double()
+    skipped = copy.deepcopy(plain)
+    assert skip_second_normalisation(skipped) == 4
+    gen = torch.Generator().manual_seed(0)
+    raw = {k: torch.randn(12, 5, generator=gen, dtype=torch.float64)
+           for k in ("image", "text", "image:noto")}
+    results = []
+    for objective in (plain, skipped):
+        leaves = {k: v.clone().requires_grad_() for k, v in raw.items()}
+        unit = {k: torch.nn.functional.normalize(v, dim=-1) for k, v in leaves.items()}
+        loss = objective(unit).loss
+        params = list(objective.parameters())
+        grads = torch.autograd.grad(loss, [*leaves.values(), *params])
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-13, atol=0)
+    for a, b in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
+
+    cfg = small_config(store, tmp_path / "r", objectives=objectives,
+                       data={"keys": ["image", "text", "image:noto"]},
+                       train={"batch_size": 16}, augment={"embedding_noise": {"text": 0.1}})
+    losses = []
+    for skip in (True, False):
+        trainer = Trainer(cfg)
+        pair_losses = [m for m in trainer.objective.modules() if isinstance(m, PairLogitLoss)]
+        assert len(pair_losses) == 4 and not any(m.normalize for m in pair_losses)
+        for m in pair_losses:
+            m.normalize = not skip
+        losses.append(trainer.compute_gradients(epoch=0, index=1).loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)

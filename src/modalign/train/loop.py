@@ -180,6 +180,8 @@ class Trainer:
                           f"of the {self.ctx.world_size} processes scores its own rows only, "
                           "which is not the single-process loss on the global batch",
                           stacklevel=2)
+        # the heads' outputs are unit rows: the pair losses need not normalise them again
+        build.skip_second_normalisation(self.objective)
         # recipes: hooks around the objective (see _loss and compute_gradients)
         self.momentum = (MomentumDistillation(self.model, config.data.keys, config.model.joint_dim,
                                               config.momentum).to(device)
