@@ -155,3 +155,73 @@ def test_bad_arguments(kwargs, needle):
     with pytest.raises(ValueError) as err:
         tiled_logsumexp(x, y, 1.0, **kwargs)
     assert needle in str(err.value)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 2-3 columns on the CPU, so every tile is walked in several column blocks."""
+    import modalign.losses.tiled as tiled
+
+    monkeypatch.setattr(tiled, "BLOCK_ELEMENTS", 6)
+    monkeypatch.setattr(tiled, "MIN_BLOCK_COLUMNS", 1)
+    return tiled
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 5])
+def test_column_blocks_match_the_reference_with_and_without_targets(small_blocks, tile):
+    assert small_blocks.block_width(tile, 9, torch.device("cpu")) < 9
+    x, y, scale, bias = leaves(7, 9, 4, seed=30 + tile)
+    g = torch.Generator().manual_seed(tile)
+    rt = torch.randint(0, 9, (7,), generator=g)  # repeated and missing targets
+    ct = torch.randint(0, 7, (9,), generator=g)
+    wr, wc = torch.linspace(-1.0, 2.0, 7, dtype=F64), torch.linspace(0.5, 1.5, 9, dtype=F64)
+    for targets in (False, True):
+        logits = loop_logits(x, y, scale, bias)
+        kw = {"row_targets": rt, "col_targets": ct} if targets else {}
+        got_r, got_c = tiled_logsumexp(x, y, scale, bias, tile_size=tile, **kw)
+        if targets:
+            ref_r = F.cross_entropy(logits, rt, reduction="none")
+            ref_c = F.cross_entropy(logits.T, ct, reduction="none")
+        else:
+            ref_r, ref_c = logits.logsumexp(1), logits.logsumexp(0)
+        torch.testing.assert_close(got_r, ref_r, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(got_c, ref_c, rtol=1e-12, atol=1e-13)
+        ours = (wr * got_r).sum() + (wc * got_c).sum()
+        ref = (wr * ref_r).sum() + (wc * ref_c).sum()
+        for a, b in zip(
+            torch.autograd.grad(ours, [x, y, scale, bias], allow_unused=True),
+            torch.autograd.grad(ref, [x, y, scale, bias], allow_unused=True),
+            strict=True,
+        ):
+            a = torch.zeros((), dtype=F64) if a is None else a
+            b = torch.zeros((), dtype=F64) if b is None else b
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_exponent_floor_at_a_large_scale_keeps_float32_exact(request, blocks):
+    # Scale 100 on unit vectors: exp(S - shift) reaches exp(-200), far below float32's smallest
+    # normal number; the floored exponentials must give the float64 values and gradients.
+    if blocks:
+        request.getfixturevalue("small_blocks")
+    from modalign.losses.tiled import _exp_floor
+
+    g = torch.Generator().manual_seed(5)
+    x64 = F.normalize(torch.randn(12, 6, generator=g, dtype=F64), dim=1)
+    y64 = F.normalize(-x64 + 0.3 * torch.randn(12, 6, generator=g, dtype=F64), dim=1)
+    t = torch.arange(12)
+    x32, y32 = x64.float().requires_grad_(), y64.float().requires_grad_()
+    x64, y64 = x32.detach().double().requires_grad_(), y32.detach().double().requires_grad_()
+    scale = torch.tensor(100.0)
+    assert _exp_floor(x32.detach(), y32.detach(), scale) is not None  # the clamp path runs
+    assert _exp_floor(x32.detach(), y32.detach(), torch.tensor(10.0)) is None
+    r32, c32 = tiled_logsumexp(x32, y32, scale, row_targets=t, col_targets=t, tile_size=5)
+    logits = 100.0 * x64 @ y64.T
+    r64 = F.cross_entropy(logits, t, reduction="none")
+    c64 = F.cross_entropy(logits.T, t, reduction="none")
+    torch.testing.assert_close(r32.double(), r64, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(c32.double(), c64, rtol=1e-5, atol=1e-4)
+    (r32.sum() + c32.sum()).backward()
+    (r64.sum() + c64.sum()).backward()
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y32.grad.double(), y64.grad, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,13 @@ to form ``dL/dS`` for it, from which ``dX``, ``dY``, ``d scale`` and ``d bias`` 
 more matmuls. Peak extra memory is O(tile_size x m) instead of O(n x m); values and gradients
 equal the full-matrix computation up to floating-point rounding.
 
+On the CPU the log-sum-exps walk each tile in column blocks of about :data:`BLOCK_ELEMENTS`
+logits, so that the exp/subtract/sum passes over a block run in the L2 cache right after its
+matmul; no temporary of the inputs' size is allocated; the row/column positions of the target
+cells are grouped by block once; and exponents that would underflow into the slow subnormal range
+are raised to the smallest normal number only where a bound says they can occur
+(:func:`_exp_floor`).
+
 FLOPs: forward one ``n m d`` product, backward three (recompute, ``G Y``, ``G^T X``). In the
 log-sum-exps the bias never touches the tiles: ``LSE(S + b) = LSE(S) + b``.
 
@@ -28,6 +35,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -38,6 +46,13 @@ TILE_ELEMENTS = 1 << 22
 
 MIN_TILE_ROWS = 64
 """Fewest rows per tile when ``tile_size`` is None (very wide matrices)."""
+
+BLOCK_ELEMENTS = 1 << 18
+"""Logits per block on the CPU: a tile's columns are walked in blocks of about this many logits
+(1 MB in fp32), so that the exp/sum passes over a block run in the core's L2 cache."""
+
+MIN_BLOCK_COLUMNS = 256
+"""Fewest columns per block on the CPU (keeps each block's matrix product efficient)."""
 
 SOFTPLUS_THRESHOLD = 40.0
 """``softplus(l)`` is taken as ``l`` above this (the error, exp(-40), is below float64 rounding)."""
@@ -141,6 +156,21 @@ def _tiles(n: int, tile_size: int) -> range:
     return range(0, n, tile_size)
 
 
+def block_width(tile_rows: int, m: int, device: torch.device) -> int:
+    """Columns per block of a tile: on the CPU as many as fit :data:`BLOCK_ELEMENTS` logits (at
+    least :data:`MIN_BLOCK_COLUMNS`), so that a block's elementwise passes run in cache; on other
+    devices the whole row (one kernel per pass over the tile).
+
+    Examples:
+        >>> import torch
+        >>> block_width(256, 16384, torch.device("cpu")), block_width(256, 300, torch.device("cpu"))
+        (1024, 300)
+    """
+    if device.type != "cpu":
+        return max(m, 1)
+    return max(1, min(m, max(MIN_BLOCK_COLUMNS, BLOCK_ELEMENTS // max(tile_rows, 1))))
+
+
 def _tile_logits(
     buffer: Tensor, x: Tensor, yt: Tensor, scale: Tensor, i0: int, i1: int,
     bias: Tensor | None = None,
@@ -153,9 +183,16 @@ def _tile_logits(
     return s
 
 
-def _target_logits(a: Tensor, b: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
-    """``scale * a_i . b_{targets[i]}`` for every row i (no bias: it cancels in a cross-entropy)."""
-    return (a * b.index_select(0, targets)).sum(dim=1) * scale
+def _target_logits(a: Tensor, b: Tensor, targets: Tensor, scale: Tensor, chunk: int) -> Tensor:
+    """``scale * a_i . b_{targets[i]}`` for every row i (no bias: it cancels in a cross-entropy),
+    ``chunk`` rows at a time through one reused buffer (no n x d temporary)."""
+    out = a.new_empty(a.shape[0])
+    buf = a.new_empty((min(chunk, a.shape[0]), a.shape[1]))
+    for i0 in range(0, a.shape[0], chunk):
+        i1 = min(a.shape[0], i0 + chunk)
+        picked = torch.index_select(b, 0, targets[i0:i1], out=buf[: i1 - i0])
+        torch.sum(picked.mul_(a[i0:i1]), dim=1, out=out[i0:i1])
+    return out.mul_(scale)
 
 
 def _exact_lse(x: Tensor, y: Tensor, scale: Tensor, which: Tensor, dim: int) -> Tensor:
@@ -163,6 +200,78 @@ def _exact_lse(x: Tensor, y: Tensor, scale: Tensor, which: Tensor, dim: int) -> 
     if dim == 1:
         return torch.logsumexp((x.index_select(0, which) * scale) @ y.t(), dim=1)
     return torch.logsumexp((x * scale) @ y.index_select(0, which).t(), dim=0)
+
+
+def _exp_floor(x: Tensor, y: Tensor, scale: Tensor, *shifts: Tensor | None) -> float | None:
+    """The exponent floor for ``exp(S - shift)``, or None where no exponent can fall below it.
+
+    On x86 CPUs an exponential that underflows into the subnormal range or to zero costs tens of
+    times a normal one. There the exponents are raised to the log of the dtype's smallest normal
+    number, which changes each term by less than that number; every sum such a term enters holds
+    a term of at least 1 (the shift is the positive logit, the maximum, or the log-sum-exp), so
+    the sums are unchanged at the dtype's precision. The clamp pass is skipped when the bound
+    ``S - shift >= -|scale| max|x_i| max|y_j| - max(shift)`` already keeps every exponent above
+    the floor (e.g. unit vectors at CLIP's initial scale), and on other devices.
+    """
+    if x.device.type != "cpu" or x.numel() == 0 or y.numel() == 0:
+        return None
+    floor = math.log(torch.finfo(x.dtype).tiny)
+    bound = float(scale.abs()) * float(torch.linalg.vector_norm(x, dim=1).max())
+    bound *= float(torch.linalg.vector_norm(y, dim=1).max())
+    top = max([bound] + [float(s.max()) for s in shifts if s is not None and s.numel()])
+    return floor if -bound - top < floor else None
+
+
+def _floored_exp(t: Tensor, floor: float | None) -> Tensor:
+    """``t.exp_()`` with the exponents first raised to ``floor`` (see :func:`_exp_floor`)."""
+    return (t if floor is None else t.clamp_(min=floor)).exp_()
+
+
+class _TargetCells:
+    """The target cells of the logit matrix, grouped by (row tile, column block) once, so a block
+    finds its own with no per-block search.
+
+    ``rows[b]`` / ``cols[b]`` are the global row and column indices of the target cells that lie
+    in block ``b = tile_index * blocks + block_index`` (empty where none).
+    """
+
+    def __init__(self, row_targets: Tensor | None, col_targets: Tensor | None, tile: int,
+                 width: int, n: int, m: int) -> None:
+        self.blocks = -(-m // width)
+        count = -(-n // tile) * self.blocks
+        self.row_cells = self.col_cells = None
+        if row_targets is not None:
+            r = torch.arange(n, device=row_targets.device)
+            self.row_cells = self._group(r, row_targets, (r // tile) * self.blocks
+                                         + row_targets // width, count)
+        if col_targets is not None:
+            c = torch.arange(m, device=col_targets.device)
+            self.col_cells = self._group(col_targets, c, (col_targets // tile) * self.blocks
+                                         + c // width, count)
+
+    @staticmethod
+    def _group(r: Tensor, c: Tensor, keys: Tensor, count: int
+               ) -> tuple[Tensor, Tensor, list[int]]:
+        order = torch.argsort(keys, stable=True)
+        offsets = [0, *torch.bincount(keys, minlength=count).cumsum(0).tolist()]
+        return r[order], c[order], offsets
+
+    def rows(self, tile_index: int, block_index: int) -> tuple[Tensor, Tensor] | None:
+        """(rows, cols) of the row-target cells in a block, or None."""
+        return self._cells(self.row_cells, tile_index, block_index)
+
+    def cols(self, tile_index: int, block_index: int) -> tuple[Tensor, Tensor] | None:
+        """(rows, cols) of the column-target cells in a block, or None."""
+        return self._cells(self.col_cells, tile_index, block_index)
+
+    def _cells(self, cells: tuple[Tensor, Tensor, list[int]] | None, ti: int, bj: int
+               ) -> tuple[Tensor, Tensor] | None:
+        if cells is None:
+            return None
+        r, c, offsets = cells
+        b = ti * self.blocks + bj
+        a, z = offsets[b], offsets[b + 1]
+        return (r[a:z], c[a:z]) if z > a else None
 
 
 class _TiledLogSumExp(torch.autograd.Function):
@@ -179,46 +288,59 @@ class _TiledLogSumExp(torch.autograd.Function):
         cols: bool,
         tile_size: int,
     ) -> tuple[Tensor, Tensor]:
+        x, y = x.contiguous(), y.contiguous()
         n, m = x.shape[0], y.shape[0]
         yt = y.t()
         tile = min(tile_size, max(n, 1))
-        logits = x.new_empty((tile, m))
-        work = x.new_empty((tile, m)) if (rows and cols) else logits
+        width = block_width(tile, m, x.device)
+        logits = x.new_empty(tile * width)
+        work = x.new_empty(tile * width) if (rows and cols) else logits
+        scaled = x.new_empty((tile, x.shape[1]))
         # Shifts of the exponentials: the positive logit where a target is given (the result is
         # then the cross-entropy directly), else the running maximum.
-        row_shift = None if row_targets is None else _target_logits(x, y, row_targets, scale)
-        col_shift = None if col_targets is None else _target_logits(y, x, col_targets, scale)
-        row_val = x.new_empty(n if rows else 0)
+        row_shift = (None if row_targets is None
+                     else _target_logits(x, y, row_targets, scale, tile))
+        col_shift = (None if col_targets is None
+                     else _target_logits(y, x, col_targets, scale, tile))
+        floor = _exp_floor(x, y, scale, row_shift, col_shift)
+        row_acc = x.new_full((n if rows else 0,), 0.0 if row_shift is not None else float("-inf"))
         col_acc = x.new_full((m if cols else 0,), 0.0 if col_shift is not None else float("-inf"))
         # Tile value of each target logit minus its shift: subtracting it makes the result
         # lse - S_target with S_target bitwise the logit that entered the sum.
         row_off = x.new_zeros(n if row_shift is not None else 0)
         col_off = x.new_zeros(m if col_shift is not None else 0)
-        for i0 in _tiles(n, tile):
+        cells = _TargetCells(row_targets, col_targets, tile, width, n, m)
+        for ti, i0 in enumerate(_tiles(n, tile)):
             i1 = min(n, i0 + tile)
-            s = _tile_logits(logits, x, yt, scale, i0, i1)
-            if row_shift is not None and row_targets is not None:
-                picked = s.gather(1, row_targets[i0:i1, None]).squeeze(1)
-                row_off[i0:i1] = picked - row_shift[i0:i1]
-            if col_shift is not None and col_targets is not None:
-                here = ((col_targets >= i0) & (col_targets < i1)).nonzero().flatten()
-                col_off[here] = s[col_targets[here] - i0, here] - col_shift[here]
-            if rows:
-                w = work[: i1 - i0]
-                if row_shift is not None:
-                    torch.sub(s, row_shift[i0:i1, None], out=w)
-                    row_val[i0:i1] = w.exp_().sum(dim=1).log_()
-                else:
-                    peak = s.amax(dim=1, keepdim=True)
-                    torch.sub(s, peak, out=w)
-                    row_val[i0:i1] = w.exp_().sum(dim=1).log_().add_(peak.squeeze(1))
-            if cols:
-                if col_shift is not None:
-                    col_acc += s.sub_(col_shift).exp_().sum(dim=0)
-                else:
-                    peak = s.amax(dim=0)
-                    s.sub_(peak).exp_()
-                    col_acc = torch.logaddexp(col_acc, s.sum(dim=0).log_().add_(peak))
+            xs = torch.mul(x[i0:i1], scale, out=scaled[: i1 - i0])
+            for bj, j0 in enumerate(range(0, m, width)):
+                j1 = min(m, j0 + width)
+                s = logits[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+                torch.mm(xs, yt[:, j0:j1], out=s)
+                if row_shift is not None and (hit := cells.rows(ti, bj)) is not None:
+                    r, c = hit
+                    row_off[r] = s[r - i0, c - j0] - row_shift[r]
+                if col_shift is not None and (hit := cells.cols(ti, bj)) is not None:
+                    r, c = hit
+                    col_off[c] = s[r - i0, c - j0] - col_shift[c]
+                if rows:
+                    w = work[: s.numel()].view_as(s)
+                    if row_shift is not None:
+                        torch.sub(s, row_shift[i0:i1, None], out=w)
+                        row_acc[i0:i1] += _floored_exp(w, floor).sum(dim=1)
+                    else:
+                        peak = s.amax(dim=1, keepdim=True)
+                        torch.sub(s, peak, out=w)
+                        part = w.exp_().sum(dim=1).log_().add_(peak.squeeze(1))
+                        row_acc[i0:i1] = torch.logaddexp(row_acc[i0:i1], part)
+                if cols:
+                    if col_shift is not None:
+                        col_acc[j0:j1] += _floored_exp(s.sub_(col_shift[j0:j1]), floor).sum(0)
+                    else:
+                        peak = s.amax(dim=0)
+                        part = s.sub_(peak).exp_().sum(dim=0).log_().add_(peak)
+                        col_acc[j0:j1] = torch.logaddexp(col_acc[j0:j1], part)
+        row_val = row_acc.log_() if row_shift is not None else row_acc
         if col_shift is not None:
             col_acc = col_acc.log_()
         # Rows/columns whose exponentials overflowed the positive-logit shift: recompute exactly.
@@ -253,11 +375,11 @@ class _TiledLogSumExp(torch.autograd.Function):
         use_rows = rows and grad_rows is not None and bool(grad_rows.any())
         use_cols = cols and grad_cols is not None and bool(grad_cols.any())
         n, m = x.shape[0], y.shape[0]
-        gx = torch.zeros_like(x)  # G @ Y, unscaled
-        gy = torch.zeros_like(y)  # G^T @ X, unscaled
+        gx = x.new_zeros(x.shape)  # G @ Y, unscaled
+        gy = y.new_zeros(y.shape)  # G^T @ (scale X)
         # dL/dS_ij = g_i (P_ij - [j = t_i]) + h_j (Q_ij - [i = u_j]) with P, Q the row and column
         # softmaxes. A positive weight is folded into the shift (exp(S - lse + log g)) to save a
-        # pass over the tile; the one-hots are subtracted in the tile before the matmuls.
+        # pass over the block; the one-hots are subtracted in the block before the matmuls.
         row_shift = row_fold = col_shift = col_fold = None
         if use_rows:
             assert grad_rows is not None
@@ -269,41 +391,48 @@ class _TiledLogSumExp(torch.autograd.Function):
             col_shift = col_lse - (grad_cols.log() if col_fold else 0.0)
         if use_rows or use_cols:
             yt = y.t()
-            logits = x.new_empty((tile, m))
-            work = x.new_empty((tile, m)) if (use_rows and use_cols) else logits
-            for i0 in _tiles(n, tile):
+            width = block_width(tile, m, x.device)
+            floor = _exp_floor(x, y, scale, row_shift, col_shift)
+            logits = x.new_empty(tile * width)
+            work = x.new_empty(tile * width) if (use_rows and use_cols) else logits
+            scaled = x.new_empty((tile, x.shape[1]))
+            cells = _TargetCells(row_targets if use_rows else None,
+                                 col_targets if use_cols else None, tile, width, n, m)
+            for ti, i0 in enumerate(_tiles(n, tile)):
                 i1 = min(n, i0 + tile)
-                s = _tile_logits(logits, x, yt, scale, i0, i1)
-                g = s
-                if use_rows:
-                    assert row_shift is not None and grad_rows is not None
-                    g = work[: i1 - i0]
-                    torch.sub(s, row_shift[i0:i1, None], out=g)
-                    g.exp_()
-                    if not row_fold:
-                        g.mul_(grad_rows[i0:i1, None])
-                if use_cols:
-                    assert col_shift is not None and grad_cols is not None
-                    s.sub_(col_shift).exp_()
-                    if not col_fold:
-                        s.mul_(grad_cols)
+                xs = torch.mul(x[i0:i1], scale, out=scaled[: i1 - i0])
+                for bj, j0 in enumerate(range(0, m, width)):
+                    j1 = min(m, j0 + width)
+                    s = logits[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+                    torch.mm(xs, yt[:, j0:j1], out=s)
+                    g = s
                     if use_rows:
-                        g.add_(s)
-                flat = g.view(-1)
-                if use_rows and row_targets is not None:
-                    assert grad_rows is not None
-                    local = torch.arange(i1 - i0, device=x.device) * m + row_targets[i0:i1]
-                    flat.index_add_(0, local, -grad_rows[i0:i1])
-                if use_cols and col_targets is not None:
-                    assert grad_cols is not None
-                    here = ((col_targets >= i0) & (col_targets < i1)).nonzero().flatten()
-                    local = (col_targets[here] - i0) * m + here
-                    flat.index_add_(0, local, -grad_cols[here])
-                torch.mm(g, y, out=gx[i0:i1])
-                gy.addmm_(g.t(), x[i0:i1])
-        d_scale = (x * gx).sum() if ctx.needs_input_grad[2] else None
+                        assert row_shift is not None and grad_rows is not None
+                        g = work[: s.numel()].view_as(s)
+                        torch.sub(s, row_shift[i0:i1, None], out=g)
+                        _floored_exp(g, floor)
+                        if not row_fold:
+                            g.mul_(grad_rows[i0:i1, None])
+                    if use_cols:
+                        assert col_shift is not None and grad_cols is not None
+                        _floored_exp(s.sub_(col_shift[j0:j1]), floor)
+                        if not col_fold:
+                            s.mul_(grad_cols[j0:j1])
+                        if use_rows:
+                            g.add_(s)
+                    if (hit := cells.rows(ti, bj)) is not None:
+                        assert grad_rows is not None
+                        r, c = hit
+                        g.index_put_((r - i0, c - j0), -grad_rows[r], accumulate=True)
+                    if (hit := cells.cols(ti, bj)) is not None:
+                        assert grad_cols is not None
+                        r, c = hit
+                        g.index_put_((r - i0, c - j0), -grad_cols[c], accumulate=True)
+                    gx[i0:i1].addmm_(g, y[j0:j1])
+                    gy[j0:j1].addmm_(g.t(), xs)
+        d_scale = torch.dot(x.reshape(-1), gx.view(-1)) if ctx.needs_input_grad[2] else None
         d_x = gx.mul_(scale) if ctx.needs_input_grad[0] else None
-        d_y = gy.mul_(scale) if ctx.needs_input_grad[1] else None
+        d_y = gy if ctx.needs_input_grad[1] else None
         d_bias = None
         if bias is not None and ctx.needs_input_grad[3]:
             # Softmax rows/columns sum to 1: d/db LSE = 1, and a target logit cancels it.
