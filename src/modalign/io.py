@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,57 @@ def file_hash(path: str | os.PathLike[str], chunk: int = 1 << 20, full: bool = F
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest() if full else h.hexdigest()[:16]
+
+
+HASH_CACHE = "file-hashes.json"
+"""File under :func:`modalign.paths.home` remembering :func:`cached_file_hash` results."""
+
+HASH_CACHE_ENTRIES = 1024
+"""Most files remembered there (the least recently hashed are dropped first)."""
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def cached_file_hash(path: str | os.PathLike[str], full: bool = False) -> str:
+    """:func:`file_hash`, remembered across runs for a file that has not changed.
+
+    The remembered digest is keyed on the file's resolved path and reused only while its size,
+    modification and status-change times (in nanoseconds), inode and device are all the same;
+    any change hashes the file again. For a tower's or model's weights, read at every start.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.bin"
+        >>> _ = p.write_bytes(b"abc")
+        >>> cached_file_hash(p) == cached_file_hash(p) == file_hash(p)
+        True
+    """
+    from modalign.paths import home
+
+    target = Path(path).resolve()
+    stamp = _stamp(target.stat())
+    store = home() / HASH_CACHE
+    try:
+        entries = read_json(store) if store.is_file() else {}
+    except (OSError, ValueError):
+        entries = {}
+    if not isinstance(entries, dict):
+        entries = {}
+    hit = entries.get(str(target))
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        digest = hit["sha256"]
+    else:
+        digest = file_hash(target, full=True)
+        if _stamp(target.stat()) == stamp:  # unchanged while it was read: remember it
+            entries.pop(str(target), None)
+            entries[str(target)] = {"stamp": stamp, "sha256": digest}
+            for old in list(entries)[: max(0, len(entries) - HASH_CACHE_ENTRIES)]:
+                del entries[old]
+            with suppress(OSError):  # a read-only home: hashing every time is still correct
+                write_json_atomic(store, entries, indent=0)
+    return digest if full else digest[:16]
 
 
 def read_user_text(path: str | os.PathLike[str], what: str = "file") -> str:

@@ -22,7 +22,7 @@ from torch import nn
 
 from modalign.encoders.images import ImageInput, images_to_tensor
 from modalign.encoders.tower import Tower
-from modalign.io import file_hash, read_safetensors, read_torch
+from modalign.io import cached_file_hash, read_safetensors, read_torch
 
 BN_EPS = 1e-3
 PIXEL_MEAN = 127.0
@@ -300,7 +300,7 @@ class EfficientNetLite0Encoder(Tower):
 
     def identity(self) -> dict[str, Any]:
         if self._weights_hash is None:
-            self._weights_hash = file_hash(self.weights_path)
+            self._weights_hash = cached_file_hash(self.weights_path)
         return {
             "name": self.name,
             "modality": self.modality,

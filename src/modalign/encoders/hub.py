@@ -9,7 +9,7 @@ import socket
 import threading
 from pathlib import Path
 
-from modalign.io import content_hash, file_hash
+from modalign.io import cached_file_hash, content_hash
 
 HUB_HOST = "huggingface.co"
 PROBE_TIMEOUT_S = 1.5
@@ -107,4 +107,5 @@ def folder_weights_hash(folder: str | os.PathLike[str]) -> str:
     path = Path(folder)
     patterns = ("*.safetensors", "*.bin", "*.pt", "*.pth")
     files = sorted(f for p in patterns for f in path.glob(p)) if path.is_dir() else []
-    return content_hash([file_hash(f) for f in files]) if files else content_hash(str(folder))
+    hashes = [cached_file_hash(f) for f in files]
+    return content_hash(hashes) if files else content_hash(str(folder))

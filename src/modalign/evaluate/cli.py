@@ -437,7 +437,7 @@ def _resolve_inverted(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
         return {}
     from modalign.embed.store import EmbeddingStore
     from modalign.evaluate.inverted import parse_inverted, resolve_inverted
-    from modalign.io import file_hash
+    from modalign.io import cached_file_hash
 
     if args.embeddings is not None:
         store = EmbeddingStore(args.embeddings)
@@ -448,7 +448,7 @@ def _resolve_inverted(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
 
         towers = MultiTowerModel.from_pretrained(args.model).config.towers
         store = EmbeddingStore(default_store_dir(load_dataset(args.data), towers))
-    weights = (file_hash(Path(args.model) / "model.safetensors") if args.model is not None
+    weights = (cached_file_hash(Path(args.model) / "model.safetensors") if args.model is not None
                else None)
     out = {}
     for raw in args.inverted:
