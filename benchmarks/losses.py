@@ -14,6 +14,7 @@ the same repeats): 1.0 is the floor of this algorithm.
 Usage:
     python benchmarks/losses.py            # batch 1024, 4096, 16384 (a few minutes on 2 cores)
     python benchmarks/losses.py --quick    # batch 1024 and 4096, one round (under a minute)
+    python benchmarks/losses.py --batches 16384 --threads 1   # the over_own_matmuls row
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 DIM = 512
@@ -121,34 +123,41 @@ def _worker(impl: str, batch: int, threads: int, grads_path: str | None) -> None
 
 def _own_matmuls_seconds(x: object, y: object, repeats: int) -> tuple[float, float]:
     """Best wall and CPU time (this process, all threads) of the matrix products ours runs,
-    alone, with its own shapes and tiles.
+    alone, with its own shapes, tiles and column blocks.
 
-    Tiled: per row tile, the forward logits and, in the backward, their recomputation,
-    ``G @ Y`` and ``G^T @ X`` (four B x B x d products); full matrix: the logits and the two
-    gradient products (three).
+    Tiled: per row tile and column block, the forward logits and, in the backward, their
+    recomputation, ``G @ Y`` and ``G^T @ X`` (four B x B x d products); full matrix: the logits
+    and the two gradient products (three).
     """
     import torch
 
     from modalign.losses.clip import use_tiled
-    from modalign.losses.tiled import resolve_tile_size
+    from modalign.losses.tiled import block_width, resolve_tile_size
 
     assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
     n, m = x.shape[0], y.shape[0]
     tiled = use_tiled("auto", n, m)
-    tile = resolve_tile_size(None, m) if tiled else n
-    logits = x.new_empty((min(tile, n), m))
-    gx, gy = torch.empty_like(x), torch.zeros_like(y)
+    tile = min(resolve_tile_size(None, m) if tiled else n, n)
+    width = block_width(tile, m, x.device) if tiled else m
+    logits = x.new_empty(tile * width)
+    gx, gy = torch.zeros_like(x), torch.zeros_like(y)
     yt = y.t()
+
+    def blocks() -> Iterator[tuple[int, int, int, int]]:
+        for i0 in range(0, n, tile):
+            for j0 in range(0, m, width):
+                yield i0, min(n, i0 + tile), j0, min(m, j0 + width)
 
     def products() -> None:
         if tiled:
-            for i0 in range(0, n, tile):
-                torch.mm(x[i0 : i0 + tile], yt, out=logits[: min(n, i0 + tile) - i0])
-        for i0 in range(0, n, tile):
-            i1 = min(n, i0 + tile)
-            s = torch.mm(x[i0:i1], yt, out=logits[: i1 - i0])
-            torch.mm(s, y, out=gx[i0:i1])
-            gy.addmm_(s.t(), x[i0:i1])
+            for i0, i1, j0, j1 in blocks():
+                torch.mm(x[i0:i1], yt[:, j0:j1], out=logits[: (i1 - i0) * (j1 - j0)].view(
+                    i1 - i0, j1 - j0))
+        for i0, i1, j0, j1 in blocks():
+            s = logits[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+            torch.mm(x[i0:i1], yt[:, j0:j1], out=s)
+            gx[i0:i1].addmm_(s, y[j0:j1])
+            gy[j0:j1].addmm_(s.t(), x[i0:i1])
 
     products()
     best = best_cpu = float("inf")
@@ -195,6 +204,8 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="fresh processes per implementation and case"
     )
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help="batch sizes (default 1024 4096 16384; --quick: 1024 4096)")
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--grads", help=argparse.SUPPRESS)
@@ -208,7 +219,7 @@ def main() -> None:
     from modalign.losses.clip import use_tiled
 
     gflops = _matmul_gflops(args.threads)
-    batches = [1024, 4096] if args.quick else [1024, 4096, 16384]
+    batches = args.batches or ([1024, 4096] if args.quick else [1024, 4096, 16384])
     if args.quick:
         args.rounds = 1
     with tempfile.TemporaryDirectory() as tmp:

@@ -149,3 +149,25 @@ def test_encoder_inversion_dispatches_on_the_tower(effnet):
     assert (fwd.modality, fwd.num_tokens, fwd.token_dim) == ("image", 16, 32)
     with pytest.raises(ValueError, match="encoder"):
         encoder_inversion(torch.nn.Linear(2, 2))
+
+
+def test_effnet_folded_batchnorm_matches_the_tower_and_follows_weight_changes():
+    import torch
+
+    from modalign.bridge.inversion import effnet_stage_inversion
+    from modalign.encoders import load_encoder
+
+    enc = load_encoder("effnet-lite0", image_size=32)
+    exact = effnet_stage_inversion(enc, stage=1, num_tokens=4)
+    folded = effnet_stage_inversion(enc, stage=1, num_tokens=4, fold_bn=True)
+    assert folded.identity()["tower"].endswith(":folded-bn")
+    tokens = torch.randn(2, 4, exact.token_dim, dtype=torch.float64).float().requires_grad_()
+    a, b = exact(tokens), folded(tokens)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    (ga,) = torch.autograd.grad(a.square().sum(), tokens)
+    (gb,) = torch.autograd.grad(b.square().sum(), tokens)
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # a changed BatchNorm statistic must reach the folded copy
+        enc.net._blocks[1]._bn2.running_mean.add_(0.5)
+    torch.testing.assert_close(folded(tokens), exact(tokens), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(exact(tokens), a, atol=1e-3)

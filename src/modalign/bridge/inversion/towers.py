@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modalign.bridge.inversion.core import InversionForward
+from modalign.bridge.inversion.core import InversionForward, cache_key
 from modalign.bridge.inversion.fast_causal import CAUSAL_TEXT_MODEL_TYPES, clip_text_inversion
 from modalign.bridge.inversion.image_hooks import StageInversion, clip_vision_inversion
 from modalign.bridge.inversion.openai_format import OpenAITextInversion, OpenAIVisionInversion
@@ -35,12 +36,47 @@ DEFAULT_PLACEHOLDER = "£"
 DEFAULT_CNN_TOKENS = 16
 
 
+_CONV_BN = (("_conv_stem", "_bn0"), ("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"),
+            ("_project_conv", "_bn2"), ("_conv_head", "_bn1"))
+"""(convolution, BatchNorm after it) attribute pairs of the built-in EfficientNet modules."""
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of the built-in EfficientNet with every BatchNorm folded into the
+    convolution before it (``w' = w g / sqrt(var + eps)``, ``b' = (b - mean) g / sqrt(var + eps)
+    + beta``): the same function up to rounding, with one elementwise pass less per layer.
+
+    Examples:
+        >>> import torch
+        >>> from modalign.encoders.effnet import EfficientNetLite0
+        >>> net = EfficientNetLite0().eval()
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> torch.allclose(fold_batchnorm(net).features(x), net.features(x), atol=1e-5)
+        True
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    out = copy.deepcopy(net).eval()
+    for module in list(out.modules()):
+        for conv_name, bn_name in _CONV_BN:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    return out.requires_grad_(False)
+
+
 def effnet_stage_inversion(encoder: Any, stage: int = 0,
-                           num_tokens: int = DEFAULT_CNN_TOKENS) -> StageInversion:
+                           num_tokens: int = DEFAULT_CNN_TOKENS, *,
+                           fold_bn: bool = False) -> StageInversion:
     """OVI forward for the built-in EfficientNet-Lite0 tower, entering at block ``stage``.
 
     The stage's size is that of the tower's ``image_size`` input (48 x 48 x 32 at 96 px for
     ``stage=0``). The output is the tower's pooled 1280-d feature, as ``encode`` gives.
+    ``fold_bn=True`` runs a copy with the BatchNorms folded into the convolutions
+    (:func:`fold_batchnorm`): about 1.3x faster per step on the CPU, the same function up to
+    float32 rounding (a few 1e-6 relative per forward), which Adam's early, nearly sign-like
+    steps amplify, so the trajectory is not the exact one of the tower as given.
 
     Examples:
         >>> import torch
@@ -65,10 +101,22 @@ def effnet_stage_inversion(encoder: Any, stage: int = 0,
         for block in net._blocks[:stage]:
             h = block(h)
 
-    def rest(x: torch.Tensor) -> torch.Tensor:
-        return net.features_from(x, stage)
+    folded: dict[tuple[Any, ...], nn.Module] = {}
 
-    name = f"{getattr(encoder, 'name', 'cnn')}:block{stage}"
+    def rest(x: torch.Tensor) -> torch.Tensor:
+        if not fold_bn:
+            return net.features_from(x, stage)
+        # The tower with each eval-mode BatchNorm folded into the convolution before it: one
+        # pass less per layer, forward and backward. Rebuilt when the tower's weights or
+        # BatchNorm statistics change.
+        stats = tuple((b.data_ptr(), b._version) for b in net.buffers())
+        key = (*cache_key(net, x.dtype, x.device), stats, net.training)
+        if key not in folded:
+            folded.clear()
+            folded[key] = fold_batchnorm(net) if not net.training else net
+        return folded[key].features_from(x, stage)
+
+    name = f"{getattr(encoder, 'name', 'cnn')}:block{stage}" + (":folded-bn" if fold_bn else "")
     return StageInversion(rest, channels=int(h.shape[1]), size=(int(h.shape[2]), int(h.shape[3])),
                           num_tokens=num_tokens, name=name,
                           modality=str(getattr(encoder, "modality", "image")))
