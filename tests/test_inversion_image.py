@@ -171,3 +171,24 @@ def test_effnet_folded_batchnorm_matches_the_tower_and_follows_weight_changes():
         enc.net._blocks[1]._bn2.running_mean.add_(0.5)
     torch.testing.assert_close(folded(tokens), exact(tokens), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(exact(tokens), a, atol=1e-3)
+
+
+def test_vit_class_token_shortcut_equals_the_full_last_layer_in_float64():
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from modalign.bridge.inversion import ViTInversion
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=64, patch_size=16)
+    model = CLIPVisionModel(cfg).eval().double()
+    fast, full = ViTInversion(model, 2), ViTInversion(model, 2)
+    assert fast._layers is not None
+    full._layers = None  # the whole encoder, every position through the last layer
+    tokens = torch.randn(3, 2, 32, dtype=torch.float64, requires_grad=True)
+    a, b = fast(tokens), full(tokens)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    (ga,) = torch.autograd.grad(a.square().sum(), tokens)
+    (gb,) = torch.autograd.grad(b.square().sum(), tokens)
+    torch.testing.assert_close(ga, gb, rtol=1e-11, atol=1e-12)

@@ -13,11 +13,13 @@ by nearest interpolation to the stage's spatial size, and the rest of the networ
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalign.bridge.inversion.core import ProjectedForward
@@ -39,6 +41,35 @@ def tile_patches(tokens: Tensor, num_patches: int) -> Tensor:
         raise ValueError(f"the number of pseudo-patches must be in [1, {num_patches}], got {p}")
     index = (torch.arange(num_patches, device=tokens.device) * p) // num_patches
     return tokens[:, index]
+
+
+def _clip_layer(layer: nn.Module) -> bool:
+    """True for a pre-norm CLIP encoder layer whose parts :func:`_class_token_layer` uses."""
+    attn = getattr(layer, "self_attn", None)
+    return all(hasattr(layer, a) for a in ("layer_norm1", "layer_norm2", "mlp")) and all(
+        hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale"))
+
+
+def _run_layer(layer: nn.Module, h: Tensor) -> Tensor:
+    """One transformers encoder layer without a mask (its signature differs across versions)."""
+    params = inspect.signature(layer.forward).parameters
+    extra = {"causal_attention_mask": None} if "causal_attention_mask" in params else {}
+    out = layer(h, None, **extra)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _class_token_layer(layer: nn.Module, h: Tensor) -> Tensor:
+    """A CLIP encoder layer's output at position 0 only, ``(B, 1, d)``: keys and values come
+    from every position; the query, the output projection and the MLP run for one row."""
+    attn = layer.self_attn
+    b, t, _ = h.shape
+    x = layer.layer_norm1(h)
+    q = attn.q_proj(x[:, :1]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    h0 = h[:, :1] + attn.out_proj(out.transpose(1, 2).reshape(b, 1, -1))
+    return h0 + layer.mlp(layer.layer_norm2(h0))
 
 
 class ViTInversion:
@@ -80,6 +111,8 @@ class ViTInversion:
             raise ModalignError(f"num_tokens must be in [1, {self.num_patches}], got {num_tokens}")
         self.num_tokens = num_tokens
         self.token_dim = int(emb.position_embedding.weight.shape[1])
+        layers = getattr(tower.encoder, "layers", None)
+        self._layers = layers if layers and all(_clip_layer(m) for m in layers) else None
 
     def __call__(self, tokens: Tensor) -> Tensor:
         emb = self.tower.embeddings
@@ -91,6 +124,13 @@ class ViTInversion:
         pre = getattr(self.tower, "pre_layrnorm", None)
         if pre is not None:
             h = pre(h)
+        if self.class_token and self._layers is not None:
+            # Only the class token leaves the last layer: every layer before it runs in full,
+            # the last one computes keys and values of all positions but the query, output
+            # projection and MLP of the class token alone.
+            for layer in self._layers[:-1]:
+                h = _run_layer(layer, h)
+            return self.tower.post_layernorm(_class_token_layer(self._layers[-1], h)[:, 0])
         h = self.tower.encoder(inputs_embeds=h).last_hidden_state
         if self.class_token:
             return self.tower.post_layernorm(h[:, 0])
