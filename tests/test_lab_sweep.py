@@ -25,7 +25,7 @@ SETTINGS = (GapSetting(epochs=2), GapSetting(temperature=0.01, epochs=2),
 def tiny_config(**kw) -> LabConfig:
     base = dict(settings=SETTINGS, seeds=(0,), batch_size=8, joint_dim=6, inverted_queries=4,
                 oti_steps=3, ovi_steps=3, shifts=(0.0, 1.0), permutations=200, bootstrap=50,
-                warmup_steps=1)
+                warmup_steps=1, converge_queries=2, converge_steps=6)
     base.update(kw)
     return LabConfig(**base)
 
@@ -61,8 +61,14 @@ def test_sweep_writes_one_record_per_run_and_the_summary(lab_run) -> None:
     assert [r["delta_map"] for r in summary["settings"]] == [r["metrics"]["delta_map"]
                                                             for r in res.records]
     html = (out / "lab.html").read_text()
-    assert res.verdict.split(";")[0] in html and html.count("<img") == 4
-    assert set(res.figures) == {"benefit_vs_gap", "gap_shift", "extremes", "trajectories"}
+    assert res.verdict.split(";")[0] in html and html.count("<img") == 5
+    assert set(res.figures) == {"benefit_vs_gap", "gap_shift", "extremes", "trajectories",
+                                "misalignment_vs_benefit"}
+    # no scratch setting here: the page leads with the question and says it was not measured
+    assert html.index("Not measured: no setting trains") < html.index(res.verdict.split(";")[0])
+    assert summary["answer"].startswith("Not measured")
+    assert summary["mechanism"]["trend"]["n"] == 3
+    assert summary["family_trends"]["heads"]["trend"]["n"] == 3
 
 
 def test_fixed_temperature_is_kept_and_learned_one_moves(lab_run) -> None:

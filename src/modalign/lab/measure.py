@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.bridge.inversion import InversionForward, InversionSettings, ProjectedForward, invert
+from modalign.bridge.inversion import (
+    InversionForward,
+    InversionResult,
+    InversionSettings,
+    ProjectedForward,
+    invert,
+)
 from modalign.embed.store import Embeddings, EmbeddingStore
 from modalign.evaluate.bootstrap import QueryValues, bootstrap_intervals, paired_bootstrap
 from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
@@ -43,6 +49,7 @@ from modalign.geometry.gap import modality_gap
 from modalign.geometry.separability import linear_separability
 from modalign.geometry.uniformity import uniformity
 from modalign.lab.gapshift import gap_shift_curve
+from modalign.lab.misalign import intra_map, measure_misalignment, plateau_step
 from modalign.lab.settings import LabConfig
 from modalign.model import MultiTowerModel
 from modalign.reproduce.cross_the_gap import spread
@@ -109,7 +116,11 @@ class LabTowers:
 
 @dataclass
 class SpaceData:
-    """The evaluation and bank splits of one store, tower features (not yet projected)."""
+    """The evaluation and bank splits of one store, tower features (not yet projected).
+
+    ``before`` holds the evaluated split's features from the towers before training (the
+    store's) where the towers themselves trained; ``None`` when ``test`` already is that.
+    """
 
     test: dict[str, Embeddings]
     bank: dict[str, Embeddings]
@@ -117,6 +128,7 @@ class SpaceData:
     prompt_features: Tensor  # (C * T, d_text) tower features of the prompts, class-major
     image_queries: np.ndarray  # row indices into test["image"]
     text_queries: np.ndarray  # row indices into test["text"]
+    before: dict[str, Embeddings] | None = None
 
     @classmethod
     def load(cls, store: EmbeddingStore, config: LabConfig,
@@ -124,6 +136,13 @@ class SpaceData:
         """Read both splits, pick the inverted queries, encode the class prompts."""
         test = {m: store.load(m, split=config.split) for m in MODALITIES}
         bank = {m: store.load(m, split=config.bank_split) for m in MODALITIES}
+        return cls.from_parts(test, bank, config, encode_text)
+
+    @classmethod
+    def from_parts(cls, test: dict[str, Embeddings], bank: dict[str, Embeddings],
+                   config: LabConfig, encode_text: Callable[[list[str]], Tensor], *,
+                   before: dict[str, Embeddings] | None = None) -> SpaceData:
+        """The same from features already at hand (e.g. encoded by towers that trained)."""
         for part, name in ((test, config.split), (bank, config.bank_split)):
             for m, e in part.items():
                 if len(e) < 5:
@@ -151,7 +170,7 @@ class SpaceData:
         feats = encode_text([p for per in prompts for p in per])
         return cls(test, bank, labels, torch.as_tensor(feats).float(),
                    np.asarray(img_q)[spread(len(img_q), config.inverted_queries)],
-                   np.asarray(txt_q)[spread(len(txt_q), config.inverted_queries)])
+                   np.asarray(txt_q)[spread(len(txt_q), config.inverted_queries)], before)
 
 
 def project(model: MultiTowerModel, part: Mapping[str, Embeddings]) -> dict[str, Embeddings]:
@@ -231,6 +250,7 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     native, inverted = native_r.metrics, inverted_r.metrics
     iv["i2i_delta_map"] = _paired(QueryValues(inverted_r.per_query["map"].numpy()),
                                   QueryValues(native_r.per_query["map"].numpy()), seed)
+    inv_ap = {"i2i": inverted_r.per_query["map"].numpy().astype(np.float64)}
     m["i2i_native_map"], m["i2i_oti_map"] = native["map"], inverted["map"]
     m["i2i_native_recall@1"], m["i2i_oti_recall@1"] = native["recall@1"], inverted["recall@1"]
     # name -> every other text of the split, native vs OVI queries
@@ -245,11 +265,49 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     native, inverted = native_r.metrics, inverted_r.metrics
     iv["t2t_delta_map"] = _paired(QueryValues(inverted_r.per_query["map"].numpy()),
                                   QueryValues(native_r.per_query["map"].numpy()), seed)
+    inv_ap["t2t"] = inverted_r.per_query["map"].numpy().astype(np.float64)
     m["t2t_native_map"], m["t2t_ovi_map"] = native["map"], inverted["map"]
     m["t2t_native_recall@1"], m["t2t_ovi_recall@1"] = native["recall@1"], inverted["recall@1"]
     m["i2i_delta_map"] = m["i2i_oti_map"] - m["i2i_native_map"]
     m["t2t_delta_map"] = m["t2t_ovi_map"] - m["t2t_native_map"]
     m["delta_map"] = 0.5 * (m["i2i_delta_map"] + m["t2t_delta_map"])
+    # intra-modal misalignment: the same queries ranked through the other modality's items
+    all_img_groups = torch.from_numpy(test["image"].group_ids())
+    mis = {"i2i": measure_misalignment(img[q_img], q_groups, img[g_rows], g_groups, txt,
+                                       t_groups),
+           "t2t": measure_misalignment(txt[q_txt], t_groups[q_txt], txt, t_groups, img,
+                                       all_img_groups, exclude=excl)}
+    per_query: dict[str, list[float]] = {
+        "i2i_misalignment": (mis["i2i"].through_ap - mis["i2i"].native_ap).tolist(),
+        "t2t_misalignment": (mis["t2t"].through_ap - mis["t2t"].native_ap).tolist(),
+        "i2i_delta": (np.asarray(inv_ap["i2i"]) - mis["i2i"].native_ap).tolist(),
+        "t2t_delta": (np.asarray(inv_ap["t2t"]) - mis["t2t"].native_ap).tolist()}
+    for d, other in (("i2i", "text"), ("t2t", "image")):
+        r = mis[d]
+        m[f"{d}_through_{other}_map"] = r.through_map
+        m[f"{d}_misalignment"] = r.misalignment
+        m[f"{d}_better_through"] = r.better_through
+        iv[f"{d}_misalignment"] = _paired(QueryValues(r.through_ap), QueryValues(r.native_ap),
+                                          seed)
+    m["misalignment"] = 0.5 * (m["i2i_misalignment"] + m["t2t_misalignment"])
+    m["better_through"] = 0.5 * (m["i2i_better_through"] + m["t2t_better_through"])
+    # intra-modal structure of the towers before training vs after, and of the joint space
+    before = data.before if data.before is not None else data.test
+    for tag, part in (("tower_before", before), ("tower_after", data.test)):
+        m[f"i2i_{tag}_map"] = intra_map(torch.as_tensor(np.asarray(part["image"].vectors)),
+                                        q_img, g_rows, all_img_groups)
+        m[f"t2t_{tag}_map"] = intra_map(torch.as_tensor(np.asarray(part["text"].vectors)),
+                                        q_txt, np.arange(len(t_ids)), t_groups, exclude=excl)
+    m["train_subset_groups"], train_ret = train_retrieval(
+        bank, config, len(np.unique(test["image"].group_ids())))
+    m.update({f"train_{k}": v for k, v in train_ret.items()})
+    t2 = time.perf_counter()
+    if config.converge_queries > 0 and config.converge_steps > 0:
+        note("inversion to convergence")
+        inv.update(converged_inversion(model, towers, config, seed, img, txt, test, q_img, q_txt,
+                                       g_rows, g_groups, q_groups, t_groups, excl, inv_ap,
+                                       oti[1], ovi[1]))
+    inversion_seconds += time.perf_counter() - t2
     # zero-shot on the OTI queries: inter (native images) vs intra (their OTI text features)
     subset = test["image"].subset(q_img)
     inter = zero_shot_classification(subset, protos, data.classnames, label=config.label)
@@ -264,8 +322,66 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     shift = gap_shift_curve(test, bank, amounts=config.shifts, prototypes=protos,
                             classnames=data.classnames, label=config.label)
     return {"metrics": m, "intervals": iv, "inversion": inv, "gap_shift": shift,
-            "pca": pca_2d(img, txt),
+            "per_query": per_query, "pca": pca_2d(img, txt),
             "seconds": {"evaluate": eval_seconds, "invert": inversion_seconds}}
+
+
+def train_retrieval(bank: Mapping[str, Embeddings], config: LabConfig, test_groups: int
+                    ) -> tuple[int, dict[str, float]]:
+    """Cross-modal retrieval on a fixed subset of training groups, as many as the evaluated
+    split has (or ``config.train_subset``), so train and test galleries are of one size."""
+    groups = np.unique(bank["image"].group_ids())
+    groups = np.intersect1d(groups, np.unique(bank["text"].group_ids()))
+    n = config.train_subset or test_groups
+    n = min(max(n, 2), len(groups))
+    keep = np.sort(np.random.default_rng(0).choice(groups, size=n, replace=False))
+    part = {m: e.subset(np.isin(e.group_ids(), keep)) for m, e in bank.items()}
+    res = cross_modal_retrieval(part, MODALITIES, k_values=(1,))
+    return n, {k: res.metrics[k] for k in ("text_retrieval_recall@1", "text_retrieval_map",
+                                           "image_retrieval_recall@1", "image_retrieval_map")}
+
+
+def converged_inversion(model: MultiTowerModel, towers: LabTowers, config: LabConfig, seed: int,
+                        img: Tensor, txt: Tensor, test: Mapping[str, Embeddings],
+                        q_img: np.ndarray, q_txt: np.ndarray, g_rows: np.ndarray,
+                        g_groups: Tensor, q_groups: Tensor, t_groups: Tensor, excl: Tensor,
+                        budget_ap: Mapping[str, np.ndarray], oti_cos: Tensor, ovi_cos: Tensor
+                        ) -> dict[str, Any]:
+    """Both inversions run again on the first ``converge_queries`` queries of each subset with
+    ``converge_steps`` steps: final cosine, steps to the plateau, and the benefit there beside
+    the fixed-budget benefit of the same queries."""
+    n_i, n_t = min(config.converge_queries, len(q_img)), min(config.converge_queries, len(q_txt))
+    out: dict[str, Any] = {"converge_steps": config.converge_steps}
+    oti = invert_result(model, towers, "text", img[q_img[:n_i]],
+                        [test["image"].items[i]["id"] for i in q_img[:n_i]],
+                        config.converge_steps, config.oti_lr, seed)
+    ovi = invert_result(model, towers, "image", txt[q_txt[:n_t]],
+                        [test["text"].items[i]["id"] for i in q_txt[:n_t]],
+                        config.converge_steps, config.ovi_lr, seed)
+    native_i = retrieval_metrics(img[q_img[:n_i]], img[g_rows], q_groups[:n_i], g_groups,
+                                 k_values=(1,)).per_query["map"].numpy()
+    conv_i = retrieval_metrics(oti.features, img[g_rows], q_groups[:n_i], g_groups,
+                               k_values=(1,)).per_query["map"].numpy()
+    native_t = retrieval_metrics(txt[q_txt[:n_t]], txt, t_groups[q_txt[:n_t]], t_groups,
+                                 k_values=(1,), exclude=excl[:n_t]).per_query["map"].numpy()
+    conv_t = retrieval_metrics(ovi.features, txt, t_groups[q_txt[:n_t]], t_groups,
+                               k_values=(1,), exclude=excl[:n_t]).per_query["map"].numpy()
+    for name, res, budget_cos in (("oti", oti, oti_cos[:n_i]), ("ovi", ovi, ovi_cos[:n_t])):
+        out[f"{name}_converged_final_cosine"] = float(res.final_cosine.mean())
+        out[f"{name}_budget_final_cosine_subset"] = float(budget_cos.mean())
+        step = plateau_step(res.loss_curve)
+        out[f"{name}_plateau_step"] = step
+        out[f"{name}_plateaued"] = bool(step is not None
+                                        and step <= 0.8 * config.converge_steps)
+    out["i2i_delta_map_budget_subset"] = float(np.mean(budget_ap["i2i"][:n_i] - native_i))
+    out["i2i_delta_map_converged"] = float(np.mean(conv_i - native_i))
+    out["t2t_delta_map_budget_subset"] = float(np.mean(budget_ap["t2t"][:n_t] - native_t))
+    out["t2t_delta_map_converged"] = float(np.mean(conv_t - native_t))
+    out["delta_map_budget_subset"] = 0.5 * (out["i2i_delta_map_budget_subset"]
+                                            + out["t2t_delta_map_budget_subset"])
+    out["delta_map_converged"] = 0.5 * (out["i2i_delta_map_converged"]
+                                        + out["t2t_delta_map_converged"])
+    return out
 
 
 def _paired(treated: QueryValues, baseline: QueryValues, seed: int) -> list[float | None]:
@@ -278,6 +394,13 @@ def invert_queries(model: MultiTowerModel, towers: LabTowers, modality: str, tar
                    keys: list[str], steps: int, lr: float, seed: int) -> tuple[Tensor, Tensor]:
     """Joint-space features of ``modality`` matching ``targets`` (unit joint embeddings of the
     other modality) through the frozen tower and the model's head, and their final cosines."""
+    res = invert_result(model, towers, modality, targets, keys, steps, lr, seed)
+    return res.features, res.final_cosine
+
+
+def invert_result(model: MultiTowerModel, towers: LabTowers, modality: str, targets: Tensor,
+                  keys: list[str], steps: int, lr: float, seed: int) -> InversionResult:
+    """:func:`invert_queries` with the whole :class:`InversionResult` (its loss curve too)."""
     def to_joint(features: Tensor) -> Tensor:
         return model.project(modality, features)
 
@@ -287,7 +410,8 @@ def invert_queries(model: MultiTowerModel, towers: LabTowers, modality: str, tar
     for p in model.parameters():
         p.requires_grad_(False)
     res = invert(targets, forward, settings, keys=keys)
-    return F.normalize(res.features, dim=-1), res.final_cosine
+    res.features = F.normalize(res.features, dim=-1)
+    return res
 
 
 def pca_2d(image: Tensor, text: Tensor) -> dict[str, Any]:

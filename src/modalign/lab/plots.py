@@ -5,7 +5,9 @@
 - ``gap_shift``: retrieval mAP and zero-shot accuracy as one modality moves along the gap vector,
   for the smallest- and largest-gap settings;
 - ``extremes``: both modalities on their first two principal axes, smallest vs largest gap;
-- ``trajectories``: the validation gap after each epoch of training, per setting.
+- ``trajectories``: the validation gap after each epoch of training, per setting;
+- ``misalignment_vs_benefit``: the inversion benefit against the measured intra-modal
+  misalignment, one point per setting, coloured by family (the paper's mechanism).
 """
 
 from __future__ import annotations
@@ -125,6 +127,45 @@ def trajectories(records: Sequence[dict[str, Any]]) -> Any:
     return fig
 
 
+FAMILY_COLORS = {"heads": "tab:blue", "finetune": "tab:green", "scratch": "tab:red"}
+
+
+def misalignment_vs_benefit(summary: dict[str, Any]) -> Any:
+    """Delta mAP against the misalignment, one point per setting (mean +- std over seeds).
+
+    Examples:
+        >>> row = {"name": "a", "family": "scratch", "misalignment": 0.1, "delta_map": 0.05}
+        >>> len(misalignment_vs_benefit({"settings": [row]}).axes)
+        1
+    """
+    rows = [r for r in summary["settings"] if "misalignment" in r and "delta_map" in r]
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    for fam, color in FAMILY_COLORS.items():
+        part = [r for r in rows if r.get("family", "heads") == fam]
+        if part:
+            ax.errorbar([r["misalignment"] for r in part], [r["delta_map"] for r in part],
+                        xerr=[r.get("misalignment_std", 0.0) for r in part],
+                        yerr=[r.get("delta_map_std", 0.0) for r in part], fmt="o", capsize=3,
+                        color=color, label=fam)
+    for r in rows:
+        ax.annotate(r["name"], (r["misalignment"], r["delta_map"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.axvline(0.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("intra-modal misalignment: mAP through the other modality - native mAP")
+    ax.set_ylabel("inversion benefit: delta mAP (inverted - native)")
+    mech = (summary.get("mechanism") or {}).get("trend")
+    title = "Does inversion pay where the other modality ranks better?"
+    if mech:
+        title += f"\nSpearman rho {mech['rho']:+.2f}, permutation p = {mech['p_value']:.3g}"
+    ax.set_title(title, fontsize=10)
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
 def lab_figures(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
     """Every figure of the lab, by name (empty when there are no records)."""
     if not records or not summary["settings"]:
@@ -132,4 +173,5 @@ def lab_figures(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> d
     ends = [summary["smallest_gap"], summary["largest_gap"]]
     ends = list(dict.fromkeys(ends))
     return {"benefit_vs_gap": benefit_vs_gap(summary), "gap_shift": gap_shift(records, ends),
-            "extremes": extremes(records, ends), "trajectories": trajectories(records)}
+            "extremes": extremes(records, ends), "trajectories": trajectories(records),
+            "misalignment_vs_benefit": misalignment_vs_benefit(summary)}

@@ -8,6 +8,13 @@ from typing import Any
 
 from modalign.report import Page
 
+ANSWER_COLUMNS = (
+    "name", "family", "seeds", "gap", "text_retrieval_recall@1", "train_text_retrieval_recall@1",
+    "misalignment", "misalignment_ci", "better_through", "delta_map", "delta_map_ci",
+    "delta_map_converged", "oti_final_cosine", "ovi_final_cosine", "oti_converged_final_cosine",
+    "ovi_converged_final_cosine", "oti_plateau_step", "ovi_plateau_step",
+    "i2i_tower_before_map", "i2i_native_map", "t2t_tower_before_map", "t2t_native_map",
+)
 TABLE_COLUMNS = (
     "name", "seeds", "gap", "separability", "cone_image", "cone_text", "uniformity_image",
     "logit_scale", "text_retrieval_recall@1", "text_retrieval_map",
@@ -22,8 +29,31 @@ def write_report(path: str | Path, records: Sequence[dict[str, Any]], summary: d
     """Write the sweep's self-contained HTML page; returns its path."""
     page = Page("Gap laboratory", f"{len(summary['settings'])} settings, "
                 f"{len(records)} trained spaces, seeds {summary['config']['seeds']}")
+    from modalign.lab.answer import QUESTION
+
+    lead = page.section("The question", intro=QUESTION)
+    lead.paragraph(summary.get("answer") or "Not measured.")
+    rows = [{k: _cell(r.get(k)) for k in ANSWER_COLUMNS} for r in summary["settings"]]
+    lead.table(rows, ANSWER_COLUMNS, digits=3)
+    lead.paragraph("misalignment: AP of intra-modal queries ranked through the other modality's "
+                   "paired items minus their native AP (image->image and name->text averaged); "
+                   "better_through: share of queries ranking their positives better that way; "
+                   "delta_map: inverted (OTI/OVI) minus native AP at the fixed step budget, "
+                   "delta_map_converged: the same on a query subset run to the step cap; *_ci: "
+                   "95% bootstrap intervals over the pooled queries of all seeds; tower_before: "
+                   "intra-modal mAP of the towers' features before training; R@1: image->text on "
+                   "the test split and on as many training concepts.", note=True)
+    if "misalignment_vs_benefit" in figures:
+        lead.figure(figures["misalignment_vs_benefit"], caption="Inversion benefit against the "
+                    "measured misalignment; one point per setting, error bars one standard "
+                    "deviation over seeds.")
     sec = page.section("Verdict")
     sec.paragraph(summary["verdict"])
+    for fam, info in (summary.get("family_trends") or {}).items():
+        sec.paragraph(f"Within the {fam} family: {info['verdict']}")
+    mech = summary.get("mechanism") or {}
+    if mech.get("verdict"):
+        sec.paragraph("Misalignment vs benefit: " + mech["verdict"])
     if summary.get("inversion_note"):
         sec.paragraph(summary["inversion_note"])
     clip_like = summary["clip_like_gap_settings"]
@@ -49,3 +79,10 @@ def write_report(path: str | Path, records: Sequence[dict[str, Any]], summary: d
                  "features got to their targets; delta_map: inverted minus native, averaged over "
                  "both.").table(rows, TABLE_COLUMNS, digits=3)
     return page.write(path)
+
+
+def _cell(v: Any) -> Any:
+    """Intervals as ``[lo, hi]`` text; everything else as it is."""
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return f"[{v[0]:+.3f}, {v[1]:+.3f}]"
+    return v

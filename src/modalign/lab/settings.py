@@ -16,6 +16,12 @@ from modalign.lab.gapshift import DEFAULT_SHIFTS
 HEAD_INITS = ("xavier", "cone")
 TEMPERATURES: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
 """Fixed temperatures of the full sweep (the objectives clamp the logit scale to [1, 100])."""
+FAMILIES = ("heads", "finetune", "scratch")
+"""How a space's towers are made: frozen pretrained towers with trained heads; pretrained towers
+whose last stages are fine-tuned with the heads; small towers trained from random weights."""
+CONTROLS = ("", "intra", "unifalign")
+"""Terms added to the CLIP loss: none; an image-image term between the two image styles;
+uniformity of each modality plus image-text alignment (Wang & Isola)."""
 
 
 @dataclass(frozen=True)
@@ -30,16 +36,26 @@ class GapSetting:
         temperature: fixed CLIP temperature ``tau`` (the logit scale is ``1 / tau``), or
             ``None`` for a learned one (initialised at 0.07).
         epochs: training length in passes over the training concepts.
+        family: ``"heads"`` (frozen pretrained towers, the default), ``"finetune"`` (the last
+            ``unfreeze`` stages of both pretrained towers train too) or ``"scratch"`` (small
+            towers from random weights, :mod:`modalign.lab.towers`, trained end to end).
+        unfreeze: stages of each pretrained tower fine-tuned (``finetune`` only).
+        control: a term added to the CLIP loss (:data:`CONTROLS`).
 
     Examples:
         >>> GapSetting(temperature=0.01).name
         'xavier-d1-tau0.01-e20'
+        >>> GapSetting(family="scratch", epochs=30, control="intra").name
+        'scratch-learned-e30+intra'
     """
 
     head_init: str = "xavier"
     head_depth: int = 1
     temperature: float | None = None
     epochs: int = 20
+    family: str = "heads"
+    unfreeze: int = 0
+    control: str = ""
 
     def __post_init__(self) -> None:
         if self.head_init not in HEAD_INITS:
@@ -52,12 +68,37 @@ class GapSetting:
                              f"(the clamp range of the logit scale), got {self.temperature!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.control not in CONTROLS:
+            raise ValueError(f"control must be one of {CONTROLS}, got {self.control!r}")
+        if not isinstance(self.unfreeze, int) or self.unfreeze < 0:
+            raise ValueError(f"unfreeze must be an int >= 0, got {self.unfreeze!r}")
+        if (self.family == "finetune") != (self.unfreeze > 0):
+            raise ValueError(f"unfreeze: expected >= 1 stage for family 'finetune' and 0 "
+                             f"otherwise, got {self.unfreeze!r} with family {self.family!r}")
 
     @property
     def name(self) -> str:
-        """A short readable name, e.g. ``cone-d3-learned-e20``."""
+        """A short readable name, e.g. ``cone-d3-learned-e20``, ``finetune-k2-learned-e3``."""
         tau = "learned" if self.temperature is None else f"tau{self.temperature:g}"
-        return f"{self.head_init}-d{self.head_depth}-{tau}-e{self.epochs}"
+        if self.family == "scratch":
+            base = f"scratch-{tau}-e{self.epochs}"
+        elif self.family == "finetune":
+            base = f"finetune-k{self.unfreeze}-{tau}-e{self.epochs}"
+        else:
+            base = f"{self.head_init}-d{self.head_depth}-{tau}-e{self.epochs}"
+        return base + (f"+{self.control}" if self.control else "")
+
+    @property
+    def end_to_end(self) -> bool:
+        """Whether towers train (and must encode raw inputs) rather than cached features."""
+        return self.family != "heads"
+
+    def keys(self) -> list[str]:
+        """The embedding keys a training batch holds."""
+        extra = ["image:noto", "image:openmoji"] if self.control == "intra" else []
+        return ["image", "text", *extra]
 
     def train_sections(self) -> dict[str, Any]:
         """The ``model``/``objectives``/``train`` entries of a training config for this setting."""
@@ -69,14 +110,31 @@ class GapSetting:
         clip: dict[str, Any] = {"loss": "clip", "modalities": ["image", "text"], "weight": 1.0}
         if self.temperature is not None:
             clip.update(temperature=self.temperature, learnable_temperature=False)
-        return {"model": model, "objectives": [clip], "train": {"epochs": self.epochs}}
+        objectives: list[dict[str, Any]] = [clip]
+        if self.control == "intra":
+            objectives.append({"loss": "intra", "modalities": ["image:noto", "image:openmoji"],
+                               "weight": 1.0})
+        elif self.control == "unifalign":
+            objectives += [{"loss": "uniformity", "modalities": ["image", "text"], "weight": 1.0},
+                           {"loss": "alignment", "modalities": ["image", "text"], "weight": 1.0}]
+        return {"model": model, "objectives": objectives, "train": {"epochs": self.epochs}}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; the family fields only when set (older cache keys stay valid)."""
+        d = asdict(self)
+        for k, default in (("family", "heads"), ("unfreeze", 0), ("control", "")):
+            if d[k] == default:
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GapSetting:
         return cls(**d)
+
+
+END_TO_END_FIELDS = ("e2e_batch_size", "tower_lr", "scratch_lr", "crop_scale", "color_jitter",
+                     "scratch_image_size", "scratch_width", "scratch_text_width",
+                     "scratch_layers", "scratch_dim", "token_mask", "dataset")
 
 
 @dataclass(frozen=True)
@@ -103,6 +161,22 @@ class LabConfig:
         image_views, text_views: ``(query view, gallery view)`` of the intra-modal tasks; the text
             gallery is every text of the split.
         permutations, bootstrap: resamples of the trend test.
+        converge_queries, converge_steps: the first queries of each inverted subset are inverted
+            again with up to ``converge_steps`` steps (the converged result beside the
+            fixed-budget one); 0 queries skips it.
+        train_subset: training-split groups drawn (a fixed set, as many as the evaluated split
+            has when 0) to report retrieval on training data beside the evaluated split.
+        e2e_batch_size: batch of end-to-end settings (more steps per epoch than the heads').
+        tower_lr: learning rate of the tower weights of end-to-end settings (fine-tuned and
+            scratch towers; heads keep ``lr``).
+        scratch_lr: the same for scratch towers (they start from random weights).
+        crop_scale, color_jitter: image augmentation of end-to-end settings (random resized crop
+            area range, brightness/contrast/saturation jitter; no flips: emoji are not
+            mirror-symmetric).
+        scratch_image_size, scratch_width, scratch_text_width, scratch_layers, scratch_dim,
+            token_mask: the scratch towers (:mod:`modalign.lab.towers`).
+        dataset: the raw dataset end-to-end settings read (default: the folder the store was
+            encoded from).
     """
 
     settings: tuple[GapSetting, ...]
@@ -129,6 +203,21 @@ class LabConfig:
     text_views: tuple[str, str] = ("name", "alias")
     permutations: int = 10000
     bootstrap: int = 2000
+    converge_queries: int = 16
+    converge_steps: int = 400
+    train_subset: int = 0
+    e2e_batch_size: int = 128
+    tower_lr: float = 1e-4
+    scratch_lr: float = 2e-3
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    color_jitter: float = 0.2
+    scratch_image_size: int = 32
+    scratch_width: int = 16
+    scratch_text_width: int = 64
+    scratch_layers: int = 2
+    scratch_dim: int = 128
+    token_mask: float = 0.15
+    dataset: str = ""
 
     def __post_init__(self) -> None:
         if not self.settings:
@@ -137,15 +226,16 @@ class LabConfig:
             raise ValueError("settings: expected distinct settings, found duplicates")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: expected distinct seeds, got {self.seeds!r}")
-        for name in ("batch_size", "joint_dim", "inverted_queries", "ovi_tokens"):
+        for name in ("batch_size", "e2e_batch_size", "joint_dim", "inverted_queries", "ovi_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("oti_steps", "ovi_steps", "ovi_stage"):
+        for name in ("oti_steps", "ovi_steps", "ovi_stage", "converge_queries",
+                     "converge_steps", "train_subset"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("lr", "oti_lr", "ovi_lr"):
+        for name in ("lr", "oti_lr", "ovi_lr", "tower_lr", "scratch_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.shifts:
@@ -156,9 +246,14 @@ class LabConfig:
         return {k: getattr(self, k) for k in ("batch_size", "lr", "weight_decay",
                                               "warmup_steps", "joint_dim")}
 
+    def end_to_end_dict(self) -> dict[str, Any]:
+        """The fields that change a model whose towers train (part of those runs' keys)."""
+        return {k: getattr(self, k) for k in END_TO_END_FIELDS}
+
     def measuring_dict(self) -> dict[str, Any]:
         """The fields that change what is measured on a trained model (part of the record key)."""
-        skip = {"settings", "seeds", "permutations", "bootstrap", *self.training_dict()}
+        skip = {"settings", "seeds", "permutations", "bootstrap", *self.training_dict(),
+                *END_TO_END_FIELDS}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def with_seeds(self, n: int) -> LabConfig:

@@ -16,7 +16,7 @@ import contextlib
 import io
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,12 @@ SUMMARY_METRICS = (
     "t2t_delta_map", "delta_map", "zeroshot_inter_acc1", "centering_zeroshot_inter_acc1",
     "invgc_zeroshot_inter_acc1", "zeroshot_subset_inter_acc1", "zeroshot_subset_intra_acc1",
     "oti_final_cosine", "ovi_final_cosine",
+    "i2i_through_text_map", "t2t_through_image_map", "i2i_misalignment", "t2t_misalignment",
+    "misalignment", "i2i_better_through", "t2t_better_through", "better_through",
+    "i2i_tower_before_map", "i2i_tower_after_map", "t2t_tower_before_map", "t2t_tower_after_map",
+    "train_text_retrieval_recall@1", "train_text_retrieval_map", "train_image_retrieval_recall@1",
+    "delta_map_budget_subset", "delta_map_converged", "oti_converged_final_cosine",
+    "ovi_converged_final_cosine", "oti_plateau_step", "ovi_plateau_step",
 )
 
 
@@ -76,41 +82,60 @@ def store_fingerprint(store: EmbeddingStore) -> dict[str, Any]:
     return out
 
 
+def _training_knobs(setting: GapSetting, config: LabConfig) -> dict[str, Any]:
+    knobs = config.training_dict()
+    if setting.end_to_end:
+        knobs["end_to_end"] = config.end_to_end_dict()
+    return knobs
+
+
 def train_key(setting: GapSetting, seed: int, config: LabConfig, fingerprint: dict[str, Any],
               specs: dict[str, str]) -> str:
     """Content hash naming one training run (what changes the trained weights)."""
-    return content_hash(SCHEMA, setting.to_dict(), seed, config.training_dict(), fingerprint,
-                        specs)
+    return content_hash(SCHEMA, setting.to_dict(), seed, _training_knobs(setting, config),
+                        fingerprint, specs)
 
 
 def run_key(setting: GapSetting, seed: int, config: LabConfig, fingerprint: dict[str, Any],
             towers: dict[str, Any]) -> str:
     """Content hash naming one record: the training run plus how it is measured."""
-    return content_hash(SCHEMA, setting.to_dict(), seed, config.training_dict(),
+    return content_hash(SCHEMA, setting.to_dict(), seed, _training_knobs(setting, config),
                         config.measuring_dict(), fingerprint, towers)
 
 
 def training_config(setting: GapSetting, seed: int, config: LabConfig, store: EmbeddingStore,
-                    towers: dict[str, str], *, progress: bool = False) -> TrainConfig:
+                    towers: dict[str, str], *, progress: bool = False,
+                    end_to_end: dict[str, Any] | None = None) -> TrainConfig:
     """The :class:`~modalign.train.config.TrainConfig` that trains ``setting`` with ``seed``.
 
     The batch is ``config.batch_size``, or every training group when the split has fewer.
+    ``end_to_end`` (from :func:`modalign.lab.endtoend.trainer_sections`) adds the raw dataset,
+    the unfrozen tower stages, their learning rate and the image augmentation.
     """
     sections = setting.train_sections()
     train_groups = len(set(store.load("image", split=config.bank_split).group_ids().tolist()))
-    batch_size = max(2, min(config.batch_size, train_groups))
+    batch = config.e2e_batch_size if end_to_end else config.batch_size
+    batch_size = max(2, min(batch, train_groups))
     model = {"towers": dict(towers), "joint_dim": config.joint_dim, **sections["model"]}
+    e2e = end_to_end or {}
+    model.update(e2e.get("model", {}))
+    optim: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay,
+                             "warmup_steps": config.warmup_steps}
+    train: dict[str, Any] = {**sections["train"], "batch_size": batch_size, "seed": seed,
+                             "device": "cpu", "keep_checkpoints": 1, "progress": progress}
+    data: dict[str, Any] = {"embeddings": str(store.path), "keys": setting.keys(),
+                            "train_split": config.bank_split,
+                            "val_split": "val" if _has_split(store, "val") else ""}
+    extra: dict[str, Any] = {}
+    if e2e:
+        data["dataset"] = e2e["dataset"]
+        train["unfreeze"] = e2e["unfreeze"]
+        optim["tower_lr"] = e2e["tower_lr"]
+        extra["augment"] = e2e["augment"]
     return TrainConfig.from_dict({
-        "data": {"embeddings": str(store.path), "keys": ["image", "text"],
-                 "train_split": config.bank_split, "val_split": "val"
-                 if _has_split(store, "val") else ""},
-        "model": model,
-        "objectives": sections["objectives"],
-        "optim": {"lr": config.lr, "weight_decay": config.weight_decay,
-                  "warmup_steps": config.warmup_steps},
-        "train": {**sections["train"], "batch_size": batch_size, "seed": seed,
-                  "device": "cpu", "keep_checkpoints": 1, "progress": progress},
-        "validate": {"metric": "image-to-text_recall@1", "patience": 0},
+        "data": data, "model": model, "objectives": sections["objectives"], "optim": optim,
+        "train": train, "validate": {"metric": "image-to-text_recall@1", "patience": 0},
+        **extra,
     })
 
 
@@ -119,15 +144,19 @@ def _has_split(store: EmbeddingStore, split: str) -> bool:
 
 
 def train_setting(setting: GapSetting, seed: int, config: LabConfig, store: EmbeddingStore,
-                  towers: dict[str, str], run_dir: Path) -> tuple[Any, list[dict[str, Any]]]:
+                  towers: dict[str, str], run_dir: Path, *,
+                  modules: Mapping[str, Any] | None = None) -> tuple[Any, list[dict[str, Any]]]:
     """Train (or resume, or reload) one run; returns the final model and the per-epoch log.
 
     The model is the *last* epoch's (not the best validation epoch's): training length is one
-    of the factors of the sweep.
+    of the factors of the sweep. ``modules``: tower objects to train (scratch towers).
     """
-    cfg = training_config(setting, seed, config, store, towers)
+    from modalign.lab.endtoend import trainer_sections
+
+    cfg = training_config(setting, seed, config, store, towers,
+                          end_to_end=trainer_sections(setting, config, store, modules))
     resume = (run_dir / "checkpoints" / "latest.json").is_file()
-    trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
+    trainer = Trainer(cfg, run_dir=run_dir, resume=resume, towers=modules)
     with contextlib.redirect_stdout(io.StringIO()):  # the per-epoch lines go to log.jsonl
         trainer.run()
     # trainer.model holds the last epoch's weights and temperature (the run saved its best's)
@@ -147,9 +176,27 @@ def run_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embedd
         return read_json(path)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model, log = train_setting(setting, seed, config, store, towers.specs, run_dir)
-    train_seconds = time.perf_counter() - t0
-    measured = measure_space(model, data, config, towers, seed=seed, progress=progress)
+    run_towers = towers
+    if setting.end_to_end:
+        from modalign.lab.endtoend import dataset_spec, scratch_store, scratch_towers, trained_space
+
+        train_store, modules = store, None
+        specs = dict(towers.specs)
+        if setting.family == "scratch":
+            train_store = scratch_store(store, config, out_dir)
+            modules = scratch_towers(config, seed)
+            specs = store_tower_specs(train_store)
+        model, log = train_setting(setting, seed, config, train_store, specs, run_dir,
+                                   modules=modules)
+        train_seconds = time.perf_counter() - t0
+        if progress is not None:
+            progress("encoding with the trained towers")
+        data, run_towers = trained_space(model, train_store, config, towers,
+                                         dataset=dataset_spec(store, config))
+    else:
+        model, log = train_setting(setting, seed, config, store, towers.specs, run_dir)
+        train_seconds = time.perf_counter() - t0
+    measured = measure_space(model, data, config, run_towers, seed=seed, progress=progress)
     record = {
         "schema": SCHEMA, "key": key, "run": str(run_dir.relative_to(out_dir)),
         "name": setting.name, "setting": setting.to_dict(),
@@ -166,7 +213,16 @@ def run_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embedd
 
 
 def summarize(records: Sequence[dict[str, Any]], config: LabConfig) -> dict[str, Any]:
-    """Per-setting means and standard deviations over seeds, the trend test and its verdict."""
+    """Per-setting means and standard deviations over seeds, the trend tests and the verdicts.
+
+    The trend of the benefit with the gap is tested over every setting without a control term
+    (the main verdict), and within each family of spaces with at least 3 such settings; the
+    relation of the measured misalignment with the benefit over every setting; the answer to
+    the laboratory's question is written from the scratch family's pooled queries
+    (:func:`modalign.lab.answer.answer`).
+    """
+    from modalign.lab.answer import answer, pooled_interval
+
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_name.setdefault(r["name"], []).append(r)
@@ -175,36 +231,73 @@ def summarize(records: Sequence[dict[str, Any]], config: LabConfig) -> dict[str,
         runs = by_name.get(s.name, [])
         if not runs:
             continue
-        row: dict[str, Any] = {"name": s.name, "setting": s.to_dict(), "seeds": len(runs)}
+        row: dict[str, Any] = {"name": s.name, "setting": s.to_dict(), "seeds": len(runs),
+                               "family": s.family, "control": s.control}
         for k in SUMMARY_METRICS:
-            vals = [{**r["metrics"], **r["inversion"]}[k] for r in runs
-                    if k in r["metrics"] or k in r["inversion"]]
+            vals = [v for r in runs
+                    if (v := {**r["metrics"], **r["inversion"]}.get(k)) is not None]
             if vals:
                 row[k] = float(np.mean(vals))
                 row[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        for key, parts in (("delta_map", ("i2i_delta", "t2t_delta")),
+                           ("misalignment", ("i2i_misalignment", "t2t_misalignment"))):
+            pooled = [v for r in runs for p in parts for v in r.get("per_query", {}).get(p, [])]
+            if pooled:
+                row[f"{key}_ci"] = pooled_interval(pooled, seed=0)
         rows.append(row)
-    test: TrendTest | None = None
-    if len(rows) >= 3:
-        test = trend_test([r["gap"] for r in rows], [r["delta_map"] for r in rows],
-                          permutations=config.permutations, bootstrap=config.bootstrap)
+    main = [r for r in rows if not r["control"]]
+    test = _trend(main, "gap", "delta_map", config)
+    families = {}
+    for fam in dict.fromkeys(r["family"] for r in main):
+        part = [r for r in main if r["family"] == fam]
+        t = _trend(part, "gap", "delta_map", config)
+        families[fam] = {"settings": [r["name"] for r in part],
+                         "trend": t.to_dict() if t else None, "verdict": verdict(t, len(part))}
+    with_mis = [r for r in rows if "misalignment" in r]
+    mech = _trend(with_mis, "misalignment", "delta_map", config)
     clip_like = [r["name"] for r in rows if r["gap"] >= 0.5]
     note = None
-    if rows and all("oti_final_cosine" in r and "ovi_final_cosine" in r for r in rows):
-        lo, hi = min(rows, key=lambda r: r["gap"]), max(rows, key=lambda r: r["gap"])
+    if main and all("oti_final_cosine" in r and "ovi_final_cosine" in r for r in main):
+        lo, hi = min(main, key=lambda r: r["gap"]), max(main, key=lambda r: r["gap"])
         note = (f"Inversion quality: mean final cosine to the targets {lo['oti_final_cosine']:.2f} "
                 f"(OTI) / {lo['ovi_final_cosine']:.2f} (OVI) at the smallest gap ({lo['name']}), "
                 f"{hi['oti_final_cosine']:.2f} / {hi['ovi_final_cosine']:.2f} at the largest "
                 f"({hi['name']}).")
     return {
         "schema": SCHEMA, "modalign_version": __version__, "settings": rows,
+        "answer": answer(rows, records),
         "trend": test.to_dict() if test else None, "claim_held": test.held if test else None,
-        "verdict": verdict(test, len(rows)), "inversion_note": note,
+        "verdict": verdict(test, len(main)), "inversion_note": note,
+        "family_trends": families,
+        "mechanism": {"trend": mech.to_dict() if mech else None,
+                      "verdict": mechanism_verdict(mech, len(with_mis))},
         "clip_like_gap_settings": clip_like,
         "largest_gap": max(rows, key=lambda r: r["gap"])["name"] if rows else None,
         "smallest_gap": min(rows, key=lambda r: r["gap"])["name"] if rows else None,
         "config": {"seeds": list(config.seeds), **config.training_dict(),
                    **config.measuring_dict()},
     }
+
+
+def _trend(rows: Sequence[dict[str, Any]], x: str, y: str, config: LabConfig
+           ) -> TrendTest | None:
+    rows = [r for r in rows if x in r and y in r]
+    if len(rows) < 3 or len({r[x] for r in rows}) < 2:
+        return None
+    return trend_test([r[x] for r in rows], [r[y] for r in rows],
+                      permutations=config.permutations, bootstrap=config.bootstrap)
+
+
+def mechanism_verdict(test: TrendTest | None, n: int) -> str:
+    """The sentence on "the benefit of inversion grows with the measured misalignment"."""
+    if test is None:
+        return f"Not tested: {n} setting(s) with a misalignment measurement; at least 3 needed."
+    held = "held" if test.held else "did not hold"
+    return (f"The mechanism {held} here: Spearman rho between misalignment and the benefit of "
+            f"inversion = {test.rho:+.2f} over {test.n} settings (95% bootstrap interval "
+            f"[{test.ci_low:+.2f}, {test.ci_high:+.2f}], one-sided permutation p = "
+            f"{test.p_value:.3g}); least-squares slope {test.slope:+.3f} mAP of benefit per unit "
+            "of misalignment.")
 
 
 def run_gap_lab(config: LabConfig, store: EmbeddingStore | str | Path,

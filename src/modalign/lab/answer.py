@@ -1,0 +1,92 @@
+"""The laboratory's question, answered from the numbers.
+
+"Where towers are trained by the contrastive loss alone, is there intra-modal misalignment, and
+does crossing the gap (OTI/OVI) repair it?" The scratch family's records (no control term) are
+pooled query by query over settings and seeds (image->image and name->text queries together):
+
+* misalignment: mean of ``AP through the other modality - native AP`` with a 95% percentile
+  bootstrap interval over the pooled queries; "there is misalignment" when the interval lies
+  above 0, "the other modality ranks worse" when it lies below 0, else "no clear sign";
+* repair: the same for ``AP with inverted queries - native AP`` at the fixed step budget, and the
+  converged run's mean on its query subset beside it;
+* retrieval beside it: test and training-subset image->text R@1 of those settings, with a
+  warning when the space barely retrieves (test R@1 below 0.05).
+
+Examples:
+    >>> answer([], [])
+    'Not measured: no setting trains its towers by the contrastive loss alone (family scratch).'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+QUESTION = ("Where towers are trained by the contrastive loss alone, is there intra-modal "
+            "misalignment, and does crossing the gap (OTI/OVI) repair it?")
+POOR_RETRIEVAL = 0.05
+
+
+def pooled_interval(values: Sequence[float], *, seed: int = 0, samples: int = 2000,
+                    level: float = 0.95) -> list[float]:
+    """95% percentile bootstrap interval of the mean of ``values`` (resampled with replacement).
+
+    Examples:
+        >>> pooled_interval([1.0, 1.0, 1.0])
+        [1.0, 1.0]
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("values: expected at least one value")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, (samples, x.size))].mean(1)
+    a = (1.0 - level) / 2.0
+    return [float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a))]
+
+
+def _sign(ci: Sequence[float]) -> int:
+    return 1 if ci[0] > 0 else (-1 if ci[1] < 0 else 0)
+
+
+def answer(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> str:
+    """The answer to :data:`QUESTION` from the summary rows and the records (see module doc)."""
+    names = [r["name"] for r in rows if r.get("family") == "scratch" and not r.get("control")]
+    recs = [r for r in records if r["name"] in names and "per_query" in r]
+    if not names or not recs:
+        return ("Not measured: no setting trains its towers by the contrastive loss alone "
+                "(family scratch).")
+    pq = [r["per_query"] for r in recs]
+    mis = [v for p in pq for k in ("i2i_misalignment", "t2t_misalignment") for v in p[k]]
+    delta = [v for p in pq for k in ("i2i_delta", "t2t_delta") for v in p[k]]
+    mis_ci, delta_ci = pooled_interval(mis), pooled_interval(delta)
+    better = float(np.mean([r["metrics"]["better_through"] for r in recs]))
+    by = {r["name"]: r for r in rows}
+    retr = "; ".join(
+        f"{n}: gap {by[n]['gap']:.2f}, image->text R@1 {by[n]['text_retrieval_recall@1']:.3f} "
+        f"test / {by[n].get('train_text_retrieval_recall@1', float('nan')):.3f} train"
+        for n in names if n in by)
+    poor = [n for n in names if n in by and by[n]["text_retrieval_recall@1"] < POOR_RETRIEVAL]
+    verdict_mis = {1: "yes, there is intra-modal misalignment",
+                   -1: "no: ranking through the other modality is worse than ranking natively",
+                   0: "no clear sign of intra-modal misalignment"}[_sign(mis_ci)]
+    verdict_fix = {1: "crossing the gap with OTI/OVI repaired part of it",
+                   -1: "crossing the gap with OTI/OVI made intra-modal retrieval worse",
+                   0: "crossing the gap with OTI/OVI changed intra-modal retrieval by no "
+                      "measurable amount"}[_sign(delta_ci)]
+    conv = [r["inversion"]["delta_map_converged"] for r in recs
+            if "delta_map_converged" in r.get("inversion", {})]
+    conv_text = (f"; run to convergence (step cap {recs[0]['inversion']['converge_steps']}) on a "
+                 f"query subset the change was {np.mean(conv):+.3f}" if conv else "")
+    text = (f"{verdict_mis.capitalize()}, and {verdict_fix}. Towers trained by the CLIP loss "
+            f"alone ({len(names)} setting(s), {len(recs)} trained space(s); {retr}): ranking "
+            f"images and texts through their paired items of the other modality changed "
+            f"intra-modal mAP by {np.mean(mis):+.3f} (95% interval [{mis_ci[0]:+.3f}, "
+            f"{mis_ci[1]:+.3f}] over {len(mis)} queries; {better:.0%} of queries ranked their "
+            f"positives better that way); inverted queries changed it by {np.mean(delta):+.3f} "
+            f"([{delta_ci[0]:+.3f}, {delta_ci[1]:+.3f}]) at the fixed step budget{conv_text}.")
+    if poor:
+        text += (f" Caution: {', '.join(poor)} retrieve(s) poorly (test R@1 below "
+                 f"{POOR_RETRIEVAL}), so these numbers describe a barely trained space.")
+    return text
