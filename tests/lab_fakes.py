@@ -72,3 +72,33 @@ def fake_towers() -> LabTowers:
                 "image": LinearTokens("image", IMAGE_DIM, 2)}
     return LabTowers({"image": "fake-image", "text": "fake-text"}, encode_text,
                      forwards.__getitem__, {"fake": 1})
+
+
+def attach_fake_dataset(store: EmbeddingStore, folder: Path) -> Path:
+    """A raw dataset behind ``store``'s items (small PNGs, short texts), recorded in its
+    ``dataset.json``: what the lab's end-to-end settings read."""
+    from PIL import Image
+
+    from modalign.data.dataset import Item, PairedDataset
+    from modalign.embed.store import DATASET_INFO
+    from modalign.io import write_json_atomic
+
+    rng = np.random.default_rng(0)
+    items = []
+    for m in ("image", "text"):
+        for row in store.load(m).items:
+            g = int(row["group"][1:])
+            if m == "image":
+                rel = f"images/{row['id'].replace('/', '_')}.png"
+                (folder / "images").mkdir(parents=True, exist_ok=True)
+                pixels = np.full((24, 24, 3), (g * 37) % 256, np.uint8)
+                pixels[: 6 + g % 12] = rng.integers(0, 255, 3, dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / rel)
+                value = rel
+            else:
+                value = f"thing {g} {'alias' if row['view'] == 'alias' else 'name'}"
+            items.append(Item(row["id"], m, row["view"], value, row["group"], row["split"],
+                              row.get("labels") or {}))
+    PairedDataset("fake", items, root=folder).save(folder)
+    write_json_atomic(store.path / DATASET_INFO, {"name": "fake", "root": str(folder)})
+    return folder

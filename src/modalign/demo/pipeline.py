@@ -69,19 +69,22 @@ def _eval_config(quick: bool, seed: int):
     return LabConfig(settings=(GapSetting(),), seeds=(seed,),
                      inverted_queries=16 if quick else 64, oti_steps=30 if quick else 150,
                      ovi_steps=30 if quick else 100, shifts=(-0.5, 0.0, 0.5, 1.0),
-                     permutations=100, bootstrap=100)
+                     permutations=100, bootstrap=100, converge_queries=0)
 
 
 def _lab_config(quick: bool):
-    """The lab's quick sweep; in a quick demo, three settings with short inversions."""
+    """The lab's quick sweep; in a quick demo, three frozen-tower settings and towers trained
+    from scratch for 4 epochs, with short inversions."""
     from modalign.lab.settings import GapSetting, LabConfig, quick_config
 
     if not quick:
         return quick_config()
     return LabConfig(settings=(GapSetting(), GapSetting(temperature=0.01),
-                               GapSetting("cone", 3, epochs=2)),
+                               GapSetting("cone", 3, epochs=2),
+                               GapSetting(family="scratch", epochs=4)),
                      seeds=(0,), inverted_queries=12, oti_steps=20, ovi_steps=20,
-                     shifts=(-0.5, 0.0, 0.5, 1.0), permutations=2000, bootstrap=500)
+                     shifts=(-0.5, 0.0, 0.5, 1.0), permutations=2000, bootstrap=500,
+                     converge_queries=4, converge_steps=60)
 
 
 def _train_overrides(quick: bool, train_groups: int) -> list[str]:

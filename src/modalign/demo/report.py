@@ -201,11 +201,16 @@ def write_demo_report(out: Path, models: Mapping[str, Mapping[str, Any]], lab: A
         sec.raw_html('<p><a href="explore.html">Explore this joint space</a>: the map, the '
                      "neighbours of any item natively and after a bridge, the gap slider.</p>")
 
-    sec = page.section("Gap laboratory (quick sweep)", intro=getattr(lab, "verdict", ""))
+    from modalign.lab.answer import QUESTION
+
+    summary = getattr(lab, "summary", {}) or {}
+    sec = page.section("Gap laboratory (quick sweep)", intro=QUESTION)
+    if summary.get("answer"):
+        sec.paragraph(summary["answer"])
+    sec.paragraph(getattr(lab, "verdict", ""))
     figs = getattr(lab, "figures", {}) or {}
     if figs:
         sec.figures_side_by_side([(f, k.replace("_", " ")) for k, f in figs.items()])
-    summary = getattr(lab, "summary", {}) or {}
     per = summary.get("settings") or []
     if isinstance(per, list) and per:
         sec.table([{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in per],

@@ -11,13 +11,19 @@ DESCRIPTION = """\
 Train a grid of small heads on cached tower features and show how the modality gap forms,
 how large it must be before modality inversion pays, and what each fix does.
 
-Each setting (head init: 'xavier' centred linear map or 'cone' random-init MLP; head depth;
-fixed temperature 0.01..1.0 or learned; training length) is trained per seed with the CLIP
-objective, then measured on the test split: geometry (gap, separability, cone, uniformity),
-cross-modal retrieval (native, centering, InvGC), Noto->OpenMoji image retrieval and
-name->text retrieval with native vs inverted queries (OTI / OVI), zero-shot classification
-into subgroups (inter- vs intra-modal), and the gap-shift curve. Whether the benefit of
-inversion grows with the gap is tested (Spearman rho, permutation p-value, bootstrap CI).
+Three families of spaces: heads on frozen pretrained towers (head init 'xavier' or 'cone',
+head depth, fixed temperature 0.01..1.0 or learned, training length), the pretrained towers'
+last stages fine-tuned, and small towers trained from scratch by the CLIP loss alone; controls
+add an intra-modal image term or uniformity + alignment. Each setting is trained per seed, then
+measured on the test split: geometry (gap, separability, cone, uniformity), cross-modal
+retrieval (native, centering, InvGC; train vs test), Noto->OpenMoji image retrieval and
+name->text retrieval natively, through the other modality's paired items (the intra-modal
+misalignment) and with inverted queries (OTI / OVI, at a fixed budget and run to a step cap),
+zero-shot classification, and the gap-shift curve. The report opens with the answer to: where
+towers are trained by the contrastive loss alone, is there intra-modal misalignment, and does
+crossing the gap repair it? Whether the benefit of inversion grows with the gap is tested over
+all settings and within each family (Spearman rho, permutation p-value, bootstrap CI), and
+against the measured misalignment.
 
 Everything is cached under --out: a killed sweep started again continues with the settings
 not done."""
@@ -30,7 +36,8 @@ outputs (in --out):
   lab.html                                the plots and the verdict
 
 examples:
-  modalign lab gap --quick                       # five settings, one seed
+  modalign lab gap --quick                       # six settings, one seed
+  modalign lab gap --grid medium --out lab-med   # ten settings, two seeds
   modalign lab gap --out lab-full --seeds 3      # the full grid
   modalign lab gap --embeddings STORE --quick    # a user's store of image/text features"""
 
@@ -44,8 +51,12 @@ def register(subparsers: Any) -> None:
                        "pays", description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="five settings, one seed, 24 inverted queries per direction (OTI 40 "
-                        "steps, OVI 60) instead of fifteen settings, 48 queries, 100 steps")
+                   help="six settings (one with towers trained from scratch), one seed, 24 "
+                        "inverted queries per direction (OTI 40 steps, OVI 60) instead of the "
+                        "full grid's 27 settings, 48 queries, 100 steps (same as --grid quick)")
+    p.add_argument("--grid", choices=("quick", "medium", "full"), default=None,
+                   help="which grid: quick, medium (quick + scratch towers for longer, the two "
+                        "controls, one fine-tuning run; 2 seeds) or full [full]")
     p.add_argument("--data", default="emoji",
                    help="dataset whose tower features are used (built-in 'emoji', a manifest "
                         "or a dataset folder; encoded once and cached) [emoji]")
@@ -67,13 +78,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from modalign.embed.store import EmbeddingStore
-    from modalign.lab.settings import full_config, quick_config
+    from modalign.lab.settings import full_config, medium_config, quick_config
     from modalign.lab.sweep import data_store, run_gap_lab
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    config = quick_config() if args.quick else full_config()
+    grid = "quick" if args.quick else (args.grid or "full")
+    if args.quick and args.grid not in (None, "quick"):
+        raise ValueError(f"--quick and --grid {args.grid}: choose one grid")
+    config = {"quick": quick_config, "medium": medium_config, "full": full_config}[grid]()
     if args.seeds is not None:
         config = config.with_seeds(args.seeds)
     if args.queries is not None:

@@ -263,8 +263,9 @@ class LabConfig:
         return replace(self, seeds=tuple(range(n)))
 
 
-def full_settings() -> tuple[GapSetting, ...]:
-    """The full grid: every factor varied around a linear Xavier head with a learned temperature.
+def heads_settings() -> tuple[GapSetting, ...]:
+    """The frozen-tower grid: every factor varied around a linear Xavier head with a learned
+    temperature trained for 20 epochs.
 
     - temperature: learned, and each of :data:`TEMPERATURES` fixed (linear Xavier head, 20 epochs);
     - head init and depth: cone vs Xavier, 1 vs 3 layers (learned temperature, 20 epochs), and the
@@ -280,11 +281,39 @@ def full_settings() -> tuple[GapSetting, ...]:
     return tuple(base + heads + length)
 
 
+def full_settings() -> tuple[GapSetting, ...]:
+    """The full grid: :func:`heads_settings`, plus towers that train and the controls.
+
+    - fine-tuned: the last 2 stages of both pretrained towers, 1, 3 and 6 epochs;
+    - from scratch: 10 and 30 epochs (learned temperature), 30 epochs at tau = 0.01;
+    - controls: the intra-modal image term and uniformity + alignment added, on the scratch
+      towers after 30 epochs and on the base linear head.
+    """
+    finetune = [GapSetting(family="finetune", unfreeze=2, epochs=e) for e in (1, 3, 6)]
+    scratch = [GapSetting(family="scratch", epochs=e) for e in (10, 30)]
+    scratch.append(GapSetting(family="scratch", epochs=30, temperature=0.01))
+    controls = [GapSetting(family="scratch", epochs=30, control=c) for c in ("intra", "unifalign")]
+    controls += [GapSetting(control=c) for c in ("intra", "unifalign")]
+    return heads_settings() + tuple(finetune + scratch + controls)
+
+
 def quick_settings() -> tuple[GapSetting, ...]:
-    """Five settings spanning the gaps the levers reach (learned vs fixed temperature, cone MLP
-    after 20 epochs and after 2)."""
+    """Five frozen-tower settings spanning the gaps the levers reach (learned vs fixed
+    temperature, cone MLP after 20 epochs and after 2) and one pair of towers trained from
+    scratch by the CLIP loss alone (8 epochs)."""
     return (GapSetting(), GapSetting(temperature=0.01), GapSetting(temperature=0.1),
-            GapSetting("cone", 3), GapSetting("cone", 3, epochs=2))
+            GapSetting("cone", 3), GapSetting("cone", 3, epochs=2),
+            GapSetting(family="scratch", epochs=8))
+
+
+def medium_settings() -> tuple[GapSetting, ...]:
+    """Between the two: the quick settings, scratch towers after 20 epochs and with each control,
+    the pretrained towers fine-tuned for 1 epoch."""
+    return (*quick_settings(),
+            GapSetting(family="scratch", epochs=20),
+            GapSetting(family="scratch", epochs=8, control="intra"),
+            GapSetting(family="scratch", epochs=8, control="unifalign"),
+            GapSetting(family="finetune", unfreeze=2, epochs=1))
 
 
 def full_config() -> LabConfig:
@@ -293,7 +322,15 @@ def full_config() -> LabConfig:
 
 
 def quick_config() -> LabConfig:
-    """A short sweep: :func:`quick_settings`, 1 seed, 24 queries, 40 OTI / 60 OVI steps."""
+    """A short sweep: :func:`quick_settings`, 1 seed, 24 queries, 40 OTI / 60 OVI steps, 8
+    queries per direction run to a cap of 200 steps."""
     return LabConfig(settings=quick_settings(), seeds=(0,), inverted_queries=24, oti_steps=40,
                      ovi_steps=60, shifts=(-0.5, 0.0, 0.5, 1.0), permutations=5000,
-                     bootstrap=1000)
+                     bootstrap=1000, converge_queries=8, converge_steps=200)
+
+
+def medium_config() -> LabConfig:
+    """:func:`medium_settings` measured as the quick sweep, 2 seeds."""
+    from dataclasses import replace as _replace
+
+    return _replace(quick_config(), settings=medium_settings(), seeds=(0, 1))
