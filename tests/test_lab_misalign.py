@@ -195,6 +195,29 @@ def test_family_settings_validate_and_name() -> None:
     with pytest.raises(ValueError, match="unfreeze"):
         GapSetting(family="finetune")
     with pytest.raises(ValueError, match="family"):
-        GapSetting(family="lora")
+        GapSetting(family="vit")
     with pytest.raises(ValueError, match="control"):
         GapSetting(control="gram")
+
+
+def test_fine_tuned_and_lora_settings_train_the_pretrained_towers(tmp_path) -> None:
+    from modalign.lab.endtoend import trainer_sections
+    from modalign.lab.sweep import training_config
+
+    store = fake_store(tmp_path / "store")
+    attach_fake_dataset(store, tmp_path / "data")
+    cfg = scratch_config()
+    specs = {"image": "effnet-lite0", "text": "minilm"}
+    ft = GapSetting(family="finetune", unfreeze=2, epochs=1)
+    tc = training_config(ft, 0, cfg, store, specs,
+                         end_to_end=trainer_sections(ft, cfg, store, None))
+    assert tc.train.unfreeze == {"image": 2, "text": 2} and not tc.lora.towers
+    assert tc.data.dataset == str(tmp_path / "data") and tc.optim.tower_lr == cfg.tower_lr
+    assert tc.train.batch_size == cfg.e2e_batch_size
+    lo = GapSetting(family="lora", epochs=1)
+    tc = training_config(lo, 0, cfg, store, specs,
+                         end_to_end=trainer_sections(lo, cfg, store, None))
+    assert tc.lora.towers == ["image", "text"] and tc.lora.rank == cfg.lora_rank
+    assert not any(tc.train.unfreeze.values()) and tc.optim.tower_lr == cfg.lora_lr
+    heads = training_config(GapSetting(), 0, cfg, store, specs)
+    assert not heads.train.unfreeze and heads.train.batch_size == cfg.batch_size

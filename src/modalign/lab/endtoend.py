@@ -113,10 +113,15 @@ def trainer_sections(setting: GapSetting, config: LabConfig, store: EmbeddingSto
     """What an end-to-end setting adds to the lab's training config."""
     if not setting.end_to_end:
         return {}
+    lora: dict[str, Any] = {}
     if setting.family == "scratch":
         assert towers is not None
         unfreeze = {m: len(towers[m].blocks()) for m in MODALITIES}  # type: ignore[operator]
         lr = config.scratch_lr
+    elif setting.family == "lora":
+        unfreeze, lr = {}, config.lora_lr
+        lora = {"towers": list(MODALITIES), "rank": config.lora_rank,
+                "alpha": 2.0 * config.lora_rank}
     else:
         unfreeze = {m: setting.unfreeze for m in MODALITIES}
         lr = config.tower_lr
@@ -124,7 +129,7 @@ def trainer_sections(setting: GapSetting, config: LabConfig, store: EmbeddingSto
     if setting.family == "scratch":
         model["center_features"] = False  # the initial towers' mean means nothing after training
     return {"dataset": dataset_spec(store, config), "unfreeze": unfreeze, "tower_lr": lr,
-            "model": model,
+            "model": model, "lora": lora,
             "augment": {"crop_scale": list(config.crop_scale),
                         "color_jitter": config.color_jitter}}
 
@@ -134,8 +139,12 @@ def trained_space(model: Any, store: EmbeddingStore, config: LabConfig,
     """The evaluated and bank splits encoded by the model's trained towers, and towers that run
     them (prompts, inversion); ``store`` holds the same items' features before training."""
     from modalign.bridge.inversion import encoder_inversion
+    from modalign.encoders.lora import has_lora, merge_lora
 
     trained = {m: model.towers[m] for m in MODALITIES}
+    for tower in trained.values():
+        if has_lora(tower):  # the adapters folded into the weights: a plain tower again
+            merge_lora(tower)
     raw = _raw_loader(dataset)
 
     def encode(part: Mapping[str, Embeddings]) -> dict[str, Embeddings]:

@@ -16,9 +16,10 @@ from modalign.lab.gapshift import DEFAULT_SHIFTS
 HEAD_INITS = ("xavier", "cone")
 TEMPERATURES: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
 """Fixed temperatures of the full sweep (the objectives clamp the logit scale to [1, 100])."""
-FAMILIES = ("heads", "finetune", "scratch")
+FAMILIES = ("heads", "finetune", "lora", "scratch")
 """How a space's towers are made: frozen pretrained towers with trained heads; pretrained towers
-whose last stages are fine-tuned with the heads; small towers trained from random weights."""
+whose last stages are fine-tuned with the heads; pretrained towers with LoRA adapters trained
+with the heads; small towers trained from random weights."""
 CONTROLS = ("", "intra", "unifalign")
 """Terms added to the CLIP loss: none; an image-image term between the two image styles;
 uniformity of each modality plus image-text alignment (Wang & Isola)."""
@@ -37,8 +38,9 @@ class GapSetting:
             ``None`` for a learned one (initialised at 0.07).
         epochs: training length in passes over the training concepts.
         family: ``"heads"`` (frozen pretrained towers, the default), ``"finetune"`` (the last
-            ``unfreeze`` stages of both pretrained towers train too) or ``"scratch"`` (small
-            towers from random weights, :mod:`modalign.lab.towers`, trained end to end).
+            ``unfreeze`` stages of both pretrained towers train too), ``"lora"`` (LoRA adapters
+            on both pretrained towers train too, ``[lora]``'s default targets) or ``"scratch"``
+            (small towers from random weights, :mod:`modalign.lab.towers`, trained end to end).
         unfreeze: stages of each pretrained tower fine-tuned (``finetune`` only).
         control: a term added to the CLIP loss (:data:`CONTROLS`).
 
@@ -86,6 +88,8 @@ class GapSetting:
             base = f"scratch-{tau}-e{self.epochs}"
         elif self.family == "finetune":
             base = f"finetune-k{self.unfreeze}-{tau}-e{self.epochs}"
+        elif self.family == "lora":
+            base = f"lora-{tau}-e{self.epochs}"
         else:
             base = f"{self.head_init}-d{self.head_depth}-{tau}-e{self.epochs}"
         return base + (f"+{self.control}" if self.control else "")
@@ -134,7 +138,9 @@ class GapSetting:
 
 END_TO_END_FIELDS = ("e2e_batch_size", "tower_lr", "scratch_lr", "crop_scale", "color_jitter",
                      "scratch_image_size", "scratch_width", "scratch_text_width",
-                     "scratch_layers", "scratch_dim", "token_mask", "dataset")
+                     "scratch_layers", "scratch_dim", "token_mask", "dataset", "lora_rank",
+                     "lora_lr")
+LORA_FIELDS = ("lora_rank", "lora_lr")
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,8 @@ class LabConfig:
         train_subset: training-split groups drawn (a fixed set, as many as the evaluated split
             has when 0) to report retrieval on training data beside the evaluated split.
         e2e_batch_size: batch of end-to-end settings (more steps per epoch than the heads').
+        lora_rank, lora_lr: rank of the LoRA adapters of ``lora`` settings and their learning
+            rate (alpha is twice the rank).
         tower_lr: learning rate of the tower weights of end-to-end settings (fine-tuned and
             scratch towers; heads keep ``lr``).
         scratch_lr: the same for scratch towers (they start from random weights).
@@ -207,6 +215,8 @@ class LabConfig:
     converge_steps: int = 400
     train_subset: int = 0
     e2e_batch_size: int = 128
+    lora_rank: int = 8
+    lora_lr: float = 1e-3
     tower_lr: float = 1e-4
     scratch_lr: float = 2e-3
     crop_scale: tuple[float, float] = (0.5, 1.0)
@@ -226,7 +236,8 @@ class LabConfig:
             raise ValueError("settings: expected distinct settings, found duplicates")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: expected distinct seeds, got {self.seeds!r}")
-        for name in ("batch_size", "e2e_batch_size", "joint_dim", "inverted_queries", "ovi_tokens"):
+        for name in ("batch_size", "e2e_batch_size", "lora_rank", "joint_dim",
+                     "inverted_queries", "ovi_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -235,7 +246,7 @@ class LabConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("lr", "oti_lr", "ovi_lr", "tower_lr", "scratch_lr"):
+        for name in ("lr", "oti_lr", "ovi_lr", "tower_lr", "scratch_lr", "lora_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.shifts:
@@ -246,9 +257,11 @@ class LabConfig:
         return {k: getattr(self, k) for k in ("batch_size", "lr", "weight_decay",
                                               "warmup_steps", "joint_dim")}
 
-    def end_to_end_dict(self) -> dict[str, Any]:
-        """The fields that change a model whose towers train (part of those runs' keys)."""
-        return {k: getattr(self, k) for k in END_TO_END_FIELDS}
+    def end_to_end_dict(self, family: str = "lora") -> dict[str, Any]:
+        """The fields that change a model whose towers train (part of those runs' keys); the
+        LoRA fields only for the ``lora`` family."""
+        return {k: getattr(self, k) for k in END_TO_END_FIELDS
+                if family == "lora" or k not in LORA_FIELDS}
 
     def measuring_dict(self) -> dict[str, Any]:
         """The fields that change what is measured on a trained model (part of the record key)."""
@@ -284,12 +297,14 @@ def heads_settings() -> tuple[GapSetting, ...]:
 def full_settings() -> tuple[GapSetting, ...]:
     """The full grid: :func:`heads_settings`, plus towers that train and the controls.
 
-    - fine-tuned: the last 2 stages of both pretrained towers, 1, 3 and 6 epochs;
+    - fine-tuned: the last 2 stages of both pretrained towers, 1, 3 and 6 epochs; LoRA adapters
+      on both, 1 and 3 epochs;
     - from scratch: 10 and 30 epochs (learned temperature), 30 epochs at tau = 0.01;
     - controls: the intra-modal image term and uniformity + alignment added, on the scratch
       towers after 30 epochs and on the base linear head.
     """
     finetune = [GapSetting(family="finetune", unfreeze=2, epochs=e) for e in (1, 3, 6)]
+    finetune += [GapSetting(family="lora", epochs=e) for e in (1, 3)]
     scratch = [GapSetting(family="scratch", epochs=e) for e in (10, 30)]
     scratch.append(GapSetting(family="scratch", epochs=30, temperature=0.01))
     controls = [GapSetting(family="scratch", epochs=30, control=c) for c in ("intra", "unifalign")]

@@ -85,7 +85,7 @@ def store_fingerprint(store: EmbeddingStore) -> dict[str, Any]:
 def _training_knobs(setting: GapSetting, config: LabConfig) -> dict[str, Any]:
     knobs = config.training_dict()
     if setting.end_to_end:
-        knobs["end_to_end"] = config.end_to_end_dict()
+        knobs["end_to_end"] = config.end_to_end_dict(setting.family)
     return knobs
 
 
@@ -132,6 +132,8 @@ def training_config(setting: GapSetting, seed: int, config: LabConfig, store: Em
         train["unfreeze"] = e2e["unfreeze"]
         optim["tower_lr"] = e2e["tower_lr"]
         extra["augment"] = e2e["augment"]
+        if e2e.get("lora"):
+            extra["lora"] = e2e["lora"]
     return TrainConfig.from_dict({
         "data": data, "model": model, "objectives": sections["objectives"], "optim": optim,
         "train": train, "validate": {"metric": "image-to-text_recall@1", "patience": 0},
