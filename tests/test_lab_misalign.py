@@ -99,6 +99,10 @@ def test_answer_is_written_from_the_pooled_queries() -> None:
     assert "0.200 test / 0.600 train" in text and "75%" in text
     flat = {**rec, "per_query": {k: [0.0, 0.0] for k in rec["per_query"]}}
     assert answer(rows, [flat]).startswith("No clear sign")
+    control = {**rows[0], "name": "scratch-learned-e8+intra", "control": "intra",
+               "misalignment": -0.05, "delta_map": 0.01}
+    assert "scratch-learned-e8+intra: gap 0.90, misalignment -0.050, inversion +0.010" in answer(
+        [*rows, control], [rec])
     poor = [{**rows[0], "text_retrieval_recall@1": 0.01}]
     assert "retrieve(s) poorly" in answer(poor, [rec])
 

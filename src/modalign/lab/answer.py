@@ -86,6 +86,12 @@ def answer(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) ->
             f"{mis_ci[1]:+.3f}] over {len(mis)} queries; {better:.0%} of queries ranked their "
             f"positives better that way); inverted queries changed it by {np.mean(delta):+.3f} "
             f"([{delta_ci[0]:+.3f}, {delta_ci[1]:+.3f}]) at the fixed step budget{conv_text}.")
+    controls = [r for r in rows if r.get("family") == "scratch" and r.get("control")
+                and "misalignment" in r]
+    if controls:
+        text += " Controls: " + "; ".join(
+            f"{r['name']}: gap {r['gap']:.2f}, misalignment {r['misalignment']:+.3f}, "
+            f"inversion {r['delta_map']:+.3f}" for r in controls) + "."
     if poor:
         text += (f" Caution: {', '.join(poor)} retrieve(s) poorly (test R@1 below "
                  f"{POOR_RETRIEVAL}), so these numbers describe a barely trained space.")
