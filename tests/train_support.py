@@ -137,3 +137,56 @@ def tiny_image_dataset(root: Path) -> tuple[Path, Path]:
     embed_dataset(PairedDataset.load(root), {"image": TinyImageTower(), "text": HashTextEncoder()},
                   store, progress=False)
     return root, store
+
+
+class GroupTokenTower:
+    """A token tower for tests: each input ``"<kind> g<N>"`` gives ``2 + N % 3`` tokens, noisy
+    linear maps (one per kind) of group ``N``'s latent, so matching kinds must be learnt."""
+
+    def __init__(self, modality: str, dim: int, seed: int, n_groups: int = 64) -> None:
+        self.name, self.modality, self.dim = f"toy-tokens-{modality}", modality, dim
+        rng = np.random.default_rng(seed)
+        self.latent = np.random.default_rng(0).normal(size=(n_groups, 5))
+        self.proj = rng.normal(size=(5, dim))
+        self.seed = seed
+
+    def preprocess(self, inputs: Any) -> list[str]:
+        return [str(s) for s in inputs]
+
+    def token_counts(self, inputs: Any) -> list[int]:
+        return [2 + int(str(s).rsplit("g", 1)[1]) % 3 for s in inputs]
+
+    def encode_tokens(self, batch: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = self.token_counts(batch)
+        out = torch.zeros(len(batch), max(counts), self.dim)
+        mask = torch.zeros(len(batch), max(counts), dtype=torch.bool)
+        for i, s in enumerate(batch):
+            g = int(s.rsplit("g", 1)[1])
+            rng = np.random.default_rng([self.seed, g, len(s)])
+            for j in range(counts[i]):
+                out[i, j] = torch.from_numpy(self.latent[g] @ self.proj
+                                             + 0.8 * rng.normal(size=self.dim)).float()
+                mask[i, j] = True
+        return out, mask
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+def token_store(path: Path, n_groups: int = 48) -> Path:
+    """A store of token arrays (image ``flat``; text ``name``, ``alias``), split 2/3 train,
+    1/6 val, 1/6 test (``modalign embed --tokens`` written by :class:`GroupTokenTower`)."""
+    from modalign.data import Item, PairedDataset
+    from modalign.embed.tokens import embed_tokens
+
+    items = []
+    for g in range(n_groups):
+        split = ("train" if g < n_groups * 2 // 3 else "val" if g < n_groups * 5 // 6
+                 else "test")
+        items += [Item(f"i{g}", "image", "flat", f"img/g{g}", f"g{g:03d}", split),
+                  Item(f"n{g}", "text", "name", f"name g{g}", f"g{g:03d}", split),
+                  Item(f"a{g}", "text", "alias", f"alias g{g}", f"g{g:03d}", split)]
+    embed_tokens(PairedDataset("toy", items),
+                 {"image": GroupTokenTower("image", 10, 1, n_groups),
+                  "text": GroupTokenTower("text", 7, 2, n_groups)}, path, progress=False)
+    return path

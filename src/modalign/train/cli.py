@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if cfg.late.enabled:
         return _run_late(cfg, args)
+    if cfg.fdt.enabled:
+        return _run_fdt(cfg, args)
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(dumps(_short(result.summary)))
@@ -102,4 +104,18 @@ def _run_late(cfg: Any, args: argparse.Namespace) -> int:
 
         settings.run_dir = str(default_run_dir(cfg))
     print(dumps(train_late(settings, progress=cfg.train.progress, resume=args.resume)))
+    return 0
+
+
+def _run_fdt(cfg: Any, args: argparse.Namespace) -> int:
+    """``[fdt] enabled = true``: train a finite-discrete-tokens model (see
+    ``modalign.train.recipes.fdt``)."""
+    from modalign.train.recipes.fdt import train_fdt
+
+    settings = cfg.fdt_settings()
+    if not settings.run_dir:
+        from modalign.train.loop import default_run_dir
+
+        settings.run_dir = str(default_run_dir(cfg))
+    print(dumps(train_fdt(settings, resume=args.resume)))
     return 0

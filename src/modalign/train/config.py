@@ -30,6 +30,8 @@ from modalign.io import read_user_text
 from modalign.model import ModelConfig
 from modalign.train.recipes.distill import HELP as DISTILL_HELP
 from modalign.train.recipes.distill import DistillConfig
+from modalign.train.recipes.fdt import HELP as FDT_HELP
+from modalign.train.recipes.fdt import FDTSection
 from modalign.train.recipes.harmonize import HELP as HARMONIZE_HELP
 from modalign.train.recipes.harmonize import HarmonizeConfig
 from modalign.train.recipes.momentum import HELP as MOMENTUM_HELP
@@ -235,6 +237,7 @@ HELP.update(MOMENTUM_HELP)
 HELP.update(DISTILL_HELP)
 HELP.update(NEGATIVES_HELP)
 HELP.update(HARMONIZE_HELP)
+HELP.update(FDT_HELP)
 
 
 SECTIONS: dict[str, type] = {
@@ -243,7 +246,7 @@ SECTIONS: dict[str, type] = {
     "late": LateSection,
     "run": RunConfig,
     "momentum": MomentumConfig, "distill": DistillConfig, "negatives": NegativesConfig,
-    "harmonize": HarmonizeConfig,
+    "harmonize": HarmonizeConfig, "fdt": FDTSection,
 }
 
 
@@ -273,6 +276,7 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     harmonize: HarmonizeConfig = field(default_factory=HarmonizeConfig)
+    fdt: FDTSection = field(default_factory=FDTSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.resolved.json`` holds)."""
@@ -355,6 +359,8 @@ class TrainConfig:
             raise ModalignError("harmonize.enabled and negatives.k > 0 cannot be combined (the "
                                 "negatives' own embeddings are not harmonized); use one of them")
         self.lora_settings()
+        if self.fdt.enabled:
+            self.fdt_settings()
         # the model section must build a valid ModelConfig (with placeholder dims)
         self.model_config({k: "x" for k in self.modalities()} if not self.model.towers
                           else self.model.towers, {m: 1 for m in self.modalities()})
@@ -440,6 +446,23 @@ class TrainConfig:
                          max_steps=self.train.max_steps, train_split=self.data.train_split,
                          checkpoint_every=self.train.checkpoint_every,
                          keep_checkpoints=self.train.keep_checkpoints)
+        s.check()
+        return s
+
+    def fdt_settings(self) -> Any:
+        """The :class:`~modalign.train.recipes.fdt.FDTSettings` of an ``[fdt]`` run."""
+        from modalign.train.recipes.fdt import FDTSettings
+
+        f, t, o = self.fdt, self.train, self.optim
+        s = FDTSettings(store=self.data.embeddings, run_dir=self.run.dir,
+                        keys=list(self.data.keys), codes=f.codes, dim=f.dim,
+                        hidden_dim=f.hidden_dim, weighting=f.weighting,
+                        temperature=float(f.temperature), epochs=t.epochs,
+                        batch_size=t.batch_size, lr=o.lr, weight_decay=o.weight_decay,
+                        warmup_steps=o.warmup_steps, seed=t.seed, max_steps=t.max_steps,
+                        train_split=self.data.train_split, val_split=self.data.val_split,
+                        checkpoint_every=t.checkpoint_every,
+                        keep_checkpoints=t.keep_checkpoints, num_threads=t.num_threads)
         s.check()
         return s
 
