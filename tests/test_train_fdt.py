@@ -136,12 +136,12 @@ def test_fdt_trains_from_the_config_and_resumes_bitwise(tmp_path):
 
 
 def test_fdt_bad_settings_are_one_line_errors(tmp_path):
-    with pytest.raises(ModalignError, match="fdt.weighting"):
+    with pytest.raises(ModalignError, match=r"fdt\.weighting"):
         TrainConfig.from_dict({}, ["fdt.enabled=true", "fdt.weighting='max'"])
     with pytest.raises(ModalignError, match="two or more"):
         TrainConfig.from_dict({}, ["fdt.enabled=true", "data.keys=['image']",
                                    "objectives=[{loss='uniformity', modalities=['image']}]"])
-    with pytest.raises(ModalignError, match="data.embeddings"):
+    with pytest.raises(ModalignError, match=r"data\.embeddings"):
         train_fdt(FDTSettings(run_dir=str(tmp_path / "r")))
     with pytest.raises(ModalignError, match="not an FDT model"):
         FDTModel.from_pretrained(tmp_path)
