@@ -190,3 +190,37 @@ def token_store(path: Path, n_groups: int = 48) -> Path:
                  {"image": GroupTokenTower("image", 10, 1, n_groups),
                   "text": GroupTokenTower("text", 7, 2, n_groups)}, path, progress=False)
     return path
+
+
+def assert_resumes_bitwise(make_config: Any, root: Path, stop_at: int,
+                           towers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``make_config(run_dir)`` to the end with a checkpoint every step, then the same
+    run stopped at its step-``stop_at`` checkpoint (later ones removed) and resumed: every saved
+    module (model, objective, recipes) must end bit for bit equal. Returns the full run's last
+    checkpoint weights."""
+    import shutil
+
+    from modalign.io import write_json_atomic
+    from modalign.train.checkpoint import load_checkpoint
+    from modalign.train.loop import train
+
+    full = root / "full"
+    train(make_config(full), towers=towers)
+    ckpt = load_checkpoint(full / "checkpoints")
+    part = root / "part"
+    shutil.copytree(full, part)
+    folder = part / "checkpoints"
+    for later in folder.glob("ckpt-*"):
+        if int(later.name.split("-")[1]) > stop_at:
+            shutil.rmtree(later)
+    name = f"ckpt-{stop_at:09d}"
+    assert (folder / name).is_dir(), f"no checkpoint at step {stop_at}"
+    write_json_atomic(folder / "latest.json", {"checkpoint": name, "step": stop_at})
+    train(make_config(part), towers=towers, resume=True)
+    other = load_checkpoint(folder)
+    assert other.step == ckpt.step
+    assert set(other.weights) == set(ckpt.weights)
+    for module, weights in ckpt.weights.items():
+        for k, v in weights.items():
+            assert torch.equal(other.weights[module][k], v), f"{module}.{k}"
+    return ckpt.weights

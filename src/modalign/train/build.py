@@ -167,9 +167,11 @@ def build_distillation(config: TrainConfig, dims: Mapping[str, int],
 
 
 def build_negatives(config: TrainConfig, data: PairedFeatures, specs: Mapping[str, str],
-                    towers: Mapping[str, Any]) -> HardNegatives | None:
+                    towers: Mapping[str, Any], model: nn.Module | None = None
+                    ) -> HardNegatives | None:
     """``[negatives]``: hard negative captions of the text key, generated or read from
-    ``negatives.file``, encoded with the text tower (None when off)."""
+    ``negatives.file``, encoded with the text tower (None when off); ``model`` starts the EMA
+    teacher of the text-grounded contrast and self-distillation."""
     cfg = config.negatives
     if not cfg.enabled:
         return None
@@ -189,7 +191,7 @@ def build_negatives(config: TrainConfig, data: PairedFeatures, specs: Mapping[st
                 for v in given.values()):
             raise ModalignError(f"negatives.file={cfg.file!r} must hold a JSON object "
                                 "{caption: [negative caption, ...]}")
-    return HardNegatives(data.tables[cfg.text_key].items, encode, cfg, given)
+    return HardNegatives(data.tables[cfg.text_key].items, encode, cfg, given, model=model)
 
 
 # -- optimiser and schedule ------------------------------------------------------------------

@@ -188,7 +188,7 @@ class Trainer:
                          if config.momentum.enabled else None)
         distill = build.build_distillation(config, dims, self.raw_keys)
         self.distill = distill.to(device) if distill is not None else None
-        negatives = build.build_negatives(config, self.data, specs, towers)
+        negatives = build.build_negatives(config, self.data, specs, towers, self.model)
         self.negatives = negatives.to(device) if negatives is not None else None
         self.harmonize = (GradientHarmonization(config.objectives, self.objective.labels,
                                                 config.harmonize)
@@ -286,6 +286,11 @@ class Trainer:
         if self.negatives is not None:
             neg = self._negatives_loss(emb)
             loss, parts["negatives"] = loss + self.config.negatives.weight * neg, neg.detach()
+            rows = torch.from_numpy(np.asarray(self._rows[self.config.negatives.text_key]))
+            for name, term in self.negatives.teacher_terms(emb, rows.to(self.ctx.device),
+                                                           self.model).items():
+                weight = getattr(self.config.negatives, f"{name}_weight")
+                loss, parts[f"negatives_{name}"] = loss + weight * term, term.detach()
         return out if loss is out.loss else LossOutput(loss, parts)
 
     def _negatives_loss(self, emb: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -310,6 +315,9 @@ class Trainer:
                                      lambda m: self._embed(m, feats, raw, slice(None)))
         if self.distill is not None:
             self.distill.begin_step(feats)
+        if self.negatives is not None:  # DeGLA's EMA teacher (TGC, self-distillation)
+            self.negatives.begin_step(self.model,
+                                      lambda m: self._embed(m, feats, raw, slice(None)))
         k = self.config.train.accumulate
         if self.harmonize is not None:
             out = self._harmonized_backward(feats, raw, indices)

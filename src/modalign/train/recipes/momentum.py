@@ -101,6 +101,27 @@ def alpha_at(cfg: MomentumConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.alpha if ramp <= 0 else cfg.alpha * min(1.0, step / ramp)
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters take no gradient (the start of an EMA)."""
+    copied = copy.deepcopy(model)
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    return copied
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``theta_ema <- decay theta_ema + (1 - decay) theta`` over the parameters ``model`` trains
+    (``decay = 1``: a frozen copy); buffers (feature centres) are copied."""
+    mine = dict(ema.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad and decay < 1:
+            mine[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+    mine_buffers = dict(ema.named_buffers())
+    for name, b in model.named_buffers():
+        mine_buffers[name].copy_(b)
+
+
 def soft_target_loss(z: torch.Tensor, m_query: torch.Tensor, keys: torch.Tensor, offset: int,
                      scale: torch.Tensor, alpha: float) -> torch.Tensor:
     """``mean_i -sum_j y_ij log softmax(s z K^T)_ij`` with ``y = alpha q + (1 - alpha) onehot``.
@@ -137,9 +158,7 @@ class MomentumDistillation(nn.Module):
             raise ModalignError(f"momentum distillation needs two or more data.keys, got {keys}")
         self.config = config
         self.keys = list(keys)
-        self.ema = copy.deepcopy(model)
-        for p in self.ema.parameters():
-            p.requires_grad_(False)
+        self.ema = frozen_copy(model)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.temperature)))
         q = config.queue_size
         self.register_buffer("queue", torch.zeros(len(self.keys), q, joint_dim))
@@ -155,14 +174,7 @@ class MomentumDistillation(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """EMA step over the parameters ``model`` trains; buffers (feature centres) copied."""
-        mu = self.config.decay
-        mine = dict(self.ema.named_parameters())
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                mine[name].mul_(mu).add_(p.detach(), alpha=1 - mu)
-        mine_buffers = dict(self.ema.named_buffers())
-        for name, b in model.named_buffers():
-            mine_buffers[name].copy_(b)
+        ema_update(self.ema, model, self.config.decay)
 
     @torch.no_grad()
     def begin_step(self, model: nn.Module,

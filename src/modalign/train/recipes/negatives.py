@@ -1,5 +1,6 @@
-"""Compositional hard negatives in training (the image-grounded contrast, IGC, of DeGLA,
-"Decoupled Global-Local Alignment", Hu et al. 2025), with the shipped rule-based text negatives.
+"""Compositional hard negatives in training (DeGLA, "Decoupled Global-Local Alignment", Hu et
+al. 2025: image-grounded and text-grounded contrast, IGC and TGC, and its self-distillation),
+with the shipped rule-based text negatives.
 
 Each training caption (a text row's ``value``) gets ``k`` negatives from
 :func:`modalign.data.negatives.text_negatives` (swap, replace, negate), or from a JSON file
@@ -11,9 +12,20 @@ positive ``z_t`` and the negatives ``n_1..n_k`` of the row's caption::
 
 (only the sample's own caption and its own negatives in the softmax; ``s`` a learnable logit
 scale). It is added to the objectives with ``negatives.weight`` (DeGLA: 0.1 beside the global
-CLIP term). Rows without a caption or without negatives are left out of the mean. Per-sample, so
-it needs no gather under ``torchrun``. Not implemented: DeGLA's text-grounded contrast (TGC) and
-its EMA self-distillation; generated image or audio negatives.
+CLIP term). Rows without a caption or without negatives are left out of the mean.
+
+The text-grounded contrast and the self-distillation use a teacher: an exponential moving
+average of the model, ``theta_T <- mu theta_T + (1 - mu) theta`` once per step
+(``negatives.ema_decay = mu``; DeGLA 0.9996; 1: a frozen copy of the initial model). With the
+student caption ``z_t``, the teacher's ``zbar_t`` and the student negatives ``n_ik``::
+
+    L_TGC     = mean_i -log( exp(s' z_t.zbar_t) / (exp(s' z_t.zbar_t) + sum_k exp(s' z_t.n_ik)) )
+    L_distill = mean_i sum_x ||z_x - zbar_x||^2   (x: every key's row and the row's negatives)
+
+with a fixed scale ``s' = negatives.tgc_scale`` (DeGLA 10). They are added with
+``negatives.tgc_weight`` (DeGLA 0.1) and ``negatives.distill_weight`` (DeGLA 0.005, on a sum
+over a batch of 32 per process; here a mean over the rows). Per-sample, so it needs no gather
+under ``torchrun``. Not implemented: generated image or audio negatives.
 
 Examples:
     >>> cfg = NegativesConfig(k=3)
@@ -33,6 +45,7 @@ from torch import nn
 
 from modalign.data.negatives import RULES, text_negatives
 from modalign.errors import ModalignError
+from modalign.train.recipes.momentum import ema_update, frozen_copy
 
 MIN_SCALE, MAX_SCALE = 1.0, 100.0
 
@@ -48,11 +61,20 @@ class NegativesConfig:
     file: str = ""
     seed: int = 0
     temperature: float = 0.07
+    tgc_weight: float = 0.0
+    tgc_scale: float = 10.0
+    distill_weight: float = 0.0
+    ema_decay: float = 0.9996
 
     @property
     def enabled(self) -> bool:
         """Whether the recipe runs (``k > 0``)."""
         return self.k > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the EMA teacher is kept (text-grounded contrast or self-distillation on)."""
+        return self.enabled and (self.tgc_weight > 0 or self.distill_weight > 0)
 
     def check(self, keys: Sequence[str], accumulate: int) -> None:
         """Raise :class:`ModalignError` naming the first bad key."""
@@ -66,9 +88,14 @@ class NegativesConfig:
         unknown = [r for r in self.rules if r not in RULES]
         if unknown or not self.rules:
             raise ModalignError(f"negatives.rules={self.rules!r}: expected some of {list(RULES)}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ModalignError(f"negatives.weight must be a finite number >= 0, "
-                                f"got {self.weight!r}")
+        for name in ("weight", "tgc_weight", "distill_weight", "tgc_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ModalignError(f"negatives.{name} must be a finite number >= 0, "
+                                    f"got {value!r}")
+        if not 0 <= self.ema_decay <= 1:
+            raise ModalignError(f"negatives.ema_decay must be in [0, 1] (1: a frozen copy of the "
+                                f"initial model), got {self.ema_decay!r}")
         if accumulate > 1:
             raise ModalignError("negatives.k > 0 needs train.accumulate = 1 (the negatives are "
                                 "embedded with the step's gradient)")
@@ -86,6 +113,12 @@ HELP: dict[str, str] = {
     "negatives.file": "a JSON file {caption: [negative, ...]} used instead of the generator",
     "negatives.seed": "seed of the generator",
     "negatives.temperature": "initial temperature of the recipe's learnable logit scale",
+    "negatives.tgc_weight": "weight of DeGLA's text-grounded contrast (caption against the EMA "
+                            "teacher's caption and its own negatives; 0: off)",
+    "negatives.tgc_scale": "fixed logit scale of the text-grounded contrast",
+    "negatives.distill_weight": "weight of the self-distillation to the EMA teacher (mean "
+                                "squared distance of the embeddings; 0: off)",
+    "negatives.ema_decay": "EMA decay of the teacher (1: a frozen copy of the initial model)",
 }
 
 
@@ -113,13 +146,21 @@ class HardNegatives(nn.Module):
         encode: texts -> tower features (the text tower of the run).
         config: the ``[negatives]`` section.
         given: caption -> negatives (instead of the generator).
+        model: the student, copied as the EMA teacher when ``config.needs_teacher``.
     """
 
     def __init__(self, items: Sequence[Mapping], encode: Callable[[list[str]], torch.Tensor],
-                 config: NegativesConfig, given: Mapping[str, Sequence[str]] | None = None
-                 ) -> None:
+                 config: NegativesConfig, given: Mapping[str, Sequence[str]] | None = None,
+                 model: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
+        self.teacher: nn.Module | None = None
+        if config.needs_teacher:
+            if model is None:
+                raise ModalignError("negatives.tgc_weight / distill_weight need the model (the "
+                                    "EMA teacher starts as its copy)")
+            self.teacher = frozen_copy(model)
+        self._teacher_emb: dict[str, torch.Tensor] = {}
         sets: list[list[str]] = []
         for it in items:
             cap = it.get("value")
@@ -155,10 +196,55 @@ class HardNegatives(nn.Module):
              project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """IGC for the batch's text ``rows`` (indices into the training rows); ``project``
         maps tower features to the joint space with gradient (the text head)."""
-        feats, mask = self.features[rows], self.mask[rows]
+        return igc_loss(query, positive, self.negatives(rows, project), self.mask[rows],
+                        self.log_logit_scale.exp())
+
+    def negatives(self, rows: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> torch.Tensor:
+        """``(n, k, d)``: the negatives of the batch's text ``rows`` through ``project``."""
+        feats = self.features[rows]
         n, k, f = feats.shape
-        negs = project(feats.reshape(n * k, f)).reshape(n, k, -1)
-        return igc_loss(query, positive, negs, mask, self.log_logit_scale.exp())
+        return project(feats.reshape(n * k, f)).reshape(n, k, -1)
+
+    @torch.no_grad()
+    def begin_step(self, model: nn.Module,
+                   embed: Callable[[nn.Module], Mapping[str, torch.Tensor]]) -> None:
+        """EMA-update the teacher from ``model`` and embed this batch with it
+        (``embed(module)`` returns the batch's embeddings per key); no-op without a teacher."""
+        if self.teacher is None:
+            return
+        ema_update(self.teacher, model, self.config.ema_decay)
+        was = self.teacher.training
+        self.teacher.eval()
+        try:
+            self._teacher_emb = {k: v.detach() for k, v in embed(self.teacher).items()}
+        finally:
+            self.teacher.train(was)
+
+    def teacher_terms(self, emb: Mapping[str, torch.Tensor], rows: torch.Tensor,
+                      student: nn.Module) -> dict[str, torch.Tensor]:
+        """DeGLA's text-grounded contrast (``"tgc"``) and self-distillation (``"distill"``) of
+        the batch (after :meth:`begin_step`); negatives go through ``student.project(text_key,
+        features)`` with gradient and the teacher's ``project`` without."""
+        cfg, t = self.config, self.config.text_key
+        if self.teacher is None:
+            return {}
+        if not self._teacher_emb:
+            raise RuntimeError("HardNegatives.teacher_terms called before begin_step")
+        teacher, frozen = self._teacher_emb, self.teacher
+        negs = self.negatives(rows, lambda f: student.project(t, f))
+        out: dict[str, torch.Tensor] = {}
+        mask = self.mask[rows]
+        if cfg.tgc_weight > 0:
+            out["tgc"] = igc_loss(emb[t], teacher[t], negs, mask,
+                                  torch.tensor(cfg.tgc_scale, dtype=negs.dtype))
+        if cfg.distill_weight > 0:
+            with torch.no_grad():
+                tneg = self.negatives(rows, lambda f: frozen.project(t, f))
+            dist = sum(((emb[k] - teacher[k]) ** 2).sum(-1) for k in emb)
+            dist = dist + (((negs - tneg) ** 2).sum(-1) * mask).sum(-1)
+            out["distill"] = dist.mean()
+        return out
 
     @torch.no_grad()
     def clamp_(self) -> None:
