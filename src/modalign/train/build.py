@@ -128,8 +128,14 @@ def attach_inference_towers(model: MultiTowerModel, towers: Mapping[str, Any]) -
 # -- objective and recipes -------------------------------------------------------------------
 def training_objective(config: TrainConfig, n_groups: int) -> Objective:
     """The weighted sum of ``objectives``; the terms whose loss declares ``needs_dataset_size``
-    (per-sample state, as iSogCLR's) get ``dataset_size = n_groups`` unless the config sets it."""
-    return build_objective(config.objectives, dataset_size=n_groups)
+    (per-sample state, as iSogCLR's) get ``dataset_size = n_groups`` unless the config sets it,
+    those that declare ``needs_joint_dim`` (CLSR's networks) ``dim = model.joint_dim``."""
+    from modalign.losses.registry import loss_class
+
+    specs = [{"dim": config.model.joint_dim, **spec}
+             if getattr(loss_class(spec.get("loss", "")), "needs_joint_dim", False) else spec
+             for spec in config.objectives]
+    return build_objective(specs, dataset_size=n_groups)
 
 
 def skip_second_normalisation(objective: nn.Module) -> int:

@@ -550,6 +550,8 @@ def check_objectives(objectives: Sequence[Mapping[str, Any]], keys: Sequence[str
         cls = loss_class(loss)
         if getattr(cls, "needs_dataset_size", False):
             params.setdefault("dataset_size", 2)  # set from the data when training starts
+        if getattr(cls, "needs_joint_dim", False):
+            params.setdefault("dim", 2)  # model.joint_dim, set when training starts
         names = getattr(cls, "parameter_names", None)
         if callable(names):  # a LossModule: its own, the shared and the older keywords
             accepted, known = names(), names(older=True)
