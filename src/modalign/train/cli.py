@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_late(cfg, args)
     if cfg.fdt.enabled:
         return _run_fdt(cfg, args)
+    if cfg.mcl.enabled:
+        return _run_mcl(cfg, args)
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(dumps(_short(result.summary)))
@@ -118,4 +120,19 @@ def _run_fdt(cfg: Any, args: argparse.Namespace) -> int:
 
         settings.run_dir = str(default_run_dir(cfg))
     print(dumps(train_fdt(settings, resume=args.resume)))
+    return 0
+
+
+def _run_mcl(cfg: Any, args: argparse.Namespace) -> int:
+    """``[mcl] stages > 1``: multistage contrastive learning (see
+    ``modalign.train.recipes.mcl``)."""
+    from modalign.train import distributed as D
+    from modalign.train.recipes.mcl import train_mcl
+
+    try:
+        summary = train_mcl(cfg, resume=args.resume)
+    finally:
+        D.teardown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(dumps(summary))
     return 0

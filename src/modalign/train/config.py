@@ -34,6 +34,8 @@ from modalign.train.recipes.fdt import HELP as FDT_HELP
 from modalign.train.recipes.fdt import FDTSection
 from modalign.train.recipes.harmonize import HELP as HARMONIZE_HELP
 from modalign.train.recipes.harmonize import HarmonizeConfig
+from modalign.train.recipes.mcl import HELP as MCL_HELP
+from modalign.train.recipes.mcl import MCLConfig
 from modalign.train.recipes.momentum import HELP as MOMENTUM_HELP
 from modalign.train.recipes.momentum import MomentumConfig
 from modalign.train.recipes.negatives import HELP as NEGATIVES_HELP
@@ -238,6 +240,7 @@ HELP.update(DISTILL_HELP)
 HELP.update(NEGATIVES_HELP)
 HELP.update(HARMONIZE_HELP)
 HELP.update(FDT_HELP)
+HELP.update(MCL_HELP)
 
 
 SECTIONS: dict[str, type] = {
@@ -246,7 +249,7 @@ SECTIONS: dict[str, type] = {
     "late": LateSection,
     "run": RunConfig,
     "momentum": MomentumConfig, "distill": DistillConfig, "negatives": NegativesConfig,
-    "harmonize": HarmonizeConfig, "fdt": FDTSection,
+    "harmonize": HarmonizeConfig, "fdt": FDTSection, "mcl": MCLConfig,
 }
 
 
@@ -277,6 +280,7 @@ class TrainConfig:
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     harmonize: HarmonizeConfig = field(default_factory=HarmonizeConfig)
     fdt: FDTSection = field(default_factory=FDTSection)
+    mcl: MCLConfig = field(default_factory=MCLConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.resolved.json`` holds)."""
@@ -355,6 +359,7 @@ class TrainConfig:
         self.distill.check()
         self.negatives.check(d.keys, t.accumulate)
         self.harmonize.check(t.accumulate)
+        self.mcl.check(d.keys)
         if self.harmonize.enabled and self.negatives.enabled:
             raise ModalignError("harmonize.enabled and negatives.k > 0 cannot be combined (the "
                                 "negatives' own embeddings are not harmonized); use one of them")

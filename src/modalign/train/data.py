@@ -142,11 +142,32 @@ class PairedFeatures:
         return len(self.groups) // batch_size
 
     def batch_groups(self, *, seed: int, epoch: int, index: int, batch_size: int) -> np.ndarray:
-        """The group ids of global batch ``index`` of ``epoch`` (a seeded permutation per epoch)."""
+        """The group ids of global batch ``index`` of ``epoch`` (a seeded permutation per epoch;
+        with :attr:`clusters` set, the groups of one cluster after another)."""
         if self._perm is None or self._perm[0] != (seed, epoch):  # drawn once per epoch
-            order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(self.groups))
+            rng = np.random.default_rng([seed, epoch, 0x5EED])
+            order = rng.permutation(len(self.groups))
+            if self._clusters is not None:  # clusters in a random order, groups shuffled within
+                rank = rng.permutation(int(self._clusters.max()) + 1)
+                order = order[np.argsort(rank[self._clusters[order]], kind="stable")]
             self._perm = ((seed, epoch), order)
         return self.groups[self._perm[1][index * batch_size:(index + 1) * batch_size]]
+
+    _clusters: np.ndarray | None = None
+
+    @property
+    def clusters(self) -> np.ndarray | None:
+        """Optional pseudo-cluster id per training group (in :attr:`groups` order): batches are
+        then cut from the groups ordered cluster by cluster, so in-batch negatives share a
+        cluster (multistage contrastive learning, :mod:`modalign.train.recipes.mcl`)."""
+        return self._clusters
+
+    @clusters.setter
+    def clusters(self, labels: np.ndarray | None) -> None:
+        if labels is not None and len(labels) != len(self.groups):
+            raise ModalignError(f"clusters: {len(labels)} labels for {len(self.groups)} groups")
+        self._clusters = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self._perm = None  # the epoch's order is drawn again
 
     def draw_rows(self, groups: np.ndarray, *, seed: int, epoch: int, index: int,
                   sample: bool = True) -> dict[str, np.ndarray]:
