@@ -45,6 +45,15 @@ CASES: dict[str, list[str]] = {
     # a 64-d linear student, alone and distilled from the 256-d plain CLIP model (the teacher)
     "clip_small": ["model.joint_dim=64"],
     "distill_small": ["model.joint_dim=64", "distill.teacher={teacher}"],
+    # DeGLA's IGC + TGC + self-distillation (0.005 on a sum over 32 rows = 0.16 on our mean)
+    "negatives_tgc": ["negatives.k=3", "negatives.weight=0.1", "negatives.tgc_weight=0.1",
+                      "negatives.distill_weight=0.16", "negatives.ema_decay=0.99"],
+    "clsr": ["objectives=[{{loss='clsr', modalities=['image', 'text']}}]"],  # {{}}: format()
+    # two stages of 128-d heads (the concatenation is 256-d, as plain CLIP), twice the steps
+    "mcl": ["mcl.stages=2", "mcl.clusters=10", "model.joint_dim=128"],
+    "clip_128": ["model.joint_dim=128"],
+    # FDT: codebook of 1024 256-d codes over the token arrays (needs --embeddings with tokens)
+    "fdt": ["fdt.enabled=true", "fdt.codes=1024", "fdt.dim=256", "fdt.temperature=10.0"],
 }
 
 
@@ -67,43 +76,100 @@ def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher
                                    *[o.format(teacher=teacher) for o in CASES[name]
                                      if not o.startswith("@")],
                                    *([f"data.embeddings={embeddings}"] if embeddings else [])])
-        trainer = Trainer(cfg)
-        result = trainer.run()
-        trainer.model.load_state_dict(MultiTowerModel.from_pretrained(
-            result.model_dir).state_dict())
-        if keep:
-            shutil.copytree(result.model_dir, keep)
+        if cfg.fdt.enabled:
+            return _fdt_case(name, cfg, epochs)
+        out = {"benchmark": BENCHMARK, "case": name, "epochs": epochs}
+        if cfg.mcl.enabled:  # the stages' concatenated embeddings
+            from modalign.train.recipes.mcl import MultistageModel, train_mcl
+
+            summary = train_mcl(cfg, run_dir=tmp)
+            trainer = Trainer(cfg, run_dir=os.path.join(tmp, "eval"))
+            model = MultistageModel.from_run(tmp)
+            out["stages"] = len(summary["stages"])
+
+            def embed(key, table):
+                return torch.from_numpy(model.project_array(key, table.features))
+
+            encode = model.encode
+        else:
+            trainer = Trainer(cfg)
+            result = trainer.run()
+            trainer.model.load_state_dict(MultiTowerModel.from_pretrained(
+                result.model_dir).state_dict())
+            if keep:
+                shutil.copytree(result.model_dir, keep)
+            out.update({"best_epoch": (result.summary.get("best") or {}).get("epoch"),
+                        "train_s": round(trainer.train_seconds, 1)})
+            embed, encode = trainer._embed_table, trainer.model.encode
         tables = trainer.split_tables("test")
-        out = {"benchmark": BENCHMARK, "case": name, "epochs": epochs,
-               "best_epoch": (result.summary.get("best") or {}).get("epoch"),
-               "train_s": round(trainer.train_seconds, 1)}
-        test = trainer.evaluate(tables)
-        out.update({k: round(v, 4) for k, v in test.items()
-                    if k == "gap" or (k.endswith("_recall@1") and k != "mean_recall@1")})
+        out.update(_measure(embed, tables))
         for key in dict.fromkeys(base_modality(k) for k in tables):  # every view of a modality
             table = KeyTable.from_embeddings(key, load_key(trainer.store, key, "test"))
-            z = trainer._embed_table(key, table)
+            z = embed(key, table)
             g = torch.from_numpy(table.group_ids)
             ids = [it["id"] for it in table.items]
             m = retrieval_metrics(z, z, g, g, k_values=(1,), exclude=self_exclusion(ids, ids))
             out[f"{key}_map"] = round(float(m.metrics["map"]), 4)
-        out["compositional"] = round(_compositional(trainer, tables), 4)
+        out["compositional"] = round(_compositional(embed, encode, tables), 4)
         if trainer.harmonize is not None:
             rates = trainer.harmonize.rates()
             out.update({f"harmonize_{k}": round(v, 4) for k, v in rates.items()})
         return out
 
 
-def _compositional(trainer, tables) -> float:
+def _measure(embed, tables) -> dict:
+    """Cross-modal R@1 both ways and the centroid gap of the two test tables."""
+    from modalign.evaluate.metrics import retrieval_metrics
+    from modalign.evaluate.vocabulary import metric_key
+    from modalign.geometry.gap import modality_gap
+
+    (ka, ta), (kb, tb) = tables.items()
+    za, zb = embed(ka, ta), embed(kb, tb)
+    ga, gb = torch.from_numpy(ta.group_ids), torch.from_numpy(tb.group_ids)
+    out = {metric_key(q, g, "recall@1"): round(float(
+        retrieval_metrics(x, y, gx, gy, k_values=(1,)).metrics["recall@1"]), 4)
+        for q, g, x, y, gx, gy in ((ka, kb, za, zb, ga, gb), (kb, ka, zb, za, gb, ga))}
+    out["gap"] = round(float(modality_gap(za.numpy(), zb.numpy(), normalize=False)
+                             .centroid_distance), 4)
+    return out
+
+
+def _fdt_case(name: str, cfg, epochs: int) -> dict:
+    """An [fdt] run from the store's token arrays: R@1, gap and intra-modal mAP on the test
+    split (no compositional figure: the negatives would need the text tower's tokens)."""
+    from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
+    from modalign.late.model import token_rows
+    from modalign.train.recipes.fdt import FDTModel, evaluate_fdt, train_fdt
+
+    settings = cfg.fdt_settings()
+    summary = train_fdt(settings)
+    model = FDTModel.from_pretrained(summary["model"])
+    out = {"benchmark": BENCHMARK, "case": name, "epochs": epochs,
+           "best_epoch": model.extra.get("epoch")}
+    test = evaluate_fdt(model, settings.store, settings.keys, "test")
+    out.update({k: round(v, 4) for k, v in test.items()
+                if k == "gap" or k.endswith("_recall@1")})
+    rows = token_rows(settings.store, "test")
+    for key in dict.fromkeys(k.partition(":")[0] for k in settings.keys[:2]):
+        tf = rows(key)
+        z = model.embed_rows(key, tf)
+        g = torch.from_numpy(tf.group_ids())
+        ids = [it["id"] for it in tf.items]
+        m = retrieval_metrics(z, z, g, g, k_values=(1,), exclude=self_exclusion(ids, ids))
+        out[f"{key}_map"] = round(float(m.metrics["map"]), 4)
+    return out
+
+
+def _compositional(embed, encode, tables) -> float:
     """Test images against their concept's name and its rule-based negatives (eval's task)."""
     from modalign.evaluate.compositional import evaluate_compositional
 
     (ki, images), (kt, texts) = tables.items()
     caption = {it["group"]: it["value"] for it in texts.items if it.get("view") == "name"}
     rows = [i for i, it in enumerate(images.items) if it["group"] in caption]
-    z = trainer._embed_table(ki, images)[rows]
+    z = embed(ki, images)[rows]
     result = evaluate_compositional(z, [caption[images.items[i]["group"]] for i in rows],
-                                    lambda t: trainer.model.encode(kt, t))
+                                    lambda t: encode(kt, t))
     return result.metrics["accuracy"]
 
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from modalign.embed.store import EmbeddingStore
-from modalign.encoders.tower import Tower
 from modalign.errors import ModalignError
 from modalign.train.loop import Trainer
 from modalign.train.recipes.negatives import HardNegatives, NegativesConfig, igc_loss
-from train_support import assert_resumes_bitwise, small_config
+from train_support import WordTower, assert_resumes_bitwise, caption_store, small_config
 
 
 def test_igc_loss_matches_the_naive_reference():
@@ -38,49 +35,8 @@ def test_igc_loss_matches_the_naive_reference():
     assert torch.autograd.gradcheck(lambda qq: igc_loss(qq, p, n, mask, s), (q,))
 
 
-class WordTower(Tower):
-    """A text tower with word-order-aware features (test stand-in for MiniLM)."""
-
-    name = "word-text"
-    modality = "text"
-    dim = 10
-
-    def preprocess(self, inputs):
-        return list(inputs)
-
-    def encode(self, batch):
-        out = np.zeros((len(batch), self.dim))
-        for r, t in enumerate(batch):
-            for pos, w in enumerate(t.split()):
-                seed = sum(map(ord, w)) * 31 + min(pos, 2)
-                out[r] += np.random.default_rng(seed).normal(size=self.dim)
-        return torch.tensor(out, dtype=torch.float32)
-
-    def identity(self):
-        return {"name": self.name}
-
-
-def _caption_store(path):
-    colours, shapes = ["red", "blue", "green", "yellow"], ["circle", "square", "heart"]
-    caps = [f"{c} {s}" for c in colours for s in shapes] * 3
-    rng = np.random.default_rng(0)
-    store = EmbeddingStore(path)
-    tower = WordTower()
-    text = tower.encode(caps).numpy().astype(np.float32)
-    img = text @ rng.normal(size=(10, 12)) + 0.1 * rng.normal(size=(len(caps), 12))
-    split = lambda g: "train" if g < 28 else "val"  # noqa: E731
-    store.add_array("image", img.astype(np.float32), [
-        {"id": f"i{g}", "modality": "image", "view": "a", "group": f"g{g:02d}", "split": split(g),
-         "labels": {}} for g in range(len(caps))], info={"encoder": {"name": "fake-image"}})
-    store.add_array("text", text, [
-        {"id": f"t{g}", "modality": "text", "view": "name", "group": f"g{g:02d}",
-         "split": split(g), "value": c, "labels": {}} for g, c in enumerate(caps)],
-        info={"encoder": {"name": "word-text"}})
-    return caps
-
-
 def test_trains_with_generated_and_given_negatives(tmp_path):
-    caps = _caption_store(tmp_path / "store")
+    caps = caption_store(tmp_path / "store")
     cfg = small_config(tmp_path / "store", tmp_path / "run", negatives={"k": 3, "weight": 0.5},
                        model={"towers": {"image": "fake-image", "text": "word-text"}},
                        train={"epochs": 2, "num_threads": 1})
@@ -164,7 +120,7 @@ def test_tgc_and_self_distillation_match_naive_references():
 
 
 def test_tgc_and_distillation_train_from_the_config_and_resume_bitwise(tmp_path):
-    _caption_store(tmp_path / "store")
+    caption_store(tmp_path / "store")
     negs = {"k": 2, "weight": 0.1, "tgc_weight": 0.1, "distill_weight": 0.005,
             "ema_decay": 0.9}
 

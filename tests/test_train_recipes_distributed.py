@@ -1,5 +1,7 @@
-"""The recipes that gather under ``torchrun`` (momentum queues, distillation targets): two gloo
-processes end with the weights, EMA model and queues of one process on the same global batch."""
+"""The recipes under ``torchrun``: two gloo processes end with the weights (and each recipe's
+state) of one process on the same global batch. Momentum queues and distillation targets gather;
+harmonization works on each rank's embedding gradients of the gathered losses, and its counts are
+summed over ranks. (Hard negatives are per-sample: nothing to gather.)"""
 
 from __future__ import annotations
 
@@ -70,3 +72,55 @@ def test_two_processes_match_one_process(tmp_path):
             torch.testing.assert_close(b.weights[module][k], v, rtol=0, atol=1e-6,
                                        msg=f"{module}.{k}")
     assert int(b.weights["momentum"]["filled"]) == 12
+
+
+HARMONIZE = """
+[data]
+embeddings = "{store}"
+keys = ["image:noto", "image:openmoji", "text"]
+[model]
+towers = {{ image = "fake-image", text = "fake-text" }}
+joint_dim = 6
+[[objectives]]
+loss = "clip"
+modalities = ["image:noto", "text"]
+[[objectives]]
+loss = "clip"
+modalities = ["image:openmoji", "text"]
+[optim]
+lr = 1e-2
+warmup_steps = 2
+[train]
+epochs = 2
+batch_size = 8
+num_threads = 1
+device = "cpu"
+progress = false
+[harmonize]
+enabled = true
+drop_below = 0.9
+curriculum_steps = 16
+"""
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_harmonization_two_processes_match_one_process(tmp_path):
+    config = tmp_path / "cfg.toml"
+    synthetic_store(tmp_path / "store")
+    config.write_text(HARMONIZE.format(store=tmp_path / "store"))
+    train(load_config(config, [f"run.dir={tmp_path / 'one'}"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "modalign", "train", "--config",
+                          str(config), "--run.dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints") for r in ("one", "two"))
+    assert a.step == b.step == 8 and b.trainer["world_size"] == 2
+    assert set(a.weights) == set(b.weights) == {"model", "objective", "harmonize"}
+    for module, weights in a.weights.items():
+        for k, v in weights.items():
+            torch.testing.assert_close(b.weights[module][k], v, rtol=0, atol=1e-6,
+                                       msg=f"{module}.{k}")
+    h = a.weights["harmonize"]  # counts of the global batch (summed over ranks), not vacuous
+    assert int(h["samples"]) == 8 * 8 and int(h["dropped"]) > 0

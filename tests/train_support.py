@@ -224,3 +224,46 @@ def assert_resumes_bitwise(make_config: Any, root: Path, stop_at: int,
         for k, v in weights.items():
             assert torch.equal(other.weights[module][k], v), f"{module}.{k}"
     return ckpt.weights
+
+
+class WordTower(Tower):
+    """A text tower with word-order-aware features (test stand-in for MiniLM)."""
+
+    name = "word-text"
+    modality = "text"
+    dim = 10
+
+    def preprocess(self, inputs):
+        return list(inputs)
+
+    def encode(self, batch):
+        out = np.zeros((len(batch), self.dim))
+        for r, t in enumerate(batch):
+            for pos, w in enumerate(t.split()):
+                seed = sum(map(ord, w)) * 31 + min(pos, 2)
+                out[r] += np.random.default_rng(seed).normal(size=self.dim)
+        return torch.tensor(out, dtype=torch.float32)
+
+    def identity(self):
+        return {"name": self.name}
+
+
+def caption_store(path: Path) -> list[str]:
+    """A store of colour-shape captions (text tower: :class:`WordTower`) and images derived
+    from them; 28 training groups, 8 validation groups."""
+    colours, shapes = ["red", "blue", "green", "yellow"], ["circle", "square", "heart"]
+    caps = [f"{c} {s}" for c in colours for s in shapes] * 3
+    rng = np.random.default_rng(0)
+    store = EmbeddingStore(path)
+    tower = WordTower()
+    text = tower.encode(caps).numpy().astype(np.float32)
+    img = text @ rng.normal(size=(10, 12)) + 0.1 * rng.normal(size=(len(caps), 12))
+    split = lambda g: "train" if g < 28 else "val"  # noqa: E731
+    store.add_array("image", img.astype(np.float32), [
+        {"id": f"i{g}", "modality": "image", "view": "a", "group": f"g{g:02d}", "split": split(g),
+         "labels": {}} for g in range(len(caps))], info={"encoder": {"name": "fake-image"}})
+    store.add_array("text", text, [
+        {"id": f"t{g}", "modality": "text", "view": "name", "group": f"g{g:02d}",
+         "split": split(g), "value": c, "labels": {}} for g, c in enumerate(caps)],
+        info={"encoder": {"name": "word-text"}})
+    return caps

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from modalign.errors import ModalignError
@@ -168,7 +169,12 @@ class GradientHarmonization(nn.Module):
         """:func:`harmonize_gradients` with this step's threshold; counts accumulate."""
         out, stats = harmonize_gradients(grads, self.anchors, project=self.config.project,
                                          drop_below=threshold_at(self.config, step))
-        for name, v in stats.items():
+        counts = torch.tensor([int(v) for v in stats.values()], dtype=torch.long)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = next(iter(next(iter(grads.values())).values())).device
+            counts = counts.to(device)
+            dist.all_reduce(counts)  # every rank counts the whole global batch
+        for name, v in zip(stats, counts.tolist(), strict=True):
             getattr(self, name).add_(v)
         return out
 
