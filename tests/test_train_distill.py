@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from modalign.errors import ModalignError
 from modalign.train.loop import Trainer, train
 from modalign.train.recipes.distill import dcd_loss, entropy_weights
-from train_support import small_config, synthetic_store
+from train_support import assert_resumes_bitwise, small_config, synthetic_store
 
 
 def _naive(y, t, offset, alpha, T):
@@ -74,6 +74,13 @@ def test_a_smaller_student_trains_from_a_saved_teacher(tmp_path):
     result = trainer.run()
     assert result.summary["steps"] == 8
     assert trainer.model.config.joint_dim == 4
+    # stopped at step 3 and resumed: the student and its logit scale end bit for bit the same
+    weights = assert_resumes_bitwise(
+        lambda run: small_config(tmp_path / "store", run, model={"joint_dim": 4},
+                                 distill={"teacher": str(teacher), "alpha": 0.5},
+                                 train={"epochs": 2, "num_threads": 1, "checkpoint_every": 1,
+                                        "keep_checkpoints": 9}), tmp_path / "resume", stop_at=3)
+    assert "log_logit_scale" in weights["distill"]
 
 
 def test_bad_teachers_are_refused_naming_the_key(tmp_path):

@@ -11,7 +11,7 @@ from modalign.errors import ModalignError
 from modalign.io import read_jsonl
 from modalign.train.loop import Trainer
 from modalign.train.recipes.harmonize import HarmonizeConfig, harmonize_gradients, threshold_at
-from train_support import small_config, synthetic_store
+from train_support import assert_resumes_bitwise, small_config, synthetic_store
 
 THREE = [{"loss": "clip", "modalities": ["text", "image"]},
          {"loss": "clip", "modalities": ["text", "audio"]}]
@@ -65,12 +65,16 @@ def test_harmonized_backward_equals_plain_training_when_nothing_is_changed(tmp_p
 
 def test_three_modalities_train_and_report_how_often_it_fired(tmp_path):
     synthetic_store(tmp_path / "store", audio_dim=5)
-    cfg = small_config(tmp_path / "store", tmp_path / "run",
-                       data={"keys": ["image", "text", "audio"]}, objectives=THREE,
-                       harmonize={"enabled": True, "drop_below": 0.0, "curriculum_steps": 4},
-                       train={"epochs": 2, "num_threads": 1})
-    Trainer(cfg).run()
-    rows = read_jsonl(tmp_path / "run" / "log.jsonl")
+    # trained, then stopped at step 3 and resumed: weights and counts end bit for bit the same
+    weights = assert_resumes_bitwise(
+        lambda run: small_config(tmp_path / "store", run,
+                                 data={"keys": ["image", "text", "audio"]}, objectives=THREE,
+                                 harmonize={"enabled": True, "drop_below": 0.0,
+                                            "curriculum_steps": 4},
+                                 train={"epochs": 2, "num_threads": 1, "checkpoint_every": 1,
+                                        "keep_checkpoints": 9}), tmp_path, stop_at=3)
+    assert int(weights["harmonize"]["pairs"]) > 0
+    rows = read_jsonl(tmp_path / "full" / "log.jsonl")
     rates = [r["harmonize"] for r in rows]
     assert len(rates) == 2 and all(0 <= r["fired"] <= 1 and 0 <= r["dropped"] <= 1
                                    for r in rates)
