@@ -141,6 +141,8 @@ def test_fdt_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(ModalignError, match="two or more"):
         TrainConfig.from_dict({}, ["fdt.enabled=true", "data.keys=['image']",
                                    "objectives=[{loss='uniformity', modalities=['image']}]"])
+    with pytest.raises(ModalignError, match="cannot be combined"):
+        TrainConfig.from_dict({}, ["fdt.enabled=true", "mcl.stages=2"])
     with pytest.raises(ModalignError, match=r"data\.embeddings"):
         train_fdt(FDTSettings(run_dir=str(tmp_path / "r")))
     with pytest.raises(ModalignError, match="not an FDT model"):

@@ -360,6 +360,12 @@ class TrainConfig:
         self.negatives.check(d.keys, t.accumulate)
         self.harmonize.check(t.accumulate)
         self.mcl.check(d.keys)
+        own_runs = [name for name, on in (("late.enabled", self.late.enabled),
+                                          ("fdt.enabled", self.fdt.enabled),
+                                          ("mcl.stages > 1", self.mcl.enabled)) if on]
+        if len(own_runs) > 1:
+            raise ModalignError(f"{' and '.join(own_runs)} cannot be combined: each trains a "
+                                "model of its own; use one of them")
         if self.harmonize.enabled and self.negatives.enabled:
             raise ModalignError("harmonize.enabled and negatives.k > 0 cannot be combined (the "
                                 "negatives' own embeddings are not harmonized); use one of them")
