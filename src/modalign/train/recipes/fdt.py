@@ -315,9 +315,10 @@ def fdt_loss(model: FDTModel, batch: Mapping[str, tuple[torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def evaluate_fdt(model: FDTModel | str | os.PathLike[str], store: Any, keys: Sequence[str],
-                 split: str = "test") -> dict[str, float]:
+                 split: str = "test", rows: Any = None) -> dict[str, float]:
     """R@1/R@5 both ways between the first two keys (positives: same group) and their centroid
-    gap, over every row of ``split`` with tokens."""
+    gap, over every row of ``split`` with tokens (``rows``: the split's ``token_rows``, read
+    once by the caller)."""
     from modalign.evaluate.metrics import retrieval_metrics
     from modalign.evaluate.vocabulary import metric_key
     from modalign.geometry.gap import modality_gap
@@ -325,7 +326,7 @@ def evaluate_fdt(model: FDTModel | str | os.PathLike[str], store: Any, keys: Seq
 
     if not isinstance(model, FDTModel):
         model = FDTModel.from_pretrained(model)
-    rows = token_rows(store, split)
+    rows = rows or token_rows(store, split)
     (ka, ta), (kb, tb) = ((k, rows(k)) for k in keys[:2])
     if not len(ta) or not len(tb):
         raise ModalignError(f"split {split!r} has no token rows of {ka!r} or {kb!r}; set "
@@ -383,6 +384,9 @@ def train_fdt(settings: FDTSettings, resume: bool = False) -> dict[str, Any]:
         torch.set_num_threads(settings.num_threads)
     torch.manual_seed(settings.seed)
     data = TokenPairs(settings.store, settings.keys, settings.train_split)
+    from modalign.late.model import token_rows
+
+    val_rows = token_rows(settings.store, settings.val_split)
     if len(data) < settings.batch_size:
         raise ModalignError(f"train.batch_size={settings.batch_size} exceeds the {len(data)} "
                             f"groups of split {settings.train_split!r} with tokens of every key "
@@ -451,7 +455,7 @@ def train_fdt(settings: FDTSettings, resume: bool = False) -> dict[str, Any]:
             break
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step,
                                "train_loss": loss_sum / max(index, 1)}
-        val = evaluate_fdt(model, settings.store, settings.keys, settings.val_split)
+        val = evaluate_fdt(model, settings.store, settings.keys, settings.val_split, val_rows)
         row.update(val)
         if val[metric] > best:
             best, row["best"] = val[metric], True
