@@ -119,19 +119,13 @@ def run_case(name: str, epochs: int, threads: int, embeddings: str = "", teacher
 
 def _measure(embed, tables) -> dict:
     """Cross-modal R@1 both ways and the centroid gap of the two test tables."""
-    from modalign.evaluate.metrics import retrieval_metrics
-    from modalign.evaluate.vocabulary import metric_key
-    from modalign.geometry.gap import modality_gap
+    from modalign.train.validate import pair_metrics
 
     (ka, ta), (kb, tb) = tables.items()
-    za, zb = embed(ka, ta), embed(kb, tb)
-    ga, gb = torch.from_numpy(ta.group_ids), torch.from_numpy(tb.group_ids)
-    out = {metric_key(q, g, "recall@1"): round(float(
-        retrieval_metrics(x, y, gx, gy, k_values=(1,)).metrics["recall@1"]), 4)
-        for q, g, x, y, gx, gy in ((ka, kb, za, zb, ga, gb), (kb, ka, zb, za, gb, ga))}
-    out["gap"] = round(float(modality_gap(za.numpy(), zb.numpy(), normalize=False)
-                             .centroid_distance), 4)
-    return out
+    test = pair_metrics((ka, embed(ka, ta), torch.from_numpy(ta.group_ids)),
+                        (kb, embed(kb, tb), torch.from_numpy(tb.group_ids)))
+    return {k: round(v, 4) for k, v in test.items()
+            if k == "gap" or (k.endswith("_recall@1") and k != "mean_recall@1")}
 
 
 def _fdt_case(name: str, cfg, epochs: int) -> dict:
@@ -148,7 +142,7 @@ def _fdt_case(name: str, cfg, epochs: int) -> dict:
            "best_epoch": model.extra.get("epoch")}
     test = evaluate_fdt(model, settings.store, settings.keys, "test")
     out.update({k: round(v, 4) for k, v in test.items()
-                if k == "gap" or k.endswith("_recall@1")})
+                if k == "gap" or (k.endswith("_recall@1") and k != "mean_recall@1")})
     rows = token_rows(settings.store, "test")
     for key in dict.fromkeys(k.partition(":")[0] for k in settings.keys[:2]):
         tf = rows(key)

@@ -84,13 +84,21 @@ def evaluate(model: MultiTowerModel, tables: Mapping[str, KeyTable],
     key retrieving the second, ``text-to-image_recall@1`` the reverse; also
     ``mean_recall@1`` and ``gap``. ``raw`` maps the keys encoded on the fly to their inputs.
     """
-    from modalign.evaluate.metrics import retrieval_metrics
-    from modalign.geometry.gap import modality_gap
-
     raw = raw or {}
     (ka, ta), (kb, tb) = tables.items()
     za, zb = embed_table(model, ka, ta, raw.get(ka)), embed_table(model, kb, tb, raw.get(kb))
-    ga, gb = torch.from_numpy(ta.group_ids), torch.from_numpy(tb.group_ids)
+    return pair_metrics((ka, za, torch.from_numpy(ta.group_ids)),
+                        (kb, zb, torch.from_numpy(tb.group_ids)))
+
+
+def pair_metrics(a: tuple[str, torch.Tensor, torch.Tensor],
+                 b: tuple[str, torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """:func:`evaluate`'s figures from two keys' ``(key, embeddings, group ids)``: R@1/R@5 both
+    ways, ``mean_recall@1`` and the centroid ``gap`` (any model's embeddings)."""
+    from modalign.evaluate.metrics import retrieval_metrics
+    from modalign.geometry.gap import modality_gap
+
+    (ka, za, ga), (kb, zb, gb) = a, b
     a2b = retrieval_metrics(za, zb, ga, gb, k_values=(1, 5)).metrics
     b2a = retrieval_metrics(zb, za, gb, ga, k_values=(1, 5)).metrics
     gap = modality_gap(za.numpy(), zb.numpy(), normalize=False).centroid_distance

@@ -316,13 +316,11 @@ def fdt_loss(model: FDTModel, batch: Mapping[str, tuple[torch.Tensor, torch.Tens
 @torch.no_grad()
 def evaluate_fdt(model: FDTModel | str | os.PathLike[str], store: Any, keys: Sequence[str],
                  split: str = "test", rows: Any = None) -> dict[str, float]:
-    """R@1/R@5 both ways between the first two keys (positives: same group) and their centroid
-    gap, over every row of ``split`` with tokens (``rows``: the split's ``token_rows``, read
-    once by the caller)."""
-    from modalign.evaluate.metrics import retrieval_metrics
-    from modalign.evaluate.vocabulary import metric_key
-    from modalign.geometry.gap import modality_gap
+    """R@1/R@5 both ways between the first two keys (positives: same group), their mean R@1 and
+    centroid gap, over every row of ``split`` with tokens (``rows``: the split's
+    ``token_rows``, read once by the caller)."""
     from modalign.late.model import token_rows
+    from modalign.train.validate import pair_metrics
 
     if not isinstance(model, FDTModel):
         model = FDTModel.from_pretrained(model)
@@ -332,13 +330,8 @@ def evaluate_fdt(model: FDTModel | str | os.PathLike[str], store: Any, keys: Seq
         raise ModalignError(f"split {split!r} has no token rows of {ka!r} or {kb!r}; set "
                             "data.val_split to a split of the store")
     za, zb = (model.embed_rows(k.partition(":")[0], t) for k, t in ((ka, ta), (kb, tb)))
-    ga, gb = torch.from_numpy(ta.group_ids()), torch.from_numpy(tb.group_ids())
-    a2b = retrieval_metrics(za, zb, ga, gb, k_values=(1, 5)).metrics
-    b2a = retrieval_metrics(zb, za, gb, ga, k_values=(1, 5)).metrics
-    out = {metric_key(q, g, f"recall@{k}"): float(m[f"recall@{k}"])
-           for q, g, m in ((ka, kb, a2b), (kb, ka, b2a)) for k in (1, 5)}
-    out["gap"] = float(modality_gap(za.numpy(), zb.numpy(), normalize=False).centroid_distance)
-    return out
+    return pair_metrics((ka, za, torch.from_numpy(ta.group_ids())),
+                        (kb, zb, torch.from_numpy(tb.group_ids())))
 
 
 SETTINGS_NAME = "fdt_settings.json"
