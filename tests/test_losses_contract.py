@@ -47,6 +47,7 @@ DECLARED = {
     "m2mix": (False, False, False, (2, 2), True),
     "m3col": (False, False, False, (2, 2), False),
     "pairwise": (False, False, False, (2, None), False),
+    "clsr": (False, False, False, (2, 2), True),  # registered by modalign.train.recipes
 }
 BUILTIN = [n for n in available_losses() if loss_class(n).__module__.startswith("modalign.")]
 

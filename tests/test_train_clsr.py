@@ -11,7 +11,7 @@ import torch
 
 from modalign.errors import ModalignError
 from modalign.losses.clip import clip_loss
-from modalign.train.recipes.clsr import CLSRLoss, separability_loss
+from modalign.train.recipes.clsr import CLSRLoss, separability_terms
 from train_support import assert_resumes_bitwise, small_config, synthetic_store
 
 
@@ -31,13 +31,13 @@ def test_clsr_matches_the_naive_reference_and_reduces_to_clip():
     x = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
     y = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
     s = torch.tensor(4.0, dtype=torch.float64)
-    la, lb = separability_loss(x, y, s, 0.5)
+    la, lb = separability_terms(x, y, s, 0.5)
     assert float(la) == pytest.approx(_naive_side(x, y, 4.0, 0.5), rel=1e-12)
     assert float(lb) == pytest.approx(_naive_side(y, x, 4.0, 0.5), rel=1e-12)
     xx = x.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a: sum(separability_loss(a, y, s, 0.5)), (xx,))
+    assert torch.autograd.gradcheck(lambda a: sum(separability_terms(a, y, s, 0.5)), (xx,))
     # without intra-modal negatives the separability term is the CLIP loss
-    la0, lb0 = separability_loss(x, y, s, 0.0)
+    la0, lb0 = separability_terms(x, y, s, 0.0)
     assert float((la0 + lb0) / 2) == pytest.approx(float(clip_loss(x, y, s).loss), rel=1e-12)
 
     loss = CLSRLoss(["audio", "text"], dim=5, hidden_dim=7, intra_weight=0.5,

@@ -43,7 +43,7 @@ from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 
 
-def separability_loss(x: Tensor, y: Tensor, scale: Tensor, intra_weight: float,
+def separability_terms(x: Tensor, y: Tensor, scale: Tensor, intra_weight: float,
                       gather: GatherGrad | None = GatherGrad.GLOBAL) -> tuple[Tensor, Tensor]:
     """``(L_x, L_y)``: InfoNCE of each row against the other modality's rows plus
     ``intra_weight`` times its own modality's other rows in the denominator."""
@@ -112,7 +112,7 @@ class CLSRLoss(ScaledLoss):
     def compute(self, embeddings: Mapping[str, Tensor], groups: Tensor | None,
                 indices: Tensor | None) -> LossOutput:
         x, y = (F.normalize(t, dim=-1) for t in self.select(embeddings))
-        la, lb = separability_loss(x, y, self.logit_scale().to(x.dtype), self.intra_weight,
+        la, lb = separability_terms(x, y, self.logit_scale().to(x.dtype), self.intra_weight,
                                    self.gather)
         a, b = self.modalities
         rec = (((self.reconstruct["a_to_b"](x) - y) ** 2).sum(-1)
