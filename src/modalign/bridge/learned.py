@@ -15,8 +15,9 @@ renormalised. With ``center=True`` the map acts on centred inputs and adds the t
   distribution (:mod:`modalign.bridge.diffusion_link`). Stochastic: ``seed`` fixes the noise.
 
 A fitted bridge is saved as ``ID.safetensors`` + ``ID.json`` (``ID`` = kind + a hash of its
-weights) and used in ``modalign eval --bridge learned:path=DIR/ID``, alone or chained with the
-post-hoc bridges of :mod:`modalign.bridge.posthoc`.
+weights; the format of :func:`modalign.bridge.base.save_bridge`) and used in ``modalign eval
+--bridge learned:path=DIR/ID``, alone or chained with the post-hoc bridges of
+:mod:`modalign.bridge.posthoc`. Files written before format versions still load.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from modalign.bridge.base import (
+    BaseBridge,
+    NotFittedError,
+    read_bridge_files,
+    save_bridge,
+    stem_of,
+)
 from modalign.errors import ModalignError
-from modalign.io import atomic_path, write_json_atomic
 
 KINDS: tuple[str, ...] = ("procrustes", "lstsq", "mlp", "diffusion-link")
 
@@ -83,12 +89,13 @@ class _ResidualMLP(nn.Module):
         return x + self.net(x)
 
 
-class LearnedBridge:
+class LearnedBridge(BaseBridge):
     """A fitted map from ``source`` embeddings toward ``target`` ones (see the module docstring).
 
-    Implements the :class:`~modalign.bridge.posthoc.Bridge` protocol: ``fit`` is a no-op (the map
-    is fitted on paired data by :meth:`fit_pairs` or loaded), ``transform`` maps every key of the
-    source modality (``"text"``, ``"text:name"``) and passes the rest through.
+    A :class:`~modalign.bridge.base.BaseBridge`: :meth:`fit_pairs` fits on matched rows;
+    ``fit(bank)`` fits on ``bank[source]`` and ``bank[target]`` when they are matched rows (the
+    same length); ``transform`` maps every key of the source modality (``"text"``,
+    ``"text:name"``) and passes the rest through. Fitted: ``tensors_`` (name -> tensor).
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
@@ -97,6 +104,10 @@ class LearnedBridge:
         >>> torch.allclose(b.transform({"text": x})["text"], x, atol=1e-5)
         True
     """
+
+    name = "learned"
+    fitted_attributes = ("tensors_",)
+    tensors_: dict[str, Tensor]
 
     def __init__(self, kind: str = "procrustes", source: str = "text", target: str = "image", *,
                  center: bool = True, rotation: bool = False, ridge: float = 1e-3,
@@ -108,25 +119,35 @@ class LearnedBridge:
         if not source or not target or source == target:
             raise ModalignError(f"source={source!r}, target={target!r}: expected two different "
                                 "modalities")
-        self.name = "learned"
         self.kind, self.source, self.target = kind, source, target
-        diffusion = kind == "diffusion-link"
-        hidden = hidden if hidden is not None else (1024 if diffusion else 512)
-        steps = steps if steps is not None else (2000 if diffusion else 500)
-        if hidden < 2 or steps < 1 or not 0 < t_start <= 1000 or ddim_steps < 1 or rho <= 0:
-            raise ModalignError(f"hidden={hidden}, steps={steps}, t_start={t_start}, "
+        self.center, self.rotation, self.ridge = bool(center), bool(rotation), float(ridge)
+        self.hidden, self.steps, self.lr, self.seed = hidden, steps, float(lr), int(seed)
+        self.batch_size, self.t_start, self.ddim_steps = int(batch_size), int(t_start), ddim_steps
+        self.rho, self.lambda_topo = float(rho), float(lambda_topo)
+        self.noise_source = bool(noise_source)
+        s = self.settings
+        if s["hidden"] < 2 or s["steps"] < 1 or not 0 < t_start <= 1000 or ddim_steps < 1 \
+                or rho <= 0:
+            raise ModalignError(f"hidden={s['hidden']}, steps={s['steps']}, t_start={t_start}, "
                                 f"ddim_steps={ddim_steps}, rho={rho}: expected hidden >= 2, "
                                 "steps >= 1, 0 < t_start <= 1000, ddim_steps >= 1, rho > 0")
-        self.settings: dict[str, Any] = {"center": bool(center), "rotation": bool(rotation),
-                                         "ridge": float(ridge), "hidden": int(hidden),
-                                         "steps": int(steps), "lr": float(lr), "seed": int(seed)}
-        if diffusion:
-            self.settings.update({"batch_size": int(batch_size), "t_start": int(t_start),
-                                  "ddim_steps": int(ddim_steps), "rho": float(rho),
-                                  "lambda_topo": float(lambda_topo),
-                                  "noise_source": bool(noise_source)})
-        self.tensors: dict[str, Tensor] = {}
         self.path: str | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings that shape the map (``hidden``/``steps`` resolved per kind); the id hashes
+        them, and a saved bridge's JSON lists them."""
+        diffusion = self.kind == "diffusion-link"
+        hidden = self.hidden if self.hidden is not None else (1024 if diffusion else 512)
+        steps = self.steps if self.steps is not None else (2000 if diffusion else 500)
+        out: dict[str, Any] = {"center": self.center, "rotation": self.rotation,
+                               "ridge": self.ridge, "hidden": int(hidden), "steps": int(steps),
+                               "lr": self.lr, "seed": self.seed}
+        if diffusion:
+            out.update({"batch_size": self.batch_size, "t_start": self.t_start,
+                        "ddim_steps": int(self.ddim_steps), "rho": self.rho,
+                        "lambda_topo": self.lambda_topo, "noise_source": self.noise_source})
+        return out
 
     # -- fitting ------------------------------------------------------------------------------
 
@@ -135,21 +156,22 @@ class LearnedBridge:
         _check_pair(x, y)
         x64, y64 = F.normalize(x.double(), dim=1), F.normalize(y.double(), dim=1)
         zero = torch.zeros(x.shape[1], dtype=torch.float64)
-        mu_x = x64.mean(0) if self.settings["center"] else zero
-        mu_y = y64.mean(0) if self.settings["center"] else zero
+        mu_x = x64.mean(0) if self.center else zero
+        mu_y = y64.mean(0) if self.center else zero
         xc, yc = x64 - mu_x, y64 - mu_y
-        self.tensors = {"mu_x": mu_x.float(), "mu_y": mu_y.float()}
+        tensors = {"mu_x": mu_x.float(), "mu_y": mu_y.float()}
         if self.kind == "procrustes":
-            self.tensors["w"] = procrustes(xc, yc, rotation=self.settings["rotation"]).float()
+            tensors["w"] = procrustes(xc, yc, rotation=self.rotation).float()
         elif self.kind == "lstsq":
-            self.tensors["w"] = least_squares(xc, yc, ridge=self.settings["ridge"]).float()
+            tensors["w"] = least_squares(xc, yc, ridge=self.ridge).float()
         elif self.kind == "diffusion-link":
-            self.tensors.update(self._fit_diffusion(x64.float(), y64.float()))
+            tensors.update(self._fit_diffusion(x64.float(), y64.float()))
         else:
-            self.tensors.update(self._fit_mlp(xc.float(), y64.float()))
+            tensors.update(self._fit_mlp(xc.float(), y64.float(), tensors["mu_y"]))
+        self.tensors_ = tensors
         return self
 
-    def _fit_mlp(self, xc: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def _fit_mlp(self, xc: Tensor, y: Tensor, mu_y: Tensor) -> dict[str, Tensor]:
         s = self.settings
         gen = torch.Generator().manual_seed(s["seed"])
         net = _ResidualMLP(xc.shape[1], s["hidden"])
@@ -157,7 +179,6 @@ class LearnedBridge:
             for p in net.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
         opt = torch.optim.AdamW(net.parameters(), lr=s["lr"], weight_decay=0.0)
-        mu_y = self.tensors["mu_y"]
         for _ in range(s["steps"]):
             loss = 1 - F.cosine_similarity(net(xc) + mu_y, y, dim=1).mean()
             opt.zero_grad(set_to_none=True)
@@ -176,19 +197,26 @@ class LearnedBridge:
                 **{f"dl.{k}": v.detach().clone() for k, v in net.state_dict().items()}}
 
     def fit(self, bank: Mapping[str, Tensor]) -> LearnedBridge:
-        """No-op: a learned bridge is fitted on paired rows (:meth:`fit_pairs`) or loaded."""
-        if not self.tensors:
-            raise ModalignError("learned bridge: fit it on paired embeddings (fit_pairs, or "
-                                "'modalign fit-bridge') and pass path=FILE")
-        return self
+        """Fit on ``bank[source]`` and ``bank[target]`` as matched rows (row ``i`` pairs row ``i``).
+
+        Banks whose rows are not matched (a split's images and captions) go through
+        :func:`group_pairs` and :meth:`fit_pairs` instead.
+        """
+        from modalign.bridge.posthoc import lookup_key
+
+        x, y = lookup_key(bank, self.source, self.name), lookup_key(bank, self.target, self.name)
+        if len(x) != len(y):
+            raise ModalignError(f"learned bridge: bank[{self.source!r}] has {len(x)} rows and "
+                                f"bank[{self.target!r}] {len(y)}; expected matched rows (pair "
+                                "them with group_pairs, then call fit_pairs)")
+        return self.fit_pairs(x, y)
 
     # -- applying -----------------------------------------------------------------------------
 
     def map(self, x: Tensor) -> Tensor:
         """Apply the map to ``(n, d)`` source embeddings; unit rows out."""
-        if not self.tensors:
-            raise ModalignError("learned bridge: not fitted")
-        mu_x, mu_y = self.tensors["mu_x"], self.tensors["mu_y"]
+        self.check_fitted()
+        mu_x, mu_y = self.tensors_["mu_x"], self.tensors_["mu_y"]
         if x.ndim != 2 or x.shape[1] != mu_x.shape[0]:
             raise ModalignError(f"embeddings: expected (n, {mu_x.shape[0]}), got "
                                 f"{tuple(x.shape)}")
@@ -197,27 +225,28 @@ class LearnedBridge:
         xc = F.normalize(x.float(), dim=1) - mu_x
         if self.kind == "mlp":
             net = _ResidualMLP(len(mu_x), self.settings["hidden"])
-            net.load_state_dict({k[4:]: v for k, v in self.tensors.items()
+            net.load_state_dict({k[4:]: v for k, v in self.tensors_.items()
                                  if k.startswith("mlp.")})
             with torch.no_grad():
                 out = net(xc)
         else:
-            out = xc @ self.tensors["w"]
+            out = xc @ self.tensors_["w"]
         return F.normalize(out + mu_y, dim=1)
 
     def _map_diffusion(self, x: Tensor) -> Tensor:
         from modalign.bridge import diffusion_link as dl
 
         s = self.settings
-        net = dl.Denoiser(len(self.tensors["mu_x"]), hidden=s["hidden"])
-        net.load_state_dict({k[3:]: v for k, v in self.tensors.items() if k.startswith("dl.")})
+        t = self.tensors_
+        net = dl.Denoiser(len(t["mu_x"]), hidden=s["hidden"])
+        net.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("dl.")})
         gen = torch.Generator().manual_seed(s["seed"])
-        x0 = dl.ddim_sample(net.eval(), dl.preprocess(x, self.tensors["mu_x"], s["rho"]), s,
-                            generator=gen)
-        y = x0 / s["rho"] * self.tensors["scale_y"] + self.tensors["mu_y"]
+        x0 = dl.ddim_sample(net.eval(), dl.preprocess(x, t["mu_x"], s["rho"]), s, generator=gen)
+        y = x0 / s["rho"] * t["scale_y"] + t["mu_y"]
         return F.normalize(y, dim=1)
 
     def transform(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        self.check_fitted()
         out = dict(embeddings)
         for key, x in embeddings.items():
             if key == self.source or key.split(":", 1)[0] == self.source:
@@ -232,45 +261,41 @@ class LearnedBridge:
 
     def bridge_id(self) -> str:
         """``kind-<hash>``: the hash covers the settings and the fitted weights."""
+        self.check_fitted()
         h = hashlib.sha256(json.dumps([self.kind, self.source, self.target, self.settings],
                                       sort_keys=True).encode())
-        for key in sorted(self.tensors):
+        for key in sorted(self.tensors_):
             h.update(key.encode())
-            h.update(self.tensors[key].contiguous().numpy().tobytes())
+            h.update(self.tensors_[key].contiguous().numpy().tobytes())
         return f"{self.kind}-{h.hexdigest()[:12]}"
 
     def save(self, folder: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:
         """Write ``ID.safetensors`` then ``ID.json`` into ``folder``; returns the JSON path."""
-        if not self.tensors:
-            raise ModalignError("learned bridge: fit it before saving")
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        ident = self.bridge_id()
-        with atomic_path(out / f"{ident}.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
-        meta = {"format": "modalign.LearnedBridge", "id": ident, "kind": self.kind,
-                "source": self.source, "target": self.target, "settings": self.settings,
-                "extra": dict(extra or {})}
-        write_json_atomic(out / f"{ident}.json", meta)
-        self.path = str(out / ident)
-        return out / f"{ident}.json"
+        if not self.is_fitted():
+            raise NotFittedError("learned bridge: fit it before saving")
+        return save_bridge(self, Path(folder) / self.bridge_id(), extra=extra)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        description, tensors = super().state()
+        return {**description, "id": self.bridge_id(), "settings": self.settings}, tensors
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LearnedBridge:
-        """Load ``DIR/ID`` (or ``DIR/ID.json``) written by :meth:`save`."""
-        stem = Path(str(path))
-        if stem.suffix in (".json", ".safetensors"):
-            stem = stem.with_suffix("")
-        meta_path, weights = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-        if not meta_path.is_file() or not weights.is_file():
-            raise ModalignError(f"learned bridge {str(path)!r}: expected {meta_path.name} and "
-                                f"{weights.name} (written by 'modalign fit-bridge')")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != "modalign.LearnedBridge":
-            raise ModalignError(f"{meta_path}: not a learned bridge file")
-        bridge = cls(meta["kind"], meta["source"], meta["target"], **meta["settings"])
-        bridge.tensors = load_file(str(weights))
-        bridge.path = str(stem)
+        """Load ``DIR/ID`` (or ``DIR/ID.json``) written by :meth:`save` (any format version)."""
+        from modalign.bridge.base import load_bridge
+
+        meta, tensors = read_bridge_files(path)
+        if meta.get("format") == "modalign.LearnedBridge":  # before format versions
+            bridge = LearnedBridge(meta["kind"], meta["source"], meta["target"],
+                                   **meta["settings"])
+            bridge.tensors_ = tensors
+        else:
+            loaded = load_bridge(path)
+            if not isinstance(loaded, LearnedBridge):
+                raise ModalignError(f"{path}: a saved {type(loaded).__name__}, not a learned "
+                                    "bridge")
+            bridge = loaded
+        bridge.path = str(stem_of(path))
         return bridge
 
 
@@ -287,6 +312,12 @@ class SavedBridge(LearnedBridge):
         if not path:
             raise ModalignError("bridge 'learned': expected path=DIR/ID of a fitted bridge")
         self.__dict__.update(LearnedBridge.load(path).__dict__)
+
+    saved_as = LearnedBridge
+
+    def fit(self, bank: Mapping[str, Tensor]) -> SavedBridge:
+        """No-op: a saved bridge arrives fitted (a chain fits its other members around it)."""
+        return self
 
 
 def _check_pair(x: Tensor, y: Tensor, *, same_dim: bool = True) -> None:

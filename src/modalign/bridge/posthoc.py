@@ -5,6 +5,9 @@ Every bridge has ``fit(bank)`` (a mapping key -> ``(n, d)`` embeddings of a trai
 hyperparameters, for result records). Keys are modalities, optionally with a view
 (``"image:openmoji"``); a statistic fitted for ``"image"`` also serves ``"image:openmoji"``.
 Bridges compose with :class:`BridgeChain`; :func:`build_bridge` parses ``"name:key=value,..."``.
+They follow scikit-learn's conventions (:mod:`modalign.bridge.base`): ``get_params`` /
+``set_params`` from the constructor, fitted attributes ending in ``_``, :class:`NotFittedError`,
+``fit_transform``, and :func:`save_bridge` / :func:`load_bridge` (safetensors + JSON).
 
 * :class:`Centering` -- subtract each modality's mean, renormalise.
 * :class:`MeanShift` -- move one modality by the gap vector ``mean(target) - mean(source)``.
@@ -26,8 +29,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modalign.bridge.base import (
+    BaseBridge,
+    NotFittedError,
+    bridge_from_state,
+    load_bridge,
+    save_bridge,
+)
 from modalign.bridge.learned import SavedBridge
+from modalign.errors import ModalignError
 from modalign.spec import parse_value
+
+__all__ = ["BRIDGES", "BaseBridge", "Bridge", "BridgeChain", "Centering", "CloseNoise", "InvGC",
+           "MeanShift", "NotFittedError", "build_bridge", "build_chain", "close_noise",
+           "inverse_graph_convolution", "load_bridge", "local_inverse_graph_convolution",
+           "lookup_key", "save_bridge"]
 
 DEFAULT_CHUNK_SIZE = 1 << 22
 
@@ -154,10 +170,11 @@ def close_noise(x: Tensor, std: float, *, generator: torch.Generator | None = No
 # bridges
 
 
-class Centering:
+class Centering(BaseBridge):
     """Subtract each modality's mean (fitted on the bank), then renormalise.
 
-    Removing every modality's centroid removes the gap vector between them.
+    Removing every modality's centroid removes the gap vector between them. Fitted:
+    ``means_`` (key -> ``(d,)`` mean).
 
     Examples:
         >>> bank = {"image": F.normalize(torch.randn(50, 4) + 2, dim=1)}
@@ -167,29 +184,30 @@ class Centering:
     """
 
     name = "centering"
+    fitted_attributes = ("means_",)
+    means_: dict[str, Tensor]
 
     def __init__(self, renormalize: bool = True) -> None:
         self.renormalize = renormalize
-        self.means: dict[str, Tensor] = {}
 
     def fit(self, bank: Mapping[str, Tensor]) -> Centering:
-        self.means = {key: _check_matrix(f"bank[{key!r}]", x).mean(0)
-                      for key, x in _check_bank(bank).items()}
+        self.means_ = {key: _check_matrix(f"bank[{key!r}]", x).mean(0)
+                       for key, x in _check_bank(bank).items()}
         return self
 
     def transform(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        self.check_fitted()
         out = {}
         for key, x in embeddings.items():
-            y = _check_matrix(f"embeddings[{key!r}]", x) - lookup_key(self.means, key, self.name)
+            y = _check_matrix(f"embeddings[{key!r}]", x) - lookup_key(self.means_, key, self.name)
             out[key] = F.normalize(y, dim=1) if self.renormalize else y
         return out
 
-    def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "renormalize": self.renormalize}
 
-
-class MeanShift:
+class MeanShift(BaseBridge):
     """Move ``source`` embeddings by ``scale * (mean(target) - mean(source))``, renormalise.
+
+    Fitted: ``gap_`` (the ``(d,)`` vector ``mean(target) - mean(source)`` of the bank).
 
     Examples:
         >>> bank = {"text": F.normalize(torch.randn(40, 4) - 1, dim=1),
@@ -201,36 +219,32 @@ class MeanShift:
     """
 
     name = "meanshift"
+    fitted_attributes = ("gap_",)
+    gap_: Tensor
 
     def __init__(self, source: str = "text", target: str = "image", scale: float = 1.0,
                  renormalize: bool = True) -> None:
         self.source, self.target = source, target
         self.scale, self.renormalize = float(scale), renormalize
-        self.gap: Tensor | None = None
 
     def fit(self, bank: Mapping[str, Tensor]) -> MeanShift:
         bank = _check_bank(bank)
         source = _check_matrix("bank source", lookup_key(bank, self.source, self.name))
         target = _check_matrix("bank target", lookup_key(bank, self.target, self.name))
-        self.gap = target.mean(0) - source.mean(0)
+        self.gap_ = target.mean(0) - source.mean(0)
         return self
 
     def transform(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if self.gap is None:
-            raise ValueError("meanshift: call fit(bank) before transform")
+        self.check_fitted()
         out = dict(embeddings)
         for key, x in embeddings.items():
             if _matches(key, self.source):
-                y = _check_matrix(f"embeddings[{key!r}]", x) + self.scale * self.gap
+                y = _check_matrix(f"embeddings[{key!r}]", x) + self.scale * self.gap_
                 out[key] = F.normalize(y, dim=1) if self.renormalize else y
         return out
 
-    def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "target": self.target,
-                "scale": self.scale, "renormalize": self.renormalize}
 
-
-class InvGC:
+class InvGC(BaseBridge):
     """Inverse graph convolution on the test gallery, with the training banks as the graph.
 
     Two messages are computed for each gallery item, one against the training bank of the
@@ -249,6 +263,8 @@ class InvGC:
         pool_rate: fraction of the bank kept as neighbours by LocalAdj (reference default 0.01).
         chunk_size: similarities held at once by LocalAdj.
 
+    Fitted: ``banks_`` (``"gallery"`` and ``"query"`` -> the bank rows of those modalities).
+
     Examples:
         >>> bank = {k: F.normalize(torch.randn(200, 8), dim=1) for k in ("image", "text")}
         >>> test = {k: F.normalize(torch.randn(10, 8), dim=1) for k in ("image", "text")}
@@ -258,6 +274,8 @@ class InvGC:
     """
 
     name = "invgc"
+    fitted_attributes = ("banks_",)
+    banks_: dict[str, Tensor]
 
     def __init__(self, gallery: str = "image", query: str = "text", r_gallery: float = 0.1,
                  r_query: float = 0.1, local_adj: bool = False, pool_rate: float = 0.01,
@@ -267,26 +285,24 @@ class InvGC:
         self.gallery, self.query = gallery, query
         self.r_gallery, self.r_query = float(r_gallery), float(r_query)
         self.local_adj, self.pool_rate, self.chunk_size = local_adj, float(pool_rate), chunk_size
-        self.banks: dict[str, Tensor] = {}
 
     def fit(self, bank: Mapping[str, Tensor]) -> InvGC:
         bank = _check_bank(bank)
-        self.banks = {
+        self.banks_ = {
             "gallery": _check_matrix("bank gallery", lookup_key(bank, self.gallery, self.name)),
             "query": _check_matrix("bank query", lookup_key(bank, self.query, self.name)),
         }
         return self
 
     def transform(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if not self.banks:
-            raise ValueError("invgc: call fit(bank) before transform")
+        self.check_fitted()
         out = dict(embeddings)
         exact = self.gallery in embeddings
         for key, x in embeddings.items():
             if key == self.gallery or (not exact and _matches(key, self.gallery)):
                 x = _check_matrix(f"embeddings[{key!r}]", x)
-                m_g = self._message(x, self.banks["gallery"], self.r_gallery)
-                m_q = self._message(x, self.banks["query"], self.r_query)
+                m_g = self._message(x, self.banks_["gallery"], self.r_gallery)
+                m_q = self._message(x, self.banks_["query"], self.r_query)
                 out[key] = F.normalize(0.5 * m_g + 0.5 * m_q, dim=1)
         return out
 
@@ -303,12 +319,14 @@ class InvGC:
         return local_inverse_graph_convolution(x, bank, rate, k, chunk_size=self.chunk_size)
 
 
-class CloseNoise:
+class CloseNoise(BaseBridge):
     """CLOSE-style adapter: Gaussian noise plus renormalisation on some modalities, train only.
 
     In training mode (``train()``), each embedding of the chosen modalities is optionally moved by
     the fitted gap vector (``shift_scale * (mean(shift_target) - mean(x's modality))``), then
     ``normalize(x + std * eps)``. In evaluation mode (``eval()``, the default) it is the identity.
+    Fitted: ``gaps_`` (modality -> gap vector; empty without ``shift_target``, when the bridge
+    needs no fit).
 
     Examples:
         >>> noise = CloseNoise(std=0.1, modalities=("text",), seed=0).train()
@@ -318,6 +336,8 @@ class CloseNoise:
     """
 
     name = "close"
+    fitted_attributes = ("gaps_",)
+    gaps_: dict[str, Tensor]
 
     def __init__(self, std: float = 0.04, modalities: Sequence[str] = ("text",),
                  shift_target: str | None = None, shift_scale: float = 1.0,
@@ -329,8 +349,7 @@ class CloseNoise:
         self.std, self.modalities = float(std), tuple(modalities)
         self.shift_target, self.shift_scale = shift_target, float(shift_scale)
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.gaps: dict[str, Tensor] = {}
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.training = False
 
     def train(self, mode: bool = True) -> CloseNoise:
@@ -342,48 +361,64 @@ class CloseNoise:
 
     def fit(self, bank: Mapping[str, Tensor]) -> CloseNoise:
         if self.shift_target is None:
+            self.gaps_ = {}
             return self
         bank = _check_bank(bank)
         target = lookup_key(bank, self.shift_target, self.name).mean(0)
-        self.gaps = {m: target - lookup_key(bank, m, self.name).mean(0) for m in self.modalities}
+        self.gaps_ = {m: target - lookup_key(bank, m, self.name).mean(0) for m in self.modalities}
         return self
+
+    def is_fitted(self) -> bool:
+        """Without ``shift_target`` there is nothing to fit."""
+        return self.shift_target is None or "gaps_" in self.__dict__
 
     def transform(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if not self.training:
             return dict(embeddings)
-        if self.shift_target is not None and not self.gaps:
-            raise ValueError("close: shift_target is set; call fit(bank) before transform")
+        self.check_fitted()
+        gaps = self.__dict__.get("gaps_", {})
         out = dict(embeddings)
         for key, x in embeddings.items():
             modality = next((m for m in self.modalities if _matches(key, m)), None)
             if modality is None:
                 continue
-            if self.gaps:
-                x = x + self.shift_scale * self.gaps[modality].to(x)
-            generator = self.generator if x.device.type == "cpu" else None
+            if gaps:
+                x = x + self.shift_scale * gaps[modality].to(x)
+            generator = self._generator if x.device.type == "cpu" else None
             out[key] = close_noise(x, self.std, generator=generator)
         return out
 
-    def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "std": self.std, "modalities": list(self.modalities),
-                "shift_target": self.shift_target, "shift_scale": self.shift_scale,
-                "seed": self.seed}
+    def state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        if "gaps_" not in self.__dict__ and self.shift_target is None:
+            self.gaps_ = {}
+        return super().state()
 
 
-class BridgeChain:
+class BridgeChain(BaseBridge):
     """Several bridges applied in order; each is fitted on the bank as transformed so far.
+
+    A chain is a bridge: ``fit``, ``transform``, ``fit_transform``, ``get_params`` (with
+    ``deep=True`` also ``"<i>__<param>"`` of the ``i``-th bridge), ``set_params`` and
+    :func:`save_bridge` / :func:`load_bridge` (when every member is a :class:`BaseBridge`).
+    ``identity()`` lists the members' identities (what result records store).
 
     Examples:
         >>> bank = {k: F.normalize(torch.randn(100, 8), dim=1) for k in ("image", "text")}
         >>> chain = BridgeChain([Centering(), InvGC("image", "text")]).fit(bank)
         >>> [b["name"] for b in chain.identity()], sorted(chain.transform(bank))
         (['centering', 'invgc'], ['image', 'text'])
+        >>> chain.set_params(**{"1__r_gallery": 0.3}).get_params()["1__r_gallery"]
+        0.3
     """
 
     name = "chain"
 
     def __init__(self, bridges: Iterable[Bridge] = ()) -> None:
         self.bridges = list(bridges)
+        for i, b in enumerate(self.bridges):
+            if not (callable(getattr(b, "fit", None)) and callable(getattr(b, "transform", None))):
+                raise ModalignError(f"bridges[{i}]: expected a bridge (fit, transform, "
+                                    f"identity), got {type(b).__name__}")
 
     def fit(self, bank: Mapping[str, Tensor]) -> BridgeChain:
         current = dict(bank)
@@ -393,17 +428,70 @@ class BridgeChain:
                 current = bridge.transform(current)
         return self
 
+    def fit_transform(self, bank: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        current = dict(bank)
+        for bridge in self.bridges:
+            current = bridge.fit(current).transform(current)
+        return current
+
     def transform(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
         current = dict(embeddings)
         for bridge in self.bridges:
             current = bridge.transform(current)
         return current
 
+    def is_fitted(self) -> bool:
+        return all(b.is_fitted() for b in self.bridges if isinstance(b, BaseBridge))
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"bridges": list(self.bridges)}
+        if deep:
+            for i, b in enumerate(self.bridges):
+                if isinstance(b, BaseBridge):
+                    out.update({f"{i}__{k}": v for k, v in b.get_params().items()})
+        return out
+
+    def set_params(self, **params: Any) -> BridgeChain:
+        if "bridges" in params:
+            self.__init__(params.pop("bridges"))  # type: ignore[misc]
+        nested: dict[int, dict[str, Any]] = {}
+        for key, value in params.items():
+            index, sep, name = key.partition("__")
+            if not sep or not index.isdigit() or int(index) >= len(self.bridges):
+                raise ModalignError(f"chain: unknown parameter {key!r}; expected 'bridges' or "
+                                    f"'<i>__<param>' with i < {len(self.bridges)}")
+            nested.setdefault(int(index), {})[name] = value
+        for i, values in nested.items():
+            self.bridges[i].set_params(**values)  # type: ignore[attr-defined]
+        return self
+
     def identity(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The members' identities, in order (what result records store)."""
         return [b.identity() for b in self.bridges]
 
+    def state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        members, tensors = [], {}
+        for i, b in enumerate(self.bridges):
+            if not isinstance(b, BaseBridge):
+                raise ModalignError(f"chain: bridges[{i}] ({type(b).__name__}) cannot be saved; "
+                                    "expected a BaseBridge")
+            description, own = b.state()
+            members.append(description)
+            tensors.update({f"{i}.{k}": v for k, v in own.items()})
+        return {"class": type(self).__name__, "bridges": members}, tensors
 
-BRIDGES: dict[str, tuple[type, dict[str, Any]]] = {
+    @classmethod
+    def from_state(cls, description: Mapping[str, Any],
+                   tensors: Mapping[str, Tensor]) -> BridgeChain:
+        members = []
+        for i, d in enumerate(description["bridges"]):
+            prefix = f"{i}."
+            members.append(bridge_from_state(d, {k[len(prefix):]: v for k, v in tensors.items()
+                                                 if k.startswith(prefix)}))
+        return cls(members)
+
+
+BRIDGES: dict[str, tuple[type[BaseBridge], dict[str, Any]]] = {
     "centering": (Centering, {}),
     "meanshift": (MeanShift, {}),
     "invgc": (InvGC, {"local_adj": False}),
@@ -432,7 +520,7 @@ def build_bridge(spec: str, **context: Any) -> Bridge:
         raise ValueError(f"bridge {spec!r}: expected one of {', '.join(BRIDGES)}, optionally "
                          "followed by ':key=value,...'")
     cls, fixed = BRIDGES[name]
-    accepted = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount])
+    accepted = set(cls.param_names())
     kwargs = {k: v for k, v in context.items() if k in accepted}
     for part in filter(None, (p.strip() for p in params.split(","))):
         key, eq, value = part.partition("=")
