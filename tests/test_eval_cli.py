@@ -171,8 +171,8 @@ def test_split_all_bootstrap_off_and_clear_split_errors(store, tmp_path, capsys)
 
 
 def test_group_as_label_and_neutral_templates():
-    from modalign.evaluate.cli import _group_as_label
     from modalign.evaluate.zeroshot import DEFAULT_TEMPLATES, default_templates
+    from modalign.evaluate.zeroshot import group_as_label as _group_as_label
 
     rows = [{"id": "a", "group": "cat", "labels": {}}, {"id": "b", "group": "dog"}]
     from modalign.embed.store import Embeddings
@@ -206,7 +206,7 @@ def test_the_store_name_given_at_embed_time_names_the_record(store, tmp_path):
 def test_few_queries_warning_suggests_more_data_only_where_there_is_more():
     from types import SimpleNamespace
 
-    from modalign.evaluate.cli import _small_data_warnings
+    from modalign.evaluate.runner import small_data_warnings as _small_data_warnings
 
     result = SimpleNamespace(protocol={"directions": [
         {"query": "text", "gallery": "image", "num_queries": 21}]})

@@ -11,11 +11,37 @@ import numpy as np
 from modalign.embed.store import Embeddings, EmbeddingStore
 
 
+class JointEmbeddings(dict[str, Embeddings]):
+    """Modality -> joint-space :class:`Embeddings`, with the store they were read from.
+
+    A plain dict for every use, plus ``store`` (the :class:`EmbeddingStore`) and
+    ``display_name`` (the name given with ``modalign embed --name``, or ``None``).
+
+    Examples:
+        >>> import tempfile
+        >>> joint = JointEmbeddings({}, store=EmbeddingStore(tempfile.mkdtemp()))
+        >>> joint == {}, joint.display_name
+        (True, None)
+    """
+
+    def __init__(self, embeddings: dict[str, Embeddings], *, store: EmbeddingStore) -> None:
+        super().__init__(embeddings)
+        self.store = store
+
+    @property
+    def display_name(self) -> str | None:
+        from modalign.embed.store import DATASET_INFO
+
+        return self.store.display_name if (self.store.path / DATASET_INFO).is_file() else None
+
+
 def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
                data: str | Path | None = None, split: str | Iterable[str] | None = None,
                modalities: Iterable[str] | None = None, progress: bool = True,
-               ) -> dict[str, Embeddings]:
+               ) -> JointEmbeddings:
     """Embeddings in the joint space, per modality, for ``--model``/``--embeddings``/``--data``.
+
+    Returns a :class:`JointEmbeddings` (a dict that also carries the store it read).
 
     - ``embeddings_dir`` alone: the store's arrays are taken as joint-space vectors (for example
       a store written with a CLIP adapter and ``--normalize``).
@@ -37,7 +63,7 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
         names = list(modalities) if modalities is not None else store.modalities
         if not names:
             raise ValueError(f"embeddings={str(embeddings_dir)!r} holds no arrays")
-        return {m: store.load(m, split=split) for m in names}
+        return JointEmbeddings({m: store.load(m, split=split) for m in names}, store=store)
 
     from modalign.model import MultiTowerModel
 
@@ -78,7 +104,7 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
         _check_tower(store, m, model.config.towers[m])
         raw = store.load(m, split=split)
         out[m] = Embeddings(model.project_array(m, raw.vectors), raw.items, raw.group_index)
-    return out
+    return JointEmbeddings(out, store=store)
 
 
 def encode_with_model(model, dataset, modality, split, store) -> Embeddings:  # type: ignore[no-untyped-def]

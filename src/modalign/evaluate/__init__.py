@@ -1,5 +1,7 @@
 """Evaluation: exact retrieval metrics at scale, retrieval and zero-shot tasks, result records.
 
+:func:`run` is ``modalign eval`` as a Python call (same settings, same record, same table).
+
 Examples:
     >>> from modalign.evaluate import cross_modal_retrieval
     >>> from modalign.evaluate.retrieval import toy_embeddings
@@ -25,11 +27,14 @@ _EXPORTS: dict[str, str] = {
                     "modalign.evaluate.retrieval"),
     **dict.fromkeys(("SearchIndex", "build_index", "recall_against_exact"),
                     "modalign.evaluate.search"),
-    **dict.fromkeys(("class_prototypes", "encode_prototypes", "zero_shot_classification"),
-                    "modalign.evaluate.zeroshot"),
+    **dict.fromkeys(("class_prototypes", "encode_prototypes", "zero_shot_classification",
+                     "zero_shot_task"), "modalign.evaluate.zeroshot"),
+    **dict.fromkeys(("EvalOutcome", "EvalSettings", "run"), "modalign.evaluate.runner"),
+    "align_inverted": "modalign.evaluate.inverted",
 }
 
 if TYPE_CHECKING:
+    from modalign.evaluate.inverted import align_inverted
     from modalign.evaluate.metrics import (
         RetrievalResult,
         metrics_from_positions,
@@ -40,17 +45,22 @@ if TYPE_CHECKING:
     )
     from modalign.evaluate.records import make_record, merge_records, read_record, write_record
     from modalign.evaluate.retrieval import TaskResult, cross_modal_retrieval, intra_modal_retrieval
+    from modalign.evaluate.runner import EvalOutcome, EvalSettings, run
     from modalign.evaluate.search import SearchIndex, build_index, recall_against_exact
     from modalign.evaluate.zeroshot import (
         class_prototypes,
         encode_prototypes,
         zero_shot_classification,
+        zero_shot_task,
     )
 
 __all__ = [
+    "EvalOutcome",
+    "EvalSettings",
     "RetrievalResult",
     "SearchIndex",
     "TaskResult",
+    "align_inverted",
     "build_index",
     "class_prototypes",
     "cross_modal_retrieval",
@@ -64,9 +74,11 @@ __all__ = [
     "recall_from_topk",
     "relevant_positions",
     "retrieval_metrics",
+    "run",
     "self_exclusion",
     "write_record",
     "zero_shot_classification",
+    "zero_shot_task",
 ]
 
 

@@ -16,6 +16,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -91,3 +92,37 @@ def evaluate_compositional(queries: Tensor, captions: Sequence[str],
     protocol = {"negatives": "given" if negatives is not None else "rule-based",
                 "rules": list(rules), "k": k, "seed": seed, "ties": "fail"}
     return TaskResult("compositional", metrics, protocol)
+
+
+def compositional_task(model_dir: str, test: Mapping[str, Any], modality: str = "image", *,
+                       split: str = "test", seed: int = 0) -> TaskResult:
+    """Each ``modality`` item of ``test`` against its group's caption (the ``name`` text, else any
+    text of the group) and rule-based negatives of that caption, encoded by the text tower of
+    the model in ``model_dir``; ``split`` only names the split in errors.
+
+    Examples:
+        >>> compositional_task("no/such/model", {})  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        modalign.errors.ModalignError: --modality 'image': not among the embeddings ([])
+    """
+    import numpy as np
+
+    from modalign.evaluate.runner import modality_rows
+
+    queries, texts = modality_rows(test, modality), modality_rows(test, "text")
+    from modalign.model import MultiTowerModel
+
+    model = MultiTowerModel.from_pretrained(model_dir)
+    if "text" not in model.modalities:
+        raise ModalignError(f"--task compositional: the model {model_dir} has no text tower")
+    caption: dict[str, str] = {}
+    for it in sorted(texts.items, key=lambda it: it.get("view") != "name"):
+        if it.get("value"):
+            caption.setdefault(it["group"], str(it["value"]))
+    rows = [i for i, it in enumerate(queries.items) if it["group"] in caption]
+    if not rows:
+        raise ModalignError(f"--task compositional: no {modality} item of --split "
+                            f"{split!r} has a caption in its group")
+    z = torch.as_tensor(np.asarray(queries.vectors))[rows]
+    return evaluate_compositional(z, [caption[queries.items[i]["group"]] for i in rows],
+                                  lambda t: model.encode("text", t), seed=seed)

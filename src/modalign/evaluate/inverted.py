@@ -5,17 +5,20 @@ store, each with its settings and context (direction, split, views, model weight
 names the inverted queries by what they are: ``image=oti`` is "the image queries, replaced by
 their OTI inversion", for this model, this split and this store. When several arrays match (other
 steps, template, limit), the choice is refused with the list, unless ``image=oti:latest`` asks
-for the newest; an exact array name is taken as is.
+for the newest; an exact array name is taken as is. :func:`align_inverted` then puts the found
+arrays in place of the query sets, row by row, matched by item id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modalign.embed.store import EmbeddingStore
 from modalign.errors import ModalignError
+
+if TYPE_CHECKING:  # the store (and torch) load only when an array is resolved
+    from modalign.embed.store import EmbeddingStore
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,82 @@ def resolve_inverted(spec: InvertedSpec, store: EmbeddingStore, *, split: str,
         raise ModalignError(f"--inverted {spec.query}={spec.what}: {len(matching)} arrays match: "
                             f"{lines}. Name one, or pass {spec.query}={spec.what}:latest")
     return max(matching, key=lambda n: (store.path / arrays[n]["file"]).stat().st_mtime_ns)
+
+
+def resolve_inverted_queries(specs: Sequence[str], store: EmbeddingStore, *, split: str,
+                             model_weights: str | None = None
+                             ) -> dict[str, tuple[EmbeddingStore, str]]:
+    """``["image=oti", ...]`` -> query key -> ``(store, array name)`` (:func:`resolve_inverted`
+    for each; see there for ``model_weights``)."""
+    out = {}
+    for raw in specs:
+        spec = parse_inverted(raw)
+        out[spec.query] = (store, resolve_inverted(spec, store, split=split,
+                                                   model_weights=model_weights))
+    return out
+
+
+def align_inverted(test: Mapping[str, Any], inverted: Mapping[str, tuple[Any, str]], *,
+                   split: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """Replace query sets by inverted arrays, matched by item id.
+
+    Args:
+        test: modality -> :class:`~modalign.embed.store.Embeddings` of the evaluated ``split``.
+        inverted: query key (``"image"`` or ``"image:VIEW"``) -> ``(store, array name)``, as
+            :func:`resolve_inverted_queries` returns it.
+        split: the evaluated split (``"all"``: every row of the array).
+
+    Returns:
+        ``(test, overrides, inversion)``: ``test`` with a modality restricted to the inverted
+        items where the array covers only some queries (``modalign invert --limit``; the record
+        says how many), query key -> ``(n, d)`` float32 tensor in the order of the query rows,
+        and the description stored in the record (``None`` without inverted queries).
+
+    Examples:
+        >>> import tempfile
+        >>> from modalign.embed.store import EmbeddingStore
+        >>> from modalign.evaluate.retrieval import toy_embeddings
+        >>> test = toy_embeddings()
+        >>> store = EmbeddingStore(tempfile.mkdtemp())
+        >>> rows = test["image"].items[::-1][:5]        # 5 queries, in another order
+        >>> _ = store.add_array("inv", test["text"].vectors[:5], rows)
+        >>> test2, over, info = align_inverted(test, {"image": (store, "inv")}, split="test")
+        >>> len(test2["image"]), over["image"].shape, info["queries"]["image"]["of"]
+        (5, torch.Size([5, 8]), 24)
+    """
+    if not inverted:
+        return dict(test), {}, None
+    import numpy as np
+    import torch
+
+    test = dict(test)
+    overrides: dict[str, Any] = {}
+    arrays: dict[str, Any] = {}
+    for key, (store, name) in inverted.items():
+        modality, _, view = key.partition(":")
+        features = store.load(name, split=None if split == "all" else split)
+        row = {it["id"]: i for i, it in enumerate(features.items)}
+        if modality not in test:
+            raise ModalignError(f"--inverted {key}={name}: no {modality!r} embeddings to "
+                                f"replace ({sorted(test)})")
+        rows = test[modality]
+        queries = rows.filter(view=view) if view else rows
+        covered = [it["id"] in row for it in queries.items]
+        if not any(covered):
+            raise ModalignError(f"--inverted {key}={name}: the array has none of the "
+                                f"{len(queries)} {key} query ids of split {split!r}")
+        total = len(queries)
+        if not all(covered):  # evaluate on the inverted subset of this modality
+            keep = [it["id"] in row or (view and it.get("view") != view) for it in rows.items]
+            test[modality] = rows.subset(np.array(keep, dtype=bool))
+            rows = test[modality]
+            queries = rows.filter(view=view) if view else rows
+        order = np.array([row[it["id"]] for it in queries.items], dtype=np.int64)
+        overrides[key] = torch.from_numpy(np.asarray(features.vectors[order], dtype=np.float32))
+        arrays[key] = {"array": name, "num_queries": len(queries), "of": total,
+                       **{k: v for k, v in store.info(name).items()
+                          if k not in ("file", "count", "dtype")}}
+    return test, overrides, {"name": "inverted-queries", "queries": arrays}
 
 
 def describe(inversion: Mapping[str, Any]) -> str:

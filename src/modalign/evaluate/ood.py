@@ -45,6 +45,7 @@ from torch import Tensor
 from modalign.embed.store import Embeddings
 from modalign.errors import ModalignError
 from modalign.evaluate.retrieval import TaskResult, as_unit_tensor
+from modalign.evaluate.runner import data_and_split
 
 SCORES: tuple[str, ...] = ("mcm", "energy", "max_logit", "knn")
 """Score names accepted by :func:`ood_detection`."""
@@ -441,71 +442,59 @@ def metrics_by_score(metrics: Mapping[str, float]) -> dict[str, dict[str, float]
 
 
 # --------------------------------------------------------------------------------------------
-# command line (``modalign eval --task ood``)
-
-_SPLITS = ("train", "val", "test", "all")
+# the task as ``modalign eval --task ood`` runs it
 
 
-def data_and_split(spec: str, default_split: str) -> tuple[str, str | None]:
-    """``"DATA:split"`` -> ``(DATA, split)``; a suffix that is not a split stays in DATA.
-
-    Examples:
-        >>> data_and_split("items.csv:val", "test"), data_and_split("emoji", "test")
-        (('items.csv', 'val'), ('emoji', 'test'))
-    """
-    head, sep, tail = spec.rpartition(":")
-    data, split = (head, tail) if sep and tail in _SPLITS else (spec, default_split)
-    return data, None if split == "all" else split
-
-
-def ood_cli_task(args: Any) -> tuple[TaskResult, str]:
-    """Run ``--task ood`` from parsed ``modalign eval`` arguments; returns the result and the
-    dataset name for the record."""
+def ood_task(s: Any) -> tuple[TaskResult, str]:
+    """Run ``--task ood`` from :class:`~modalign.evaluate.runner.EvalSettings` (``data``,
+    ``split``, ``model``, ``embeddings``, ``modality``, ``label``, ``ood_values`` or
+    ``out_data``, ``templates``, ``class_embeddings``, ``scores``, ``temperature``, ``knn_k``,
+    ``bank_split``, ``bootstrap``, ``seed``); returns the result and the dataset name for the
+    record. :func:`modalign.evaluate.run` is the usual entry point."""
     from modalign.embed.joint import load_joint
     from modalign.evaluate.zeroshot import DEFAULT_TEMPLATES, resolve_classes
 
-    if args.data is None and args.embeddings is None:
+    if s.data is None and s.embeddings is None:
         raise ModalignError("--task ood: pass --in DATA (with --model) or --embeddings DIR")
-    data, split = data_and_split(args.data, args.split) if args.data else (None, args.split)
-    joint = load_joint(model_dir=args.model, embeddings_dir=args.embeddings,
-                       data=data if args.model else None, modalities=[args.modality])
-    if args.modality not in joint:
-        raise ModalignError(f"--modality {args.modality!r}: no such embeddings")
-    emb = joint[args.modality]
+    data, split = data_and_split(s.data, s.split) if s.data else (None, s.split)
+    joint = load_joint(model_dir=s.model, embeddings_dir=s.embeddings,
+                       data=data if s.model else None, modalities=[s.modality])
+    if s.modality not in joint:
+        raise ModalignError(f"--modality {s.modality!r}: no such embeddings")
+    emb = joint[s.modality]
     ind = emb.filter(split=split) if split else emb
-    bank = emb.filter(split=args.bank_split)
+    bank = emb.filter(split=s.bank_split)
     excluded: set[str] = set()
-    if args.ood_values:
-        name, eq, values = args.ood_values.partition("=")
+    if s.ood_values:
+        name, eq, values = s.ood_values.partition("=")
         held = [v.strip() for v in values.split(",") if v.strip()]
         if not eq or not name or not held:
-            raise ModalignError(f"--ood-values {args.ood_values!r}: expected LABEL=V1[,V2...], "
+            raise ModalignError(f"--ood-values {s.ood_values!r}: expected LABEL=V1[,V2...], "
                                 "e.g. group=Flags")
         ind, ood = split_by_label(ind, name, held)
-        excluded = {v for v in ood.labels(args.label) if v}
+        excluded = {v for v in ood.labels(s.label) if v}
         keep = np.array([v not in set(held) for v in bank.labels(name)], dtype=bool)
         bank = bank.subset(keep)
-    elif args.out_data:
-        if args.model is None:
+    elif s.out_data:
+        if s.model is None:
             raise ModalignError("--out-data needs --model (its towers encode the OOD data)")
-        out_data, out_split = data_and_split(args.out_data, args.split)
-        out = load_joint(model_dir=args.model, data=out_data, modalities=[args.modality])
-        ood = out[args.modality].filter(split=out_split) if out_split else out[args.modality]
+        out_data, out_split = data_and_split(s.out_data, s.split)
+        out = load_joint(model_dir=s.model, data=out_data, modalities=[s.modality])
+        ood = out[s.modality].filter(split=out_split) if out_split else out[s.modality]
     else:
         raise ModalignError("--task ood needs OOD inputs: --out-data DATA[:split] or "
                             "--ood-values LABEL=V1,V2")
-    templates: tuple[str, ...] = tuple(args.template) if args.template else DEFAULT_TEMPLATES
+    templates: tuple[str, ...] = tuple(s.templates) if s.templates else DEFAULT_TEMPLATES
     classnames, protos, templates = resolve_classes(
-        "ood", emb.labels(args.label), label=args.label, class_embeddings=args.class_embeddings,
-        model_dir=args.model, templates=templates, exclude=frozenset(excluded))
-    keep = np.array([v in set(classnames) for v in ind.labels(args.label)], dtype=bool)
+        "ood", emb.labels(s.label), label=s.label, class_embeddings=s.class_embeddings,
+        model_dir=s.model, templates=templates, exclude=frozenset(excluded))
+    keep = np.array([v in set(classnames) for v in ind.labels(s.label)], dtype=bool)
     ind = ind.subset(keep)
-    scores = [s.strip() for s in args.scores.split(",") if s.strip()]
-    result = ood_detection(ind, ood, protos, classnames, label=args.label,
-                           temperature=args.temperature, scores=scores,
-                           bank=bank if len(bank) else None, k=args.knn_k, n_boot=args.bootstrap,
-                           seed=args.seed, templates=templates)
-    result.protocol.update({"inputs": args.modality, "id_data": args.data,
-                            "ood": args.ood_values or args.out_data, "bank_split": args.bank_split})
-    dataset = args.data or Path(str(args.embeddings)).name
+    result = ood_detection(ind, ood, protos, classnames, label=s.label,
+                           temperature=s.temperature, scores=list(s.scores),
+                           bank=bank if len(bank) else None, k=s.knn_k, n_boot=s.bootstrap,
+                           seed=s.seed, templates=templates)
+    result.protocol.update({"inputs": s.modality, "id_data": s.data,
+                            "ood": s.ood_values or s.out_data, "bank_split": s.bank_split})
+    dataset = s.data or Path(str(s.embeddings)).name
     return result, str(dataset)

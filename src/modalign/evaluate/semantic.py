@@ -28,6 +28,7 @@ from torch import Tensor
 
 from modalign.embed.store import Embeddings
 from modalign.errors import ModalignError
+from modalign.evaluate.runner import resolve_model_dir
 from modalign.evaluate.search import ExactIndex, SearchIndex
 
 
@@ -55,27 +56,6 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_model_dir(path: str | Path, option: str = "--model") -> Path:
-    """``path`` as a model folder, with a hint when a run folder was given instead.
-
-    Examples:
-        >>> resolve_model_dir("no/such/folder")
-        Traceback (most recent call last):
-        ...
-        modalign.errors.ModalignError: --model no/such/folder: no such folder
-    """
-    p = Path(path)
-    if not p.is_dir():
-        raise ModalignError(f"{option} {p}: no such folder")
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        raise ModalignError(f"{option} {p}: a run folder, not a model folder; pass "
-                            f"{option} {p / 'model'}")
-    raise ModalignError(f"{option} {p}: not a model folder (expected config.json and "
-                        "model.safetensors, as written by 'modalign train')")
 
 
 def is_tower_spec(model: str) -> bool:

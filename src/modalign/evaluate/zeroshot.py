@@ -285,3 +285,77 @@ def zero_shot_classification(
                  "mean_per_class_recall": QueryValues(top1.numpy(), classes)}
     return TaskResult("zeroshot", metrics, protocol, applied,
                       dict(inversion) if inversion else None, per_query)
+
+
+def group_as_label(emb: Embeddings) -> Embeddings:
+    """The rows with their group as the label ``group`` (where they carry no such label).
+
+    Examples:
+        >>> rows = [{"id": "a", "group": "cat", "labels": {}}, {"id": "b", "group": "dog"}]
+        >>> group_as_label(Embeddings(np.zeros((2, 3), np.float32), rows, {})).labels("group")
+        ['cat', 'dog']
+    """
+    items = [it if (it.get("labels") or {}).get("group")
+             else {**it, "labels": {**(it.get("labels") or {}), "group": it["group"]}}
+             for it in emb.items]
+    return Embeddings(emb.vectors, items, emb.group_index)
+
+
+def zero_shot_task(
+    joint: Mapping[str, Embeddings],
+    test: Mapping[str, Embeddings],
+    bank: Mapping[str, Embeddings] | None = None,
+    *,
+    modality: str = "image",
+    label: str = "subgroup",
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    class_embeddings: str | os.PathLike[str] | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    bridges: Sequence[str] = (),
+    query_override: Tensor | None = None,
+    inversion: Mapping[str, Any] | None = None,
+    ties: Ties = "pessimistic",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> TaskResult:
+    """Zero-shot classification of ``test[modality]`` as ``modalign eval --task zeroshot`` runs it.
+
+    The classes are the ``label`` values of all rows of ``joint[modality]`` (``label="group"``:
+    the group, where a row has no such label); their prototypes come from ``class_embeddings``
+    or from the text tower of ``model_dir`` on ``templates`` (:func:`resolve_classes`). Then
+    :func:`zero_shot_classification`, with ``bridges`` fitted on ``bank``. Five classes or fewer
+    give a :class:`~modalign.errors.SmallDataWarning` (``acc5`` means little).
+
+    Examples:
+        >>> from modalign.evaluate.retrieval import toy_embeddings
+        >>> import tempfile, pathlib
+        >>> emb = toy_embeddings()
+        >>> names = sorted(set(emb["text"].labels("subgroup")))
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "classes.safetensors"
+        >>> _ = save_class_embeddings(path, names, torch.randn(len(names), emb["text"].dim))
+        >>> import warnings; warnings.simplefilter("ignore")
+        >>> r = zero_shot_task(emb, emb, class_embeddings=path)
+        >>> r.protocol["num_classes"], r.protocol["num_inputs"]
+        (4, 24)
+    """
+    import warnings
+
+    from modalign.errors import SmallDataWarning
+    from modalign.evaluate.runner import modality_rows
+
+    if label == "group":
+        joint = {m: group_as_label(e) for m, e in joint.items()}
+        test = {m: group_as_label(e) for m, e in test.items()}
+        bank = {m: group_as_label(e) for m, e in bank.items()} if bank is not None else None
+    inputs = modality_rows(test, modality)
+    classnames, prototypes, used = resolve_classes(
+        "zeroshot", modality_rows(joint, modality).labels(label), label=label,
+        class_embeddings=None if class_embeddings is None else str(class_embeddings),
+        model_dir=None if model_dir is None else str(model_dir), templates=templates)
+    if len(classnames) <= 5:
+        warnings.warn(f"zero-shot with {len(classnames)} classes: acc5 counts the true class "
+                      f"among the top 5 of {len(classnames)}, so it means little",
+                      SmallDataWarning, stacklevel=2)
+    return zero_shot_classification(
+        inputs, prototypes, classnames, label=label, input_key=modality,
+        prototype_key="text", bridges=bridges, bank=bank, query_override=query_override,
+        inversion=inversion, templates=used, ties=ties, chunk_size=chunk_size)
