@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modalign.errors import ModalignError
+
 T_STEPS = 1000
 
 
@@ -77,7 +79,7 @@ class Denoiser(nn.Module):
     def __init__(self, dim: int, hidden: int = 1024, blocks: int = 3) -> None:
         super().__init__()
         if hidden % 2:
-            raise ValueError(f"hidden={hidden}: expected an even width")
+            raise ModalignError(f"hidden={hidden}: expected an even width")
         self.hidden = hidden
         self.inp = nn.Linear(dim, hidden)
         self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))

@@ -122,7 +122,7 @@ def local_inverse_graph_convolution(
     """
     _check_pair(gallery, bank)
     if not isinstance(k, int) or not 1 <= k <= len(bank):
-        raise ValueError(f"k={k!r}: expected an int in [1, {len(bank)}] (the bank size)")
+        raise ModalignError(f"k={k!r}: expected an int in [1, {len(bank)}] (the bank size)")
     block = max(1, chunk_size // len(bank))
     parts = []
     for start in range(0, len(gallery), block):
@@ -281,7 +281,7 @@ class InvGC(BaseBridge):
                  r_query: float = 0.1, local_adj: bool = False, pool_rate: float = 0.01,
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         if not 0 < pool_rate <= 1:
-            raise ValueError(f"pool_rate={pool_rate!r}: expected a fraction in (0, 1]")
+            raise ModalignError(f"pool_rate={pool_rate!r}: expected a fraction in (0, 1]")
         self.gallery, self.query = gallery, query
         self.r_gallery, self.r_query = float(r_gallery), float(r_query)
         self.local_adj, self.pool_rate, self.chunk_size = local_adj, float(pool_rate), chunk_size
@@ -343,7 +343,7 @@ class CloseNoise(BaseBridge):
                  shift_target: str | None = None, shift_scale: float = 1.0,
                  seed: int | None = None) -> None:
         if not math.isfinite(std) or std < 0:
-            raise ValueError(f"std={std!r}: expected a finite number >= 0")
+            raise ModalignError(f"std={std!r}: expected a finite number >= 0")
         if isinstance(modalities, str):
             modalities = (modalities,)
         self.std, self.modalities = float(std), tuple(modalities)
@@ -517,7 +517,7 @@ def build_bridge(spec: str, **context: Any) -> Bridge:
     name, _, params = spec.partition(":")
     name = name.strip().lower()
     if name not in BRIDGES:
-        raise ValueError(f"bridge {spec!r}: expected one of {', '.join(BRIDGES)}, optionally "
+        raise ModalignError(f"bridge {spec!r}: expected one of {', '.join(BRIDGES)}, optionally "
                          "followed by ':key=value,...'")
     cls, fixed = BRIDGES[name]
     accepted = set(cls.param_names())
@@ -527,7 +527,7 @@ def build_bridge(spec: str, **context: Any) -> Bridge:
         key = key.strip()
         if not eq or key not in accepted or key in fixed:
             allowed = ", ".join(sorted(accepted - set(fixed)))
-            raise ValueError(f"bridge {spec!r}: unknown or malformed parameter {part!r}; "
+            raise ModalignError(f"bridge {spec!r}: unknown or malformed parameter {part!r}; "
                              f"expected key=value with key in: {allowed}")
         kwargs[key] = parse_value(value)
     return cls(**kwargs, **fixed)
@@ -552,7 +552,7 @@ def _matches(key: str, modality: str) -> bool:
 
 
 def lookup_key(stats: Mapping[str, Any], key: str, owner: str) -> Any:
-    """``stats[key]``, else ``stats[modality of key]``; else a ``ValueError`` naming ``owner``.
+    """``stats[key]``, else ``stats[modality of key]``; else a ``ModalignError`` naming ``owner``.
 
     Examples:
         >>> lookup_key({"image": 1}, "image:noto", "centering")
@@ -563,19 +563,19 @@ def lookup_key(stats: Mapping[str, Any], key: str, owner: str) -> Any:
     base = key.split(":", 1)[0]
     if base in stats:
         return stats[base]
-    raise ValueError(f"{owner}: nothing for {key!r}; it has {sorted(stats)} "
+    raise ModalignError(f"{owner}: nothing for {key!r}; it has {sorted(stats)} "
                      f"(expected {key!r} or {base!r})")
 
 
 def _check_bank(bank: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     if not isinstance(bank, Mapping) or not bank:
-        raise ValueError("bank: expected a non-empty mapping of key -> (n, d) tensor")
+        raise ModalignError("bank: expected a non-empty mapping of key -> (n, d) tensor")
     return bank
 
 
 def _check_matrix(name: str, x: Tensor) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim != 2 or not x.is_floating_point() or len(x) == 0:
-        raise ValueError(f"{name}: expected a non-empty 2-D float tensor (n, d), got "
+        raise ModalignError(f"{name}: expected a non-empty 2-D float tensor (n, d), got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
     return x
 
@@ -584,5 +584,5 @@ def _check_pair(gallery: Tensor, bank: Tensor) -> None:
     _check_matrix("gallery", gallery)
     _check_matrix("bank", bank)
     if gallery.shape[1] != bank.shape[1]:
-        raise ValueError(f"gallery dim {gallery.shape[1]} != bank dim {bank.shape[1]}: "
+        raise ModalignError(f"gallery dim {gallery.shape[1]} != bank dim {bank.shape[1]}: "
                          "expected embeddings of one joint space")
