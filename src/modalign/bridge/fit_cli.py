@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 EPILOG = """\
 examples:
@@ -69,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from modalign.bridge.learned import LearnedBridge, bridge_report, group_pairs
+    from modalign.bridge.learned import fit_bridge
     from modalign.embed.joint import load_joint
     from modalign.errors import ModalignError
 
@@ -78,24 +77,13 @@ def run(args: argparse.Namespace) -> int:
     joint = load_joint(model_dir=args.model, embeddings_dir=args.embeddings,
                        data=args.data if args.model else None,
                        modalities=[args.source, args.target])
-    for m in (args.source, args.target):
-        if m not in joint:
-            raise ModalignError(f"--source/--target: no {m!r} embeddings")
-    train = {m: e.filter(split=args.split) for m, e in joint.items()}
-    x, y = group_pairs(train[args.source], train[args.target])
-    bridge = LearnedBridge(args.kind, args.source, args.target, center=not args.no_center,
-                           rotation=args.rotation, ridge=args.ridge, hidden=args.hidden,
-                           steps=args.steps, lr=args.lr, seed=args.seed,
-                           batch_size=args.batch_size, t_start=args.t_start,
-                           ddim_steps=args.ddim_steps, lambda_topo=args.lambda_topo,
-                           noise_source=not args.no_noise_source)
-    start = time.perf_counter()
-    bridge.fit_pairs(x, y)
-    fit_seconds = time.perf_counter() - start
-    test = {m: e.filter(split=args.eval_split) for m, e in joint.items()}
-    report = bridge_report(bridge, test)
-    report.update({"fit_seconds": round(fit_seconds, 4), "fit_pairs": len(x),
-                   "model": args.model, "data": args.data, "embeddings": args.embeddings})
+    bridge, report = fit_bridge(
+        joint, args.source, args.target, split=args.split, eval_split=args.eval_split,
+        kind=args.kind, center=not args.no_center, rotation=args.rotation, ridge=args.ridge,
+        hidden=args.hidden, steps=args.steps, lr=args.lr, seed=args.seed,
+        batch_size=args.batch_size, t_start=args.t_start, ddim_steps=args.ddim_steps,
+        lambda_topo=args.lambda_topo, noise_source=not args.no_noise_source)
+    report.update({"model": args.model, "data": args.data, "embeddings": args.embeddings})
     path = bridge.save(args.out, extra=report)
     print(json.dumps({**report, "path": str(path.with_suffix(""))}))
     return 0

@@ -62,10 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--embeddings", default=None, metavar="DIR",
                      help="an embedding store: joint-space vectors, or tower features with "
                           "--model")
-    src.add_argument("--task", choices=TASKS, default="retrieval",
-                     help="retrieval: cross-modal both ways; intra: within one modality; "
-                          "zeroshot: classification; ood: out-of-distribution detection "
-                          "(default retrieval)")
+    _choice(src, "--task", TASKS,
+            "retrieval: cross-modal both ways; intra: within one modality; zeroshot: "
+            "classification; ood: out-of-distribution detection; compositional: captions "
+            "against rule-based negatives (default retrieval)")
     src.add_argument("--split", default="test",
                      help="split evaluated: train, val, test or all (default test)")
     proto = p.add_argument_group("protocol")
@@ -84,20 +84,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "value of a label such as subgroup")
     proto.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], metavar="K",
                        help="cut-offs for the @K metrics (default 1 5 10)")
-    proto.add_argument("--ties", choices=TIES, default="pessimistic",
-                       help="an irrelevant item with exactly the same score as a relevant one is "
-                            "ranked before it (pessimistic, default) or after it")
-    proto.add_argument("--scoring", choices=SCORINGS, default="vector",
-                       help="retrieval scoring: 'vector' (one embedding per item) or 'maxsim' "
-                            "(late interaction: --model is a [late] run's model, --embeddings "
-                            "a store with token arrays; text queries against concept documents)")
+    _choice(proto, "--ties", TIES,
+            "an irrelevant item with exactly the same score as a relevant one is ranked before "
+            "it (pessimistic, default) or after it")
+    _choice(proto, "--scoring", SCORINGS,
+            "retrieval scoring: 'vector' (one embedding per item) or 'maxsim' (late "
+            "interaction: --model is a [late] run's model, --embeddings a store with token "
+            "arrays; text queries against concept documents)")
     proto.add_argument("--prefilter", type=int, default=0, metavar="N",
                        help="with --scoring maxsim: also report the recall of a centroid "
                             "prefilter of N candidates against exact MaxSim")
-    proto.add_argument("--index", choices=INDEXES, default="exact",
-                       help="retrieval/intra: also search with this faiss index (optional extra) "
-                            "and report its recall@K and its agreement with the exact top-K "
-                            "(default exact: exact metrics only)")
+    _choice(proto, "--index", INDEXES,
+            "retrieval/intra: also search with this faiss index (optional extra) and report its "
+            "recall@K and its agreement with the exact top-K (default exact: exact metrics only)")
     proto.add_argument("--label", default="subgroup",
                        help="zeroshot: label name holding the class (default subgroup)")
     proto.add_argument("--template", action="append", default=None, metavar="TEXT",
@@ -154,6 +153,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("records", nargs="+", help="record files or folders")
     merge.add_argument("--out", required=True, metavar="FILE.csv", help="CSV file to write")
     merge.set_defaults(func=run_merge)
+
+
+def _choice(group: argparse._ArgumentGroup, flag: str, choices: tuple[str, ...],
+            help: str) -> None:
+    """An option whose default is the first of its choices (the library's default too)."""
+    group.add_argument(flag, choices=choices, default=choices[0], help=help)
 
 
 def run_merge(args: argparse.Namespace) -> int:
