@@ -52,7 +52,10 @@ DEFAULT_CHUNK_SIZE = 1 << 22
 class Bridge(Protocol):
     """A transform of embeddings keyed by modality, fitted on a bank."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The bridge's spec name (``"centering"``)."""
+        ...
 
     def fit(self, bank: Mapping[str, Tensor]) -> Bridge:
         """Learn whatever statistics the bridge needs from ``bank``; returns ``self``."""

@@ -27,13 +27,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from modalign.errors import ModalignError, SmallDataWarning
 
 TASKS: tuple[str, ...] = ("retrieval", "intra", "zeroshot", "ood", "compositional")
 SPLIT_CHOICES: tuple[str, ...] = ("train", "val", "test", "all")
-TIES: tuple[str, ...] = ("pessimistic", "optimistic")
+TieRule = Literal["pessimistic", "optimistic"]
+TIES: tuple[TieRule, ...] = ("pessimistic", "optimistic")
 SCORINGS: tuple[str, ...] = ("vector", "maxsim")
 INDEXES: tuple[str, ...] = ("exact", "flat", "ivf", "hnsw")
 OOD_SCORES: tuple[str, ...] = ("mcm", "energy", "max_logit", "knn")
@@ -56,7 +57,7 @@ class EvalSettings:
     gallery_view: str | None = None
     relevance: str = "group"
     k: tuple[int, ...] = (1, 5, 10)
-    ties: str = "pessimistic"
+    ties: TieRule = "pessimistic"
     scoring: str = "vector"
     prefilter: int = 0
     index: str = "exact"
@@ -104,7 +105,7 @@ def run(*, model: str | Path | None = None, data: str | Path | None = None,
         embeddings: str | Path | None = None, task: str = "retrieval", split: str = "test",
         modalities: str | Sequence[str] = ("image", "text"), modality: str = "image",
         query_view: str | None = None, gallery_view: str | None = None,
-        relevance: str = "group", k: Sequence[int] = (1, 5, 10), ties: str = "pessimistic",
+        relevance: str = "group", k: Sequence[int] = (1, 5, 10), ties: TieRule = "pessimistic",
         scoring: str = "vector", prefilter: int = 0, index: str = "exact",
         label: str = "subgroup", templates: Sequence[str] | None = None,
         class_embeddings: str | Path | None = None, out_data: str | None = None,
@@ -195,11 +196,11 @@ def check_settings(s: EvalSettings) -> None:
         check_data(s.data if s.task != "ood" else _data_part(s.data), "--data")
     if not s.k or any(not isinstance(k, int) or k < 1 for k in s.k):
         raise ModalignError(f"--k {list(s.k)}: expected positive cut-offs")
-    for option, value, low in (("--bootstrap", s.bootstrap, 0), ("--chunk-size", s.chunk_size, 1),
-                               ("--prefilter", s.prefilter, 0), ("--knn-k", s.knn_k, 1)):
-        if not isinstance(value, int) or value < low:
+    for option, number, low in (("--bootstrap", s.bootstrap, 0), ("--chunk-size", s.chunk_size, 1),
+                                ("--prefilter", s.prefilter, 0), ("--knn-k", s.knn_k, 1)):
+        if not isinstance(number, int) or number < low:
             hint = " (off) or a number of resamples such as 1000" if option == "--bootstrap" else ""
-            raise ModalignError(f"{option} {value}: expected an integer >= {low}{hint}")
+            raise ModalignError(f"{option} {number}: expected an integer >= {low}{hint}")
     if not (math.isfinite(s.temperature) and s.temperature > 0):
         raise ModalignError(f"--temperature {s.temperature}: expected a number > 0")
     if s.task == "retrieval":
