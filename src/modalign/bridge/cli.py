@@ -114,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
     )
     from modalign.bridge.inversion.store import invert_into_store
     from modalign.embed.joint import load_joint
-    from modalign.embed.store import EmbeddingStore
     from modalign.io import file_hash
     from modalign.model import MultiTowerModel
 
@@ -140,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if len(source) == 0:
         raise ValueError(f"no {src} items in split {args.split!r}"
                          + (f" with views {args.view!r}" if args.view else ""))
-    store = EmbeddingStore(_store_dir(args, model))
+    store = joint.store  # the store load_joint read: the inverted array goes beside it
 
     device = torch.device(args.device)
     model.to(device)
@@ -208,12 +207,3 @@ def _print_estimate(done: int, remaining: int, steps: int, seconds: float,
         line += ("; for a quicker look pass --limit N, fewer --steps, or (CNN image tower) a "
                  "later --stage")
     print(line, file=sys.stderr, flush=True)
-
-
-def _store_dir(args: argparse.Namespace, model: Any) -> Path:
-    if args.embeddings:
-        return Path(args.embeddings)
-    from modalign.data import load_dataset
-    from modalign.embed.paths import default_store_dir
-
-    return default_store_dir(load_dataset(args.data), model.config.towers)

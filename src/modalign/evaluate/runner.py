@@ -139,10 +139,10 @@ def run(*, model: str | Path | None = None, data: str | Path | None = None,
         bank_split=bank_split, inverted=tuple(inverted), bootstrap=bootstrap, seed=seed,
         chunk_size=chunk_size, name=name, progress=progress)
     check_settings(s)
-    return evaluate(s, out)
+    return run_settings(s, out)
 
 
-def evaluate(s: EvalSettings, out: str | Path | None = None) -> EvalOutcome:
+def run_settings(s: EvalSettings, out: str | Path | None = None) -> EvalOutcome:
     """Run checked settings (:func:`check_settings`); :func:`run` is the usual entry point."""
     import torch
 
