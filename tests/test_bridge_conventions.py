@@ -187,3 +187,34 @@ def test_every_bridge_is_a_base_bridge():
     from modalign.bridge.posthoc import BRIDGES
 
     assert all(issubclass(cls, BaseBridge) for cls, _ in BRIDGES.values())
+
+
+class Scale(BaseBridge):
+    """A user's own bridge: multiply one modality by a fitted norm ratio."""
+
+    name = "scale"
+    fitted_attributes = ("ratio_",)
+
+    def __init__(self, modality: str = "text") -> None:
+        self.modality = modality
+
+    def fit(self, bank):
+        self.ratio_ = bank["image"].norm(dim=1).mean() / bank[self.modality].norm(dim=1).mean()
+        return self
+
+    def transform(self, embeddings):
+        self.check_fitted()
+        return {k: v * self.ratio_ if k == self.modality else v for k, v in embeddings.items()}
+
+
+def test_a_users_bridge_gets_the_conventions_and_does_not_shadow_ours(tmp_path):
+    bank, test = bank_and_test()
+    bank = {**bank, "text": 2 * bank["text"]}
+    chain = BridgeChain([Scale(), Centering()]).fit(bank)
+    assert chain.get_params()["0__modality"] == "text" and chain.identity()[0]["name"] == "scale"
+    save_bridge(chain, tmp_path / "mine")
+    meta = json.loads((tmp_path / "mine.json").read_text())
+    assert [b["class"] for b in meta["bridges"]] == [f"{__name__}.Scale", "Centering"]
+    again = load_bridge(tmp_path / "mine")
+    assert type(again.bridges[0]) is Scale and float(again.bridges[0].ratio_) == 0.5
+    assert torch.equal(again.transform(test)["text"], chain.transform(test)["text"])

@@ -157,3 +157,25 @@ def test_align_inverted_matches_by_id_and_restricts_to_covered_rows(store):
     assert info["queries"]["image:noto"]["num_queries"] == 3
     assert info["queries"]["image:noto"]["of"] == 8
     assert out["text"] is test["text"] and "text" not in over
+
+
+def test_model_and_data_name_the_record_from_the_store_without_reloading_the_data(
+        store, tmp_path, monkeypatch):
+    import modalign.data
+    import modalign.embed.joint
+    from modalign.io import write_json_atomic
+
+    write_json_atomic(store.path / "dataset.json", {"name": "toy", "display_name": "Toy set"})
+    calls = []
+
+    def fake_load_joint(**kwargs):
+        calls.append(kwargs)
+        return JointEmbeddings({m: store.load(m) for m in ("image", "text")}, store=store)
+
+    monkeypatch.setattr(modalign.embed.joint, "load_joint", fake_load_joint)
+    monkeypatch.setattr(modalign.data, "load_dataset", lambda *a, **k: 1 / 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome = run(model=_model_folder(tmp_path), data="emoji", bootstrap=0)
+    assert outcome.record["dataset"] == "Toy set" and len(calls) == 1
+    assert calls[0]["data"] == "emoji" and calls[0]["embeddings_dir"] is None

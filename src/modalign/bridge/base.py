@@ -8,7 +8,8 @@
 * ``fit_transform(bank)`` is ``fit(bank).transform(bank)``.
 * A fitted bridge (or a chain of them) is saved as ``STEM.safetensors`` (the fitted tensors) plus
   ``STEM.json`` (class, parameters, a format version), written atomically, tensors first; nothing
-  is pickled. :func:`load_bridge` reads it back (only classes derived from :class:`BaseBridge`).
+  is pickled. :func:`load_bridge` reads it back: only classes derived from :class:`BaseBridge`
+  that are already imported are built (a user's own subclass saves and loads the same way).
 
 Examples:
     >>> import torch, tempfile, pathlib
@@ -70,7 +71,7 @@ class BaseBridge:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _CLASSES[cls.__name__] = cls
+        _CLASSES[class_key(cls)] = cls
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -160,7 +161,7 @@ class BaseBridge:
                     tensors[f"{attr}/{key}"] = t
         cls = self.saved_as or type(self)
         params = {name: getattr(self, name) for name in cls.param_names()}
-        return {"class": cls.__name__, "params": _jsonable(params), "fitted": layout}, tensors
+        return {"class": class_key(cls), "params": _jsonable(params), "fitted": layout}, tensors
 
     @classmethod
     def from_state(cls: type[B], description: Mapping[str, Any],
@@ -174,6 +175,14 @@ class BaseBridge:
                      else {k: tensors[v] for k, v in layout.items()})
             setattr(bridge, attr, value)
         return bridge
+
+
+def class_key(cls: type) -> str:
+    """How a saved file names a bridge class: the class name for modalign's own, the module
+    and qualified name for a user's subclass (which loads once its module is imported)."""
+    if cls.__module__.split(".")[0] == "modalign":
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def save_bridge(bridge: BaseBridge, stem: str | os.PathLike[str],

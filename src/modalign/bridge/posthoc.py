@@ -33,6 +33,7 @@ from modalign.bridge.base import (
     BaseBridge,
     NotFittedError,
     bridge_from_state,
+    class_key,
     load_bridge,
     save_bridge,
 )
@@ -481,7 +482,7 @@ class BridgeChain(BaseBridge):
             description, own = b.state()
             members.append(description)
             tensors.update({f"{i}.{k}": v for k, v in own.items()})
-        return {"class": type(self).__name__, "bridges": members}, tensors
+        return {"class": class_key(type(self)), "bridges": members}, tensors
 
     @classmethod
     def from_state(cls, description: Mapping[str, Any],
