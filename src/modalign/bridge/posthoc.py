@@ -522,7 +522,7 @@ def build_bridge(spec: str, **context: Any) -> Bridge:
     name = name.strip().lower()
     if name not in BRIDGES:
         raise ModalignError(f"bridge {spec!r}: expected one of {', '.join(BRIDGES)}, optionally "
-                         "followed by ':key=value,...'")
+                            "followed by ':key=value,...'")
     cls, fixed = BRIDGES[name]
     accepted = set(cls.param_names())
     kwargs = {k: v for k, v in context.items() if k in accepted}
@@ -532,7 +532,7 @@ def build_bridge(spec: str, **context: Any) -> Bridge:
         if not eq or key not in accepted or key in fixed:
             allowed = ", ".join(sorted(accepted - set(fixed)))
             raise ModalignError(f"bridge {spec!r}: unknown or malformed parameter {part!r}; "
-                             f"expected key=value with key in: {allowed}")
+                                f"expected key=value with key in: {allowed}")
         kwargs[key] = parse_value(value)
     return cls(**kwargs, **fixed)
 
@@ -568,7 +568,7 @@ def lookup_key(stats: Mapping[str, Any], key: str, owner: str) -> Any:
     if base in stats:
         return stats[base]
     raise ModalignError(f"{owner}: nothing for {key!r}; it has {sorted(stats)} "
-                     f"(expected {key!r} or {base!r})")
+                        f"(expected {key!r} or {base!r})")
 
 
 def _check_bank(bank: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -580,7 +580,7 @@ def _check_bank(bank: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
 def _check_matrix(name: str, x: Tensor) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim != 2 or not x.is_floating_point() or len(x) == 0:
         raise ModalignError(f"{name}: expected a non-empty 2-D float tensor (n, d), got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
+                            f"{getattr(x, 'shape', type(x).__name__)}")
     return x
 
 
@@ -589,4 +589,4 @@ def _check_pair(gallery: Tensor, bank: Tensor) -> None:
     _check_matrix("bank", bank)
     if gallery.shape[1] != bank.shape[1]:
         raise ModalignError(f"gallery dim {gallery.shape[1]} != bank dim {bank.shape[1]}: "
-                         "expected embeddings of one joint space")
+                            "expected embeddings of one joint space")
