@@ -377,7 +377,7 @@ def _resolve_inverted(s: EvalSettings) -> dict[str, tuple[Any, str]]:
         return {}
     from modalign.embed.store import EmbeddingStore
     from modalign.evaluate.inverted import resolve_inverted_queries
-    from modalign.io import file_hash
+    from modalign.io import cached_file_hash
 
     if s.embeddings is not None:
         store = EmbeddingStore(s.embeddings)
@@ -386,7 +386,7 @@ def _resolve_inverted(s: EvalSettings) -> dict[str, tuple[Any, str]]:
         from modalign.embed.paths import default_store_dir
 
         store = EmbeddingStore(default_store_dir(load_dataset(str(s.data)), _towers(s.model)))
-    weights = (file_hash(Path(str(s.model)) / "model.safetensors") if s.model is not None
+    weights = (cached_file_hash(Path(str(s.model)) / "model.safetensors") if s.model is not None
                else None)
     return resolve_inverted_queries(s.inverted, store, split=s.split, model_weights=weights)
 
