@@ -12,6 +12,7 @@ import torch
 from modalign.bridge.inversion import invert
 from modalign.data.dataset import Item, PairedDataset
 from modalign.embed import Embeddings, EmbeddingStore
+from modalign.errors import ModalignError
 from modalign.reproduce import inversion as inversion_module
 from modalign.reproduce.extract import extract_embeddings, shard_bounds
 from modalign.reproduce.inversion import InversionPlan, inversion_forward, invert_stored
@@ -81,7 +82,7 @@ def test_sharded_extraction_equals_one_process(tmp_path: Path, world_size: int) 
 
 
 def test_rank0_refuses_to_merge_missing_shards(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="rank 1 has not finished"):
+    with pytest.raises(ModalignError, match="rank 1 has not finished"):
         extract_embeddings(_texts(6), {"text": CharTower()}, tmp_path, rank=0, world_size=2,
                            progress=False)
 
@@ -151,7 +152,7 @@ def test_sharded_inversion_equals_one_process(tmp_path: Path, towers) -> None:
     one = invert_stored(EmbeddingStore(tmp_path / "one"), "oti", targets, towers, plan, chunk=2,
                         rank=0, world_size=1, progress=False)
     store = EmbeddingStore(tmp_path / "two")
-    with pytest.raises(RuntimeError, match="rank 1 has not finished"):
+    with pytest.raises(ModalignError, match="rank 1 has not finished"):
         invert_stored(store, "oti", targets, towers, plan, chunk=2, rank=0, world_size=2,
                       progress=False)
     assert invert_stored(store, "oti", targets, towers, plan, chunk=2, rank=1, world_size=2,
@@ -160,4 +161,4 @@ def test_sharded_inversion_equals_one_process(tmp_path: Path, towers) -> None:
                         progress=False)
     assert one is not None and two is not None
     np.testing.assert_allclose(np.asarray(two.vectors), np.asarray(one.vectors), atol=1e-6)
-    assert not (tmp_path / "two" / "oti.parts").exists()
+    assert not list((tmp_path / "two" / "shards").glob("*/oti*"))  # merged, then dropped

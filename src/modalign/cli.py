@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         message = f"{e.name} is not installed: {hint}" if hint else str(e).splitlines()[0]
         print(f"modalign {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except (ModalignError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ModalignError, ValueError, FileNotFoundError) as e:
         if getattr(args, "debug", False):
             raise
         print(f"modalign {args.command}: error: {e}", file=sys.stderr)

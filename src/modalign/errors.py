@@ -16,11 +16,20 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ModalignError", "SmallDataWarning"]
+__all__ = ["ModalignError", "ProtocolError", "SmallDataWarning"]
 
 
 class ModalignError(ValueError):
     """A user error: the message says what was wrong, where, and what to do instead."""
+
+
+class ProtocolError(ModalignError, TypeError):
+    """An object given where a protocol is expected (an ``Encoder``, a trainable tower, a
+    factory) lacks what the protocol needs; the message names the object and the missing parts.
+
+    It is a :class:`ModalignError` (one line on the command line) and a ``TypeError`` (what
+    Python raises for a wrong kind of object).
+    """
 
 
 class SmallDataWarning(UserWarning):

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modalign import __version__
+from modalign.errors import ProtocolError
 from modalign.io import atomic_path, read_json, read_safetensors, write_json_atomic
+
+if TYPE_CHECKING:
+    from modalign.encoders.base import Encoder
 
 HeadKind = Literal["linear", "mlp"]
 HeadInit = Literal["xavier", "cone"]
@@ -353,8 +357,12 @@ class MultiTowerModel(nn.Module):
             return np.zeros((0, self.config.joint_dim), np.float32)
         return np.concatenate(out)
 
-    def tower(self, key: str) -> Any:
-        """The tower of ``key``'s modality, loaded with ``modalign.encoders.load_encoder`` once."""
+    def tower(self, key: str) -> Encoder:
+        """The tower of ``key``'s modality, loaded with ``modalign.encoders.load_encoder`` once.
+
+        The spec comes from ``config.towers``; a tower of one's own loads once its name is
+        registered with :func:`modalign.encoders.register_encoder`.
+        """
         m = base_modality(key)
         if m not in self.config.towers:
             raise ValueError(f"modality={key!r} has no tower; this model has {self.modalities}")
@@ -366,7 +374,7 @@ class MultiTowerModel(nn.Module):
             self._frozen_towers[m] = load_encoder(self.config.towers[m], modality=m)
         return self._frozen_towers[m]
 
-    def attach_tower(self, modality: str, encoder: Any) -> None:
+    def attach_tower(self, modality: str, encoder: Encoder) -> None:
         """Use ``encoder`` as the tower of ``modality`` (instead of loading it by spec).
 
         If ``modality`` is in ``config.trainable_towers`` the encoder must be an ``nn.Module``;
@@ -381,9 +389,9 @@ class MultiTowerModel(nn.Module):
                              f"expects feature_dims[{m!r}]={self.config.feature_dims[m]}")
         if m in self.config.trainable_towers:
             if not isinstance(encoder, nn.Module):
-                raise ValueError(f"trainable tower {m!r} must be an nn.Module, got "
-                                 f"{type(encoder).__name__}")
-            self.towers[m] = encoder
+                raise ProtocolError(f"trainable tower {m!r} must be an nn.Module, got "
+                                    f"{type(encoder).__name__}")
+            self.towers[m] = encoder  # type: ignore[assignment]
         else:
             self._frozen_towers[m] = encoder
 

@@ -25,6 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from modalign.data.dataset import Item, PairedDataset, split_of
+from modalign.errors import ModalignError
 from modalign.io import atomic_path, content_hash, read_json
 from modalign.paths import home
 
@@ -238,7 +239,8 @@ def build_emoji(options: EmojiOptions | None = None, root: str | Path | None = N
     for style, why in skipped_sources.items():
         warnings.warn(f"emoji style {style!r} skipped: {why}", stacklevel=2)
     if not styles:
-        raise RuntimeError(f"no emoji style can be rendered: {skipped_sources}")
+        raise ModalignError(f"no emoji style can be rendered: {skipped_sources}; install a colour "
+                            "emoji font or pass styles that are available")
     speech_ok = False
     if options.speech:
         if shutil.which("espeak-ng"):

@@ -196,8 +196,8 @@ def _encode_rows(dataset: PairedDataset, items: Sequence[Item], enc: Encoder,
             if good:
                 out = enc.encode(_to_device(batch, device)).float()
                 if out.shape != (len(good), enc.dim):
-                    raise RuntimeError(f"encoder {enc.name!r} returned shape "
-                                       f"{tuple(out.shape)}, expected ({len(good)}, {enc.dim})")
+                    raise ModalignError(f"encoder {enc.name!r} returned shape "
+                                        f"{tuple(out.shape)}, expected ({len(good)}, {enc.dim})")
                 if normalize:
                     out = torch.nn.functional.normalize(out, dim=-1)
                 rows[good] = out.cpu().numpy()

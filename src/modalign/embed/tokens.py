@@ -335,8 +335,8 @@ def _encode(enc: Any, inputs: list[Any], offsets: np.ndarray, writer: ArrayWrite
                     lo, hi = offsets[start + i] - offsets[start], offsets[start + i + 1] - \
                         offsets[start]
                     if len(got) != hi - lo:
-                        raise RuntimeError(f"tower {enc.name!r} gave {len(got)} tokens for input "
-                                           f"{start + i}, token_counts said {hi - lo}")
+                        raise ModalignError(f"tower {enc.name!r} gave {len(got)} tokens for input "
+                                            f"{start + i}, token_counts said {hi - lo}")
                     rows[lo:hi] = got
             bad_all.update({str(start + i): r for i, r in bad.items()})
             if len(rows):

@@ -7,6 +7,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from modalign.errors import ProtocolError
+
 
 @runtime_checkable
 class Encoder(Protocol):
@@ -46,11 +48,22 @@ class Encoder(Protocol):
 
 
 def check_encoder(obj: object) -> Encoder:
-    """Return ``obj`` if it follows :class:`Encoder`, else raise a ``TypeError`` saying why."""
+    """Return ``obj`` if it follows :class:`Encoder`, else raise
+    :class:`~modalign.errors.ProtocolError` (a ``TypeError``) saying what it lacks.
+
+    Examples:
+        >>> try:
+        ...     check_encoder(object())
+        ... except TypeError as e:
+        ...     print(str(e)[:36])
+        encoder object lacks name, modality,
+    """
     missing = [a for a in ("name", "modality", "dim", "preprocess", "encode", "identity")
                if not hasattr(obj, a)]
+    missing += [a for a in ("preprocess", "encode", "identity")
+                if a not in missing and not callable(getattr(obj, a))]
     if missing:
-        raise TypeError(
+        raise ProtocolError(
             f"encoder {type(obj).__name__} lacks {', '.join(missing)}; an encoder needs "
             "name, modality, dim, preprocess(inputs), encode(batch) and identity()"
         )

@@ -26,8 +26,6 @@ def to_rgb(image: ImageInput, background: tuple[int, int, int] = (255, 255, 255)
 
     Examples:
         >>> from PIL import Image
-
-from modalign.errors import ModalignError
         >>> im = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
         >>> to_rgb(im).getpixel((0, 0))
         (255, 255, 255)
@@ -77,8 +75,6 @@ def images_to_tensor(images: Sequence[ImageInput], size: int) -> torch.Tensor:
 
     Examples:
         >>> from PIL import Image
-
-from modalign.errors import ModalignError
         >>> images_to_tensor([Image.new("RGB", (10, 20), (255, 0, 0))], size=8).shape
         torch.Size([1, 3, 8, 8])
     """

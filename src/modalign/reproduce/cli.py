@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from modalign.data.benchmarks import available_benchmarks, benchmark_folder
+from modalign.distributed.runtime import setup
 from modalign.io import write_bytes_atomic
 
 SUITES = ("cross-the-gap", "contrastive-gap", "clip-benchmark")
@@ -151,24 +149,6 @@ def _common(p: argparse.ArgumentParser, datasets: tuple[str, ...] | None) -> Non
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def _device(arg: str) -> str:
-    local = os.environ.get("LOCAL_RANK")
-    if arg == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{local}" if local is not None else "cuda"
-        return "cpu"
-    if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {arg}: CUDA is not available here; use --device cpu")
-    return arg
-
-
-def _init_distributed(device: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
-        # rank 0 inverts and scores while the others wait at the next barrier: allow long waits
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                             timeout=datetime.timedelta(hours=24))
-
-
 def _datasets(args: argparse.Namespace, candidates: tuple[str, ...]) -> tuple[str, ...]:
     if args.datasets:
         return tuple(args.datasets)
@@ -196,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.data_root.is_dir():
         raise FileNotFoundError(f"--data-root {args.data_root}: no such folder")
     model = resolve_model(args.model)
-    device = _device(args.device)
-    _init_distributed(device)
+    # rank 0 inverts and scores while the others wait at the next barrier: allow long waits
+    ctx = setup(args.device, argument="--device", timeout=datetime.timedelta(hours=24))
+    device = str(ctx.device)
     out = args.out or Path("runs") / "reproduce" / args.suite / model.label
     towers = load_towers(model)
     progress = not args.no_progress
@@ -248,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
                  [f"{d}_recall@{k}" for d in ("image_retrieval", "text_retrieval")
                   for k in (1, 5, 10)]))
             if any(r["task"] == task for r in records))
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if not ctx.is_main:
         return 0
     if args.suite != "cross-the-gap":
         book = RecordBook(out)

@@ -20,8 +20,9 @@ from modalign.data.benchmarks import (
     load_benchmark,
 )
 from modalign.data.dataset import PairedDataset
+from modalign.distributed.runtime import process_rank
 from modalign.encoders.base import Encoder
-from modalign.reproduce.extract import extract_embeddings, process_rank
+from modalign.reproduce.extract import extract_embeddings
 from modalign.reproduce.models import ResolvedModel
 from modalign.reproduce.records import protocol_record
 from modalign.reproduce.scoring import class_prototypes_for, score_retrieval, zero_shot_scores

@@ -24,12 +24,13 @@ import torch
 from modalign.data.benchmarks import load_karpathy
 from modalign.data.benchmarks.karpathy import FIRST_CAPTION
 from modalign.data.dataset import PairedDataset
+from modalign.distributed.runtime import process_rank
 from modalign.encoders.base import Encoder
 from modalign.evaluate.metrics import retrieval_metrics
 from modalign.geometry.gap import modality_gap
 from modalign.geometry.separability import linear_separability
 from modalign.geometry.uniformity import alignment, cross_uniformity, uniformity
-from modalign.reproduce.extract import extract_embeddings, process_rank
+from modalign.reproduce.extract import extract_embeddings
 from modalign.reproduce.models import ResolvedModel
 from modalign.reproduce.records import protocol_record
 from modalign.reproduce.scoring import unit_rows

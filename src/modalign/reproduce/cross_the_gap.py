@@ -36,9 +36,10 @@ from modalign.data.benchmarks import (
     load_nocaps,
 )
 from modalign.data.dataset import PairedDataset
+from modalign.distributed.runtime import process_rank
 from modalign.embed import Embeddings, EmbeddingStore
 from modalign.encoders.base import Encoder
-from modalign.reproduce.extract import extract_embeddings, process_rank
+from modalign.reproduce.extract import extract_embeddings
 from modalign.reproduce.inversion import InversionPlan, invert_stored
 from modalign.reproduce.models import ResolvedModel
 from modalign.reproduce.records import RecordBook, protocol_record

@@ -10,9 +10,7 @@ either way the next run reuses it.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,45 +18,15 @@ import torch
 
 from modalign import __version__
 from modalign.data.dataset import PairedDataset
+from modalign.distributed.runtime import autocast, barrier, process_rank, shard_bounds
 from modalign.embed import EmbeddingStore, embed_dataset
 from modalign.embed.arrays import ArrayWriter, array_lock
 from modalign.embed.encode import inputs_hash
 from modalign.encoders.base import Encoder
+from modalign.errors import ModalignError
 from modalign.io import write_json_atomic
 
 SHARDS_DIR = "shards"
-
-
-def process_rank() -> tuple[int, int]:
-    """(rank, world size) from the process group, else from ``RANK``/``WORLD_SIZE``, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Start and stop of shard ``rank`` of ``n`` rows split into ``world_size`` contiguous shards.
-
-    Examples:
-        >>> [shard_bounds(10, r, 3) for r in range(3)]
-        [(0, 4), (4, 7), (7, 10)]
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-@contextlib.contextmanager
-def mixed_precision(device: str | torch.device, dtype: torch.dtype = torch.float16
-                    ) -> Iterator[None]:
-    """Autocast to ``dtype`` on CUDA; a no-op on the CPU (full precision there)."""
-    if torch.device(device).type == "cuda":
-        with torch.autocast("cuda", dtype=dtype):
-            yield
-    else:
-        yield
 
 
 def extract_embeddings(dataset: PairedDataset, towers: Mapping[str, Encoder],
@@ -90,7 +58,7 @@ def extract_embeddings(dataset: PairedDataset, towers: Mapping[str, Encoder],
     world_size = auto_world if world_size is None else world_size
     store = EmbeddingStore(out_dir)
     if world_size == 1:
-        with mixed_precision(device):
+        with autocast(device):
             return embed_dataset(dataset, towers, out_dir, batch_size=batch_size,
                                  progress=progress, device=device)
     done = {m: _cached(store, dataset, m, enc) for m, enc in towers.items()}
@@ -104,8 +72,8 @@ def extract_embeddings(dataset: PairedDataset, towers: Mapping[str, Encoder],
         shard = PairedDataset(dataset.name, shard_items, root=dataset.root, info=dataset.info)
         shard_towers = {m: enc for m, enc in todo.items() if shard.select(modality=m)}
         if shard_towers:
-            with mixed_precision(device):
-                embed_dataset(shard, shard_towers, _shard_dir(store, rank, world_size),
+            with autocast(device):
+                embed_dataset(shard, shard_towers, shard_dir(store, rank, world_size),
                               batch_size=batch_size, progress=progress and rank == 0,
                               device=device)
     barrier()
@@ -119,14 +87,9 @@ def _cached(store: EmbeddingStore, dataset: PairedDataset, modality: str, enc: E
     return store.is_current(modality, inputs_hash(dataset, dataset.select(modality=modality), enc))
 
 
-def _shard_dir(store: EmbeddingStore, rank: int, world_size: int) -> Path:
+def shard_dir(store: EmbeddingStore, rank: int, world_size: int) -> Path:
+    """The folder of rank ``rank``'s share of ``store`` (itself a store), before rank 0 merges."""
     return store.path / SHARDS_DIR / f"rank-{rank}-of-{world_size}"
-
-
-def barrier() -> None:
-    """Wait for every rank when a process group is up; a no-op otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _merge_shards(store: EmbeddingStore, dataset: PairedDataset, towers: Mapping[str, Encoder],
@@ -143,14 +106,15 @@ def _merge_shards(store: EmbeddingStore, dataset: PairedDataset, towers: Mapping
             start, stop = shard_bounds(len(items), r, world_size)
             if stop == start:
                 continue
-            shard = EmbeddingStore(_shard_dir(store, r, world_size))
+            shard = EmbeddingStore(shard_dir(store, r, world_size))
             if modality not in shard.manifest["arrays"]:
-                raise RuntimeError(
+                raise ModalignError(
                     f"rank {r} has not finished embedding {modality!r} into {shard.path}; run "
                     "every rank (torchrun starts them all) before rank 0 merges")
             emb = shard.load(modality)
             if [it["id"] for it in emb.items] != [it.id for it in items[start:stop]]:
-                raise RuntimeError(f"{shard.path}: rows do not match shard {r} of the dataset")
+                raise ModalignError(f"{shard.path}: rows do not match shard {r} of the dataset; "
+                                    "delete the shards folder and run every rank again")
             parts.append(emb)
         h = inputs_hash(dataset, items, enc)
         with array_lock(store.path, modality):

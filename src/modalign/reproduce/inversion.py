@@ -4,9 +4,10 @@ OTI (optimization-based textual inversion) turns each image feature into a text-
 ("a photo of £", the pseudo-token optimised so the text tower maps onto the image feature); OVI
 turns each text feature into an image-tower feature (pseudo-patches). The optimisation itself is
 :func:`modalign.bridge.inversion.invert`; this module feeds it stored features chunk by chunk on
-the model's device, under bfloat16 autocast on CUDA (bfloat16 needs no gradient scaler), keeps
-each finished chunk on disk so a killed run resumes, and stores the result as an array of the
-embedding store, keyed by a content hash of the model, the settings and the targets.
+the model's device, under bfloat16 autocast on CUDA (bfloat16 needs no gradient scaler), writes
+each finished chunk through the store's resumable array writer so a killed run resumes, and
+keeps the result as an array of the embedding store, keyed by a content hash of the model, the
+settings and every byte of the targets.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,12 +30,13 @@ from modalign.bridge.inversion import (
 )
 from modalign.bridge.inversion.core import PRECISIONS, InversionForward
 from modalign.data.benchmarks.templates import INVERSION_TEMPLATE
+from modalign.distributed.runtime import barrier, process_rank, shard_bounds
 from modalign.embed import Embeddings, EmbeddingStore
 from modalign.embed.arrays import ArrayWriter, array_lock
 from modalign.encoders.base import Encoder
 from modalign.errors import ModalignError
-from modalign.io import content_hash, read_json, write_json_atomic
-from modalign.reproduce.extract import barrier, process_rank
+from modalign.io import array_hash, content_hash
+from modalign.reproduce.extract import shard_dir
 from modalign.reproduce.models import ResolvedModel
 
 DIRECTIONS = ("oti", "ovi")
@@ -142,12 +144,16 @@ def invert_stored(store: EmbeddingStore, name: str, targets: Embeddings,
                   progress: bool = True) -> Embeddings | None:
     """Invert every row of ``targets`` and keep the result as array ``name`` of ``store``.
 
-    Rows are inverted in chunks saved as they finish, so a killed run resumes. With several
-    processes (``torchrun``), rank ``r`` inverts chunks ``r, r + N, ...``; all ranks meet at a
-    barrier and rank 0 assembles the array.
+    The array is written by the store's resumable writer (:class:`~modalign.embed.arrays.
+    ArrayWriter`) a chunk at a time, so a killed run resumes at the first unfinished chunk; its
+    content key hashes the forward, the plan, the target ids and every byte of the targets. With
+    several processes (``torchrun``), rank ``r`` inverts the ``r``-th contiguous shard of the
+    rows into ``<store>/shards/rank-r-of-N/`` (the layout of
+    :func:`~modalign.reproduce.extract.extract_embeddings`); all ranks meet at a barrier and
+    rank 0 concatenates the shards into the store.
 
     Args:
-        store: where the result (and the resumable chunks) go.
+        store: where the result goes.
         name: the array name, e.g. ``"oti"``.
         targets: the features to invert (rows keep their items).
         towers: the model's towers (see :func:`inversion_forward`).
@@ -171,78 +177,78 @@ def invert_stored(store: EmbeddingStore, name: str, targets: Embeddings,
     device = torch.device(device)
     forward = inversion_forward(towers, plan)
     ids = [it["id"] for it in targets.items]
-    key = content_hash(forward.identity(), asdict(plan), ids,
-                       _fingerprint(np.asarray(targets.vectors)))
-    if store.manifest["arrays"].get(name, {}).get("hash") == key:
+    key = content_hash(forward.identity(), asdict(plan), ids, array_hash(targets.vectors))
+    if store.is_current(name, key):
         return store.load(name) if rank == 0 else None
-    sync = barrier if world_size > 1 else _no_barrier
-    parts_dir = store.path / f"{name}.parts"
-    state_file = parts_dir / "state.json"
-    if not state_file.exists():
-        write_json_atomic(state_file, {"hash": key, "rows": len(ids)})
-    elif rank == 0 and read_json(state_file).get("hash") != key:  # chunks of other settings
-        for old in parts_dir.glob("part-*.npy"):
-            old.unlink()
-        write_json_atomic(state_file, {"hash": key, "rows": len(ids)})
-    sync()
-    starts = list(range(0, len(ids), chunk))
-    mine = starts[rank::world_size]
-    tower_module = towers["text" if plan.direction == "oti" else "image"].model  # type: ignore[attr-defined]
-    tower_module.to(device)
-    bar = tqdm(total=sum(min(s + chunk, len(ids)) - s for s in mine), unit="item",
-               desc=f"{plan.direction.upper()} {name}", disable=(not progress or rank != 0) or None)
-    t0, fresh = time.perf_counter(), 0
-    for start in mine:
-        part = _part(parts_dir, start)
-        stop = min(start + chunk, len(ids))
-        if part.exists():
-            bar.update(stop - start)
-            continue
-        t = torch.from_numpy(np.array(targets.vectors[start:stop], dtype=np.float32)).to(device)
-        res = invert(t, forward, plan.settings(device), keys=ids[start:stop],
-                     progress=bar.update)
-        rows = res.features.float().cpu().numpy()
-        with array_lock(parts_dir, part.stem, quiet=True):  # the shared resumable writer
-            if not part.exists():
-                writer = ArrayWriter(parts_dir, part.stem, key=key, rows=len(rows),
-                                     dim=rows.shape[1])
-                writer.write(0, rows)
-                writer.finish()
-        fresh += stop - start
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    sync()
+    info = {"hash": key, "bridge": plan.direction, "plan": asdict(plan),
+            "forward": forward.identity(), "device": str(device), "processes": world_size}
+    start, stop = shard_bounds(len(ids), rank, world_size)
+    mine = store if world_size == 1 else EmbeddingStore(shard_dir(store, rank, world_size))
+    if not mine.is_current(name, key):
+        tower = towers["text" if plan.direction == "oti" else "image"]
+        tower.model.to(device)  # type: ignore[attr-defined]
+        rate = _invert_rows(mine, name, key, targets, start, stop, forward, plan, device, chunk,
+                            progress and rank == 0)
+        mine.register(name, targets.items[start:stop], {**info, **rate})
+    if world_size == 1:
+        return store.load(name)
+    barrier()
     if rank != 0:
-        sync()
+        barrier()
         return None
-    missing = [s for s in starts if not _part(parts_dir, s).exists()]
-    if missing:
-        owner = starts.index(missing[0]) % world_size
-        raise RuntimeError(f"rank {owner} has not finished inverting rows {missing[0]}.. into "
-                           f"{parts_dir}; run every rank (torchrun starts them all)")
-    vectors = np.concatenate([np.load(_part(parts_dir, s)) for s in starts])
-    store.add_array(name, vectors, targets.items, info={
-        "hash": key, "bridge": plan.direction, "plan": asdict(plan),
-        "forward": forward.identity(), "device": str(device), "processes": world_size,
-        "items_per_s": round(world_size * fresh / elapsed, 3) if fresh and elapsed > 0 else None})
-    for s in starts:
-        _part(parts_dir, s).unlink()
-        _part(parts_dir, s).with_suffix(".lock").unlink(missing_ok=True)
-    state_file.unlink(missing_ok=True)
-    parts_dir.rmdir()
-    sync()
+    _merge_shards(store, name, key, targets, world_size, info)
+    barrier()
     return store.load(name)
 
 
-def _no_barrier() -> None:
-    return None
+def _invert_rows(store: EmbeddingStore, name: str, key: str, targets: Embeddings, start: int,
+                 stop: int, forward: InversionForward, plan: InversionPlan,
+                 device: torch.device, chunk: int, progress: bool) -> dict[str, Any]:
+    """Invert rows ``start:stop`` of ``targets`` chunk by chunk into ``store``'s ``name``.npy
+    (resuming a killed run); returns the writer's facts and the rate of the fresh rows."""
+    ids = [it["id"] for it in targets.items]
+    dim = int(np.asarray(targets.vectors[:0]).shape[1])
+    with array_lock(store.path, name, quiet=True):
+        writer = ArrayWriter(store.path, name, key=key, rows=stop - start, dim=dim)
+        bar = tqdm(total=stop - start, initial=writer.done, unit="item",
+                   desc=f"{plan.direction.upper()} {name}", disable=not progress or None)
+        t0, fresh = time.perf_counter(), 0
+        for a in range(start + writer.done, stop, chunk):
+            b = min(a + chunk, stop)
+            t = torch.from_numpy(np.array(targets.vectors[a:b], dtype=np.float32)).to(device)
+            res = invert(t, forward, plan.settings(device), keys=ids[a:b], progress=bar.update)
+            writer.write(a - start, res.features.float().cpu().numpy())
+            fresh += b - a
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        facts = writer.finish()
+    return {**facts, "dim": dim,
+            "items_per_s": round(fresh / elapsed, 3) if fresh and elapsed > 0 else None}
 
 
-def _part(parts_dir: Path, start: int) -> Path:
-    return parts_dir / f"part-{start:09d}.npy"
-
-
-def _fingerprint(vectors: np.ndarray) -> str:
-    """A cheap content fingerprint of a feature array (shape plus a strided sample)."""
-    step = max(1, len(vectors) // 256)
-    return content_hash(list(vectors.shape), np.round(vectors[::step].astype(np.float64), 5))
+def _merge_shards(store: EmbeddingStore, name: str, key: str, targets: Embeddings,
+                  world_size: int, info: Mapping[str, Any]) -> None:
+    """Concatenate the ranks' finished shards of ``name`` into ``store`` (rank 0); drop them."""
+    n = len(targets.items)
+    shards = []
+    for r in range(world_size):
+        start, stop = shard_bounds(n, r, world_size)
+        shard = EmbeddingStore(shard_dir(store, r, world_size))
+        if stop > start and not shard.is_current(name, key):
+            raise ModalignError(f"rank {r} has not finished inverting rows {start}..{stop - 1} "
+                                f"into {shard.path}; run every rank (torchrun starts them all)")
+        shards.append((start, stop, shard))
+    dim = int(np.asarray(targets.vectors[:0]).shape[1])
+    rates = [shard.info(name).get("items_per_s") for a, b, shard in shards if b > a]
+    with array_lock(store.path, name, quiet=True):
+        writer = ArrayWriter(store.path, name, key=key, rows=n, dim=dim)
+        for start, stop, shard in shards:
+            if stop > start and start >= writer.done:
+                writer.write(start, np.asarray(shard.load(name).vectors))
+        facts = writer.finish()
+    total = sum(r for r in rates if r) if all(rates) else None
+    store.register(name, targets.items, {**info, **facts, "dim": dim,
+                                         "items_per_s": round(total, 3) if total else None})
+    for start, stop, shard in shards:
+        if stop > start:
+            shard.remove_array(name)

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.data.benchmarks.base import RetrievalProtocol, RevisitedGroundTruth
+from modalign.distributed.runtime import autocast
 from modalign.embed import Embeddings
 from modalign.encoders.base import Encoder
 from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
 from modalign.evaluate.zeroshot import encode_prototypes, zero_shot_classification
-from modalign.reproduce.extract import mixed_precision
 from modalign.reproduce.revisited_metrics import revisited_metrics
 
 RETRIEVAL_KEYS = ("map", "map@r", "r_precision", "recall@1", "recall@5", "recall@10", "mrr")
@@ -149,7 +149,7 @@ def encode_texts(tower: Encoder, texts: Sequence[str], *, batch_size: int = 256,
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         elif isinstance(batch, Tensor):
             batch = batch.to(device)
-        with mixed_precision(device):
+        with autocast(device):
             out.append(F.normalize(tower.encode(batch).float(), dim=-1).cpu())
     return torch.cat(out)
 

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.distributed import runtime as D
 from modalign.embed.resolve import dataset_store, load_tower, open_store, recorded_towers
 from modalign.embed.store import EmbeddingStore
 from modalign.errors import ModalignError
 from modalign.io import read_json
 from modalign.losses.objective import Objective, build_objective
 from modalign.model import MultiTowerModel, base_modality
-from modalign.train import distributed as D
 from modalign.train.config import OptimConfig, TrainConfig
 from modalign.train.data import PairedFeatures
 from modalign.train.recipes.distill import ContrastiveDistillation, load_teacher

@@ -23,7 +23,6 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from modalign import __version__
 from modalign.bridge.posthoc import close_noise
+from modalign.distributed import runtime as D
 from modalign.embed.store import EmbeddingStore
 from modalign.encoders.lora import adapter_dropout_on, save_adapters
 from modalign.errors import ModalignError, SmallDataWarning
@@ -47,7 +47,6 @@ from modalign.losses.validation import validation, validation_enabled
 from modalign.model import base_modality
 from modalign.paths import home
 from modalign.train import build
-from modalign.train import distributed as D
 from modalign.train import validate as V
 from modalign.train.build import resolve_store, tower_specs
 from modalign.train.checkpoint import (
@@ -132,7 +131,7 @@ class Trainer:
                  run_dir: str | Path | None = None, resume: bool = False) -> None:
         self.config = config
         towers = towers or {}
-        self.ctx = D.setup(config.train.device)
+        self.ctx = D.setup(config.train.device, argument="train.device")
         if config.train.num_threads > 0:
             torch.set_num_threads(config.train.num_threads)
         if config.train.precision == "bf16" and self.ctx.device.type != "cuda":
@@ -165,7 +164,8 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         specs = tower_specs(config, self.store)
         for m, t in towers.items():
-            specs.setdefault(m, getattr(t, "name", m))
+            if m not in config.model.towers:  # the tower used is the one recorded
+                specs[m] = str(getattr(t, "name", m))
         dims = build.feature_dims(config, self.data)
         self.model = build.build_model(config, self.data, specs, dims)
         self.raw_keys, tower_params = build.attach_towers(self.model, config, specs, towers)
@@ -210,8 +210,8 @@ class Trainer:
                                                tower_params, config.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.val = V.validation_tables(config, self.store)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if config.train.precision == "bf16" else nullcontext())
+        self.autocast = D.autocast(self.ctx.device, torch.bfloat16
+                                   if config.train.precision == "bf16" else None)
         # loop state (restored on resume)
         self.step = 0
         self.epoch = 0
