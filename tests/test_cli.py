@@ -49,3 +49,26 @@ def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "modalign", "--version"], capture_output=True,
                        text=True, check=True)
     assert r.stdout.startswith("modalign ")
+
+
+def test_torch_failures_keep_their_traceback_and_user_errors_stay_one_line(tmp_path, capsys,
+                                                                           monkeypatch):
+    """Before: ``cli.main`` caught RuntimeError, so a real torch failure (CUDA out of memory, a
+    shape bug) was reduced to one line without its traceback."""
+    from modalign.data import cli as data_cli
+    from modalign.errors import ModalignError
+
+    def torch_fails(args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(data_cli, "_check", torch_fails)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        main(["data", "check", str(tmp_path)])
+
+    def user_error(args):
+        raise ModalignError("--k must be a positive integer, got 0")
+
+    monkeypatch.setattr(data_cli, "_check", user_error)
+    assert main(["data", "check", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("modalign data: error: --k must be a positive integer, "
+                                       "got 0\n")

@@ -249,6 +249,5 @@ def _merge_shards(store: EmbeddingStore, name: str, key: str, targets: Embedding
     total = sum(r for r in rates if r) if all(rates) else None
     store.register(name, targets.items, {**info, **facts, "dim": dim,
                                          "items_per_s": round(total, 3) if total else None})
-    for start, stop, shard in shards:
-        if stop > start:
-            shard.remove_array(name)
+    for _, _, shard in shards:
+        shard.remove_array(name)
