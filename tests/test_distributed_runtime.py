@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +34,7 @@ def test_resolve_device_names_the_argument():
 def test_shard_bounds_tile_the_rows_in_order(n, world):
     bounds = [runtime.shard_bounds(n, r, world) for r in range(world)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     sizes = [b - a for a, b in bounds]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
     with pytest.raises(ModalignError, match="0 <= rank < world_size"):
@@ -127,4 +128,5 @@ def test_sharded_inversion_with_an_empty_rank_equals_one_process(tmp_path, fake_
                           progress=False)
     np.testing.assert_array_equal(np.asarray(three.vectors), np.asarray(one.vectors))
     assert three.items == targets.items
+    assert calls == [2, 1, 1]  # one process, then ranks 1 and 0; rank 2 inverts nothing
     assert not list((tmp_path / "three" / "shards").glob("*/oti.npy"))

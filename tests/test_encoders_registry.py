@@ -101,7 +101,7 @@ def test_a_model_trained_with_a_custom_tower_reloads_it_by_its_registered_name(t
     torch.testing.assert_close(model.encode("text", texts), expected)
     del encoders._REGISTRY["char8"]
     fresh = MultiTowerModel.from_pretrained(result.model_dir)
-    with pytest.raises(ModalignError, match="unknown encoder 'char8'.*register_encoder"):
+    with pytest.raises(ModalignError, match=r"unknown encoder 'char8'.*register_encoder"):
         fresh.encode("text", texts)
 
 
