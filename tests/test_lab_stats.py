@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modalign.evaluate.retrieval import cross_modal_retrieval, toy_embeddings
-from modalign.lab.gapshift import gap_shift_curve, gap_vector, shift_along_gap
+from modalign.geometry.gapshift import gap_shift_curve, gap_vector, shift_along_gap
 from modalign.lab.trend import rank, spearman, trend_test, verdict
 
 

@@ -239,6 +239,19 @@ class EmbeddingStore:
             (self.path / f"{name}{suffix}").unlink(missing_ok=True)
 
 
+def evenly_spaced(n: int, k: int | None) -> np.ndarray:
+    """``k`` evenly spaced row indices of ``range(n)`` (all of them when ``k`` is None or >= n),
+    for a quick look at a subset that still spans the whole array.
+
+    Examples:
+        >>> evenly_spaced(10, 3).tolist()
+        [0, 4, 9]
+    """
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
 def _lock(f: Any) -> None:
     try:
         import fcntl

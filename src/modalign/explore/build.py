@@ -6,9 +6,10 @@ Given joint-space embeddings per modality (row metadata included), :func:`build_
   hover text or image thumbnail) and its 2-d position (:mod:`modalign.explore.projection`);
 * ``states``: the native space, the space after a post-hoc bridge (fitted on the bank, see
   :mod:`modalign.bridge.posthoc`) and the space with modality ``b`` moved along the gap vector by
-  each amount of the slider (:func:`modalign.lab.gapshift.shift_along_gap`); for each state, the
-  exact top-k of every point in every modality (:class:`modalign.evaluate.search.ExactIndex`,
-  cosine, the point itself excluded; cosines in thousandths for the native and bridged states)
+  each amount of the slider (:func:`modalign.geometry.gapshift.shift_along_gap`); for each
+  state, the exact top-k of every point in every modality
+  (:class:`modalign.evaluate.search.ExactIndex`, cosine, the point itself excluded; cosines in
+  thousandths for the native and bridged states)
   and the diagnosis numbers (gap, separability, uniformity, cone; :mod:`modalign.geometry`);
 * ``twins``: inverted features (OTI/OVI arrays of the embedding store), each linked to the point
   it was inverted from, with its 2-d position and its top-k in the native space;
@@ -45,9 +46,9 @@ from modalign.evaluate.search import ExactIndex
 from modalign.explore.projection import make_projection
 from modalign.geometry.cone import mean_pairwise_cosine
 from modalign.geometry.gap import modality_gap
+from modalign.geometry.gapshift import DEFAULT_SHIFTS, shift_along_gap
 from modalign.geometry.separability import linear_separability
 from modalign.geometry.uniformity import uniformity
-from modalign.lab.gapshift import DEFAULT_SHIFTS, shift_along_gap
 
 __all__ = ["ExploreOptions", "ExploreSpace", "build_explore", "sample_groups", "top_k_per_modality"]
 

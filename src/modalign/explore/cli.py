@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from modalign.explore.build import ExploreOptions, ExploreSpace, build_explore
     from modalign.explore.page import render_page
     from modalign.explore.sources import load_sources
+    from modalign.geometry.gapshift import DEFAULT_SHIFTS
     from modalign.io import dumps, write_bytes_atomic
-    from modalign.lab.gapshift import DEFAULT_SHIFTS
 
     if args.serve and args.model is None:
         raise ModalignError("--serve encodes queries with the model: pass --model DIR")

@@ -6,8 +6,8 @@ Examples:
     ['xavier-d1-learned-e20', 'xavier-d1-tau0.01-e20']
 """
 
+from modalign.geometry.gapshift import gap_shift_curve, gap_vector, shift_along_gap
 from modalign.lab.answer import QUESTION, answer
-from modalign.lab.gapshift import gap_shift_curve, gap_vector, shift_along_gap
 from modalign.lab.measure import LabTowers, SpaceData, measure_space
 from modalign.lab.misalign import Misalignment, measure_misalignment, plateau_step
 from modalign.lab.settings import (

@@ -12,7 +12,7 @@ for the bridges and the gap vector). Then:
   tower and the trained head; ``delta_map`` is inverted minus native mAP;
 - zero-shot classification into the label: inter-modal (images against prompt prototypes), with
   each bridge, and intra-modal (the OTI features of the query images against the same prototypes);
-- the gap-shift curve (:mod:`modalign.lab.gapshift`).
+- the gap-shift curve (:mod:`modalign.geometry.gapshift`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from modalign.bridge.inversion import (
     ProjectedForward,
     invert,
 )
-from modalign.embed.store import Embeddings, EmbeddingStore
+from modalign.embed.store import Embeddings, EmbeddingStore, evenly_spaced
 from modalign.evaluate.bootstrap import QueryValues, bootstrap_intervals, paired_bootstrap
 from modalign.evaluate.metrics import retrieval_metrics, self_exclusion
 from modalign.evaluate.retrieval import as_unit_tensor, cross_modal_retrieval
@@ -46,13 +46,12 @@ from modalign.evaluate.zeroshot import (
 )
 from modalign.geometry.cone import mean_pairwise_cosine
 from modalign.geometry.gap import modality_gap
+from modalign.geometry.gapshift import gap_shift_curve
 from modalign.geometry.separability import linear_separability
 from modalign.geometry.uniformity import uniformity
-from modalign.lab.gapshift import gap_shift_curve
 from modalign.lab.misalign import intra_map, measure_misalignment, plateau_step
 from modalign.lab.settings import LabConfig
 from modalign.model import MultiTowerModel
-from modalign.reproduce.cross_the_gap import spread
 
 MODALITIES = ("image", "text")
 
@@ -169,8 +168,8 @@ class SpaceData:
         prompts = build_prompts([class_name(c) for c in labels], config.templates)
         feats = encode_text([p for per in prompts for p in per])
         return cls(test, bank, labels, torch.as_tensor(feats).float(),
-                   np.asarray(img_q)[spread(len(img_q), config.inverted_queries)],
-                   np.asarray(txt_q)[spread(len(txt_q), config.inverted_queries)], before)
+                   np.asarray(img_q)[evenly_spaced(len(img_q), config.inverted_queries)],
+                   np.asarray(txt_q)[evenly_spaced(len(txt_q), config.inverted_queries)], before)
 
 
 def project(model: MultiTowerModel, part: Mapping[str, Embeddings]) -> dict[str, Embeddings]:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from modalign.evaluate.zeroshot import DEFAULT_TEMPLATES
-from modalign.lab.gapshift import DEFAULT_SHIFTS
+from modalign.geometry.gapshift import DEFAULT_SHIFTS
 
 HEAD_INITS = ("xavier", "cone")
 TEMPERATURES: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)

@@ -38,6 +38,7 @@ from modalign.data.benchmarks import (
 from modalign.data.dataset import PairedDataset
 from modalign.distributed.runtime import process_rank
 from modalign.embed import Embeddings, EmbeddingStore
+from modalign.embed.store import evenly_spaced
 from modalign.encoders.base import Encoder
 from modalign.reproduce.extract import extract_embeddings
 from modalign.reproduce.inversion import InversionPlan, invert_stored
@@ -111,18 +112,6 @@ def load_for_protocol(name: str, data_root: str | Path) -> Benchmark:
     return load_benchmark(name, data_root)
 
 
-def spread(n: int, k: int | None) -> np.ndarray:
-    """``k`` evenly spaced indices of ``range(n)`` (all of them when ``k`` is None or >= n).
-
-    Examples:
-        >>> spread(10, 3).tolist()
-        [0, 4, 9]
-    """
-    if k is None or k >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
-
-
 def run_dataset(name: str, model: ResolvedModel, towers: dict[str, Encoder],
                 data_root: str | Path, out_dir: str | Path, config: CrossTheGapConfig,
                 progress: bool = True) -> list[dict[str, Any]]:
@@ -141,7 +130,7 @@ def run_dataset(name: str, model: ResolvedModel, towers: dict[str, Encoder],
                                batch_size=config.batch_size, device=config.device,
                                progress=progress)
     queries = store.load(modality, view=protocol.query.views, split=protocol.query.split)
-    queries = queries.subset(spread(len(queries), config.max_queries))
+    queries = queries.subset(evenly_spaced(len(queries), config.max_queries))
     plan = config.oti if modality == "image" else config.ovi
     inverted = None
     if "inversion" in config.methods:  # every rank inverts its share
