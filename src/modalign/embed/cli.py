@@ -8,6 +8,7 @@ import time
 
 from modalign.embed.resolve import DEFAULT_TOWERS
 from modalign.errors import ModalignError
+from modalign.spec import split_key_value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -79,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
     wanted = ([m.strip() for m in args.modalities.split(",") if m.strip()]
               if args.modalities else ds.modalities)
     specs = {m: getattr(args, m) for m in DEFAULT_TOWERS if m in wanted}
+    example = "MODALITY=SPEC, e.g. --tower sketch=effnet-lite0:image_size=48"
     for t in args.tower:
-        if "=" not in t.split(":", 1)[0]:
-            raise ModalignError(f"--tower {t!r}: expected MODALITY=SPEC, e.g. "
-                                "--tower sketch=effnet-lite0:image_size=48")
-        m, s = t.split("=", 1)
-        specs[m.strip()] = s.strip()
+        m, s = split_key_value(t, "--tower", example)
+        if ":" in m:  # 'effnet-lite0:image_size=48': an option, no modality
+            raise ModalignError(f"--tower {t!r}: expected {example}")
+        specs[m] = s
     missing = [m for m in wanted if m not in specs]
     if missing:
         raise ModalignError(f"no tower for modalities {missing}: pass --tower MODALITY=SPEC")

@@ -28,6 +28,7 @@ from modalign.errors import ModalignError
 from modalign.evaluate.vocabulary import metric_key, upgrade_training_metric
 from modalign.io import read_user_text
 from modalign.model import ModelConfig
+from modalign.spec import parse_value, split_key_value
 from modalign.train.recipes.distill import HELP as DISTILL_HELP
 from modalign.train.recipes.distill import DistillConfig
 from modalign.train.recipes.fdt import HELP as FDT_HELP
@@ -678,29 +679,17 @@ def _objectives(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def parse_value(text: str) -> Any:
-    """Parse a command-line value as a TOML literal, falling back to the raw string.
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``"section.key=value"`` into the dotted key and the parsed value.
 
     Examples:
-        >>> parse_value("1e-3"), parse_value("true"), parse_value("[1, 2]"), parse_value("clip")
-        (0.001, True, [1, 2], 'clip')
+        >>> parse_override("optim.lr=1e-3")
+        ('optim.lr', 0.001)
     """
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``"section.key=value"`` into the dotted key and the parsed value."""
-    if "=" not in text:
-        raise ModalignError(f"override {text!r} must look like section.key=value, "
-                            "e.g. optim.lr=1e-3")
-    key, value = text.split("=", 1)
-    key = key.strip()
+    key, value = split_key_value(text, "override", "section.key=value, e.g. optim.lr=1e-3")
     if "." not in key and key != "objectives":
         raise ModalignError(f"override key {key!r} must be dotted, e.g. optim.lr")
-    return key, parse_value(value.strip())
+    return key, parse_value(value)
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
