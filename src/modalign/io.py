@@ -131,6 +131,39 @@ def content_hash(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+class NewerFormatError(ModalignError):
+    """A file written by a newer modalign, in a format version this one does not read."""
+
+
+def check_format_version(meta: Any, current: int, what: str, key: str = "format_version") -> int:
+    """The format version recorded in ``meta`` (a file's JSON object), checked against ``current``.
+
+    Every format modalign writes (model folder, store manifest, checkpoint, resolved run config,
+    evaluation record) records its version under ``key``. A file without the key was written
+    before versions were recorded: version 0, the same layout as version 1, read as it is (and
+    given the key when rewritten). A newer version raises :class:`NewerFormatError` naming the
+    file; a version that is not an integer raises :class:`~modalign.errors.ModalignError`.
+
+    Examples:
+        >>> check_format_version({"format_version": 1}, 1, "x"), check_format_version({}, 1, "x")
+        (1, 0)
+        >>> try:
+        ...     check_format_version({"format_version": 3}, 1, "store s")
+        ... except NewerFormatError as e:
+        ...     print(str(e)[:57])
+        store s was written by a newer modalign (format_version 3
+    """
+    raw = meta.get(key, 0) if isinstance(meta, dict) else 0
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ModalignError(f"{what}: {key} {raw!r} is not an integer; the file is damaged or "
+                            "not written by modalign")
+    if raw > current:
+        raise NewerFormatError(f"{what} was written by a newer modalign ({key} {raw}; this one "
+                               f"reads up to {current}): upgrade modalign (pip install -U "
+                               "modalign) to read it")
+    return raw
+
+
 def array_hash(array: Any, rows_per_block: int = 65536) -> str:
     """SHA-256 (first 16 hex digits) of an array's dtype, shape and every byte, read in blocks
     (a memory-mapped array is not loaded whole). Two arrays hash alike only if they are equal.

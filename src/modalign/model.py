@@ -29,7 +29,13 @@ from torch import nn
 
 from modalign import __version__
 from modalign.errors import ProtocolError
-from modalign.io import atomic_path, read_json, read_safetensors, write_json_atomic
+from modalign.io import (
+    atomic_path,
+    check_format_version,
+    read_json,
+    read_safetensors,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from modalign.encoders.base import Encoder
@@ -503,9 +509,7 @@ class MultiTowerModel(nn.Module):
         if not isinstance(meta, dict) or meta.get("format") != "modalign.MultiTowerModel":
             raise ValueError(f"{root / CONFIG_NAME} is not a modalign model config "
                              "(missing format 'modalign.MultiTowerModel')")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{root} was written by a newer modalign (format "
-                             f"{meta['format_version']} > {FORMAT_VERSION}); upgrade modalign")
+        check_format_version(meta, FORMAT_VERSION, f"model folder {root}")
         model = cls(ModelConfig.from_dict(meta["model"]))
         state = read_safetensors(root / WEIGHTS_NAME, device=str(map_location))
         for m in model.config.trainable_towers:

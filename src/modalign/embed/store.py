@@ -2,7 +2,8 @@
 
 Layout of a store folder::
 
-    manifest.json              arrays, their encoders, the dataset and content hashes
+    manifest.json              format_version, arrays, their encoders, the dataset and content
+                               hashes
     dataset.json               the dataset encoded: name, root, counts and, when given with
                                ``modalign embed --name``, a readable ``display_name``
     <array>.npy                float32 (rows, dim), memory-mapped on read
@@ -24,9 +25,19 @@ import numpy as np
 
 from modalign.embed.arrays import array_facts, array_lock, check_array_file, verify_array_file
 from modalign.errors import ModalignError
-from modalign.io import atomic_path, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from modalign.io import (
+    atomic_path,
+    check_format_version,
+    read_json,
+    read_jsonl,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 
 MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+"""The store layout's version, recorded in ``manifest.json`` (absent: written before versions
+were recorded, the same layout; the key is added on the next write)."""
 DATASET_INFO = "dataset.json"
 
 
@@ -103,8 +114,13 @@ class EmbeddingStore:
     # -- manifest ---------------------------------------------------------------------------
     @property
     def manifest(self) -> dict[str, Any]:
+        """``manifest.json`` (checked: a store written by a newer modalign is refused)."""
         p = self.path / MANIFEST
-        return read_json(p) if p.exists() else {"arrays": {}, "groups": []}
+        if not p.exists():
+            return {"format_version": FORMAT_VERSION, "arrays": {}, "groups": []}
+        m = read_json(p)
+        check_format_version(m, FORMAT_VERSION, f"embedding store {self.path}")
+        return m
 
     def _update_manifest(self, fn: Callable[[dict[str, Any]], None]) -> None:
         """Read-modify-write the manifest under an exclusive lock (several writers may share
@@ -114,6 +130,7 @@ class EmbeddingStore:
             try:
                 m = self.manifest
                 fn(m)
+                m["format_version"] = FORMAT_VERSION  # a store from before versions gains it
                 write_json_atomic(self.path / MANIFEST, m)
             finally:
                 _unlock(lock)

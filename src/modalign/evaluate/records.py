@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import modalign
-from modalign.io import content_hash, csv_cell, read_json, write_bytes_atomic, write_json_atomic
+from modalign.io import (
+    check_format_version,
+    content_hash,
+    csv_cell,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from modalign.naming import dataset_name, model_name
 
 RECORD_SCHEMA = 1
@@ -266,6 +273,7 @@ def _check_record(record: Any, where: str) -> None:
         raise ValueError(f"{where}: not an evaluation record; missing fields {missing}")
     if not isinstance(record["metrics"], Mapping):
         raise ValueError(f"{where}: expected 'metrics' to be an object of name -> number")
+    check_format_version(dict(record), RECORD_SCHEMA, f"record {where}", key="schema")
 
 
 def _finite(value: Any) -> float | None:

@@ -29,9 +29,19 @@ from torch import nn
 
 from modalign.embed.arrays import disk_full
 from modalign.errors import ModalignError
-from modalign.io import read_json, read_safetensors, read_torch, write_json_atomic
+from modalign.io import (
+    NewerFormatError,
+    check_format_version,
+    read_json,
+    read_safetensors,
+    read_torch,
+    write_json_atomic,
+)
 
 LATEST = "latest.json"
+FORMAT_VERSION = 1
+"""The checkpoint layout's version, in ``latest.json`` and ``trainer.pt`` (absent: written before
+versions were recorded, the same layout)."""
 WEIGHTS = "weights.safetensors"
 TRAINER = "trainer.pt"
 
@@ -100,8 +110,8 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, modules: Mapping[st
                 flat[f"{mod_name}.{k}"] = t
         try:
             save_file(flat, str(tmp / WEIGHTS))
-            torch.save({**dict(trainer), "step": int(step), "modules": sorted(modules)},
-                       tmp / TRAINER)
+            torch.save({**dict(trainer), "step": int(step), "modules": sorted(modules),
+                        "format_version": FORMAT_VERSION}, tmp / TRAINER)
             for f in (tmp / WEIGHTS, tmp / TRAINER):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -120,7 +130,8 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, modules: Mapping[st
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    write_json_atomic(root / LATEST, {"checkpoint": name, "step": int(step)})
+    write_json_atomic(root / LATEST, {"format_version": FORMAT_VERSION, "checkpoint": name,
+                                      "step": int(step)})
     existing = sorted(p for p in root.glob("ckpt-*") if p.is_dir() and not p.name.startswith("."))
     for old in existing[:-keep]:
         if old.name != name:
@@ -133,7 +144,9 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
     pointer = Path(root) / LATEST
     if not pointer.is_file():
         return None
-    path = Path(root) / read_json(pointer)["checkpoint"]
+    meta = read_json(pointer)
+    check_format_version(meta, FORMAT_VERSION, str(pointer))
+    path = Path(root) / meta["checkpoint"]
     if not (path / WEIGHTS).is_file() or not (path / TRAINER).is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
     return path
@@ -153,13 +166,17 @@ def load_checkpoint(root_or_path: str | os.PathLike[str],
     pointer = p / LATEST
     if not pointer.is_file():
         raise ModalignError(f"no checkpoint under {p}: expected {LATEST} or a ckpt-* folder")
-    latest = read_json(pointer).get("checkpoint", "")
+    meta = read_json(pointer)
+    check_format_version(meta, FORMAT_VERSION, str(pointer))
+    latest = meta.get("checkpoint", "")
     folders = sorted((d for d in p.glob("ckpt-*") if d.is_dir() and d.name <= latest),
                      reverse=True)
     problems = []
     for folder in folders:
         try:
             ckpt = _read_checkpoint(folder, map_location)
+        except NewerFormatError:
+            raise
         except (ModalignError, FileNotFoundError, KeyError) as e:
             problems.append(f"{folder.name}: {e}")
             continue
@@ -177,6 +194,7 @@ def _read_checkpoint(path: Path, map_location: str | torch.device) -> Checkpoint
             raise ModalignError(f"{path / f} is missing")
     flat = read_safetensors(path / WEIGHTS, device=str(map_location))
     trainer = read_torch(path / TRAINER, map_location=map_location)
+    check_format_version(trainer, FORMAT_VERSION, str(path / TRAINER))
     weights: dict[str, dict[str, torch.Tensor]] = {m: {} for m in trainer["modules"]}
     for k, v in flat.items():
         mod, _, rest = k.partition(".")

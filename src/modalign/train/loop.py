@@ -40,7 +40,14 @@ from modalign.embed.store import EmbeddingStore
 from modalign.encoders.lora import adapter_dropout_on, save_adapters
 from modalign.errors import ModalignError, SmallDataWarning
 from modalign.evaluate.vocabulary import parse_metric_key, upgrade_training_row
-from modalign.io import append_jsonl, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from modalign.io import (
+    append_jsonl,
+    check_format_version,
+    read_json,
+    read_jsonl,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from modalign.losses.objective import Objective
 from modalign.losses.output import LossOutput
 from modalign.losses.validation import validation, validation_enabled
@@ -69,6 +76,7 @@ __all__ = ["CHECK_EVERY", "TrainResult", "Trainer", "check_resume", "default_run
 LOG_NAME = "log.jsonl"
 SUMMARY_NAME = "summary.json"
 CONFIG_NAME = "config.resolved.json"
+CONFIG_FORMAT_VERSION = 1  # of config.resolved.json; absent: written before versions (same layout)
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
 CHECK_EVERY = 50
@@ -98,7 +106,9 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
     if not path.is_file():
         return
     # sections added since the run started (e.g. a new recipe) count as their defaults
-    old = {**TrainConfig().to_dict(), **upgrade_config(read_json(path).get("config", {}))}
+    saved = read_json(path)
+    check_format_version(saved, CONFIG_FORMAT_VERSION, str(path))
+    old = {**TrainConfig().to_dict(), **upgrade_config(saved.get("config", {}))}
     new = config.to_dict()
     for settings in (old, new):  # an older spelling of the same metric is the same setting
         section = settings["validate"] = dict(settings.get("validate") or {})
@@ -493,16 +503,17 @@ class Trainer:
             history = [*old.get("resumed", []), {"step": self.step, "changed": {
                 k: {"old": a, "new": b} for k, (a, b) in changes.items()}}]
             write_json_atomic(self.run_dir / CONFIG_NAME, {
-                **old, "config": cfg.to_dict(), "total_steps": self.total_steps,
-                "resumed": history})
+                **old, "format_version": CONFIG_FORMAT_VERSION, "config": cfg.to_dict(),
+                "total_steps": self.total_steps, "resumed": history})
         if not resumed and self.ctx.is_main:
             if (self.run_dir / CHECKPOINTS / "latest.json").exists():
                 raise ModalignError(f"run folder {self.run_dir} already holds checkpoints; pass "
                                     "--resume to continue it or choose another run.dir")
             (self.run_dir / LOG_NAME).unlink(missing_ok=True)
             write_json_atomic(self.run_dir / CONFIG_NAME, {
-                "config": cfg.to_dict(), "model": self.model.config.to_dict(),
-                "world_size": self.ctx.world_size, "modalign_version": __version__,
+                "format_version": CONFIG_FORMAT_VERSION, "config": cfg.to_dict(),
+                "model": self.model.config.to_dict(), "world_size": self.ctx.world_size,
+                "modalign_version": __version__,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps})
         metric, sign = cfg.validation_metric()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
