@@ -47,6 +47,22 @@ class Encoder(Protocol):
     def identity(self) -> dict[str, Any]: ...
 
 
+def tower_identity(tower: Any, *, architecture: str, weights_hash: str, preprocessing: str,
+                   pooling: str) -> dict[str, Any]:
+    """The ``identity()`` record of a tower: its name, modality and dim, then the given facts.
+
+    Examples:
+        >>> class T:
+        ...     name, modality, dim = "t", "text", 2
+        >>> tower_identity(T(), architecture="a", weights_hash="h", preprocessing="p",
+        ...                pooling="mean")["dim"]
+        2
+    """
+    return {"name": tower.name, "modality": tower.modality, "dim": tower.dim,
+            "architecture": architecture, "weights_hash": weights_hash,
+            "preprocessing": preprocessing, "pooling": pooling}
+
+
 def check_encoder(obj: object) -> Encoder:
     """Return ``obj`` if it follows :class:`Encoder`, else raise
     :class:`~modalign.errors.ProtocolError` (a ``TypeError``) saying what it lacks.

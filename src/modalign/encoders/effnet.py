@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.encoders.base import tower_identity
 from modalign.encoders.images import ImageInput, images_to_tensor
 from modalign.encoders.tower import Tower
 from modalign.io import cached_file_hash, read_safetensors, read_torch
@@ -301,16 +302,11 @@ class EfficientNetLite0Encoder(Tower):
     def identity(self) -> dict[str, Any]:
         if self._weights_hash is None:
             self._weights_hash = cached_file_hash(self.weights_path)
-        return {
-            "name": self.name,
-            "modality": self.modality,
-            "dim": self.dim,
-            "architecture": "efficientnet-lite0",
-            "weights_hash": self._weights_hash,
-            "preprocessing": (f"RGB (alpha on white), shorter side to {self.image_size} bicubic, "
-                              f"centre crop {self.image_size}x{self.image_size}, (x - 127) / 128"),
-            "pooling": "global average of the 1280-channel head",
-        }
+        return tower_identity(
+            self, architecture="efficientnet-lite0", weights_hash=self._weights_hash,
+            preprocessing=(f"RGB (alpha on white), shorter side to {self.image_size} bicubic, "
+                           f"centre crop {self.image_size}x{self.image_size}, (x - 127) / 128"),
+            pooling="global average of the 1280-channel head")
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:

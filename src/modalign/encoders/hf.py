@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modalign.encoders.base import tower_identity
 from modalign.encoders.hub import folder_weights_hash, resolve_model_dir
 from modalign.encoders.images import ImageInput, to_rgb
 from modalign.encoders.tower import Tower
@@ -83,15 +84,9 @@ class _HFTower(Tower):
     def _identity(self, preprocessing: str) -> dict[str, Any]:
         if self._weights_hash is None:
             self._weights_hash = folder_weights_hash(self.folder)
-        return {
-            "name": self.name,
-            "modality": self.modality,
-            "dim": self.dim,
-            "architecture": type(self.model).__name__,
-            "weights_hash": self._weights_hash,
-            "preprocessing": preprocessing,
-            "pooling": "model's projected features",
-        }
+        return tower_identity(self, architecture=type(self.model).__name__,
+                              weights_hash=self._weights_hash, preprocessing=preprocessing,
+                              pooling="model's projected features")
 
 
 class HFImageTower(_HFTower):

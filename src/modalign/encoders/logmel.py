@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.encoders.base import tower_identity
 from modalign.encoders.effnet import EfficientNetLite0Encoder, normalize_pixels
 from modalign.encoders.tower import Tower
 
@@ -354,16 +355,11 @@ class LogMelEncoder(Tower):
     def identity(self) -> dict[str, Any]:
         f = self.frontend
         image = self.image_tower.identity()
-        return {
-            "name": self.name,
-            "modality": self.modality,
-            "dim": self.dim,
-            "architecture": "log-mel image + efficientnet-lite0",
-            "weights_hash": image["weights_hash"],
-            "preprocessing": (
+        return tower_identity(
+            self, architecture="log-mel image + efficientnet-lite0",
+            weights_hash=image["weights_hash"], pooling=image["pooling"],
+            preprocessing=(
                 f"mono, resample to {f.sample_rate} Hz, pad/cut to {self.max_seconds} s, "
                 f"STFT n_fft={f.n_fft} win={f.win_length} hop={f.hop_length}, {f.n_mels} HTK mel "
                 f"bands {f.f_min:g}-{f.f_max:g} Hz, dB floored {f.top_db:g} below max, grey image "
-                f"{self.image_size}x{self.image_size}, (x - 127) / 128"),
-            "pooling": image["pooling"],
-        }
+                f"{self.image_size}x{self.image_size}, (x - 127) / 128"))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.encoders.base import tower_identity
 from modalign.encoders.hub import folder_weights_hash, resolve_model_dir
 from modalign.encoders.tower import Tower
 
@@ -201,13 +202,8 @@ class MiniLMEncoder(Tower):
     def identity(self) -> dict[str, Any]:
         if self._weights_hash is None:
             self._weights_hash = folder_weights_hash(self.folder)
-        return {
-            "name": self.name,
-            "modality": self.modality,
-            "dim": self.dim,
-            "architecture": type(self.model).__name__,
-            "weights_hash": self._weights_hash,
-            "preprocessing": (f"{type(self.tokenizer).__name__}, truncation at {self.max_length} "
-                              "tokens"),
-            "pooling": self.pooling + (" + L2" if self.normalize else ""),
-        }
+        return tower_identity(
+            self, architecture=type(self.model).__name__, weights_hash=self._weights_hash,
+            preprocessing=(f"{type(self.tokenizer).__name__}, truncation at {self.max_length} "
+                           "tokens"),
+            pooling=self.pooling + (" + L2" if self.normalize else ""))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modalign.encoders.base import tower_identity
 from modalign.encoders.hub import folder_weights_hash, hub_offline, hub_reachable
 from modalign.encoders.images import ImageInput, to_rgb
 from modalign.encoders.tower import Tower
@@ -105,9 +106,9 @@ class _OpenClipTower(Tower):
         raise NotImplementedError
 
     def _identity(self, preprocessing: str) -> dict[str, Any]:
-        return {"name": self.name, "modality": self.modality, "dim": self.dim,
-                "architecture": type(self.model).__name__, "weights_hash": self._weights_id,
-                "preprocessing": preprocessing, "pooling": "model's projected features"}
+        return tower_identity(self, architecture=type(self.model).__name__,
+                              weights_hash=self._weights_id, preprocessing=preprocessing,
+                              pooling="model's projected features")
 
 
 class OpenClipImageTower(_OpenClipTower):
