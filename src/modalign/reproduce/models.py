@@ -18,7 +18,9 @@ from pathlib import Path
 
 from modalign.encoders.base import Encoder
 from modalign.encoders.hub import is_hub_name, resolve_model_dir
+from modalign.errors import ModalignError
 from modalign.io import read_json
+from modalign.spec import parse_spec
 
 SPEC_PREFIXES = ("hf-clip:", "hf-siglip:", "open_clip:", "slip:")
 HF_MODEL_TYPES = {"clip": "hf-clip", "siglip": "hf-siglip"}
@@ -94,15 +96,17 @@ def _folder_spec(path: Path) -> str:
 
 def load_towers(model: ResolvedModel) -> dict[str, Encoder]:
     """The image and text towers of ``model``, sharing one set of weights where possible."""
-    kind, _, arg = model.spec.partition(":")
-    if kind == "slip":
+    spec = parse_spec(model.spec, "--model")
+    if spec.name == "slip":
         from modalign.reproduce.slip import load_slip_towers
 
-        return dict(load_slip_towers(arg))
-    if kind in ("hf-clip", "hf-siglip"):
+        if spec.options:
+            raise ModalignError(f"--model {model.spec!r}: slip takes no options")
+        return dict(load_slip_towers(spec.arg))
+    if spec.name in ("hf-clip", "hf-siglip") and not spec.options:
         from modalign.encoders.hf import load_hf_towers
 
-        return dict(load_hf_towers(arg, family=kind.removeprefix("hf-")))
+        return dict(load_hf_towers(spec.arg, family=spec.name.removeprefix("hf-")))
     from modalign.encoders import load_encoder
 
     return {m: load_encoder(model.spec, modality=m) for m in ("image", "text")}
