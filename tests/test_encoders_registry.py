@@ -13,6 +13,7 @@ from modalign.encoders import (
     load_encoder,
     register_encoder,
     registered_encoder,
+    unregister_encoder,
 )
 from modalign.errors import ModalignError, ProtocolError
 from modalign.model import ModelConfig, MultiTowerModel
@@ -81,6 +82,8 @@ def test_registration_errors_are_one_type_each():
     assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
     with pytest.raises(ModalignError, match="register_encoder first"):
         load_encoder("char9")
+    with pytest.raises(ModalignError, match="'char9' is not registered"):
+        unregister_encoder("char9")
 
 
 def test_a_model_trained_with_a_custom_tower_reloads_it_by_its_registered_name(tmp_path):
@@ -99,7 +102,7 @@ def test_a_model_trained_with_a_custom_tower_reloads_it_by_its_registered_name(t
     texts = ["grinning face", "cat"]
     expected = model.project("text", Char8().encode(texts)).detach()
     torch.testing.assert_close(model.encode("text", texts), expected)
-    del encoders._REGISTRY["char8"]
+    unregister_encoder("char8")
     fresh = MultiTowerModel.from_pretrained(result.model_dir)
     with pytest.raises(ModalignError, match=r"unknown encoder 'char8'.*register_encoder"):
         fresh.encode("text", texts)

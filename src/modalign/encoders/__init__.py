@@ -18,7 +18,7 @@ from modalign.errors import ModalignError, ProtocolError
 from modalign.spec import parse_spec
 
 __all__ = ["Encoder", "EncoderFactory", "ProtocolError", "available_encoders", "check_encoder",
-           "load_encoder", "register_encoder", "registered_encoder"]
+           "load_encoder", "register_encoder", "registered_encoder", "unregister_encoder"]
 
 EncoderFactory = Callable[..., Encoder]
 """``factory(arg, modality, **options) -> Encoder``: ``arg`` is the part of the spec after the name
@@ -55,15 +55,16 @@ def register_encoder(name: str, factory: EncoderFactory, *, description: str = "
         replace: allow re-registering an existing name.
 
     Examples:
-        >>> import torch
-        >>> class Ones:
-        ...     name, modality, dim = "ones", "text", 3
-        ...     def preprocess(self, inputs): return len(inputs)
-        ...     def encode(self, batch): return torch.ones(batch, 3)
-        ...     def identity(self): return {"name": self.name}
-        >>> register_encoder("ones", lambda arg, modality, **options: Ones(), replace=True)
-        >>> load_encoder("ones", modality="caption").dim
-        3
+        >>> import torch, types
+        >>> def ones(arg, modality, dim=3):  # a tower of one's own, built from its spec
+        ...     return types.SimpleNamespace(
+        ...         name=f"ones:dim={dim}", modality=modality, dim=dim, preprocess=len,
+        ...         encode=lambda n: torch.ones(n, dim), identity=lambda: {"name": "ones"})
+        >>> register_encoder("ones", ones, replace=True)
+        >>> tower = load_encoder("ones:dim=4", modality="caption")
+        >>> tower.encode(tower.preprocess(["a", "b"])).shape
+        torch.Size([2, 4])
+        >>> unregister_encoder("ones")
     """
     if not isinstance(name, str) or not name.strip() or ":" in name:
         raise ModalignError(f"register_encoder: name must be a non-empty string without ':', "
@@ -76,6 +77,19 @@ def register_encoder(name: str, factory: EncoderFactory, *, description: str = "
                             "replace=True to replace it")
     _REGISTRY[name] = _Entry(factory, description or f"{name} (registered tower)", kind, pair,
                              needs_arg)
+
+
+def unregister_encoder(name: str) -> None:
+    """Forget the tower registered as ``name`` (a built-in one too); unknown names raise.
+
+    Examples:
+        >>> registered_encoder("nothing-here")
+        False
+    """
+    if name not in _REGISTRY:
+        raise ModalignError(f"unregister_encoder: {name!r} is not registered; registered: "
+                            f"{', '.join(_REGISTRY)}")
+    del _REGISTRY[name]
 
 
 def registered_encoder(name: str) -> bool:

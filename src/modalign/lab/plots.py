@@ -62,11 +62,17 @@ def benefit_vs_gap(summary: dict[str, Any]) -> Any:
     return fig
 
 
+def _panels(records: Sequence[dict[str, Any]], names: Sequence[str], *, width: float,
+            height: float) -> tuple[list[dict[str, Any]], Any, Any]:
+    """The first-seed record of each setting in ``names`` and a figure with one panel each."""
+    chosen = [next(r for r in records if r["name"] == n) for n in names]
+    fig = Figure(figsize=(width * len(chosen), height))
+    return chosen, fig, fig.subplots(1, len(chosen), squeeze=False)
+
+
 def gap_shift(records: Sequence[dict[str, Any]], names: Sequence[str]) -> Any:
     """Metrics against the shift amount for the settings ``names`` (first seed of each)."""
-    chosen = [next(r for r in records if r["name"] == n) for n in names]
-    fig = Figure(figsize=(5.2 * len(chosen), 4.0))
-    axes = fig.subplots(1, len(chosen), squeeze=False)
+    chosen, fig, axes = _panels(records, names, width=5.2, height=4.0)
     series = (("text_retrieval_map", "image->text mAP"), ("image_retrieval_map", "text->image mAP"),
               ("zeroshot_acc1", "zero-shot acc@1"))
     for ax, rec in zip(axes[0], chosen, strict=True):
@@ -87,9 +93,7 @@ def gap_shift(records: Sequence[dict[str, Any]], names: Sequence[str]) -> Any:
 
 def extremes(records: Sequence[dict[str, Any]], names: Sequence[str]) -> Any:
     """PCA of both modalities (first seed) for each setting in ``names``, side by side."""
-    chosen = [next(r for r in records if r["name"] == n) for n in names]
-    fig = Figure(figsize=(4.6 * len(chosen), 4.4))
-    axes = fig.subplots(1, len(chosen), squeeze=False)
+    chosen, fig, axes = _panels(records, names, width=4.6, height=4.4)
     for ax, rec in zip(axes[0], chosen, strict=True):
         pca = rec["pca"]
         for m, color in (("image", "tab:blue"), ("text", "tab:orange")):

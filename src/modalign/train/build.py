@@ -23,7 +23,7 @@ from torch import nn
 from modalign.distributed import runtime as D
 from modalign.embed.resolve import dataset_store, load_tower, open_store, recorded_towers
 from modalign.embed.store import EmbeddingStore
-from modalign.errors import ModalignError
+from modalign.errors import ModalignError, ProtocolError
 from modalign.io import read_json
 from modalign.losses.objective import Objective, build_objective
 from modalign.model import MultiTowerModel, base_modality
@@ -104,7 +104,7 @@ def attach_towers(model: MultiTowerModel, config: TrainConfig, specs: Mapping[st
             continue
         tower = towers.get(m) or load_tower(specs[m], m)
         if not hasattr(tower, "trainable_tail"):
-            raise ModalignError(f"train.unfreeze[{m!r}]: tower {specs[m]!r} cannot be partly "
+            raise ProtocolError(f"train.unfreeze[{m!r}]: tower {specs[m]!r} cannot be partly "
                                 "unfrozen (it has no trainable_tail(k))")
         tower.freeze()
         params += tower.trainable_tail(k)
