@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modalign import __version__
+from modalign.encoders.base import Encoder, check_encoder
 from modalign.errors import ProtocolError
 from modalign.io import (
     atomic_path,
@@ -36,9 +37,6 @@ from modalign.io import (
     read_safetensors,
     write_json_atomic,
 )
-
-if TYPE_CHECKING:
-    from modalign.encoders.base import Encoder
 
 HeadKind = Literal["linear", "mlp"]
 HeadInit = Literal["xavier", "cone"]
@@ -286,7 +284,7 @@ class MultiTowerModel(nn.Module):
         # Towers are loaded lazily; trainable ones are registered as submodules so that their
         # weights are trained and saved with the heads.
         self.towers = nn.ModuleDict()
-        self._frozen_towers: dict[str, Any] = {}
+        self._frozen_towers: dict[str, Encoder] = {}
 
     @property
     def modalities(self) -> list[str]:
@@ -373,7 +371,7 @@ class MultiTowerModel(nn.Module):
         if m not in self.config.towers:
             raise ValueError(f"modality={key!r} has no tower; this model has {self.modalities}")
         if m in self.towers:
-            return self.towers[m]
+            return cast(Encoder, self.towers[m])  # attach_tower checked the protocol
         if m not in self._frozen_towers:
             from modalign.encoders import load_encoder
 
@@ -390,6 +388,7 @@ class MultiTowerModel(nn.Module):
         if m not in self.config.towers:
             raise ValueError(f"modality={modality!r} has no tower; this model has "
                              f"{self.modalities}")
+        check_encoder(encoder)
         if getattr(encoder, "dim", self.config.feature_dims[m]) != self.config.feature_dims[m]:
             raise ValueError(f"encoder for {m!r} outputs {encoder.dim}-d features; the head "
                              f"expects feature_dims[{m!r}]={self.config.feature_dims[m]}")

@@ -116,8 +116,8 @@ def setup(device_spec: str | torch.device = "auto", *, argument: str = "device",
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        kwargs = {"timeout": timeout} if timeout is not None else {}
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **kwargs)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timeout)
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     return DistContext(rank, world, local_rank, device)
