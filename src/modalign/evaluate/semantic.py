@@ -65,11 +65,15 @@ def is_tower_spec(model: str) -> bool:
         >>> is_tower_spec("hf-clip:/models/clip"), is_tower_spec("runs/x/model")
         (True, False)
     """
-    from modalign.encoders import available_encoders
+    from modalign.encoders import registered_encoder
+    from modalign.spec import parse_spec
 
     if Path(model).is_dir():
         return False
-    return model.partition(":")[0] in available_encoders()
+    try:
+        return registered_encoder(parse_spec(model, "--model").name)
+    except ModalignError:
+        return False
 
 
 class JointSpace:
