@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from modalign.data.dataset import Item, PairedDataset
 from modalign.embed import Embeddings, EmbeddingStore
 from modalign.errors import ModalignError
 from modalign.reproduce import inversion as inversion_module
-from modalign.reproduce.extract import extract_embeddings, shard_bounds
+from modalign.reproduce.extract import extract_embeddings
 from modalign.reproduce.inversion import InversionPlan, inversion_forward, invert_stored
 from modalign.reproduce.models import load_towers, resolve_model
 from reproduce_fixtures import one_torch_thread, save_tiny_clip  # noqa: F401 (a fixture)
@@ -48,17 +47,6 @@ def _texts(n: int) -> PairedDataset:
     items = [Item(f"t{i}", "text", "caption", f"{words[i % 7]} {words[(3 * i) % 7]}",
                   f"g{i % 4}", "test") for i in range(n)]
     return PairedDataset("toy", items)
-
-
-def test_shard_bounds_cover_every_row_once() -> None:
-    for n in (0, 1, 7, 10):
-        for w in (1, 2, 3, 5):
-            spans = [shard_bounds(n, r, w) for r in range(w)]
-            assert spans[0][0] == 0 and spans[-1][1] == n
-            assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
-            assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
-    with pytest.raises(ValueError, match="rank"):
-        shard_bounds(5, 2, 2)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
