@@ -72,3 +72,15 @@ def test_torch_failures_keep_their_traceback_and_user_errors_stay_one_line(tmp_p
     assert main(["data", "check", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("modalign data: error: --k must be a positive integer, "
                                        "got 0\n")
+
+
+def test_a_bad_device_is_a_user_error_not_a_torch_traceback(tmp_path, capsys):
+    """torch.device('gpu0') raises RuntimeError, which the CLI no longer reduces to one line:
+    the commands resolve --device themselves."""
+    p = tmp_path / "d.csv"
+    p.write_text("text\nred\nblue\n")
+    assert main(["embed", "--data", str(p), "--out", str(tmp_path / "s"),
+                 "--device", "gpu0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "modalign embed: error: --device='gpu0' is not a device; expected 'auto', 'cpu', "
+        "'cuda' or 'cuda:N'")

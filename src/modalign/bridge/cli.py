@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         encoder_inversion,
     )
     from modalign.bridge.inversion.store import invert_into_store
+    from modalign.distributed.runtime import resolve_device
     from modalign.embed.joint import load_joint
     from modalign.io import file_hash
     from modalign.model import MultiTowerModel
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                          + (f" with views {args.view!r}" if args.view else ""))
     store = joint.store  # the store load_joint read: the inverted array goes beside it
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device, argument="--device")
     model.to(device)
     tower = model.tower(dst)
     if isinstance(tower, torch.nn.Module):

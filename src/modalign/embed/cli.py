@@ -70,10 +70,12 @@ def verify_store(path: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from modalign.data import load_dataset
+    from modalign.distributed.runtime import resolve_device
     from modalign.embed.encode import embed_dataset
     from modalign.embed.paths import default_store_dir
     from modalign.encoders import load_encoder
 
+    args.device = str(resolve_device(args.device, argument="--device"))
     if args.name is not None and not args.name.strip():
         raise ModalignError(f"--name {args.name!r}: expected a non-empty dataset name")
     ds = load_dataset(args.data, progress=True)
