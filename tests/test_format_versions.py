@@ -107,3 +107,13 @@ def test_evaluation_record(tmp_path):
     with pytest.raises(NewerFormatError, match=r"record .* was written by a newer modalign "
                                                r"\(schema 2"):
         read_record(path)
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path):
+    cfg = ModelConfig(towers={"text": "minilm"}, feature_dims={"text": 4}, joint_dim=2)
+    folder = MultiTowerModel(cfg).save_pretrained(tmp_path / "m")
+    _edit_json(folder / "config.json", model={**cfg.to_dict(), "joint_dim": 3})
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its config: "
+                                         r"size mismatch for heads\.text\.layers\.0\.bias: .*"
+                                         r"torch\.Size\(\[2\]\) from checkpoint"):
+        MultiTowerModel.from_pretrained(folder)

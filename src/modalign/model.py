@@ -29,7 +29,7 @@ from torch import nn
 
 from modalign import __version__
 from modalign.encoders.base import Encoder, check_encoder
-from modalign.errors import ProtocolError
+from modalign.errors import ModalignError, ProtocolError
 from modalign.io import (
     atomic_path,
     check_format_version,
@@ -519,7 +519,11 @@ class MultiTowerModel(nn.Module):
 
                     apply_lora(tower, LoraSettings(**model.config.lora[m]))
                 model.attach_tower(m, tower)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes that differ from the config: a damaged folder
+            raise ModalignError(f"{root / WEIGHTS_NAME} does not match its config: "
+                                f"{str(e).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise ValueError(f"{root / WEIGHTS_NAME} does not match its config: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
