@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from modalign.distributed.runtime import shard_bounds
 from modalign.embed.store import Embeddings, EmbeddingStore
 from modalign.errors import ModalignError
 from modalign.model import base_modality
@@ -234,8 +235,8 @@ def shard(rows: np.ndarray | torch.Tensor, rank: int, world_size: int) -> Any:
     if n % world_size:
         raise ValueError(f"global batch of {n} is not divisible by world size {world_size}; "
                          "choose train.batch_size as a multiple of the number of processes")
-    per = n // world_size
-    return rows[rank * per:(rank + 1) * per]
+    start, stop = shard_bounds(n, rank, world_size)
+    return rows[start:stop]
 
 
 class RawInputs:
