@@ -1,4 +1,6 @@
-"""Cross-process pieces: gather with gradients, rank and world size, the N-rank == 1-rank check."""
+"""Cross-process pieces: the process runtime (:mod:`modalign.distributed.runtime`: device,
+process group, rank and shard helpers, DDP, autocast), gather with gradients, rank and world size,
+the N-rank == 1-rank check."""
 
 from modalign.distributed.gather import (
     Gathered,
