@@ -34,13 +34,22 @@ def _edit_json(path, **changes):
 def test_model_folder(tmp_path):
     cfg = ModelConfig(towers={"text": "minilm"}, feature_dims={"text": 4}, joint_dim=2)
     folder = MultiTowerModel(cfg).save_pretrained(tmp_path / "m")
-    assert json.loads((folder / "config.json").read_text())["format_version"] == 1
-    _edit_json(folder / "config.json", format_version=None)
-    assert MultiTowerModel.from_pretrained(folder).config == cfg
-    _edit_json(folder / "config.json", format_version=2)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["format_version"] == 2 and saved["model"]["temperature"] == 0.07
+    # version 1 (the scale as logit_scale_init) and 0 (no version key) are migrated
+    old = {k: v for k, v in saved["model"].items()
+           if k not in ("temperature", "learnable_temperature")}
+    for version in (1, None):
+        _edit_json(folder / "config.json", format_version=version,
+                   model={**old, "logit_scale_init": 20.0, "learn_logit_scale": False})
+        got = MultiTowerModel.from_pretrained(folder).config
+        assert got.temperature == 1 / 20.0 and got.learnable_temperature is False
+        assert {**got.to_dict(), "temperature": 0.07, "learnable_temperature": True} == \
+            cfg.to_dict()
+    _edit_json(folder / "config.json", format_version=3)
     with pytest.raises(NewerFormatError, match=r"model folder .*m was written by a newer "
-                                               r"modalign \(format_version 2; this one reads up "
-                                               r"to 1\): upgrade modalign"):
+                                               r"modalign \(format_version 3; this one reads up "
+                                               r"to 2\): upgrade modalign"):
         MultiTowerModel.from_pretrained(folder)
 
 

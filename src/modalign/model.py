@@ -43,7 +43,10 @@ HeadInit = Literal["xavier", "cone"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The model folder's layout version: 2 names the scale by ``temperature``; folders of version 1
+(``logit_scale_init``) and 0 (no version key) are migrated on load by :meth:`ModelConfig.from_dict`,
+and an older modalign refuses a version-2 folder asking for an upgrade."""
 _HEAD_KINDS = ("linear", "mlp")
 _HEAD_INITS = ("xavier", "cone")
 
