@@ -67,14 +67,15 @@ def test_a_fixed_first_temperature_is_held_by_value(tmp_path):
 
 
 def test_a_multi_process_run_warns_about_terms_that_stay_local(tmp_path, monkeypatch):
-    from modalign.train import distributed as D
+    from modalign.distributed import runtime as D
 
     store = synthetic_store(tmp_path / "store", n_groups=24)
     cfg = small_config(store.path, tmp_path / "run", train={"epochs": 1},
                        objectives=[{"loss": "clip", "modalities": ["image", "text"]},
                                    {"loss": "cma", "modalities": ["image", "text"]}])
     # two processes as far as the trainer's construction goes (no process group is started)
-    monkeypatch.setattr(D, "setup", lambda device: D.DistContext(0, 2, 0, torch.device("cpu")))
+    monkeypatch.setattr(D, "setup",
+                        lambda device, **kw: D.DistContext(0, 2, 0, torch.device("cpu")))
     monkeypatch.setattr(D, "wrap", lambda module, ctx: module)
     with pytest.warns(UserWarning, match=r"\['cma\[image,text\]'\] declare no cross-process"):
         Trainer(cfg)
