@@ -126,7 +126,7 @@ def _run_fdt(cfg: Any, args: argparse.Namespace) -> int:
 def _run_mcl(cfg: Any, args: argparse.Namespace) -> int:
     """``[mcl] stages > 1``: multistage contrastive learning (see
     ``modalign.train.recipes.mcl``)."""
-    from modalign.train import distributed as D
+    from modalign.distributed import runtime as D
     from modalign.train.recipes.mcl import train_mcl
 
     try:
