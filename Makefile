@@ -7,13 +7,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.modalign-installed
 DEMO_ARGS ?=
 
-.PHONY: demo test setup system lint clean-venv
+.PHONY: demo test typecheck setup system lint clean-venv
 
 demo: setup
 	$(BIN)/modalign demo $(DEMO_ARGS)
 
+# The tests, the docstring examples of src/ (one pytest run, see pyproject.toml) and the type check.
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory typecheck
+
+# mypy over src/ with the settings of [tool.mypy] in pyproject.toml (incremental: .mypy_cache/)
+typecheck: setup
+	$(BIN)/mypy
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

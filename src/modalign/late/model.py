@@ -98,7 +98,7 @@ class LateInteractionModel(nn.Module):
     Examples:
         >>> import torch
         >>> m = LateInteractionModel({"text": 8, "image": 6}, dim=4)
-        >>> m.project("text", torch.ones(3, 8)).norm(dim=-1).tolist()
+        >>> [round(n, 6) for n in m.project("text", torch.ones(3, 8)).norm(dim=-1).tolist()]
         [1.0, 1.0, 1.0]
     """
 
