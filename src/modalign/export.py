@@ -19,6 +19,8 @@ def merge_lora_model(model_dir: str | os.PathLike[str], out: str | os.PathLike[s
     """Write ``model_dir`` with its LoRA adapters merged into ``out``; returns ``out``.
 
     Examples:
+        (Not run as a doctest: it needs a model folder trained with LoRA adapters.)
+
         >>> merge_lora_model("runs/lora/model", "runs/lora/merged")    # doctest: +SKIP
     """
     from modalign.encoders.lora import merge_lora

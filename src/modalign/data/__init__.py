@@ -22,7 +22,7 @@ def load_dataset(spec: str | Path, progress: bool = False) -> PairedDataset:
     ``"emoji:limit=200,speech=1,size=64"`` passes build options.
 
     Examples:
-        >>> load_dataset("emoji:limit=20,styles=openmoji").views("image")  # doctest: +SKIP
+        >>> load_dataset("emoji:limit=20,styles=openmoji").views("image")
         ['openmoji']
     """
     s = str(spec)

@@ -224,8 +224,8 @@ def build_emoji(options: EmojiOptions | None = None, root: str | Path | None = N
     warning each and recorded in the manifest.
 
     Examples:
-        >>> ds = build_emoji(EmojiOptions(limit=20, styles=("openmoji",)))  # doctest: +SKIP
-        >>> ds.views("image")  # doctest: +SKIP
+        >>> ds = build_emoji(EmojiOptions(limit=20, styles=("openmoji",)), progress=False)
+        >>> ds.views("image")
         ['openmoji']
     """
     options = options or EmojiOptions()

@@ -20,6 +20,7 @@ Examples:
     >>> factory = functools.partial(build_loss, "clip", modalities=["image", "text"])
     >>> shards = [{"image": torch.randn(n, 8, dtype=torch.float64),
     ...            "text": torch.randn(n, 8, dtype=torch.float64)} for n in (3, 5)]
+    >>> # not run as a doctest: it starts two processes (tests/test_distributed.py runs it)
     >>> report = check_distributed(factory, shards)  # doctest: +SKIP
     >>> report.passed  # doctest: +SKIP
     True

@@ -76,6 +76,8 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
             name given once is kept when the store is updated without one.
 
     Examples:
+        (Not run as a doctest: it encodes the whole emoji dataset with MiniLM (minutes).)
+
         >>> from modalign.data import load_dataset                          # doctest: +SKIP
         >>> from modalign.encoders import load_encoder                      # doctest: +SKIP
         >>> store = embed_dataset(load_dataset("emoji"), {"text": load_encoder("minilm")},

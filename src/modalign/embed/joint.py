@@ -51,6 +51,8 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
     - ``model_dir`` with ``embeddings_dir``: the store's tower features are projected.
 
     Examples:
+        (Not run as a doctest: it needs a trained model folder.)
+
         >>> joint = load_joint(model_dir="runs/clip/model", data="emoji",
         ...                    split="test")  # doctest: +SKIP
         >>> joint["image"].vectors.shape  # doctest: +SKIP

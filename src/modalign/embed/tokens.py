@@ -188,6 +188,8 @@ def load_tokens(store: EmbeddingStore | str | Path, modality: str,
     """Read the token array of ``modality`` (memory-mapped), optionally some views/splits.
 
     Examples:
+        (Not run as a doctest: it needs a store with token arrays on disk.)
+
         >>> tf = load_tokens("runs/emb", "text", split="test")        # doctest: +SKIP
         >>> x, mask = tf.padded()                                     # doctest: +SKIP
     """
@@ -227,6 +229,8 @@ def embed_tokens(dataset: PairedDataset, encoders: Mapping[str, Any], out_dir: s
         stop_after: stop after this many batches (for tests of resumption).
 
     Examples:
+        (Not run as a doctest: it encodes the whole emoji dataset with MiniLM (minutes).)
+
         >>> store = embed_tokens(load_dataset("emoji"), {"text": load_encoder("minilm")},
         ...                      "runs/emb")                                   # doctest: +SKIP
     """

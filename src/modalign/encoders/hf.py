@@ -97,6 +97,8 @@ class HFImageTower(_HFTower):
     ``model.vision_model`` the ViT (``embeddings``, ``encoder.layers``, ...).
 
     Examples:
+        (Not run as a doctest: it needs a downloaded CLIP or SigLIP model folder.)
+
         >>> towers = load_hf_towers("path/to/clip-folder", family="clip")  # doctest: +SKIP
         >>> image = towers["image"]                                          # doctest: +SKIP
         >>> vectors = image.encode(image.preprocess(["cat.png"]))            # doctest: +SKIP
@@ -209,6 +211,8 @@ class CLIPImageTower(HFImageTower):
     """The image tower of a ``CLIPModel``, with patch-token features (see the module docstring).
 
     Examples:
+        (Not run as a doctest: it needs a downloaded CLIP model folder.)
+
         >>> image = load_hf_towers("path/to/clip-folder")["image"]            # doctest: +SKIP
         >>> states, mask = image.encode_tokens(image.preprocess(["cat.png"]))  # doctest: +SKIP
     """
@@ -256,6 +260,8 @@ def load_hf_towers(path_or_name: str, family: str = "clip") -> dict[str, _HFTowe
     Returns ``{"image": HFImageTower, "text": HFTextTower}`` sharing one model, in eval mode.
 
     Examples:
+        (Not run as a doctest: it needs a downloaded SigLIP model folder.)
+
         >>> towers = load_hf_towers("path/to/siglip-folder", family="siglip")  # doctest: +SKIP
         >>> sorted(towers)                                                     # doctest: +SKIP
         ['image', 'text']

@@ -16,6 +16,8 @@ padding computed at call time) and the stem are left out: the adapter branch wou
 same padding.
 
 Examples:
+    (Not run as a doctest: it needs the optional peft and loads the MiniLM weights.)
+
     >>> from modalign.encoders import load_encoder                       # doctest: +SKIP
     >>> tower = load_encoder("minilm")                                    # doctest: +SKIP
     >>> params = apply_lora(tower, LoraSettings(rank=8, alpha=16))        # doctest: +SKIP

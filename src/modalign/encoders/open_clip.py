@@ -185,6 +185,8 @@ def load_open_clip_towers(arg: str) -> dict[str, _OpenClipTower]:
     """Load an open_clip model as ``{"image": ..., "text": ...}`` towers sharing one model.
 
     Examples:
+        (Not run as a doctest: it needs open_clip and the pretrained weights.)
+
         >>> towers = load_open_clip_towers("ViT-B-32/laion2b_s34b_b79k")  # doctest: +SKIP
         >>> towers["text"].dim                                             # doctest: +SKIP
         512

@@ -7,8 +7,10 @@ came from (model, data, modality, split). ``read_index(path)`` checks that both 
 
 Examples:
     >>> from modalign.evaluate.retrieval import toy_embeddings
-    >>> write_index("gallery.faiss", toy_embeddings()["image"], "flat")  # doctest: +SKIP
-    >>> index, gallery, meta = read_index("gallery.faiss")  # doctest: +SKIP
+    >>> path = write_index("gallery.faiss", toy_embeddings()["image"], "flat")
+    >>> index, gallery, meta = read_index(path)
+    >>> index.size, len(gallery.items), meta["kind"]
+    (24, 24, 'flat')
 """
 
 from __future__ import annotations

@@ -156,7 +156,11 @@ class FaissIndex:
         ef_search: candidate list size at search time (``hnsw``).
 
     Examples:
-        >>> index = FaissIndex("flat")  # doctest: +SKIP
+        >>> import torch
+        >>> index = FaissIndex("flat")
+        >>> index.add(torch.eye(3))
+        >>> index.search(torch.tensor([[0.0, 1.0, 0.0]]), k=1).indices.tolist()
+        [[1]]
     """
 
     def __init__(self, kind: str = "flat", *, nlist: int = 1024, nprobe: int = 16, m: int = 32,

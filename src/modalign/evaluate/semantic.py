@@ -7,6 +7,8 @@ reusing the cached embedding store). :func:`semantic_search` ranks a gallery for
 returns :class:`Hit` rows (id, value, score); :func:`search` does all three in one call.
 
 Examples:
+    (Not run as a doctest: it needs a trained model folder and a dataset.)
+
     >>> import modalign
     >>> hits = modalign.search("runs/clip/model", "pairs.csv",
     ...                        text="a trash can", k=5)  # doctest: +SKIP
@@ -87,6 +89,8 @@ class JointSpace:
         progress: show progress bars while a dataset is embedded.
 
     Examples:
+        (Not run as a doctest: it needs a trained model folder.)
+
         >>> space = JointSpace("runs/clip/model")  # doctest: +SKIP
         >>> space.encode("text", ["a trash can"]).shape  # doctest: +SKIP
         torch.Size([1, 256])
@@ -260,6 +264,8 @@ def search(model: str | Path, data: str | Path, *, text: str | Sequence[str] | N
         One list of :class:`Hit` per query, best first.
 
     Examples:
+        (Not run as a doctest: it needs a trained model folder and a dataset.)
+
         >>> import modalign
         >>> for hit in modalign.search("runs/clip/model", "pairs.csv", text="a red bicycle",
         ...                            k=3)[0]:  # doctest: +SKIP

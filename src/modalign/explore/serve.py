@@ -7,6 +7,8 @@ model encodes the query, and the reply holds its map position and its top-k per 
 the native space (:meth:`modalign.explore.build.ExploreSpace.query`). Ctrl-C stops it.
 
 Examples:
+    (Not run as a doctest: it starts a server.)
+
     >>> server = make_server(page_html, space, encode)  # doctest: +SKIP
     >>> server.server_address[0]  # doctest: +SKIP
     '127.0.0.1'

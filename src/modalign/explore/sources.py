@@ -9,6 +9,8 @@ same store, or from ``inverted_dir``; with a model, only arrays inverted through
 weights (their ``model_weights`` hash) are taken.
 
 Examples:
+    (Not run as a doctest: it needs a store of joint embeddings on disk.)
+
     >>> src = load_sources(embeddings_dir="runs/joint-store", split="test")  # doctest: +SKIP
     >>> sorted(src.shown), src.bank is None  # doctest: +SKIP
     (['image', 'text'], False)

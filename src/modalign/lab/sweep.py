@@ -316,6 +316,8 @@ def run_gap_lab(config: LabConfig, store: EmbeddingStore | str | Path,
         report: write ``lab.html`` (the figures are returned either way).
 
     Examples:
+        (Not run as a doctest: the sweep trains a model per setting (minutes).)
+
         >>> from modalign.lab import quick_config, run_gap_lab
         >>> res = run_gap_lab(quick_config(), "STORE", "lab-out")  # doctest: +SKIP
         >>> print(res.verdict)  # doctest: +SKIP
@@ -377,6 +379,8 @@ def data_store(data: str = "emoji") -> EmbeddingStore:
     """The store of the default image and text towers for ``data`` (encoded once, then cached).
 
     Examples:
+        (Not run as a doctest: it encodes the whole dataset with two pretrained towers (minutes).)
+
         >>> store = data_store("emoji")  # doctest: +SKIP
         >>> sorted(store.modalities)  # doctest: +SKIP
         ['image', 'text']
@@ -395,6 +399,8 @@ def run_quick_lab(out_dir: str | Path, data: str = "emoji", *,
     ``result.verdict``. Finished runs in ``out_dir`` are reused.
 
     Examples:
+        (Not run as a doctest: it encodes the emoji data and trains the sweep (minutes).)
+
         >>> res = run_quick_lab("lab-quick")  # doctest: +SKIP
         >>> res.verdict  # doctest: +SKIP
         'The claim ...'

@@ -7,6 +7,8 @@ key it came from; a *query* is one row of the query key (``text:alias``). Token 
 from the store's ragged token arrays (``modalign embed --tokens``).
 
 Examples:
+    (Not run as a doctest: it needs a store with token arrays and trains a model.)
+
     >>> result = train_late(LateSettings(store="runs/emb", run_dir="runs/late"))  # doctest: +SKIP
     >>> evaluate_late("runs/late/model", "runs/emb", split="test")["metrics"]      # doctest: +SKIP
 """

@@ -8,6 +8,8 @@ computed once and cached). :func:`late_search` ranks them by exact, blocked MaxS
 same :class:`~modalign.evaluate.semantic.Hit` rows as single-vector search (the id is the group).
 
 Examples:
+    (Not run as a doctest: it needs a trained late-interaction model folder and a dataset.)
+
     >>> space = LateSpace("runs/late/model")                               # doctest: +SKIP
     >>> docs = space.gallery("pairs.csv")                                  # doctest: +SKIP
     >>> late_search(space.encode("text", ["a trash can"]), docs, k=5)[0][0].id  # doctest: +SKIP

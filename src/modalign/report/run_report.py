@@ -11,6 +11,8 @@
 * a *diagnosis* (``modalign diagnose --out DIR``: ``DIR/diagnosis.json``): its figures.
 
 Examples:
+    (Not run as a doctest: it needs run folders and evaluation records on disk.)
+
     >>> page = run_report(["runs/shop", "eval-records"], data="shop/manifest.csv",
     ...                   label="label")  # doctest: +SKIP
     >>> page.write("report.html")  # doctest: +SKIP

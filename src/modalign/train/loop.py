@@ -696,6 +696,8 @@ def train(config: TrainConfig, *, towers: Mapping[str, Any] | None = None,
     ``summary.json``.
 
     Examples:
+        (Not run as a doctest: it trains a model; tests/test_train_loop.py trains small ones.)
+
         >>> from modalign.train.config import load_config
         >>> cfg = load_config("clip", ["run.dir=runs/clip"])
         >>> train(cfg).summary["best"]["image-to-text_recall@1"]  # doctest: +SKIP
