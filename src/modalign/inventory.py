@@ -157,7 +157,7 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def _size(folder: Path) -> str:
-    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    total = float(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
     for unit in ("B", "KiB", "MiB", "GiB"):
         if total < 1024 or unit == "GiB":
             return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"

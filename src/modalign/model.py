@@ -215,6 +215,8 @@ class ProjectionHead(nn.Module):
         torch.Size([3, 4])
     """
 
+    center: torch.Tensor  # a buffer: the feature mean subtracted before the layers
+
     def __init__(self, in_dim: int, out_dim: int, *, kind: HeadKind = "linear", depth: int = 2,
                  hidden_dim: int = 512, init: HeadInit = "xavier", cone_offset: float = 1.0,
                  input_norm: str = "l2") -> None:
@@ -338,7 +340,7 @@ class MultiTowerModel(nn.Module):
             if m not in self.towers:
                 raise ValueError(f"raw inputs for {k!r} need a trainable tower; trainable towers "
                                  f"are {sorted(self.towers)}")
-            out[k] = self.project(k, self.towers[m].encode(batch).float())
+            out[k] = self.project(k, self.tower(m).encode(batch).float())
         return out
 
     @torch.no_grad()
@@ -469,7 +471,7 @@ class MultiTowerModel(nn.Module):
             save_file(state, str(tmp), metadata={"format": "pt", "modalign": __version__})
         towers = {}
         for m, spec in self.config.towers.items():
-            loaded = self.towers[m] if m in self.towers else self._frozen_towers.get(m)
+            loaded = self.tower(m) if m in self.towers or m in self._frozen_towers else None
             ident = loaded.identity() if loaded is not None and hasattr(loaded, "identity") else {}
             towers[m] = {"spec": spec, "identity": ident}
         write_json_atomic(out / CONFIG_NAME, {

@@ -140,7 +140,7 @@ def list_concepts(options: EmojiOptions) -> list[Concept]:
             continue
         group, subgroup, cldr = test.get(e, ("", "", _clean_name(data["en"])))
         name = cldr or _clean_name(data["en"])
-        aliases = []
+        aliases: list[str] = []
         for a in data.get("alias", []):
             a = _clean_name(a)
             if a.lower() != name.lower() and a.lower() not in (x.lower() for x in aliases):

@@ -88,7 +88,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                             "reason": f"too many fields: {len(fields)} for {len(header)} columns "
                                       f"(extra {extra}); quote a value that holds a comma"})
                 continue
-            row = dict(zip(header, fields + [""] * (len(header) - len(fields))))
+            row: dict[str, Any] = dict(zip(header, fields + [""] * (len(header) - len(fields))))
             row["_line"] = line
             rows.append(row)
         return rows, bad

@@ -6,6 +6,7 @@ only re-renders the report. ``quick`` keeps 300 concepts, short training and sho
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
         key = {"weights": info["weights_hash"], "version": __version__}
         info["diagnosis"] = st.run(
             f"diagnose-{name}", f"Diagnosing the geometry of {name} (test split)", key,
-            lambda info=info: _diagnose(info, store, opts.seed))
+            functools.partial(_diagnose, info, store, opts.seed))
 
     data = None
     for name, info in models.items():

@@ -80,7 +80,7 @@ def conclusions(models: Mapping[str, Mapping[str, Any]], lab_verdict: str) -> li
     gaps = {n: _m(i, "gap") for n, i in models.items()}
     gaps = {n: g for n, g in gaps.items() if not math.isnan(g)}
     if gaps:
-        lo, hi = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
+        lo, hi = min(gaps, key=lambda n: gaps[n]), max(gaps, key=lambda n: gaps[n])
         scale = ("every model here has a small gap" if gaps[hi] < 0.5 else
                  "some model here reaches a CLIP-like gap" if gaps[lo] < 0.5 else
                  "every model here has a CLIP-like gap")

@@ -234,7 +234,7 @@ class ArrayWriter:
         self.final = self.folder / f"{name}.npy"
         self.done = 0
         self.state: dict[str, Any] = {}
-        self._mm: np.ndarray | None = None
+        self._mm: np.memmap | None = None
         if self.partial.exists() and self.progress_file.exists():
             try:
                 saved = read_json(self.progress_file)

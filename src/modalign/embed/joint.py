@@ -5,10 +5,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from modalign.embed.store import Embeddings, EmbeddingStore
+
+if TYPE_CHECKING:
+    from modalign.data.dataset import PairedDataset
+    from modalign.model import MultiTowerModel
 
 
 class JointEmbeddings(dict[str, Embeddings]):
@@ -109,7 +114,8 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
     return JointEmbeddings(out, store=store)
 
 
-def encode_with_model(model, dataset, modality, split, store) -> Embeddings:  # type: ignore[no-untyped-def]
+def encode_with_model(model: MultiTowerModel, dataset: PairedDataset, modality: str,
+                      split: str | Iterable[str] | None, store: EmbeddingStore) -> Embeddings:
     """``dataset``'s ``modality`` items of ``split`` encoded by ``model`` (its own tower)."""
     from modalign.embed.encode import raw_input
 

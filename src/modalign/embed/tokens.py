@@ -19,6 +19,7 @@ Reading: :func:`load_tokens` gives a :class:`TokenFeatures` (``tokens(i)``, ``co
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -212,6 +213,10 @@ def verify_tokens(store: EmbeddingStore) -> dict[str, str | None]:
             for m, e in sorted(store.manifest.get("tokens", {}).items())}
 
 
+def _set_tokens(modality: str, facts: dict[str, Any], manifest: dict[str, Any]) -> None:
+    manifest.setdefault("tokens", {})[modality] = facts
+
+
 def embed_tokens(dataset: PairedDataset, encoders: Mapping[str, Any], out_dir: str | Path,
                  batch_size: int = 64, progress: bool = True,
                  device: str | torch.device = "cpu", normalize: bool = False,
@@ -290,8 +295,7 @@ def embed_tokens(dataset: PairedDataset, encoders: Mapping[str, Any], out_dir: s
                     "items_per_s": rate,
                     "skipped": [{"id": items[r].id, "reason": writer.state["bad"][str(r)]}
                                 for r in bad]}
-            store._update_manifest(lambda m, full=full, mod=modality:
-                                   m.setdefault("tokens", {}).__setitem__(mod, full))
+            store._update_manifest(functools.partial(_set_tokens, modality, full))
     return store
 
 

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if pair is not None and len(pair) != 2:
         raise ModalignError(f"--pair: expected two modalities A,B, got {args.pair!r}")
     try:
-        amounts = tuple(float(x) for x in _csv(args.shifts)) if args.shifts else DEFAULT_SHIFTS
+        shifts = _csv(args.shifts)
+        amounts = tuple(float(x) for x in shifts) if shifts is not None else DEFAULT_SHIFTS
     except ValueError as e:
         raise ModalignError(f"--shifts: expected comma-separated numbers, got "
                             f"{args.shifts!r}") from e

@@ -57,7 +57,7 @@ h2{font-size:15px;margin:12px 0 4px}
 def plotly_js() -> str:
     """The bundled ``plotly.min.js`` of the installed ``plotly`` package."""
     try:
-        path = resources.files("plotly").joinpath("package_data", "plotly.min.js")
+        path = resources.files("plotly").joinpath("package_data").joinpath("plotly.min.js")
         text = path.read_text("utf-8")
     except (ModuleNotFoundError, FileNotFoundError) as e:
         raise ModalignError("explore needs the plotly package for its bundled plotly.min.js: "

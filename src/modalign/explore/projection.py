@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -92,7 +92,7 @@ class UMAP2:
                                 "pip install 'modalign[explore-umap]' (or use --projection pca)")
         self.seed, self.n_neighbors = seed, n_neighbors
         self.explained: list[float] = []
-        self._model = None
+        self._model: Any = None  # a umap.UMAP once fitted (umap-learn has no type information)
 
     def fit(self, x: np.ndarray) -> UMAP2:
         umap = importlib.import_module("umap")

@@ -144,6 +144,7 @@ def make_server(page_html: str, space: ExploreSpace, encode: QueryEncoder, *,
 def serve_forever(server: ThreadingHTTPServer) -> None:
     """Serve until Ctrl-C, then close the socket."""
     host, port = server.server_address[:2]
+    host = host.decode() if isinstance(host, bytes) else host
     print(f"modalign explore: serving on http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr)
     try:
         server.serve_forever()

@@ -59,13 +59,12 @@ def load_sources(model_dir: str | Path | None = None,
         raise ModalignError("explore: pass --model DIR with --data DATA (or --embeddings DIR), "
                             "or --embeddings DIR of joint-space vectors")
     dataset = data if isinstance(data, PairedDataset) else None
+    spec = None if isinstance(data, PairedDataset) else data  # what load_joint encodes
     if dataset is not None and embeddings_dir is None:
         if dataset.root is None:
             raise ModalignError("data: a dataset object without a folder needs --embeddings DIR")
-        data = dataset.root
-    joint = load_joint(model_dir=model_dir, embeddings_dir=embeddings_dir,
-                       data=None if dataset is not None and embeddings_dir is not None else data,
-                       split=None,
+        spec = dataset.root
+    joint = load_joint(model_dir=model_dir, embeddings_dir=embeddings_dir, data=spec, split=None,
                        modalities=list(modalities) if modalities else None, progress=progress)
     if len(joint) < 2:
         raise ModalignError(f"explore: needs at least two modalities, found {sorted(joint)}")
@@ -87,7 +86,9 @@ def load_sources(model_dir: str | Path | None = None,
         from modalign.data import load_dataset
         from modalign.embed.encode import raw_input
 
-        dataset = dataset or load_dataset(data, progress=progress)
+        if dataset is None:
+            assert spec is not None  # data is a spec when it is not a dataset
+            dataset = load_dataset(spec, progress=progress)
         wanted = {str(it["id"]) for e in shown.values() for it in e.items}
         for item in dataset.items:
             if item.id in wanted:

@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or out.resolve().name
     write_json_atomic(out / "diagnosis.json", record)
     diagnosis_page([(name, record), *compared]).write(out / "diagnosis.html")
-    summary = {"json": str(out / "diagnosis.json"), "html": str(out / "diagnosis.html")}
+    summary: dict[str, Any] = {"json": str(out / "diagnosis.json"),
+                               "html": str(out / "diagnosis.html")}
     for key, pair in record["pairs"].items():
         summary[key] = {"centroid_distance": pair["gap"]["centroid_distance"],
                         "separability": pair["separability"]["accuracy"]}

@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -240,7 +241,7 @@ def diagnose(
         })
 
     for m in names:
-        steps.append((f"{m}: cone, uniformity, spectrum", lambda m=m: per_modality(m)))
+        steps.append((f"{m}: cone, uniformity, spectrum", functools.partial(per_modality, m)))
 
     def per_pair(a: str, b: str) -> None:
         xa, xb = mats[a], mats[b]
@@ -288,8 +289,8 @@ def diagnose(
         record["figures"][pair_key(a, b)] = figures
 
     for a, b in pairs:
-        steps.append((f"{a}|{b}: gap, separability, neighbours, margins", lambda a=a, b=b:
-                      per_pair(a, b)))
+        steps.append((f"{a}|{b}: gap, separability, neighbours, margins",
+                      functools.partial(per_pair, a, b)))
 
     def joint() -> None:
         pooled = stats[names[0]]

@@ -59,7 +59,8 @@ class LateSpace:
     def __init__(self, model: str | os.PathLike[str], towers: Mapping[str, Any] | None = None,
                  normalize: bool | None = None, progress: bool = False) -> None:
         self.name = str(model)
-        self.model = LateInteractionModel.from_pretrained(resolve_model_dir(model)).eval()
+        model_dir = resolve_model_dir(os.fspath(model))
+        self.model = LateInteractionModel.from_pretrained(model_dir).eval()
         settings = dict(getattr(self.model, "extra", {}).get("settings", {}))
         self.query_key = str(settings.get("query", "text"))
         self.document_keys = list(settings.get("documents", []))
@@ -160,7 +161,7 @@ def late_search(queries: Ragged, gallery: LateGallery, k: int = 10) -> list[list
     scores, idx = maxsim_search(queries, gallery.docs, k=min(k, len(gallery)))
     out = []
     for srow, irow in zip(scores.tolist(), idx.tolist()):
-        hits = []
+        hits: list[Hit] = []
         for score, i in zip(srow, irow):
             group, members = gallery.documents.groups[i], gallery.documents.members[i]
             hits.append(Hit(rank=len(hits) + 1, score=float(score), id=str(group),

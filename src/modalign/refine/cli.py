@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modalign.data.dataset import PairedDataset
+    from modalign.embed.store import EmbeddingStore
+    from modalign.model import MultiTowerModel
 
 EPILOG = """\
 examples:
@@ -123,12 +129,12 @@ def run(args: argparse.Namespace) -> int:
     data = PairedFeatures(store, list(mods), args.split)
     measure = dict(split=args.eval_split, modalities=(mods[0], mods[1]), label=args.label,
                    classnames=classnames, dataset=dataset)
-    before = evaluate_model(model, store, prompt_features=prompts, **measure)  # type: ignore[arg-type]
+    before = evaluate_model(model, store, prompt_features=prompts, **measure)
     result = refine_model(model, data, config, prompt_features=prompts, classnames=classnames,
                           dataset=dataset, progress=True)
     if args.label and mods[1] in tuned:  # the refined text tower encodes the prompts anew
         prompts = class_prompt_features(result.model, classnames, config.templates, mods[1])
-    after = evaluate_model(result.model, store, prompt_features=prompts, **measure)  # type: ignore[arg-type]
+    after = evaluate_model(result.model, store, prompt_features=prompts, **measure)
     out = Path(args.out)
     summary = {"refine": config_dict(config), "from_model": str(args.model),
                "steps": result.steps, "seconds": round(result.seconds, 3)}
@@ -146,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_for(model, data: str):  # type: ignore[no-untyped-def]
+def _store_for(model: MultiTowerModel, data: str) -> tuple[EmbeddingStore, PairedDataset]:
     """The dataset ``data`` and its embedding store for the model's towers (encoded if
     needed). Fine-tuned towers' arrays hold their base tower's features, as in ``train``: only
     their rows and groups are read."""

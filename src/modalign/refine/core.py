@@ -259,7 +259,7 @@ def refine_model(model: MultiTowerModel, data: PairedFeatures, config: RefineCon
 def _tower_params(model: MultiTowerModel, modality: str, stages: int) -> list[nn.Parameter]:
     """The trained parameters of a fine-tuned tower: its LoRA adapters, else its last
     ``stages`` stages; the tower stays in eval mode (BatchNorm statistics fixed)."""
-    tower = model.towers[modality]
+    tower: Any = model.towers[modality]  # an Encoder module: freeze/trainable_tail checked below
     tower.eval()
     if modality in model.config.lora:
         return [p for n, p in tower.named_parameters() if "lora_" in n]
@@ -276,7 +276,7 @@ def _tower_params(model: MultiTowerModel, modality: str, stages: int) -> list[nn
 def _features(model: MultiTowerModel, modality: str, x: Any, raw: bool) -> Tensor:
     """Head outputs of tower features, or of a preprocessed raw batch encoded by the tower."""
     if raw:
-        x = model.towers[modality].encode(x).float()
+        x = model.tower(modality).encode(x).float()
     return model.head_for(modality)(x)
 
 

@@ -148,7 +148,7 @@ def _training_section(page: Page, run: Path) -> None:
             continue
         fig, ax = plt.subplots(figsize=(4, 2.8))
         for key in keys:
-            ax.plot(epochs, [r.get(key) for r in rows], marker="o", ms=3, label=key)
+            ax.plot(epochs, [_or_nan(r.get(key)) for r in rows], marker="o", ms=3, label=key)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.legend(fontsize=7)
@@ -156,7 +156,8 @@ def _training_section(page: Page, run: Path) -> None:
     if scales:
         fig, ax = plt.subplots(figsize=(4, 2.8))
         for key in scales:
-            ax.plot(epochs, [(r.get("logit_scales") or {}).get(key) for r in rows], marker="o",
+            ax.plot(epochs, [_or_nan((r.get("logit_scales") or {}).get(key)) for r in rows],
+                    marker="o",
                     ms=3, label=key)
         ax.set_xlabel("epoch")
         ax.set_title("logit scale")
@@ -165,6 +166,11 @@ def _training_section(page: Page, run: Path) -> None:
     sec.figures_side_by_side(figures)
     last = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float))}
     sec.table([last], caption="last epoch")
+
+
+def _or_nan(value: Any) -> float:
+    """A logged number, or NaN (a gap in the curve) where the epoch has none."""
+    return float("nan") if value is None else float(value)
 
 
 def _numeric(rows: Sequence[Mapping[str, Any]], key: str) -> bool:

@@ -16,6 +16,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -61,18 +62,18 @@ Loader = Callable[[Path], Benchmark]
 def _registry() -> dict[str, Loader]:
     reg: dict[str, Loader] = {}
     for name in KARPATHY_LAYOUTS:
-        reg[name] = lambda root, _n=name: load_karpathy(_n, root)
+        reg[name] = functools.partial(load_karpathy, name)
     reg["nocaps"] = load_nocaps
     reg["cub2011"] = load_cub
     reg["sop"] = load_sop
     for name in REVISITED:
-        reg[name] = lambda root, _n=name: load_revisited(_n, root)
+        reg[name] = functools.partial(load_revisited, name)
     for name in COOP_LAYOUTS:
-        reg[name] = lambda root, _n=name: load_coop(_n, root)
+        reg[name] = functools.partial(load_coop, name)
     reg["imdb"] = load_imdb
     reg["20newsgroups"] = load_newsgroups
     for name in NANOBEIR:
-        reg[name] = lambda root, _n=name: load_nanobeir(_n, root)
+        reg[name] = functools.partial(load_nanobeir, name)
     return dict(sorted(reg.items()))
 
 
