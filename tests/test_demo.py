@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from modalign.demo.report import conclusions, terminal_table
+from modalign.demo.report import conclusions, findings, terminal_table
 from modalign.demo.stages import Stages
+from modalign.evaluate.records import read_record
 from modalign.report.browser import find_chromium, render_in_browser, screenshot_stats
 
 
@@ -18,22 +19,43 @@ def _model(gap, i2t, i2i, i2i_oti, t2t, t2t_ovi, zs_inter, zs_intra, centering):
         "centering_text_retrieval_recall@1": i2t + centering}}}
 
 
-def test_conclusions_follow_the_numbers():
+def test_findings_follow_the_numbers():
     models = {"a": _model(0.2, 0.3, 0.5, 0.6, 0.7, 0.5, 0.4, 0.3, 0.05),
               "b": _model(0.9, 0.1, 0.5, 0.7, 0.7, 0.6, 0.2, 0.3, -0.01)}
-    text = " ".join(conclusions(models, "The claim held."))
-    assert "smallest modality gap is a's (0.200)" in text and "largest b's (0.900)" in text
-    assert "some model here reaches a CLIP-like gap" in text
-    assert "a retrieves best" in text
-    assert "Inversion (OTI) helps image->image" in text and "+0.150 on average" in text
-    assert "Inversion (OVI) does not help" in text and "-0.150" in text
-    assert "centering bridge changes image->text R@1 by +0.020" in text
-    assert text.endswith("Gap laboratory: The claim held.")
-    flipped = {"a": _model(0.1, 0.3, 0.5, 0.4, 0.7, 0.8, 0.4, 0.3, 0.0)}
-    text = " ".join(conclusions(flipped, ""))
-    assert "every model here has a small gap" in text
-    assert "Inversion (OTI) does not help" in text and "Inversion (OVI) helps" in text
-    assert "inter-modal wins" in text
+    f = findings(models)
+    assert f["gap"] == {"smallest": ("a", 0.2), "largest": ("b", 0.9), "scale": "some-clip-like"}
+    assert f["best_retrieval"] == {"model": "a", "i2t_r1": 0.3, "t2i_r1": 0.15}
+    # OTI: a 0.6 - 0.5, b 0.7 - 0.5; OVI: a 0.5 - 0.7, b 0.6 - 0.7
+    assert f["inversion:OTI"]["per_model"] == pytest.approx({"a": 0.1, "b": 0.2}, abs=1e-12)
+    assert f["inversion:OTI"]["mean"] == pytest.approx(0.15, abs=1e-12)
+    assert f["inversion:OVI"]["per_model"] == pytest.approx({"a": -0.2, "b": -0.1}, abs=1e-12)
+    assert f["inversion:OVI"]["mean"] == pytest.approx(-0.15, abs=1e-12)
+    assert f["zeroshot"] == pytest.approx({"inter": 0.3, "intra": 0.3}, abs=1e-12)
+    assert f["bridge:centering"]["per_model"] == pytest.approx({"a": 0.05, "b": -0.01}, abs=1e-12)
+    assert f["bridge:centering"]["mean"] == pytest.approx(0.02, abs=1e-12)
+    assert "bridge:invgc" not in f  # no model measured it
+    assert findings({"a": _model(0.1, 0.3, 0.5, 0.4, 0.7, 0.8, 0.4, 0.3, 0.0)})["gap"]["scale"] \
+        == "small"
+    assert findings({"a": _model(0.6, 0.3, 0.5, 0.4, 0.7, 0.8, 0.4, 0.3, 0.0)})["gap"]["scale"] \
+        == "clip-like"
+    assert findings({"a": {}}) == {}
+
+
+def test_conclusions_state_each_finding_with_its_numbers():
+    models = {"a": _model(0.2, 0.3, 0.5, 0.6, 0.7, 0.5, 0.4, 0.3, 0.05),
+              "b": _model(0.9, 0.1, 0.5, 0.7, 0.7, 0.6, 0.2, 0.3, -0.01)}
+    sentences = conclusions(models, "The claim held.")
+    # one sentence per finding (gap, best retrieval, OTI, OVI, zero-shot, centering), then the lab
+    assert len(sentences) == len(findings(models)) + 1 == 7
+    gap, best, oti, ovi, zs, centering, lab = sentences
+    assert ("0.200" in gap and "0.900" in gap) and ("0.300" in best and "0.150" in best)
+    assert all(x in oti for x in ("+0.150", "a +0.100", "b +0.200"))
+    assert all(x in ovi for x in ("-0.150", "a -0.200", "b -0.100"))
+    assert zs.count("0.300") == 2
+    assert all(x in centering for x in ("+0.020", "a +0.050", "b -0.010"))
+    assert lab.endswith("The claim held.")
+    assert len(conclusions(models, "")) == 6  # no verdict, no sentence for it
+    assert conclusions({"a": {}}, "") == []
 
 
 def test_terminal_table_lists_every_model_and_missing_values():
@@ -67,13 +89,18 @@ def test_tiny_demo_end_to_end_and_report_in_a_browser(tmp_path):
     result = run_demo(opts)
     assert result.report.is_file()
     assert set(result.models) == {"clip", "clip_unif_align"}
-    for info in result.models.values():
+    # one record per model holds the numbers the report shows, and the table prints them
+    records = {r["model"]: r for r in map(read_record, (tmp_path / "demo" / "records").glob("*.json"))
+               if r["task"] == "demo-suite"}
+    assert set(records) == set(result.models)
+    rows = {line.split()[0]: line.split() for line in result.summary_table.splitlines()[2:]}
+    for name, info in result.models.items():
         m = info["evaluation"]["metrics"]
-        assert 0 <= m["gap"] <= 2 and 0 <= m["i2i_native_map"] <= 1
-        assert not math.isnan(m["i2i_oti_map"])
-    assert (tmp_path / "demo" / "records").is_dir()
-    assert any((tmp_path / "demo" / "records").glob("*.json"))
-    assert "model" in result.summary_table and "clip_unif_align" in result.summary_table
+        for key in ("gap", "i2i_native_map", "i2i_oti_map", "text_retrieval_recall@1"):
+            assert records[name]["metrics"][key] == pytest.approx(m[key], abs=1e-12), key
+            assert not math.isnan(m[key])
+        assert rows[name][1] == f"{m['gap']:.3f}"
+        assert rows[name][2] == f"{m['text_retrieval_recall@1']:.3f}"
     explore = tmp_path / "demo" / "explore.html"
     assert explore.is_file() and 'href="explore.html"' in result.report.read_text()
     assert '"model":"' in explore.read_text()[:200000]

@@ -74,56 +74,102 @@ def terminal_table(models: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def conclusions(models: Mapping[str, Mapping[str, Any]], lab_verdict: str) -> list[str]:
-    """Plain sentences drawn from the measured numbers (nothing here is written in advance)."""
-    out: list[str] = []
+INVERSIONS = (("OTI", "image->image retrieval across styles", "i2i_native_map", "i2i_oti_map"),
+              ("OVI", "name->text retrieval", "t2t_native_map", "t2t_ovi_map"))
+BRIDGES = ("centering", "invgc")
+
+
+def _mean(values: Mapping[str, float]) -> float:
+    return sum(values.values()) / len(values)
+
+
+def findings(models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The numbers the conclusions state, from the models' measured metrics; a finding whose
+    metrics no model has is left out.
+
+    Keys: ``gap`` (smallest and largest ``(model, gap)``, ``scale``: ``"small"`` when every gap
+    is under 0.5, ``"some-clip-like"``, ``"clip-like"``), ``best_retrieval`` (the model with the
+    best image->text R@1 and its R@1 both ways), ``inversion:OTI`` / ``inversion:OVI`` (mean and
+    per-model change of mAP, inverted - native), ``zeroshot`` (inter- and intra-modal acc@1
+    averaged over the models), ``bridge:centering`` / ``bridge:invgc`` (mean and per-model change
+    of image->text R@1).
+
+    Examples:
+        >>> m = {"a": {"evaluation": {"metrics": {"gap": 0.2, "text_retrieval_recall@1": 0.5}}},
+        ...      "b": {"evaluation": {"metrics": {"gap": 0.9, "text_retrieval_recall@1": 0.1}}}}
+        >>> f = findings(m)
+        >>> f["gap"], f["best_retrieval"]["model"]
+        ({'smallest': ('a', 0.2), 'largest': ('b', 0.9), 'scale': 'some-clip-like'}, 'a')
+    """
+    out: dict[str, Any] = {}
     gaps = {n: _m(i, "gap") for n, i in models.items()}
     gaps = {n: g for n, g in gaps.items() if not math.isnan(g)}
     if gaps:
         lo, hi = min(gaps, key=lambda n: gaps[n]), max(gaps, key=lambda n: gaps[n])
-        scale = ("every model here has a small gap" if gaps[hi] < 0.5 else
-                 "some model here reaches a CLIP-like gap" if gaps[lo] < 0.5 else
-                 "every model here has a CLIP-like gap")
-        out.append(f"The smallest modality gap is {lo}'s ({gaps[lo]:.3f}) and the largest "
-                   f"{hi}'s ({gaps[hi]:.3f}); CLIP-scale models sit near 0.8, so {scale}.")
+        scale = ("small" if gaps[hi] < 0.5 else "some-clip-like" if gaps[lo] < 0.5
+                 else "clip-like")
+        out["gap"] = {"smallest": (lo, gaps[lo]), "largest": (hi, gaps[hi]), "scale": scale}
         best = max(models, key=lambda n: _m(models[n], "text_retrieval_recall@1"))
-        out.append(f"{best} retrieves best across modalities: image->text R@1 "
-                   f"{_m(models[best], 'text_retrieval_recall@1'):.3f}, text->image R@1 "
-                   f"{_m(models[best], 'image_retrieval_recall@1'):.3f}.")
-    for task, nat, inv, method in (("image->image retrieval across styles", "i2i_native_map",
-                                    "i2i_oti_map", "OTI"),
-                                   ("name->text retrieval", "t2t_native_map", "t2t_ovi_map",
-                                    "OVI")):
+        out["best_retrieval"] = {"model": best,
+                                 "i2t_r1": _m(models[best], "text_retrieval_recall@1"),
+                                 "t2i_r1": _m(models[best], "image_retrieval_recall@1")}
+    for method, _task, nat, inv in INVERSIONS:
         deltas = {n: _m(i, inv) - _m(i, nat) for n, i in models.items()}
         deltas = {n: d for n, d in deltas.items() if not math.isnan(d)}
-        if not deltas:
+        if deltas:
+            out[f"inversion:{method}"] = {"mean": _mean(deltas), "per_model": deltas}
+    zs = {n: (_m(i, "zeroshot_subset_inter_acc1"), _m(i, "zeroshot_subset_intra_acc1"))
+          for n, i in models.items()}
+    zs = {n: v for n, v in zs.items() if not any(math.isnan(x) for x in v)}
+    if zs:
+        out["zeroshot"] = {"inter": sum(v[0] for v in zs.values()) / len(zs),
+                           "intra": sum(v[1] for v in zs.values()) / len(zs)}
+    for bridge in BRIDGES:
+        d = {n: _m(i, f"{bridge}_text_retrieval_recall@1") - _m(i, "text_retrieval_recall@1")
+             for n, i in models.items()}
+        d = {n: v for n, v in d.items() if not math.isnan(v)}
+        if d:
+            out[f"bridge:{bridge}"] = {"mean": _mean(d), "per_model": d}
+    return out
+
+
+def conclusions(models: Mapping[str, Mapping[str, Any]], lab_verdict: str) -> list[str]:
+    """Plain sentences, one per finding of :func:`findings` (nothing here is written in
+    advance), then the gap laboratory's verdict."""
+    f = findings(models)
+    out: list[str] = []
+    if "gap" in f:
+        (lo, g_lo), (hi, g_hi) = f["gap"]["smallest"], f["gap"]["largest"]
+        scale = {"small": "every model here has a small gap",
+                 "some-clip-like": "some model here reaches a CLIP-like gap",
+                 "clip-like": "every model here has a CLIP-like gap"}[f["gap"]["scale"]]
+        out.append(f"The smallest modality gap is {lo}'s ({g_lo:.3f}) and the largest "
+                   f"{hi}'s ({g_hi:.3f}); CLIP-scale models sit near 0.8, so {scale}.")
+        best = f["best_retrieval"]
+        out.append(f"{best['model']} retrieves best across modalities: image->text R@1 "
+                   f"{best['i2t_r1']:.3f}, text->image R@1 {best['t2i_r1']:.3f}.")
+    for method, task, _nat, _inv in INVERSIONS:
+        if f"inversion:{method}" not in f:
             continue
+        mean, deltas = f[f"inversion:{method}"]["mean"], f[f"inversion:{method}"]["per_model"]
         helped = [n for n, d in deltas.items() if d > 0]
-        mean = sum(deltas.values()) / len(deltas)
         verb = "helps" if mean > 0 else "does not help"
         where = (f"it helps {', '.join(helped)}" if helped and len(helped) < len(deltas)
                  else ("it helps every model" if helped else "it helps no model"))
         out.append(f"Inversion ({method}) {verb} {task} here: mAP changes by {mean:+.3f} on "
                    f"average over the models ({where}; per model "
                    + ", ".join(f"{n} {d:+.3f}" for n, d in deltas.items()) + ").")
-    zs = {n: (_m(i, "zeroshot_subset_inter_acc1"), _m(i, "zeroshot_subset_intra_acc1"))
-          for n, i in models.items()}
-    zs = {n: v for n, v in zs.items() if not any(math.isnan(x) for x in v)}
-    if zs:
-        inter = sum(v[0] for v in zs.values()) / len(zs)
-        intra = sum(v[1] for v in zs.values()) / len(zs)
+    if "zeroshot" in f:
+        inter, intra = f["zeroshot"]["inter"], f["zeroshot"]["intra"]
         better = ("inter-modal wins" if inter > intra else
                   "intra-modal wins" if intra > inter else "they tie")
         out.append(f"Zero-shot subgroup classification of the inverted query images: inter-modal "
                    f"acc@1 {inter:.3f} (image features against class prompts) vs intra-modal "
                    f"{intra:.3f} (their OTI text features against the same prompts), averaged "
                    f"over the models: {better}.")
-    for bridge in ("centering", "invgc"):
-        d = {n: _m(i, f"{bridge}_text_retrieval_recall@1") - _m(i, "text_retrieval_recall@1")
-             for n, i in models.items()}
-        d = {n: v for n, v in d.items() if not math.isnan(v)}
-        if d:
-            mean = sum(d.values()) / len(d)
+    for bridge in BRIDGES:
+        if f"bridge:{bridge}" in f:
+            mean, d = f[f"bridge:{bridge}"]["mean"], f[f"bridge:{bridge}"]["per_model"]
             out.append(f"The {bridge} bridge changes image->text R@1 by {mean:+.3f} on average "
                        "(" + ", ".join(f"{n} {v:+.3f}" for n, v in d.items()) + ").")
     if lab_verdict:
