@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from modalign.cli import build_parser, main
+from modalign.cli import COMMANDS, build_parser, main
 
 
 def test_top_level_help(capsys):
@@ -20,13 +20,17 @@ def test_top_level_help(capsys):
 def test_every_subcommand_has_useful_help(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert len(sub.choices) >= 2
-    for name in sub.choices:
+    assert sorted(sub.choices) == sorted(COMMANDS)
+    for name, subparser in sub.choices.items():
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
         out = capsys.readouterr().out
-        assert f"modalign {name}" in out and len(out) > 150, name
+        assert out.startswith(f"usage: modalign {name}"), name
+        options = [a for a in subparser._actions if a.option_strings and a.help != "==SUPPRESS=="]
+        # every option is listed, and says what it does
+        assert [a.option_strings for a in options if not a.help] == [], name
+        assert [a.option_strings[-1] for a in options if a.option_strings[-1] not in out] == [], name
 
 
 def test_data_and_embed_commands(tmp_path, capsys):

@@ -51,11 +51,17 @@ def test_split_is_stable_and_proportional():
 
 def test_full_concept_list_filters():
     concepts = emoji_mod.list_concepts(EmojiOptions())
-    assert len(concepts) > 1500
+    by_code = {c.code: c for c in concepts}
+    assert by_code["1F600"].emoji == "\U0001F600" and by_code["1F600"].name == "grinning face"
+    assert by_code["1FAE0"].version == 14.0  # melting face
+    older = {c.code for c in emoji_mod.list_concepts(EmojiOptions(max_version=13.0))}
+    assert "1F600" in older and "1FAE0" not in older and older < set(by_code)
+    assert "1F44D-1F3FD" not in by_code  # thumbs up: medium skin tone
     assert all(c.version <= 15.0 for c in concepts)
     assert not any(ch in emoji_mod.SKIN_TONES for c in concepts for ch in c.emoji)
     with_tones = emoji_mod.list_concepts(EmojiOptions(skin_tones=True))
-    assert len(with_tones) > len(concepts)
+    assert "1F44D-1F3FD" in {c.code for c in with_tones}
+    assert {c.code for c in concepts} < {c.code for c in with_tones}
     assert len({c.code for c in concepts}) == len(concepts)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -24,10 +26,19 @@ def record(model="m", task="retrieval", metrics=None, bridges=(), seed=0):
                        bridges=bridges, seed=seed)
 
 
+def _head_of_source_tree() -> str | None:
+    """The commit of the tree modalign is imported from, by its first 12 hex digits (None
+    outside a git checkout), read here with git itself."""
+    out = subprocess.run(["git", "log", "-1", "--format=%H"],
+                         cwd=Path(modalign.__file__).resolve().parent, capture_output=True,
+                         text=True, check=False)
+    return out.stdout.strip()[:12] if out.returncode == 0 and out.stdout.strip() else None
+
+
 def test_record_fields():
     r = record(metrics={"image_retrieval_recall@5": 0.5, "nan_metric": float("nan")})
     assert r["modalign_version"] == modalign.__version__
-    assert r["git_hash"] is None or len(r["git_hash"]) >= 7
+    assert r["git_hash"] == _head_of_source_tree()
     assert r["metrics"] == {"image_retrieval_recall@5": 0.5, "nan_metric": None}
     assert r["protocol"] == {"k_values": [1, 5]} and r["inversion"] is None
     json.dumps(r)  # serialisable as is

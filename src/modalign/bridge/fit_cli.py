@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--embeddings", default=None, metavar="DIR",
                      help="an embedding store (joint vectors, or tower features with --model)")
     p.add_argument("--kind", choices=("procrustes", "lstsq", "mlp", "diffusion-link"),
-                   default="procrustes")
+                   default="procrustes", help="the bridge fitted (default procrustes)")
     p.add_argument("--source", default="text", help="modality mapped (default text)")
     p.add_argument("--target", default="image", help="modality aimed at (default image)")
     p.add_argument("--split", default="train", help="split fitted on (default train)")
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="weight of the topology loss (default 1)")
     dl.add_argument("--no-noise-source", action="store_true",
                     help="start DDIM from the clean source (Diffusion Bridge's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the trained bridges (default 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 

@@ -48,7 +48,9 @@ def git_hash() -> str | None:
     """The commit of the installed source tree (short hash), or ``None`` when not in git.
 
     Examples:
-        >>> h = git_hash(); h is None or isinstance(h, str)
+        >>> import re
+        >>> h = git_hash()  # None outside a git checkout
+        >>> h is None or re.fullmatch("[0-9a-f]{12,40}", h) is not None
         True
     """
     here = Path(modalign.__file__).resolve().parent

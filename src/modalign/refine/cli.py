@@ -62,10 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", action="append", default=None, metavar="TEXT",
                    help="class prompt template with {} (repeatable; default 'a photo of a {}.')")
     opt = p.add_argument_group("optimisation (defaults: CLIP-Refine's official config)")
-    opt.add_argument("--epochs", type=int, default=1)
-    opt.add_argument("--batch-size", type=int, default=512)
-    opt.add_argument("--lr", type=float, default=1e-6)
-    opt.add_argument("--weight-decay", type=float, default=0.1)
+    opt.add_argument("--epochs", type=int, default=1, help="passes over the pairs (1)")
+    opt.add_argument("--batch-size", type=int, default=512, help="pairs per step (512)")
+    opt.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (1e-6)")
+    opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (0.1)")
     opt.add_argument("--lambda-cont", type=float, default=0.0, help="CLIP loss weight (0)")
     opt.add_argument("--lambda-rand", type=float, default=1.0, help="RaFA weight (1)")
     opt.add_argument("--lambda-kd", type=float, default=1.0, help="HyCD weight (1)")
@@ -78,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="CMA: weight of the -logsumexp term (0.001)")
     opt.add_argument("--tower-stages", type=int, default=1, metavar="K",
                      help="fine-tuned towers: last K stages refined (default 1; 0: heads only)")
-    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--seed", type=int, default=0,
+                     help="seed of the initialisation and of the batch order (0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
