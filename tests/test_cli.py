@@ -30,7 +30,8 @@ def test_every_subcommand_has_useful_help(capsys):
         options = [a for a in subparser._actions if a.option_strings and a.help != "==SUPPRESS=="]
         # every option is listed, and says what it does
         assert [a.option_strings for a in options if not a.help] == [], name
-        assert [a.option_strings[-1] for a in options if a.option_strings[-1] not in out] == [], name
+        missing = [a.option_strings[-1] for a in options if a.option_strings[-1] not in out]
+        assert missing == [], name
 
 
 def test_data_and_embed_commands(tmp_path, capsys):

@@ -90,8 +90,8 @@ def test_tiny_demo_end_to_end_and_report_in_a_browser(tmp_path):
     assert result.report.is_file()
     assert set(result.models) == {"clip", "clip_unif_align"}
     # one record per model holds the numbers the report shows, and the table prints them
-    records = {r["model"]: r for r in map(read_record, (tmp_path / "demo" / "records").glob("*.json"))
-               if r["task"] == "demo-suite"}
+    files = (tmp_path / "demo" / "records").glob("*.json")
+    records = {r["model"]: r for r in map(read_record, files) if r["task"] == "demo-suite"}
     assert set(records) == set(result.models)
     rows = {line.split()[0]: line.split() for line in result.summary_table.splitlines()[2:]}
     for name, info in result.models.items():
