@@ -57,7 +57,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (UTF-8, keys in insertion order)."""
     text = dumps(obj, indent=indent)
     write_bytes_atomic(path, (text + "\n").encode("utf-8"))

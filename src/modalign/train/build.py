@@ -208,7 +208,8 @@ def build_optimizer(model: nn.Module, objective: nn.Module, extra: Sequence[nn.P
     A parameter the model holds for the objective (its temperature) goes with the objective.
     PyTorch's fused implementation where the parameters allow it (CPU or CUDA, floating)."""
     skip = {id(p) for p in tower_params} | {id(p) for p in objective.parameters()}
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in skip:
             continue

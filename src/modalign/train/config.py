@@ -344,9 +344,9 @@ class TrainConfig:
                 0 < self.augment.crop_scale[0] <= self.augment.crop_scale[1] <= 1):
             raise ModalignError("augment.crop_scale must be [low, high] with 0 < low <= high <= 1, "
                              f"got {self.augment.crop_scale!r}")
-        for k, s in self.augment.embedding_noise.items():
+        for key, s in self.augment.embedding_noise.items():
             if not isinstance(s, (int, float)) or s < 0:
-                raise ModalignError(f"augment.embedding_noise[{k!r}] must be a number >= 0, "
+                raise ModalignError(f"augment.embedding_noise[{key!r}] must be a number >= 0, "
                                     f"got {s!r}")
         pair = self.validation_pair()
         if pair is not None and len(pair) != 2:
@@ -616,9 +616,8 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
                             f"expected some of {sorted(known)}")
     out = {}
     for k, v in values.items():
-        default = known[k].default
-        if default is MISSING:
-            default = known[k].default_factory()  # type: ignore[misc]
+        f = known[k]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
         out[k] = _coerce(f"{name}.{k}", v, default)
     return cls(**out)
 

@@ -60,8 +60,8 @@ def gradcache_backward(module: nn.Module, embed: Embed,
     out = loss(cached)
     out.loss.backward()
     for i, sl in enumerate(slices):
-        sync = nullcontext() if (i == k - 1 or not hasattr(module, "no_sync")) \
-            else module.no_sync()
+        no_sync = getattr(module, "no_sync", None)  # DDP's: no all-reduce before the last slice
+        sync = nullcontext() if (i == k - 1 or no_sync is None) else no_sync()
         with sync:
             emb = embed(module, sl)
             terms = [(emb[key] * grad[sl]).sum() for key in emb

@@ -51,7 +51,6 @@ from modalign.io import (
 from modalign.losses.objective import Objective
 from modalign.losses.output import LossOutput
 from modalign.losses.validation import validation, validation_enabled
-from modalign.model import base_modality
 from modalign.paths import home
 from modalign.train import build
 from modalign.train import validate as V
@@ -258,8 +257,7 @@ class Trainer:
 
     def _embed(self, module: nn.Module, feats: Mapping[str, torch.Tensor],
                raw: Mapping[str, list], sl: slice) -> dict[str, torch.Tensor]:
-        towers = self.model.towers
-        batches = {k: _to_device(towers[base_modality(k)].preprocess(v[sl]), self.ctx.device)
+        batches = {k: _to_device(self.model.tower(k).preprocess(v[sl]), self.ctx.device)
                    for k, v in raw.items()}
         with self.autocast:
             out = module({k: v[sl] for k, v in feats.items()}, batches)
@@ -655,7 +653,7 @@ class Trainer:
         self.model.save_pretrained(self.run_dir / MODEL_DIR, extra={
             "epoch": self.epoch, "step": self.step, "objectives": self.config.objectives,
             "embeddings": self.config.data.embeddings, "keys": self.config.data.keys})
-        save_adapters(self.model.towers, self.run_dir / MODEL_DIR / "adapters")
+        save_adapters(dict(self.model.towers.items()), self.run_dir / MODEL_DIR / "adapters")
 
     def _finish(self) -> TrainResult:
         if self.val is None:
