@@ -188,7 +188,7 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     img, txt = as_unit_tensor(test["image"]), as_unit_tensor(test["text"])
     t0 = time.perf_counter()
     m: dict[str, float] = {}
-    iv: dict[str, list[float]] = {}  # 95% bootstrap intervals (differences: paired)
+    iv: dict[str, list[float | None]] = {}  # 95% bootstrap intervals (differences: paired)
     gap = modality_gap(img.numpy(), txt.numpy(), normalize=False)
     m["gap"] = gap.centroid_distance
     m["separability"] = linear_separability(img.numpy(), txt.numpy(), seed=seed)["accuracy"]

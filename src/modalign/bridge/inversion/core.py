@@ -45,9 +45,14 @@ class InversionForward(Protocol):
     keys and manifests.
     """
 
-    modality: str
-    num_tokens: int
-    token_dim: int
+    @property
+    def modality(self) -> str: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def token_dim(self) -> int: ...
 
     def __call__(self, tokens: Tensor) -> Tensor: ...
 
