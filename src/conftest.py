@@ -15,6 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+# pytest loads conftest files itself; collected as doctest modules too, the two files named
+# conftest.py (here and in tests/) would clash as one module name.
+collect_ignore = ["conftest.py"]
+
 
 @pytest.fixture(autouse=True)
 def _doctest_surroundings(tmp_path, monkeypatch):

@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+collect_ignore = ["conftest.py"]  # not a doctest module (see src/conftest.py)
+
 
 @pytest.fixture(autouse=True)
 def _private_home(tmp_path_factory, monkeypatch):
