@@ -48,7 +48,7 @@ def check_fraction(value: float, name: str) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
-def at_least_two(modalities: Sequence[str], name: str = "modalities") -> None:
+def at_least_two(modalities: Sequence[object], name: str = "modalities") -> None:
     """Raise ValueError unless ``modalities`` names at least two keys."""
     if len(modalities) < 2:
         raise ValueError(f"{name} must name at least 2 embedding keys, got {list(modalities)}")

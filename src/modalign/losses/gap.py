@@ -340,7 +340,6 @@ class CuaLoss(ScaledLoss):
         x, y = self.select(embeddings)
         a, b = self.modalities
         w_clip, w_unif, w_align, w_xunif = self.weights
-        common = {"normalize": self.normalize, "gather": self.gather}
         clip = clip_loss(
             x,
             y,
@@ -349,19 +348,21 @@ class CuaLoss(ScaledLoss):
             impl=self.impl,
             tile_size=self.tile_size,
             names=self.modalities,
-            **common,
+            normalize=self.normalize,
+            gather=self.gather,
         )
-        unif = (
-            uniformity_loss(x, t=self.t, name=a, **common).loss
-            + uniformity_loss(y, t=self.t, name=b, **common).loss
-        ) / 2
-        align = alignment_loss(x, y, alpha=self.alpha, names=self.modalities, **common).loss
+        unif_x = uniformity_loss(x, t=self.t, name=a, normalize=self.normalize, gather=self.gather)
+        unif_y = uniformity_loss(y, t=self.t, name=b, normalize=self.normalize, gather=self.gather)
+        unif = (unif_x.loss + unif_y.loss) / 2
+        align = alignment_loss(x, y, alpha=self.alpha, names=self.modalities,
+                               normalize=self.normalize, gather=self.gather).loss
         parts = {"clip": clip.loss, "uniformity": unif, "alignment": align}
         parts.update({f"clip/{k}": v for k, v in clip.parts.items()})
         total = w_clip * clip.loss + w_unif * unif + w_align * align
         if self.cross_uniformity:
             xunif = cross_uniformity_loss(
-                x, y, t=self.t, groups=groups, names=self.modalities, **common
+                x, y, t=self.t, groups=groups, names=self.modalities,
+                normalize=self.normalize, gather=self.gather,
             ).loss
             parts["cross_uniformity"] = xunif
             total = total + w_xunif * xunif

@@ -214,7 +214,7 @@ def build_objective(spec: Sequence[LossTerm | Mapping[str, Any]] | Mapping[str, 
             raise ValueError(
                 f"spec must be a list of terms or a mapping with 'terms', got {sorted(spec)}"
             )
-        spec = spec["terms"]
+        return Objective(spec["terms"], dataset_size=dataset_size)
     return Objective(spec, dataset_size=dataset_size)
 
 

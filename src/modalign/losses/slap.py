@@ -82,11 +82,11 @@ def ema_update_(target: nn.Module, online: nn.Module, decay: float) -> None:
         raise ValueError("target and online must have the same parameter and buffer names")
     for name, t in t_params.items():
         t.lerp_(o_params[name].detach(), 1 - decay)
-    for name, t in t_bufs.items():
-        if t.is_floating_point():
-            t.lerp_(o_bufs[name], 1 - decay)
+    for name, buf in t_bufs.items():
+        if buf.is_floating_point():
+            buf.lerp_(o_bufs[name], 1 - decay)
         else:
-            t.copy_(o_bufs[name])
+            buf.copy_(o_bufs[name])
 
 
 @register_loss("slap")

@@ -107,6 +107,7 @@ def symile_loss(
     for a, anchor in enumerate(modalities):
         others = [x for r, x in enumerate(modalities) if r != a]
         if negatives == "n":
+            assert permutations is not None  # drawn above when not given
             shuffled = [x[permutations[a, r]] for r, x in enumerate(modalities) if r != a]
             candidates = shuffled[0]
             for x in shuffled[1:]:
@@ -173,7 +174,9 @@ class SymileLoss(ScaledLoss):
                 raise ValueError(f"observed names unknown modalities {sorted(unknown)}")
             keep = observed_rows([observed.get(m) for m in self.modalities], xs[0].shape[0])
             if not bool(keep.any()):
-                zero = sum(x.sum() for x in xs) * 0.0
+                zero = xs[0].sum() * 0.0  # a zero that keeps every input in the graph
+                for x in xs[1:]:
+                    zero = zero + x.sum() * 0.0
                 return LossOutput(zero, dict.fromkeys(names, zero))
             xs = [x[keep.to(x.device)] for x in xs]
         perms = None
