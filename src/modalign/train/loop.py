@@ -359,7 +359,7 @@ class Trainer:
             return {k: g if g is not None else torch.zeros_like(leaves[k])
                     for k, g in zip(keys, gs, strict=True)}
 
-        adjusted = self.harmonize.apply({lab: grad_of(v) for lab, v in pair.items()}, self.step)
+        adjusted = self.harmonize.adjust({lab: grad_of(v) for lab, v in pair.items()}, self.step)
         total = grad_of(rest)
         for grads in adjusted.values():
             for k in keys:

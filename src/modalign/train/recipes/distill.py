@@ -32,6 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,9 @@ from torch import nn
 
 from modalign.distributed.gather import GatherGrad, gather_with_grad
 from modalign.errors import ModalignError
+
+if TYPE_CHECKING:
+    from modalign.model import MultiTowerModel
 
 MIN_SCALE, MAX_SCALE = 1.0, 100.0
 
@@ -103,7 +107,7 @@ def dcd_loss(y: torch.Tensor, t: torch.Tensor, offset: int, weights: torch.Tenso
     return alpha * mse + (1 - alpha) * (weights.detach() * ce).sum()
 
 
-def load_teacher(path: str | Path, feature_dims: Mapping[str, int]) -> nn.Module:
+def load_teacher(path: str | Path, feature_dims: Mapping[str, int]) -> MultiTowerModel:
     """A saved model folder, frozen, checked to read the same tower features as the student."""
     from modalign.model import MultiTowerModel
 
@@ -133,7 +137,9 @@ class ContrastiveDistillation(nn.Module):
         init_scale: initial student logit scale (default: the teacher's).
     """
 
-    def __init__(self, teacher: nn.Module, keys: Sequence[str], config: DistillConfig,
+    teacher: MultiTowerModel  # set with object.__setattr__: not a submodule
+
+    def __init__(self, teacher: MultiTowerModel, keys: Sequence[str], config: DistillConfig,
                  init_scale: float | None = None) -> None:
         super().__init__()
         if len(keys) < 2:
@@ -142,7 +148,7 @@ class ContrastiveDistillation(nn.Module):
         self.keys = list(keys)
         object.__setattr__(self, "teacher", teacher)  # frozen and outside the state dict
         scale = init_scale if init_scale is not None else float(
-            teacher.log_logit_scale.exp())  # type: ignore[union-attr]
+            teacher.log_logit_scale.exp())
         scale = min(max(scale, MIN_SCALE), MAX_SCALE)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(scale)))
         self._teacher_emb: dict[str, torch.Tensor] = {}
@@ -159,8 +165,8 @@ class ContrastiveDistillation(nn.Module):
             raise ModalignError(f"distillation needs cached features of {missing} (the teacher "
                                 "reads tower features; keys of unfrozen towers are not cached)")
         device = next(iter(features.values())).device
-        self.teacher.to(device)  # type: ignore[union-attr]
-        out = self.teacher({k: features[k] for k in self.keys})  # type: ignore[operator]
+        self.teacher.to(device)
+        out = self.teacher({k: features[k] for k in self.keys})
         self._teacher_emb = {k: v.float() for k, v in out.items()}
 
     def loss(self, emb: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -168,7 +174,7 @@ class ContrastiveDistillation(nn.Module):
         if not self._teacher_emb:
             raise RuntimeError("ContrastiveDistillation.loss called before begin_step")
         s = self.log_logit_scale.exp()
-        s_t = self.teacher.log_logit_scale.exp()  # type: ignore[union-attr]
+        s_t = self.teacher.log_logit_scale.exp()
         world = dist.get_world_size() if dist.is_initialized() else 1
         terms = []
         for a in self.keys:

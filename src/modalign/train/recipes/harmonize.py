@@ -138,6 +138,11 @@ class GradientHarmonization(nn.Module):
         config: the ``[harmonize]`` section.
     """
 
+    fired: torch.Tensor  # buffers: counts accumulated over the run
+    pairs: torch.Tensor
+    dropped: torch.Tensor
+    samples: torch.Tensor
+
     def __init__(self, objectives: Sequence[Mapping], labels: Sequence[str],
                  config: HarmonizeConfig) -> None:
         super().__init__()
@@ -164,7 +169,7 @@ class GradientHarmonization(nn.Module):
     def clamp_(self) -> None:
         """Nothing to clamp."""
 
-    def apply(self, grads: Mapping[str, Mapping[str, torch.Tensor]], step: int
+    def adjust(self, grads: Mapping[str, Mapping[str, torch.Tensor]], step: int
               ) -> dict[str, dict[str, torch.Tensor]]:
         """:func:`harmonize_gradients` with this step's threshold; counts accumulate."""
         out, stats = harmonize_gradients(grads, self.anchors, project=self.config.project,

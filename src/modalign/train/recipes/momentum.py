@@ -151,6 +151,10 @@ class MomentumDistillation(nn.Module):
         config: the ``[momentum]`` section.
     """
 
+    queue: torch.Tensor  # buffers: (keys, queue size, joint_dim), write position, rows filled
+    ptr: torch.Tensor
+    filled: torch.Tensor
+
     def __init__(self, model: nn.Module, keys: Sequence[str], joint_dim: int,
                  config: MomentumConfig) -> None:
         super().__init__()

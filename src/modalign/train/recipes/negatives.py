@@ -149,6 +149,9 @@ class HardNegatives(nn.Module):
         model: the student, copied as the EMA teacher when ``config.needs_teacher``.
     """
 
+    features: torch.Tensor  # buffers: negative tower features per row, and which are real
+    mask: torch.Tensor
+
     def __init__(self, items: Sequence[Mapping], encode: Callable[[list[str]], torch.Tensor],
                  config: NegativesConfig, given: Mapping[str, Sequence[str]] | None = None,
                  model: nn.Module | None = None) -> None:
