@@ -126,7 +126,8 @@ def apply_lora(tower: Any, settings: LoraSettings) -> list[nn.Parameter]:
     if isinstance(targets, list) and len(targets) == 1 and any(c in targets[0] for c in "*(\\"):
         targets = targets[0]
     tower.requires_grad_(False)
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+    # peft annotates lora_alpha as int; it only divides by the rank, so a float scales the same
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,  # type: ignore[arg-type]
                         lora_dropout=settings.dropout, target_modules=targets, bias="none")
     try:
         wrapped = get_peft_model(getattr(tower, name), config)

@@ -154,6 +154,7 @@ def intra_modal_retrieval(
     def key(view: str | None) -> str:
         return modality if view is None else f"{modality}:{view}"
 
+    views: list[tuple[str | None, str | None]]
     if query_view is not None and gallery_view is not None and query_view != gallery_view:
         views = [(query_view, gallery_view), (gallery_view, query_view)]
     else:

@@ -105,8 +105,8 @@ def upgrade_training_row(row: Mapping[str, Any], pair: tuple[str, str] | list[st
         >>> upgrade_training_row({"epoch": 1, "i2t_r1": 0.5, "gap": 0.2})
         {'epoch': 1, 'image-to-text_recall@1': 0.5, 'gap': 0.2}
     """
-    pair = tuple(pair) if pair and len(pair) == 2 else ("image", "text")
-    return {upgrade_training_metric(k, pair) or k: v for k, v in row.items()}
+    keys = (pair[0], pair[1]) if pair and len(pair) == 2 else ("image", "text")
+    return {upgrade_training_metric(k, keys) or k: v for k, v in row.items()}
 
 
 def describe_metric(key: str, queries: tuple[str, str] | dict[str, str] | None = None) -> str:

@@ -139,7 +139,8 @@ def revisited_metrics(queries: Tensor, gallery: Tensor, gallery_ids: Sequence[st
 
     per_level = {lv: [(idx(r), idx(ign)) for r, ign in truth.relevant_and_ignored(lv)]
                  for lv in LEVELS}
-    sums = {lv: {name: [] for name in ["map", *(f"mp@{k}" for k in kappas)]} for lv in LEVELS}
+    names = ["map", *(f"mp@{k}" for k in kappas)]
+    sums: dict[str, dict[str, list[float]]] = {lv: {n: [] for n in names} for lv in LEVELS}
     block = max(1, chunk_size // max(len(gallery), 1))
     for start in range(0, len(queries), block):
         scores = (queries[start:start + block] @ gallery.T).cpu().numpy()

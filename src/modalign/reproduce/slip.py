@@ -48,18 +48,34 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VISION_HEADS = {384: 12, 768: 12, 1024: 16}
 
 
+class _Attention(nn.Module):  # holds timm's parameter names: attn.qkv, attn.proj
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+
+class _Mlp(nn.Module):  # mlp.fc1, mlp.fc2
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+
+class _PatchEmbed(nn.Module):  # patch_embed.proj
+    def __init__(self, width: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, patch, patch)
+
+
 class _ViTBlock(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(width, 3 * width)
-        self.attn.proj = nn.Linear(width, width)
+        self.attn = _Attention(width)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(width, 4 * width)
-        self.mlp.fc2 = nn.Linear(4 * width, width)
+        self.mlp = _Mlp(width)
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
@@ -84,8 +100,7 @@ class ViTTrunk(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, image_size: int = 224,
                  patch: int = 16) -> None:
         super().__init__()
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, width, patch, patch)
+        self.patch_embed = _PatchEmbed(width, patch)
         grid = image_size // patch
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + 1, width) * 0.02)
@@ -302,8 +317,8 @@ class SLIPImageTower(_SLIPTower):
                            resample=3)  # bicubic
             left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
             im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-            arr = (arr - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+            arr = ((np.asarray(im, dtype=np.float32) / 255.0 - np.array(IMAGENET_MEAN, np.float32))
+                   / np.array(IMAGENET_STD, np.float32))
             out.append(torch.from_numpy(arr.transpose(2, 0, 1).copy()))
         return torch.stack(out)
 
