@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from modalign.embed.store import Embeddings, EmbeddingStore
+from modalign.encoders.tower import Tower
 from modalign.errors import ModalignError
 from modalign.io import content_hash
 from modalign.lab.measure import MODALITIES, LabTowers, SpaceData
@@ -43,7 +44,7 @@ def dataset_spec(store: EmbeddingStore, config: LabConfig) -> str:
     return spec
 
 
-def scratch_towers(config: LabConfig, seed: int) -> dict[str, nn.Module]:
+def scratch_towers(config: LabConfig, seed: int) -> dict[str, Tower]:
     """Fresh scratch towers of ``config``'s design, initialised from ``seed``."""
     return {"image": ScratchImageTower(config.scratch_image_size, config.scratch_width,
                                        config.scratch_dim, seed=seed),

@@ -173,7 +173,7 @@ def build_distillation(config: TrainConfig, dims: Mapping[str, int],
 
 
 def build_negatives(config: TrainConfig, data: PairedFeatures, specs: Mapping[str, str],
-                    towers: Mapping[str, Any], model: nn.Module | None = None
+                    towers: Mapping[str, Any], model: MultiTowerModel | None = None
                     ) -> HardNegatives | None:
     """``[negatives]``: hard negative captions of the text key, generated or read from
     ``negatives.file``, encoded with the text tower (None when off); ``model`` starts the EMA
@@ -215,8 +215,9 @@ def build_optimizer(model: nn.Module, objective: nn.Module, extra: Sequence[nn.P
             continue
         (decay if p.ndim >= 2 and not name.endswith("center") else no_decay).append(p)
     obj_params = [p for p in objective.parameters() if p.requires_grad] + list(extra)
-    groups = [{"params": decay, "lr": o.lr, "weight_decay": o.weight_decay},
-              {"params": no_decay + obj_params, "lr": o.lr, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "lr": o.lr, "weight_decay": o.weight_decay},
+        {"params": no_decay + obj_params, "lr": o.lr, "weight_decay": 0.0}]
     if tower_params:
         groups.append({"params": [p for p in tower_params if p.ndim >= 2], "lr": o.tower_lr,
                        "weight_decay": o.weight_decay})

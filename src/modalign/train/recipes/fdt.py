@@ -70,7 +70,7 @@ class _Sparsemax(torch.autograd.Function):
     """Sparsemax over the last dimension with its closed-form Jacobian-vector product."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
         zs, _ = torch.sort(z, dim=-1, descending=True)
         cums = zs.cumsum(-1)
         k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
@@ -81,7 +81,7 @@ class _Sparsemax(torch.autograd.Function):
         return p
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         (p,) = ctx.saved_tensors
         m = (p > 0).to(g.dtype)
         v = (g * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)

@@ -31,6 +31,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,8 @@ from torch import nn
 
 from modalign.distributed.gather import GatherGrad, gather_with_grad
 from modalign.errors import ModalignError
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 MIN_SCALE, MAX_SCALE = 2.0, 1000.0
 
@@ -101,7 +104,7 @@ def alpha_at(cfg: MomentumConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.alpha if ramp <= 0 else cfg.alpha * min(1.0, step / ramp)
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
+def frozen_copy(model: ModuleT) -> ModuleT:
     """A deep copy of ``model`` whose parameters take no gradient (the start of an EMA)."""
     copied = copy.deepcopy(model)
     for p in copied.parameters():

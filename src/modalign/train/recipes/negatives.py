@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,9 @@ from torch import nn
 from modalign.data.negatives import RULES, text_negatives
 from modalign.errors import ModalignError
 from modalign.train.recipes.momentum import ema_update, frozen_copy
+
+if TYPE_CHECKING:
+    from modalign.model import MultiTowerModel
 
 MIN_SCALE, MAX_SCALE = 1.0, 100.0
 
@@ -154,10 +158,10 @@ class HardNegatives(nn.Module):
 
     def __init__(self, items: Sequence[Mapping], encode: Callable[[list[str]], torch.Tensor],
                  config: NegativesConfig, given: Mapping[str, Sequence[str]] | None = None,
-                 model: nn.Module | None = None) -> None:
+                 model: MultiTowerModel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.teacher: nn.Module | None = None
+        self.teacher: MultiTowerModel | None = None
         if config.needs_teacher:
             if model is None:
                 raise ModalignError("negatives.tgc_weight / distill_weight need the model (the "
@@ -225,7 +229,7 @@ class HardNegatives(nn.Module):
             self.teacher.train(was)
 
     def teacher_terms(self, emb: Mapping[str, torch.Tensor], rows: torch.Tensor,
-                      student: nn.Module) -> dict[str, torch.Tensor]:
+                      student: MultiTowerModel) -> dict[str, torch.Tensor]:
         """DeGLA's text-grounded contrast (``"tgc"``) and self-distillation (``"distill"``) of
         the batch (after :meth:`begin_step`); negatives go through ``student.project(text_key,
         features)`` with gradient and the teacher's ``project`` without."""
