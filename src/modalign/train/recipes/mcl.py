@@ -116,6 +116,8 @@ class MultistageModel:
     """The stages' models side by side: embeddings are their concatenation over ``sqrt(S)``.
 
     Examples:
+        (Not run as a doctest: it needs the run folder of a multistage training.)
+
         >>> m = MultistageModel.from_run("runs/mcl")                        # doctest: +SKIP
         >>> m.project_array("image", feats).shape                           # doctest: +SKIP
         (n, stages * joint_dim)
