@@ -401,7 +401,7 @@ class MultiTowerModel(nn.Module):
             if not isinstance(encoder, nn.Module):
                 raise ProtocolError(f"trainable tower {m!r} must be an nn.Module, got "
                                     f"{type(encoder).__name__}")
-            self.towers[m] = encoder  # type: ignore[assignment]
+            self.towers[m] = encoder
         else:
             self._frozen_towers[m] = encoder
 
