@@ -118,9 +118,11 @@ def class_prompt_features(model: MultiTowerModel, classnames: Sequence[str],
     """Tower features ``(C, T, feature_dim)`` of every class prompt (the tower is frozen).
 
     Examples:
-        >>> class Fake:
+        >>> class Fake:  # the Encoder protocol, constant features
+        ...     name, modality, dim = "fake", "text", 4
         ...     def preprocess(self, texts): return texts
         ...     def encode(self, texts): return torch.ones(len(texts), 4)
+        ...     def identity(self): return {"name": "fake"}
         >>> from modalign.model import ModelConfig
         >>> m = MultiTowerModel(ModelConfig(towers={"text": "minilm"},
         ...                                 feature_dims={"text": 4}, joint_dim=2))
