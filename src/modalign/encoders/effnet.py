@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -176,8 +176,8 @@ class EfficientNetLite0(nn.Module):
     def output_side(self, side: int) -> int:
         """Side of the head's map for an input of ``side`` pixels (each stride rounds up)."""
         side = math.ceil(side / self._conv_stem.stride[0])
-        for block in self._blocks:
-            side = math.ceil(side / block._depthwise_conv.stride[0])
+        for block in self._blocks:  # MBConvBlocks, each with a SameConv2d depthwise convolution
+            side = math.ceil(side / cast(MBConvBlock, block)._depthwise_conv.stride[0])
         return side
 
     def features_from(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:

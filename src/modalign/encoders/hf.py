@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,10 +38,13 @@ from modalign.encoders.hub import folder_weights_hash, resolve_model_dir
 from modalign.encoders.images import ImageInput, to_rgb
 from modalign.encoders.tower import Tower
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 FAMILIES = ("clip", "siglip")
 
 
-def _model_class(family: str) -> type[nn.Module]:
+def _model_class(family: str) -> type[PreTrainedModel]:
     from transformers import CLIPModel, SiglipModel
 
     return {"clip": CLIPModel, "siglip": SiglipModel}[family]
@@ -73,7 +76,12 @@ def _pooled(output: Any) -> torch.Tensor:
 class _HFTower(Tower):
     """Shared state of the two towers of one transformers model."""
 
-    def __init__(self, model: nn.Module, name: str, family: str, folder: str) -> None:
+    # A CLIPModel or SiglipModel, or peft's LoRA wrapper of one (apply_lora), which forwards
+    # attribute reads to it: its submodules are read by name (vision_model, text_projection, ...),
+    # which nn.Module's attribute typing cannot follow.
+    model: Any
+
+    def __init__(self, model: PreTrainedModel, name: str, family: str, folder: str) -> None:
         super().__init__()
         self.model = model
         self.name = name
@@ -106,12 +114,12 @@ class HFImageTower(_HFTower):
 
     modality = "image"
 
-    def __init__(self, model: nn.Module, image_processor: Any, name: str, family: str,
+    def __init__(self, model: PreTrainedModel, image_processor: Any, name: str, family: str,
                  folder: str) -> None:
         super().__init__(model, name, family, folder)
         self.image_processor = image_processor
-        self.dim = int(model.config.projection_dim if family == "clip"
-                       else model.config.vision_config.hidden_size)
+        self.dim = int(self.model.config.projection_dim if family == "clip"
+                       else self.model.config.vision_config.hidden_size)
 
     @property
     def patch_embedding(self) -> nn.Module:
@@ -157,11 +165,11 @@ class HFTextTower(_HFTower):
 
     modality = "text"
 
-    def __init__(self, model: nn.Module, tokenizer: Any, name: str, family: str,
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, name: str, family: str,
                  folder: str) -> None:
         super().__init__(model, name, family, folder)
         self.tokenizer = tokenizer
-        text_config = model.config.text_config
+        text_config = self.model.config.text_config
         self.max_length = int(text_config.max_position_embeddings)
         if family == "clip":
             self.dim = int(model.config.projection_dim)

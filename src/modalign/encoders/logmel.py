@@ -221,6 +221,9 @@ class LogMelSpectrogram(nn.Module):
         torch.Size([2, 64, 101])
     """
 
+    window: torch.Tensor   # buffers (register_buffer)
+    filters: torch.Tensor
+
     def __init__(self, sample_rate: int = SAMPLE_RATE, n_fft: int = 512, win_length: int = 400,
                  hop_length: int = 160, n_mels: int = 64, f_min: float = 20.0,
                  f_max: float | None = None, top_db: float = 80.0) -> None:

@@ -110,6 +110,11 @@ class MiniLMEncoder(Tower):
 
     modality = "text"
 
+    # The folder's transformers model (AutoModel: a BertModel for all-MiniLM-L6-v2), or peft's
+    # LoRA wrapper of it (apply_lora), which forwards attribute reads to it: its submodules are
+    # read by name (embeddings, encoder.layer), which nn.Module's attribute typing cannot follow.
+    model: Any
+
     def __init__(self, path_or_name: str | os.PathLike[str] | None = None,
                  max_length: int | None = None) -> None:
         super().__init__()
@@ -123,12 +128,12 @@ class MiniLMEncoder(Tower):
         from transformers import AutoModel, AutoTokenizer
 
         self.folder = folder
-        config = read_sentence_config(folder) if Path(folder).is_dir() else {
+        config: dict[str, Any] = read_sentence_config(folder) if Path(folder).is_dir() else {
             "pooling": "mean", "normalize": False, "max_length": None}
         self.pooling: str = config["pooling"]
         self.normalize: bool = config["normalize"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model: nn.Module = AutoModel.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder)
         self.model.eval()
         limit = int(self.model.config.max_position_embeddings)
         if max_length is None:

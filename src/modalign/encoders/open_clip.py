@@ -88,6 +88,10 @@ def _hub_offline_if_unreachable(needs_hub: bool) -> Iterator[None]:
 
 
 class _OpenClipTower(Tower):
+    # open_clip's CLIP / CustomTextCLIP (open_clip is an optional extra, not typed here), or peft's
+    # LoRA wrapper of it: read by name (visual, encode_image, encode_text, transformer, ...).
+    model: Any
+
     def __init__(self, model: nn.Module, name: str, weights_id: str) -> None:
         super().__init__()
         self.model = model
