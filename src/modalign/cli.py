@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from modalign import __version__
@@ -86,14 +86,15 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 
-def _warning_formatter(command: str):  # type: ignore[no-untyped-def]
+def _warning_formatter(command: str) -> Callable[..., str]:  # warnings.formatwarning's signature
     """``warnings.formatwarning`` for the CLI: the package's own warnings as one plain line.
 
     Only the formatting changes, so filters and recorders (``pytest.warns``) work as usual.
     """
     default = warnings.formatwarning
 
-    def format(message, category, filename, lineno, line=None):  # type: ignore[no-untyped-def]
+    def format(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+               line: str | None = None) -> str:
         if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
             return f"modalign {command}: warning: {message}\n"
         return default(message, category, filename, lineno, line)

@@ -167,17 +167,18 @@ def run(args: argparse.Namespace) -> int:
     targets = source.torch().to(device)
     bar = tqdm(total=len(source), unit="item", desc=f"{method} {src}->{dst}",
                disable=args.no_progress or None)
-    running = {"n": 0, "cos": 0.0, "estimated": 0}
+    n_done, cos_total, estimated = 0, 0.0, False
 
     def on_chunk(done: int, cosine_sum: float) -> None:
+        nonlocal n_done, cos_total, estimated
         elapsed = time.perf_counter() - t0
-        if not running["estimated"] and elapsed > 0.05:  # the first batch computed (not resumed)
-            running["estimated"] = 1
-            _print_estimate(done, len(source) - running["n"] - done, steps, elapsed)
-        running["n"] += done
-        running["cos"] += cosine_sum
+        if not estimated and elapsed > 0.05:  # the first batch computed (not resumed)
+            estimated = True
+            _print_estimate(done, len(source) - n_done - done, steps, elapsed)
+        n_done += done
+        cos_total += cosine_sum
         bar.update(done)
-        bar.set_postfix(mean_cos=f"{running['cos'] / running['n']:.4f}")
+        bar.set_postfix(mean_cos=f"{cos_total / n_done:.4f}")
 
     t0 = time.perf_counter()
     try:

@@ -457,6 +457,7 @@ class BridgeChain(BaseBridge):
 
     def set_params(self, **params: Any) -> BridgeChain:
         if "bridges" in params:
+            # the constructor again, for its checks of the new list
             self.__init__(params.pop("bridges"))  # type: ignore[misc]
         nested: dict[int, dict[str, Any]] = {}
         for key, value in params.items():
@@ -466,9 +467,11 @@ class BridgeChain(BaseBridge):
                                     f"'<i>__<param>' with i < {len(self.bridges)}")
             nested.setdefault(int(index), {})[name] = value
         for i, values in nested.items():
+            # set_params is BaseBridge's, not the Bridge protocol's (AttributeError without it)
             self.bridges[i].set_params(**values)  # type: ignore[attr-defined]
         return self
 
+    # a chain's identity is its members' (a list), where a single bridge has one dict
     def identity(self) -> list[dict[str, Any]]:  # type: ignore[override]
         """The members' identities, in order (what result records store)."""
         return [b.identity() for b in self.bridges]

@@ -233,7 +233,7 @@ def semantic_search(queries: Tensor, gallery: Embeddings, k: int = 10, *,
     found = index.search(q, min(k, len(gallery)))
     out = []
     for scores, rows in zip(found.scores.tolist(), found.indices.tolist()):
-        hits = []
+        hits: list[Hit] = []
         for score, row in zip(scores, rows):
             if row < 0:
                 continue

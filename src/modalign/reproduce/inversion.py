@@ -213,10 +213,14 @@ def _invert_rows(store: EmbeddingStore, name: str, key: str, targets: Embeddings
         bar = tqdm(total=stop - start, initial=writer.done, unit="item",
                    desc=f"{plan.direction.upper()} {name}", disable=not progress or None)
         t0, fresh = time.perf_counter(), 0
+
+        def advance(n: int) -> None:  # invert's progress callback (tqdm's update returns a flag)
+            bar.update(n)
+
         for a in range(start + writer.done, stop, chunk):
             b = min(a + chunk, stop)
             t = torch.from_numpy(np.array(targets.vectors[a:b], dtype=np.float32)).to(device)
-            res = invert(t, forward, plan.settings(device), keys=ids[a:b], progress=bar.update)
+            res = invert(t, forward, plan.settings(device), keys=ids[a:b], progress=advance)
             writer.write(a - start, res.features.float().cpu().numpy())
             fresh += b - a
         bar.close()
