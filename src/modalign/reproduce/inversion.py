@@ -186,6 +186,7 @@ def invert_stored(store: EmbeddingStore, name: str, targets: Embeddings,
     mine = store if world_size == 1 else EmbeddingStore(shard_dir(store, rank, world_size))
     if not mine.is_current(name, key):
         tower = towers["text" if plan.direction == "oti" else "image"]
+        # not in the Encoder protocol: inversion_forward checked the tower has a .model
         tower.model.to(device)  # type: ignore[attr-defined]
         rate = _invert_rows(mine, name, key, targets, start, stop, forward, plan, device, chunk,
                             progress and rank == 0)
