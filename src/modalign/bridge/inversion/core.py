@@ -97,6 +97,31 @@ class ProjectedForward:
         return {**self.base.identity(), "head": self.head_name}
 
 
+class AttentionParts(Protocol):
+    """What the inversion forwards read of a transformers CLIP/SigLIP self-attention module.
+
+    The towers are read by attribute (their classes differ across transformers versions), so
+    these protocols name the parts used rather than a library class.
+    """
+
+    num_heads: int
+    head_dim: int
+    scale: float
+    q_proj: Callable[[Tensor], Tensor]
+    k_proj: Callable[[Tensor], Tensor]
+    v_proj: Callable[[Tensor], Tensor]
+    out_proj: Callable[[Tensor], Tensor]
+
+
+class PreNormLayer(Protocol):
+    """A pre-LN transformers encoder layer (``CLIPEncoderLayer`` or one laid out alike)."""
+
+    self_attn: AttentionParts
+    layer_norm1: Callable[[Tensor], Tensor]
+    layer_norm2: Callable[[Tensor], Tensor]
+    mlp: Callable[[Tensor], Tensor]
+
+
 @dataclass(frozen=True)
 class InversionSettings:
     """Knobs of the optimisation; the defaults are the official OTI ones (OVI uses 1000 steps).

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modalign.bridge.inversion.core import ProjectedForward, cache_key
+from modalign.bridge.inversion.core import PreNormLayer, ProjectedForward, cache_key
 from modalign.bridge.inversion.text_hooks import TemplateTokens, fill_slot
 from modalign.errors import ModalignError
 
@@ -77,7 +77,9 @@ class CausalTextInversion:
 
     def __init__(self, text_model: nn.Module, template: TemplateTokens, *,
                  eos_token_id: int | None = None, cache_prefix: bool = True) -> None:
-        tower = getattr(text_model, "text_model", text_model)
+        # The transformers CLIP text tower (CLIPTextModel, or the CLIPTextTransformer inside it
+        # before transformers 5), read by attribute: checked below, typed loosely.
+        tower: Any = getattr(text_model, "text_model", text_model)
         for attr in ("embeddings", "encoder", "final_layer_norm"):
             if not hasattr(tower, attr):
                 raise ModalignError(f"text_model must be a transformers CLIP text tower (with "
@@ -89,7 +91,7 @@ class CausalTextInversion:
                 f"{' or '.join(CAUSAL_TEXT_MODEL_TYPES)}), got model_type={model_type!r}; a "
                 "non-causal tower (SigLIP) would be run with the wrong mask, cut at EOS and lose "
                 "its pooling and head. Use text_model_inversion(), which picks the exact path")
-        self.tower = tower.eval()
+        self.tower: Any = tower.eval()
         if eos_token_id is None:
             eos_token_id = getattr(tower.config, "eos_token_id", None)
         self.template = template
@@ -150,7 +152,7 @@ class CausalTextInversion:
                 "pool_index": self.pool_index}
 
 
-def causal_block(layer: nn.Module, h: Tensor, past: tuple[Tensor, Tensor] | None, *,
+def causal_block(layer: PreNormLayer, h: Tensor, past: tuple[Tensor, Tensor] | None, *,
                  last_only: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One pre-LN CLIP encoder layer on ``h`` (B, S, d) that follows ``past`` keys/values.
 

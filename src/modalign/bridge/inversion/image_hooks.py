@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modalign.bridge.inversion.core import ProjectedForward
+from modalign.bridge.inversion.core import PreNormLayer, ProjectedForward
 from modalign.errors import ModalignError
 
 
@@ -58,7 +58,7 @@ def _run_layer(layer: nn.Module, h: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _class_token_layer(layer: nn.Module, h: Tensor) -> Tensor:
+def _class_token_layer(layer: PreNormLayer, h: Tensor) -> Tensor:
     """A CLIP encoder layer's output at position 0 only, ``(B, 1, d)``: keys and values come
     from every position; the query, the output projection and the MLP run for one row."""
     attn = layer.self_attn
@@ -95,12 +95,14 @@ class ViTInversion:
     modality = "image"
 
     def __init__(self, vision_model: nn.Module, num_tokens: int = 1) -> None:
-        tower = getattr(vision_model, "vision_model", vision_model)
+        # The transformers CLIP or SigLIP vision tower (its class differs across transformers
+        # versions), read by attribute: checked below, typed loosely.
+        tower: Any = getattr(vision_model, "vision_model", vision_model)
         for attr in ("embeddings", "encoder", "post_layernorm"):
             if not hasattr(tower, attr):
                 raise ModalignError(f"vision_model must be a transformers CLIP or SigLIP vision "
                                     f"tower; lacks {attr}")
-        self.tower = tower.eval()
+        self.tower: Any = tower.eval()
         emb = tower.embeddings
         self.class_token = hasattr(emb, "class_embedding")
         if not self.class_token and getattr(tower, "head", None) is None:
