@@ -78,7 +78,9 @@ class OpenAITextInversion:
     modality = "text"
 
     def __init__(self, model: nn.Module, template: TemplateTokens, pad_id: int = 0) -> None:
-        root = getattr(model, "text", model)
+        # open_clip, OpenAI clip and SLIP ship no type information: their text tower (the model,
+        # or its ``text``) is read by attribute, checked below, typed loosely.
+        root: Any = getattr(model, "text", model)
         for attr in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
             if not hasattr(root, attr):
                 raise ModalignError(f"model must be a CLIP-layout model (open_clip, OpenAI clip, "
@@ -87,7 +89,7 @@ class OpenAITextInversion:
             raise ModalignError("model: text towers with a CLS embedding (CoCa) are not "
                                 "supported")
         self.model = model.eval()
-        self.root = root
+        self.root: Any = root
         context = int(root.positional_embedding.shape[0])
         if len(template.ids) > context:
             raise ModalignError(f"template is {len(template.ids)} tokens, longer than the "

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from modalign.bridge.inversion.core import cache_key
 from modalign.errors import ModalignError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ class BidirectionalTextInversion:
         self._fixed: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
 
     @classmethod
-    def from_bert(cls, model: nn.Module, template: TemplateTokens,
+    def from_bert(cls, model: PreTrainedModel, template: TemplateTokens,
                   pooling: Literal["mean", "cls"] = "mean") -> BidirectionalTextInversion:
         """A ``transformers`` model taking ``inputs_embeds``; mean over all positions or CLS."""
         if pooling not in ("mean", "cls"):
@@ -162,7 +165,9 @@ class BidirectionalTextInversion:
             hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             return hidden.mean(1) if pooling == "mean" else hidden[:, 0]
 
-        return cls(model.get_input_embeddings(), encode, template,
+        # transformers types the word embeddings as nn.Module; a text model's are an nn.Embedding
+        embedding = cast(nn.Embedding, model.get_input_embeddings())
+        return cls(embedding, encode, template,
                    name=f"{type(model).__name__}:{pooling}")
 
     @classmethod
@@ -174,7 +179,9 @@ class BidirectionalTextInversion:
         (``TemplateTokens.from_tokenizer(..., pad_to=64)``), and the whole sequence runs at every
         step (nothing can be cut or cached).
         """
-        tower = getattr(model, "text_model", model)
+        # The transformers SigLIP text tower (its class differs across transformers versions),
+        # read by attribute: checked below, typed loosely.
+        tower: Any = getattr(model, "text_model", model)
         for attr in ("embeddings", "encoder", "final_layer_norm", "head"):
             if not hasattr(tower, attr):
                 raise ModalignError(f"model must be a transformers SigLIP text tower; lacks {attr}")

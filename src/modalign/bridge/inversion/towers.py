@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from modalign.bridge.inversion.openai_format import OpenAITextInversion, OpenAIV
 from modalign.bridge.inversion.text_hooks import BidirectionalTextInversion, TemplateTokens
 from modalign.errors import ModalignError
 
+if TYPE_CHECKING:
+    from modalign.encoders.effnet import EfficientNetLite0
+
 DEFAULT_TEMPLATE = "a photo of {}"
 DEFAULT_PLACEHOLDER = "£"
 DEFAULT_CNN_TOKENS = 16
@@ -41,7 +44,10 @@ _CONV_BN = (("_conv_stem", "_bn0"), ("_expand_conv", "_bn0"), ("_depthwise_conv"
 """(convolution, BatchNorm after it) attribute pairs of the built-in EfficientNet modules."""
 
 
-def fold_batchnorm(net: nn.Module) -> nn.Module:
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+
+
+def fold_batchnorm(net: _ModuleT) -> _ModuleT:
     """A frozen eval-mode copy of the built-in EfficientNet with every BatchNorm folded into the
     convolution before it (``w' = w g / sqrt(var + eps)``, ``b' = (b - mean) g / sqrt(var + eps)
     + beta``): the same function up to rounding, with one elementwise pass less per layer.
@@ -101,7 +107,7 @@ def effnet_stage_inversion(encoder: Any, stage: int = 0,
         for block in net._blocks[:stage]:
             h = block(h)
 
-    folded: dict[tuple[Any, ...], nn.Module] = {}
+    folded: dict[tuple[Any, ...], EfficientNetLite0] = {}
 
     def rest(x: torch.Tensor) -> torch.Tensor:
         if not fold_bn:
@@ -173,7 +179,8 @@ def vit_geometry(model: nn.Module) -> tuple[int, int]:
     vision = getattr(config, "vision_config", config)
     if vision is not None and hasattr(vision, "patch_size"):
         return int(vision.patch_size), int(vision.hidden_size)
-    visual = getattr(model, "visual", model)
+    # open_clip / OpenAI clip / SLIP towers ship no type information: read by attribute
+    visual: Any = getattr(model, "visual", model)
     if hasattr(visual, "conv1"):
         return int(visual.conv1.kernel_size[0]), int(visual.conv1.out_channels)
     trunk = getattr(visual, "trunk", visual)
