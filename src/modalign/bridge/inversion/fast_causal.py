@@ -91,7 +91,7 @@ class CausalTextInversion:
                 f"{' or '.join(CAUSAL_TEXT_MODEL_TYPES)}), got model_type={model_type!r}; a "
                 "non-causal tower (SigLIP) would be run with the wrong mask, cut at EOS and lose "
                 "its pooling and head. Use text_model_inversion(), which picks the exact path")
-        self.tower: Any = tower.eval()
+        self.tower = tower.eval()
         if eos_token_id is None:
             eos_token_id = getattr(tower.config, "eos_token_id", None)
         self.template = template

@@ -102,7 +102,7 @@ class ViTInversion:
             if not hasattr(tower, attr):
                 raise ModalignError(f"vision_model must be a transformers CLIP or SigLIP vision "
                                     f"tower; lacks {attr}")
-        self.tower: Any = tower.eval()
+        self.tower = tower.eval()
         emb = tower.embeddings
         self.class_token = hasattr(emb, "class_embedding")
         if not self.class_token and getattr(tower, "head", None) is None:

@@ -89,7 +89,7 @@ class OpenAITextInversion:
             raise ModalignError("model: text towers with a CLS embedding (CoCa) are not "
                                 "supported")
         self.model = model.eval()
-        self.root: Any = root
+        self.root = root
         context = int(root.positional_embedding.shape[0])
         if len(template.ids) > context:
             raise ModalignError(f"template is {len(template.ids)} tokens, longer than the "
