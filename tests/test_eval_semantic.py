@@ -25,8 +25,8 @@ from modalign.evaluate.records import (
 from modalign.evaluate.retrieval import cross_modal_retrieval, toy_embeddings
 from modalign.evaluate.search import faiss_available
 from modalign.evaluate.semantic import resolve_model_dir, semantic_search
-from modalign.evaluate.vocabulary import describe_metric, parse_direction
 from modalign.naming import dataset_name, model_name
+from modalign.vocabulary import describe_metric, parse_direction
 
 
 def test_semantic_search_equals_a_full_sort():

@@ -14,12 +14,12 @@ import torch
 
 from loss_pins import CASES, compute
 from modalign.errors import ModalignError
-from modalign.evaluate.vocabulary import parse_direction
 from modalign.losses import LossTerm, Objective, build_loss, build_objective
 from modalign.losses.base import LossModule, ScaledLoss, ScaleOptions, log_scale_bounds
 from modalign.losses.registry import available_losses, loss_class
 from modalign.model import ModelConfig
 from modalign.train.config import TrainConfig, upgrade_config
+from modalign.vocabulary import parse_direction
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -67,7 +67,7 @@ def run_validation_pair(run: str | os.PathLike[str]) -> list[str] | None:
 
 def read_run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
     """``RUN/summary.json`` with today's metric keys (older runs wrote ``i2t_r1``, ...)."""
-    from modalign.evaluate.vocabulary import upgrade_training_metric, upgrade_training_row
+    from modalign.vocabulary import upgrade_training_metric, upgrade_training_row
 
     summary = _json(Path(run) / "summary.json")
     pair = run_validation_pair(run) or ["image", "text"]

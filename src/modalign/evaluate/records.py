@@ -219,7 +219,7 @@ def flatten_protocol(record: Mapping[str, Any]) -> dict[str, Any]:
         >>> flatten_protocol(r)["templates"], flatten_protocol(r)["num_queries"]
         ('a photo of {} | {}', 9)
     """
-    from modalign.evaluate.vocabulary import direction_name
+    from modalign.vocabulary import direction_name
 
     proto = record.get("protocol") or {}
     dirs = proto.get("directions") or []

@@ -482,7 +482,7 @@ def _record(s: EvalSettings, result: Any, baseline: Any | None, store_name: str 
 def summary_lines(result: Any, intervals: Mapping[str, Any], comparisons: list[dict[str, Any]],
                   modalities: tuple[str, str] | None) -> list[str]:
     """The headline metrics, directions in words, with intervals and paired differences."""
-    from modalign.evaluate.vocabulary import describe_metric
+    from modalign.vocabulary import describe_metric
 
     headline = re.compile(r"(_retrieval_recall@\d+|_map|_mrr|^acc1|^acc5|^mean_per_class_recall)$")
     shown = [k for k in result.metrics if headline.search(k)]

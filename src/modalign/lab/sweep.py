@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from modalign import __version__
 from modalign.embed.store import EmbeddingStore
-from modalign.evaluate.vocabulary import upgrade_training_row
 from modalign.io import content_hash, file_hash, read_json, read_jsonl, write_json_atomic
 from modalign.lab.measure import LabTowers, SpaceData, measure_space
 from modalign.lab.settings import GapSetting, LabConfig
 from modalign.lab.trend import TrendTest, trend_test, verdict
 from modalign.train.config import TrainConfig
 from modalign.train.loop import LOG_NAME, Trainer
+from modalign.vocabulary import upgrade_training_row
 
 SCHEMA = 1
 SUMMARY_METRICS = (

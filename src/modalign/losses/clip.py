@@ -46,7 +46,6 @@ from modalign.distributed.gather import (
     gather_with_grad,
     get_world_size,
 )
-from modalign.evaluate.vocabulary import direction_name
 from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.groups import same_group_sums
 from modalign.losses.output import LossOutput
@@ -59,6 +58,7 @@ from modalign.losses.validation import (
     check_pair,
     check_positive,
 )
+from modalign.vocabulary import direction_name
 
 Impl = Literal["auto", "full", "tiled"]
 

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import pick
 from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
+from modalign.vocabulary import direction_name
 
 CMA_DEFAULT_LAMBDA = 0.001
 """The value of the official README command (the argparse default is 0)."""

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.distributed.gather import GatherGrad, ProcessGroup
-from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import (
     check_fraction,
     checked,
@@ -29,6 +28,7 @@ from modalign.losses.base import ScaledLoss
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_positive
+from modalign.vocabulary import direction_name
 
 DEFAULT_VOLUME_EPS = 1e-8
 

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 
 from modalign.distributed.gather import GatherGrad, ProcessGroup
-from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import gather_rows, local_labels, pick, unit_rows
 from modalign.losses.base import ScaledLoss, ScaleOptions, as_modalities, caller_stacklevel
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_positive
+from modalign.vocabulary import direction_name
 
 Reduction = Literal["mean", "sum"]
 

@@ -15,12 +15,12 @@ from torch import Tensor
 
 from modalign.distributed.gather import GatherGrad, ProcessGroup
 from modalign.errors import ModalignError
-from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import gather_rows, local_labels, pick, unit_rows
 from modalign.losses.base import ScaledLoss, ScaleOptions, caller_stacklevel
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import check_groups, check_positive
+from modalign.vocabulary import direction_name
 
 ONE_TO_K_TEMPERATURE_BOUNDS = (0.001, 0.5)
 """The official range of the learnable temperature."""

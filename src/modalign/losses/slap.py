@@ -11,11 +11,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from modalign.evaluate.vocabulary import direction_name
 from modalign.losses._support import check_fraction, pick, unit_rows
 from modalign.losses.base import LossModule, as_modalities
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
+from modalign.vocabulary import direction_name
 
 
 def byol_distance(prediction: Tensor, target: Tensor) -> Tensor:

@@ -110,8 +110,8 @@ def run_report(paths: Sequence[str | Path], *, data: str | None = None, label: s
 def read_log(path: Path) -> list[dict[str, Any]]:
     """The epoch rows of a ``log.jsonl`` (rows without an epoch are skipped), with today's
     metric keys (an older log's ``i2t_r1`` reads as ``image-to-text_recall@1``)."""
-    from modalign.evaluate.vocabulary import upgrade_training_row
     from modalign.inventory import run_validation_pair
+    from modalign.vocabulary import upgrade_training_row
 
     pair = run_validation_pair(path.parent)
     rows = []

@@ -25,7 +25,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from modalign.errors import ModalignError
-from modalign.evaluate.vocabulary import metric_key, upgrade_training_metric
 from modalign.io import read_user_text
 from modalign.model import ModelConfig
 from modalign.spec import parse_value, split_key_value
@@ -41,6 +40,7 @@ from modalign.train.recipes.momentum import HELP as MOMENTUM_HELP
 from modalign.train.recipes.momentum import MomentumConfig
 from modalign.train.recipes.negatives import HELP as NEGATIVES_HELP
 from modalign.train.recipes.negatives import NegativesConfig
+from modalign.vocabulary import metric_key, upgrade_training_metric
 
 BUILTIN_CONFIGS = ("clip", "clip_unif_align", "clip_intra", "three_modal")
 

@@ -39,7 +39,6 @@ from modalign.distributed import runtime as D
 from modalign.embed.store import EmbeddingStore
 from modalign.encoders.lora import adapter_dropout_on, save_adapters
 from modalign.errors import ModalignError, SmallDataWarning
-from modalign.evaluate.vocabulary import parse_metric_key, upgrade_training_row
 from modalign.io import (
     append_jsonl,
     check_format_version,
@@ -68,6 +67,7 @@ from modalign.train.gradcache import gradcache_backward
 from modalign.train.recipes.harmonize import GradientHarmonization
 from modalign.train.recipes.momentum import MomentumDistillation, alpha_at
 from modalign.train.validate import format_row as _format_row
+from modalign.vocabulary import parse_metric_key, upgrade_training_row
 
 __all__ = ["CHECK_EVERY", "TrainResult", "Trainer", "check_resume", "default_run_dir",
            "resolve_store", "tower_specs", "train"]

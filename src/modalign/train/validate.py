@@ -21,10 +21,10 @@ import torch
 
 from modalign.embed.store import EmbeddingStore
 from modalign.errors import ModalignError
-from modalign.evaluate.vocabulary import describe_metric, metric_key, parse_metric_key
 from modalign.model import MultiTowerModel
 from modalign.train.config import DataConfig, TrainConfig
 from modalign.train.data import KeyTable, RawInputs, load_key
+from modalign.vocabulary import describe_metric, metric_key, parse_metric_key
 
 
 def validation_tables(config: TrainConfig, store: EmbeddingStore) -> dict[str, KeyTable] | None:
@@ -80,7 +80,7 @@ def evaluate(model: MultiTowerModel, tables: Mapping[str, KeyTable],
              raw: Mapping[str, RawInputs] | None = None) -> dict[str, float]:
     """R@1/R@5 both ways (positives: same group) and the centroid gap of two keys' rows.
 
-    Keys follow :mod:`modalign.evaluate.vocabulary`: ``image-to-text_recall@1`` is the first
+    Keys follow :mod:`modalign.vocabulary`: ``image-to-text_recall@1`` is the first
     key retrieving the second, ``text-to-image_recall@1`` the reverse; also
     ``mean_recall@1`` and ``gap``. ``raw`` maps the keys encoded on the fly to their inputs.
     """

@@ -37,10 +37,10 @@ from torch import Tensor, nn
 
 from modalign.distributed.gather import GatherGrad, gather_with_grad
 from modalign.errors import ModalignError
-from modalign.evaluate.vocabulary import direction_name
 from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
+from modalign.vocabulary import direction_name
 
 
 def separability_terms(x: Tensor, y: Tensor, scale: Tensor, intra_weight: float,

@@ -347,13 +347,13 @@ def train_fdt(settings: FDTSettings, resume: bool = False) -> dict[str, Any]:
     ``resume=True`` continues from the latest one, bitwise identical on CPU to an uninterrupted
     run.
     """
-    from modalign.evaluate.vocabulary import metric_key
     from modalign.train.checkpoint import (
         load_checkpoint,
         rng_state,
         save_checkpoint,
         set_rng_state,
     )
+    from modalign.vocabulary import metric_key
 
     settings.check()
     if not settings.store:
