@@ -268,18 +268,6 @@ RESUMABLE = frozenset({"epochs", "max_steps", "checkpoint_every", "keep_checkpoi
 SETTINGS_NAME = "late_settings.json"
 
 
-def _check_resume(run_dir: Path, settings: LateSettings) -> None:
-    path = run_dir / SETTINGS_NAME
-    old = read_json(path) if path.is_file() else {}
-    new = asdict(settings)
-    changed = {k: (old.get(k), v) for k, v in new.items()
-               if k not in RESUMABLE and k in old and old[k] != v}
-    if changed:
-        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ModalignError(f"--resume: {run_dir} was started with other [late] settings "
-                            f"({diff}); a resume may only change {', '.join(sorted(RESUMABLE))}")
-
-
 def train_late(settings: LateSettings, progress: bool = True, resume: bool = False
                ) -> dict[str, Any]:
     """Train heads with a symmetric InfoNCE loss on in-batch MaxSim scores; writes
@@ -291,6 +279,7 @@ def train_late(settings: LateSettings, progress: bool = True, resume: bool = Fal
     """
     from modalign.train.checkpoint import (
         load_checkpoint,
+        open_run,
         rng_state,
         save_checkpoint,
         set_rng_state,
@@ -301,13 +290,8 @@ def train_late(settings: LateSettings, progress: bool = True, resume: bool = Fal
         raise ModalignError("late training needs data.embeddings: a store with token arrays "
                             "(modalign embed --tokens)")
     run_dir = Path(settings.run_dir or "late-run")
-    ckpt_root = run_dir / "checkpoints"
-    resumed = resume and (ckpt_root / "latest.json").is_file()
-    if resumed:
-        _check_resume(run_dir, settings)
-    elif (ckpt_root / "latest.json").exists():
-        raise ModalignError(f"run folder {run_dir} already holds checkpoints; pass --resume to "
-                            "continue it or choose another run.dir")
+    ckpt_root, resumed = open_run(run_dir, asdict(settings), SETTINGS_NAME, RESUMABLE, "late",
+                                  resume)
     torch.manual_seed(settings.seed)
     corpus = TokenCorpus(settings.store, settings.query, settings.documents,
                          settings.train_split)

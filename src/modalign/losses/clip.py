@@ -57,6 +57,7 @@ from modalign.losses.validation import (
     check_groups,
     check_pair,
     check_positive,
+    scalar_tensor,
 )
 from modalign.vocabulary import direction_name
 
@@ -83,12 +84,6 @@ def use_tiled(impl: Impl, n: int, m: int) -> bool:
     if impl not in ("auto", "full", "tiled"):
         raise ValueError(f"impl must be 'auto', 'full' or 'tiled', got {impl!r}")
     return impl == "tiled" or (impl == "auto" and n * m >= AUTO_TILED_MIN_ELEMENTS)
-
-
-def _scalar(value: Tensor | float | None, like: Tensor) -> Tensor | None:
-    if value is None or isinstance(value, Tensor):
-        return value
-    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
 def _mean_positive_logits(
@@ -188,11 +183,8 @@ def clip_loss(
         check_finite_scalar("logit_bias", logit_bias)
     if groups is not None:
         check_groups("groups", groups, x.shape[0])
-    scale = _scalar(logit_scale, x)
-    assert scale is not None
-    scale = scale.to(x.dtype)
-    bias = _scalar(logit_bias, x)
-    bias = None if bias is None else bias.to(x.dtype)
+    scale = scalar_tensor(logit_scale, x).to(x.dtype)
+    bias = None if logit_bias is None else scalar_tensor(logit_bias, x).to(x.dtype)
     a, b = names[0], names[1]
     world = get_world_size(process_group) if gather is not None else 1
 

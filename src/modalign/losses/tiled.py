@@ -36,10 +36,13 @@ Examples:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from modalign.losses.validation import scalar_tensor
 
 TILE_ELEMENTS = 1 << 22
 """Logits per tile when ``tile_size`` is None: as many rows as fit 4M logits (16 MB in fp32)."""
@@ -56,12 +59,6 @@ MIN_BLOCK_COLUMNS = 256
 
 SOFTPLUS_THRESHOLD = 40.0
 """``softplus(l)`` is taken as ``l`` above this (the error, exp(-40), is below float64 rounding)."""
-
-
-def _as_scalar(value: Tensor | float, like: Tensor) -> Tensor:
-    if isinstance(value, Tensor):
-        return value.reshape(())
-    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
 def resolve_tile_size(tile_size: int | None, m: int) -> int:
@@ -121,8 +118,8 @@ def tiled_logsumexp(
         raise ValueError(f"row_targets must have shape ({x.shape[0]},) and needs rows=True")
     if col_targets is not None and (col_targets.shape != (y.shape[0],) or not cols):
         raise ValueError(f"col_targets must have shape ({y.shape[0]},) and needs cols=True")
-    s = _as_scalar(scale, x)
-    b = None if bias is None else _as_scalar(bias, x)
+    s = scalar_tensor(scale, x)
+    b = None if bias is None else scalar_tensor(bias, x)
     row_val, col_val = _TiledLogSumExp.apply(
         x, y, s, b, row_targets, col_targets, rows, cols, tile_size
     )
@@ -147,13 +144,31 @@ def tiled_softplus_sum(
         True
     """
     tile_size = resolve_tile_size(tile_size, y.shape[0])
-    s = _as_scalar(scale, x)
-    b = None if bias is None else _as_scalar(bias, x)
+    s = scalar_tensor(scale, x)
+    b = None if bias is None else scalar_tensor(bias, x)
     return _TiledSoftplusSum.apply(x, y, s, b, tile_size)
 
 
 def _tiles(n: int, tile_size: int) -> range:
     return range(0, n, tile_size)
+
+
+def _scaled_blocks(
+    x: Tensor, yt: Tensor, scale: Tensor, tile: int, width: int, scaled: Tensor, logits: Tensor
+) -> Iterator[tuple[int, int, int, int, int, int, Tensor, Tensor]]:
+    """``(ti, bj, i0, i1, j0, j1, xs, s)`` for each block of the logits ``scale * x @ yt``:
+    tile ``ti`` holds rows ``i0:i1`` (``xs``: them scaled, in ``scaled``), block ``bj`` columns
+    ``j0:j1``, and ``s`` is the block's logits, written into ``logits`` (reused: each block is
+    overwritten by the next)."""
+    n, m = x.shape[0], yt.shape[1]
+    for ti, i0 in enumerate(_tiles(n, tile)):
+        i1 = min(n, i0 + tile)
+        xs = torch.mul(x[i0:i1], scale, out=scaled[: i1 - i0])
+        for bj, j0 in enumerate(range(0, m, width)):
+            j1 = min(m, j0 + width)
+            s = logits[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+            torch.mm(xs, yt[:, j0:j1], out=s)
+            yield ti, bj, i0, i1, j0, j1, xs, s
 
 
 def block_width(tile_rows: int, m: int, device: torch.device) -> int:
@@ -310,36 +325,31 @@ class _TiledLogSumExp(torch.autograd.Function):
         row_off = x.new_zeros(n if row_shift is not None else 0)
         col_off = x.new_zeros(m if col_shift is not None else 0)
         cells = _TargetCells(row_targets, col_targets, tile, width, n, m)
-        for ti, i0 in enumerate(_tiles(n, tile)):
-            i1 = min(n, i0 + tile)
-            xs = torch.mul(x[i0:i1], scale, out=scaled[: i1 - i0])
-            for bj, j0 in enumerate(range(0, m, width)):
-                j1 = min(m, j0 + width)
-                s = logits[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
-                torch.mm(xs, yt[:, j0:j1], out=s)
-                if row_shift is not None and (hit := cells.rows(ti, bj)) is not None:
-                    r, c = hit
-                    row_off[r] = s[r - i0, c - j0] - row_shift[r]
-                if col_shift is not None and (hit := cells.cols(ti, bj)) is not None:
-                    r, c = hit
-                    col_off[c] = s[r - i0, c - j0] - col_shift[c]
-                if rows:
-                    w = work[: s.numel()].view_as(s)
-                    if row_shift is not None:
-                        torch.sub(s, row_shift[i0:i1, None], out=w)
-                        row_acc[i0:i1] += _floored_exp(w, floor).sum(dim=1)
-                    else:
-                        peak = s.amax(dim=1, keepdim=True)
-                        torch.sub(s, peak, out=w)
-                        part = w.exp_().sum(dim=1).log_().add_(peak.squeeze(1))
-                        row_acc[i0:i1] = torch.logaddexp(row_acc[i0:i1], part)
-                if cols:
-                    if col_shift is not None:
-                        col_acc[j0:j1] += _floored_exp(s.sub_(col_shift[j0:j1]), floor).sum(0)
-                    else:
-                        peak = s.amax(dim=0)
-                        part = s.sub_(peak).exp_().sum(dim=0).log_().add_(peak)
-                        col_acc[j0:j1] = torch.logaddexp(col_acc[j0:j1], part)
+        for ti, bj, i0, i1, j0, j1, _, s in _scaled_blocks(x, yt, scale, tile, width, scaled,
+                                                           logits):
+            if row_shift is not None and (hit := cells.rows(ti, bj)) is not None:
+                r, c = hit
+                row_off[r] = s[r - i0, c - j0] - row_shift[r]
+            if col_shift is not None and (hit := cells.cols(ti, bj)) is not None:
+                r, c = hit
+                col_off[c] = s[r - i0, c - j0] - col_shift[c]
+            if rows:
+                w = work[: s.numel()].view_as(s)
+                if row_shift is not None:
+                    torch.sub(s, row_shift[i0:i1, None], out=w)
+                    row_acc[i0:i1] += _floored_exp(w, floor).sum(dim=1)
+                else:
+                    peak = s.amax(dim=1, keepdim=True)
+                    torch.sub(s, peak, out=w)
+                    part = w.exp_().sum(dim=1).log_().add_(peak.squeeze(1))
+                    row_acc[i0:i1] = torch.logaddexp(row_acc[i0:i1], part)
+            if cols:
+                if col_shift is not None:
+                    col_acc[j0:j1] += _floored_exp(s.sub_(col_shift[j0:j1]), floor).sum(0)
+                else:
+                    peak = s.amax(dim=0)
+                    part = s.sub_(peak).exp_().sum(dim=0).log_().add_(peak)
+                    col_acc[j0:j1] = torch.logaddexp(col_acc[j0:j1], part)
         row_val = row_acc.log_() if row_shift is not None else row_acc
         if col_shift is not None:
             col_acc = col_acc.log_()
@@ -398,38 +408,33 @@ class _TiledLogSumExp(torch.autograd.Function):
             scaled = x.new_empty((tile, x.shape[1]))
             cells = _TargetCells(row_targets if use_rows else None,
                                  col_targets if use_cols else None, tile, width, n, m)
-            for ti, i0 in enumerate(_tiles(n, tile)):
-                i1 = min(n, i0 + tile)
-                xs = torch.mul(x[i0:i1], scale, out=scaled[: i1 - i0])
-                for bj, j0 in enumerate(range(0, m, width)):
-                    j1 = min(m, j0 + width)
-                    s = logits[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
-                    torch.mm(xs, yt[:, j0:j1], out=s)
-                    g = s
+            for ti, bj, i0, i1, j0, j1, xs, s in _scaled_blocks(x, yt, scale, tile, width,
+                                                                scaled, logits):
+                g = s
+                if use_rows:
+                    assert row_shift is not None and grad_rows is not None
+                    g = work[: s.numel()].view_as(s)
+                    torch.sub(s, row_shift[i0:i1, None], out=g)
+                    _floored_exp(g, floor)
+                    if not row_fold:
+                        g.mul_(grad_rows[i0:i1, None])
+                if use_cols:
+                    assert col_shift is not None and grad_cols is not None
+                    _floored_exp(s.sub_(col_shift[j0:j1]), floor)
+                    if not col_fold:
+                        s.mul_(grad_cols[j0:j1])
                     if use_rows:
-                        assert row_shift is not None and grad_rows is not None
-                        g = work[: s.numel()].view_as(s)
-                        torch.sub(s, row_shift[i0:i1, None], out=g)
-                        _floored_exp(g, floor)
-                        if not row_fold:
-                            g.mul_(grad_rows[i0:i1, None])
-                    if use_cols:
-                        assert col_shift is not None and grad_cols is not None
-                        _floored_exp(s.sub_(col_shift[j0:j1]), floor)
-                        if not col_fold:
-                            s.mul_(grad_cols[j0:j1])
-                        if use_rows:
-                            g.add_(s)
-                    if (hit := cells.rows(ti, bj)) is not None:
-                        assert grad_rows is not None
-                        r, c = hit
-                        g.index_put_((r - i0, c - j0), -grad_rows[r], accumulate=True)
-                    if (hit := cells.cols(ti, bj)) is not None:
-                        assert grad_cols is not None
-                        r, c = hit
-                        g.index_put_((r - i0, c - j0), -grad_cols[c], accumulate=True)
-                    gx[i0:i1].addmm_(g, y[j0:j1])
-                    gy[j0:j1].addmm_(g.t(), xs)
+                        g.add_(s)
+                if (hit := cells.rows(ti, bj)) is not None:
+                    assert grad_rows is not None
+                    r, c = hit
+                    g.index_put_((r - i0, c - j0), -grad_rows[r], accumulate=True)
+                if (hit := cells.cols(ti, bj)) is not None:
+                    assert grad_cols is not None
+                    r, c = hit
+                    g.index_put_((r - i0, c - j0), -grad_cols[c], accumulate=True)
+                gx[i0:i1].addmm_(g, y[j0:j1])
+                gy[j0:j1].addmm_(g.t(), xs)
         d_scale = torch.dot(x.reshape(-1), gx.view(-1)) if ctx.needs_input_grad[2] else None
         d_x = gx.mul_(scale) if ctx.needs_input_grad[0] else None
         d_y = gy if ctx.needs_input_grad[1] else None

@@ -167,6 +167,22 @@ def check_modalities(name: str, embeddings: Mapping[str, Tensor], required: Sequ
         )
 
 
+def scalar_tensor(value: Tensor | float, like: Tensor) -> Tensor:
+    """``value`` as a 0-d tensor: a tensor reshaped to ``()`` (its graph kept), a number made on
+    ``like``'s dtype and device.
+
+    Examples:
+        >>> import torch
+        >>> scalar_tensor(2, torch.zeros(3, dtype=torch.float64))
+        tensor(2., dtype=torch.float64)
+        >>> scalar_tensor(torch.tensor([0.5]), torch.zeros(3)).shape
+        torch.Size([])
+    """
+    if isinstance(value, Tensor):
+        return value.reshape(())
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
 def _scalar(name: str, value: float | Tensor) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:

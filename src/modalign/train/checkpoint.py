@@ -71,6 +71,30 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
+def open_run(run_dir: Path, settings: Mapping[str, Any], settings_name: str,
+             resumable: frozenset[str], section: str, resume: bool) -> tuple[Path, bool]:
+    """The checkpoint folder of a run and whether it resumes: ``resume`` with a latest
+    checkpoint there resumes (refused if a setting outside ``resumable`` differs from the one
+    recorded in ``run_dir / settings_name``); no ``resume`` with checkpoints there is refused.
+    """
+    root = run_dir / "checkpoints"
+    resumed = resume and (root / LATEST).is_file()
+    if resumed:
+        path = run_dir / settings_name
+        old = read_json(path) if path.is_file() else {}
+        changed = {k: (old[k], v) for k, v in settings.items()
+                   if k not in resumable and k in old and old[k] != v}
+        if changed:
+            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ModalignError(f"--resume: {run_dir} was started with other [{section}] "
+                                f"settings ({diff}); a resume may only change "
+                                f"{', '.join(sorted(resumable))}")
+    elif (root / LATEST).exists():
+        raise ModalignError(f"run folder {run_dir} already holds checkpoints; pass --resume to "
+                            "continue it or choose another run.dir")
+    return root, resumed
+
+
 def save_checkpoint(root: str | os.PathLike[str], step: int, modules: Mapping[str, nn.Module],
                     trainer: Mapping[str, Any], keep: int = 2) -> Path:
     """Write checkpoint ``ckpt-<step>`` under ``root`` and point ``latest.json`` at it.

@@ -349,6 +349,7 @@ def train_fdt(settings: FDTSettings, resume: bool = False) -> dict[str, Any]:
     """
     from modalign.train.checkpoint import (
         load_checkpoint,
+        open_run,
         rng_state,
         save_checkpoint,
         set_rng_state,
@@ -360,19 +361,7 @@ def train_fdt(settings: FDTSettings, resume: bool = False) -> dict[str, Any]:
         raise ModalignError("an [fdt] run needs data.embeddings: a store with token arrays "
                             "(modalign embed --tokens)")
     run_dir = Path(settings.run_dir or "fdt-run")
-    root = run_dir / "checkpoints"
-    resumed = resume and (root / "latest.json").is_file()
-    if resumed:
-        old = read_json(run_dir / SETTINGS_NAME) if (run_dir / SETTINGS_NAME).is_file() else {}
-        changed = {k: (old[k], v) for k, v in asdict(settings).items()
-                   if k not in RESUMABLE and k in old and old[k] != v}
-        if changed:
-            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ModalignError(f"--resume: {run_dir} was started with other [fdt] settings "
-                                f"({diff})")
-    elif (root / "latest.json").exists():
-        raise ModalignError(f"run folder {run_dir} already holds checkpoints; pass --resume to "
-                            "continue it or choose another run.dir")
+    root, resumed = open_run(run_dir, asdict(settings), SETTINGS_NAME, RESUMABLE, "fdt", resume)
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
     torch.manual_seed(settings.seed)
