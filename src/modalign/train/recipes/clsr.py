@@ -40,6 +40,7 @@ from modalign.errors import ModalignError
 from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
+from modalign.train.recipes._checks import check_weight
 from modalign.vocabulary import direction_name
 
 
@@ -99,8 +100,7 @@ class CLSRLoss(ScaledLoss):
                  intra_weight: float = 1.0, rec_weight: float = 1.0, **options: Any) -> None:
         super().__init__(modalities, **options)
         for name, v in (("intra_weight", intra_weight), ("rec_weight", rec_weight)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ModalignError(f"clsr: {name} must be a finite number >= 0, got {v!r}")
+            check_weight(f"clsr: {name}", v)
         if not (isinstance(dim, int) and dim >= 1 and isinstance(hidden_dim, int)
                 and hidden_dim >= 1):
             raise ModalignError(f"clsr: dim and hidden_dim must be positive ints (dim = the "

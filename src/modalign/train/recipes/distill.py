@@ -41,6 +41,7 @@ from torch import nn
 
 from modalign.distributed.gather import GatherGrad, gather_with_grad
 from modalign.errors import ModalignError
+from modalign.train.recipes._checks import check_weight
 
 if TYPE_CHECKING:
     from modalign.model import MultiTowerModel
@@ -70,9 +71,7 @@ class DistillConfig:
             raise ModalignError(f"distill.alpha must be in [0, 1], got {self.alpha!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ModalignError(f"distill.temperature must be > 0, got {self.temperature!r}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ModalignError(f"distill.weight must be a finite number >= 0, "
-                                f"got {self.weight!r}")
+        check_weight("distill.weight", self.weight)
 
 
 HELP: dict[str, str] = {

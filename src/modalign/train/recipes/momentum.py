@@ -39,6 +39,7 @@ from torch import nn
 
 from modalign.distributed.gather import GatherGrad, gather_with_grad
 from modalign.errors import ModalignError
+from modalign.train.recipes._checks import check_temperature, check_weight
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -77,12 +78,8 @@ class MomentumConfig:
         if self.alpha_ramp_steps < -1:
             raise ModalignError("momentum.alpha_ramp_steps must be >= 0 or -1 (one epoch), "
                                 f"got {self.alpha_ramp_steps!r}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ModalignError(f"momentum.weight must be a finite number >= 0, "
-                                f"got {self.weight!r}")
-        if not 1 / MAX_SCALE <= self.temperature <= 1 / MIN_SCALE:
-            raise ModalignError(f"momentum.temperature must be in [{1 / MAX_SCALE}, "
-                                f"{1 / MIN_SCALE}], got {self.temperature!r}")
+        check_weight("momentum.weight", self.weight)
+        check_temperature("momentum.temperature", self.temperature, MIN_SCALE, MAX_SCALE)
 
 
 HELP: dict[str, str] = {

@@ -46,6 +46,7 @@ from torch import nn
 
 from modalign.data.negatives import RULES, text_negatives
 from modalign.errors import ModalignError
+from modalign.train.recipes._checks import check_temperature, check_weight
 from modalign.train.recipes.momentum import ema_update, frozen_copy
 
 if TYPE_CHECKING:
@@ -93,19 +94,14 @@ class NegativesConfig:
         if unknown or not self.rules:
             raise ModalignError(f"negatives.rules={self.rules!r}: expected some of {list(RULES)}")
         for name in ("weight", "tgc_weight", "distill_weight", "tgc_scale"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ModalignError(f"negatives.{name} must be a finite number >= 0, "
-                                    f"got {value!r}")
+            check_weight(f"negatives.{name}", getattr(self, name))
         if not 0 <= self.ema_decay <= 1:
             raise ModalignError(f"negatives.ema_decay must be in [0, 1] (1: a frozen copy of the "
                                 f"initial model), got {self.ema_decay!r}")
         if accumulate > 1:
             raise ModalignError("negatives.k > 0 needs train.accumulate = 1 (the negatives are "
                                 "embedded with the step's gradient)")
-        if not 1 / MAX_SCALE <= self.temperature <= 1 / MIN_SCALE:
-            raise ModalignError(f"negatives.temperature must be in [{1 / MAX_SCALE}, "
-                                f"{1 / MIN_SCALE}], got {self.temperature!r}")
+        check_temperature("negatives.temperature", self.temperature, MIN_SCALE, MAX_SCALE)
 
 
 HELP: dict[str, str] = {
