@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from modalign.embed.store import Embeddings, EmbeddingStore
+from modalign.errors import ModalignError
 
 if TYPE_CHECKING:
     from modalign.data.dataset import PairedDataset
@@ -99,11 +100,8 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
                           progress=progress)
     out: dict[str, Embeddings] = {}
     for m in wanted:
-        if m in model.config.trainable_towers:
-            if dataset is None:
-                raise ValueError(f"the {m!r} tower of this model was fine-tuned: pass --data so "
-                                 "its inputs are encoded by the model itself")
-            out[m] = encode_with_model(model, dataset, m, split, store)
+        if (tuned := fine_tuned_embeddings(model, m, split, store, dataset)) is not None:
+            out[m] = tuned
             continue
         if m not in store.modalities:
             warnings.warn(f"modality {m!r}: no array in {store.path}; skipped", stacklevel=2)
@@ -112,6 +110,19 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
         raw = store.load(m, split=split)
         out[m] = Embeddings(model.project_array(m, raw.vectors), raw.items, raw.group_index)
     return JointEmbeddings(out, store=store)
+
+
+def fine_tuned_embeddings(model: MultiTowerModel, modality: str,
+                          split: str | Iterable[str] | None, store: EmbeddingStore,
+                          dataset: PairedDataset | None) -> Embeddings | None:
+    """``modality``'s items encoded by ``model`` itself when its tower was fine-tuned (that needs
+    ``dataset``: a ``ModalignError`` without it), else None (the store's features serve)."""
+    if modality not in model.config.trainable_towers:
+        return None
+    if dataset is None:
+        raise ModalignError(f"the {modality!r} tower of this model was fine-tuned: pass the data "
+                            "(CLI: --data) so its inputs are encoded by the model itself")
+    return encode_with_model(model, dataset, modality, split, store)
 
 
 def encode_with_model(model: MultiTowerModel, dataset: PairedDataset, modality: str,

@@ -294,15 +294,12 @@ def joint_embeddings(model: MultiTowerModel, store: EmbeddingStore, split: str,
                      ) -> dict[str, Embeddings]:
     """Joint embeddings of ``split`` per modality: store features projected by the heads, or
     (fine-tuned towers) ``dataset``'s raw inputs encoded by the model."""
-    from modalign.embed.joint import encode_with_model
+    from modalign.embed.joint import fine_tuned_embeddings
 
     out = {}
     for m in modalities:
-        if m in model.config.trainable_towers:
-            if dataset is None:
-                raise ModalignError(f"the {m!r} tower of this model is fine-tuned: pass dataset "
-                                    "(CLI: --data) so its inputs are encoded by the model")
-            out[m] = encode_with_model(model, dataset, m, split, store)
+        if (tuned := fine_tuned_embeddings(model, m, split, store, dataset)) is not None:
+            out[m] = tuned
             continue
         raw = store.load(m, split=split)
         if len(raw) == 0:
