@@ -129,7 +129,7 @@ def check_positive(name: str, value: float | Tensor) -> None:
     """Check that a scalar (temperature, logit scale, weight...) is finite and > 0."""
     if not _ENABLED:
         return
-    v = _scalar(name, value)
+    v = _as_number(name, value)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {v}")
 
@@ -138,7 +138,7 @@ def check_finite_scalar(name: str, value: float | Tensor) -> None:
     """Check that a scalar (a bias, an offset) is finite."""
     if not _ENABLED:
         return
-    v = _scalar(name, value)
+    v = _as_number(name, value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v}")
 
@@ -183,7 +183,9 @@ def scalar_tensor(value: Tensor | float, like: Tensor) -> Tensor:
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
-def _scalar(name: str, value: float | Tensor) -> float:
+def _as_number(name: str, value: float | Tensor) -> float:
+    """A checked setting as a Python float for the checks and their messages (a one-element
+    tensor is read detached); what computes with it takes :func:`scalar_tensor`."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
