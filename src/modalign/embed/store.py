@@ -41,8 +41,32 @@ were recorded, the same layout; the key is added on the next write)."""
 DATASET_INFO = "dataset.json"
 
 
+class RowTable:
+    """Row metadata shared by pooled arrays (:class:`Embeddings`) and token arrays
+    (:class:`~modalign.embed.tokens.TokenFeatures`): ``items`` and ``group_index``."""
+
+    items: list[dict[str, Any]]
+    group_index: Mapping[str, int]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def group_ids(self) -> np.ndarray:
+        """Integer group id of each row (equal ids are positives of each other)."""
+        return np.array([self.group_index[it["group"]] for it in self.items], dtype=np.int64)
+
+    def row_mask(self, view: str | Iterable[str] | None = None,
+                 split: str | Iterable[str] | None = None) -> np.ndarray:
+        """Boolean mask of the rows of the given view(s) and split(s) (None: any)."""
+        views = {view} if isinstance(view, str) else (set(view) if view is not None else None)
+        splits = {split} if isinstance(split, str) else (set(split) if split is not None else None)
+        mask = [(views is None or it["view"] in views) and (splits is None or it["split"] in splits)
+                for it in self.items]
+        return np.array(mask, dtype=bool)
+
+
 @dataclass
-class Embeddings:
+class Embeddings(RowTable):
     """Vectors of one array with their row metadata.
 
     Attributes:
@@ -55,16 +79,9 @@ class Embeddings:
     items: list[dict[str, Any]]
     group_index: Mapping[str, int]
 
-    def __len__(self) -> int:
-        return len(self.items)
-
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
-
-    def group_ids(self) -> np.ndarray:
-        """Integer group id of each row (equal ids are positives of each other)."""
-        return np.array([self.group_index[it["group"]] for it in self.items], dtype=np.int64)
 
     def labels(self, name: str) -> list[str]:
         """The label ``name`` of each row (``""`` where a row has none)."""
@@ -81,11 +98,7 @@ class Embeddings:
     def filter(self, view: str | Iterable[str] | None = None,
                split: str | Iterable[str] | None = None) -> Embeddings:
         """Rows of the given view(s) and split(s)."""
-        views = {view} if isinstance(view, str) else (set(view) if view is not None else None)
-        splits = {split} if isinstance(split, str) else (set(split) if split is not None else None)
-        mask = [(views is None or it["view"] in views) and (splits is None or it["split"] in splits)
-                for it in self.items]
-        return self.subset(np.array(mask, dtype=bool))
+        return self.subset(self.row_mask(view, split))
 
     def torch(self, dtype=None):
         """The vectors as a torch tensor (a copy)."""

@@ -40,7 +40,7 @@ from modalign.embed.arrays import (
     verify_array_file,
 )
 from modalign.embed.encode import DECODE_ERRORS, _bomb, _to_device, inputs_hash, raw_input
-from modalign.embed.store import EmbeddingStore
+from modalign.embed.store import EmbeddingStore, RowTable
 from modalign.errors import ModalignError
 from modalign.io import atomic_path, read_jsonl, write_jsonl_atomic
 
@@ -53,7 +53,7 @@ def _name(modality: str) -> str:
 
 
 @dataclass
-class TokenFeatures:
+class TokenFeatures(RowTable):
     """Ragged token features of one modality: row ``i`` owns ``values[offsets[i]:offsets[i+1]]``.
 
     Attributes:
@@ -85,9 +85,6 @@ class TokenFeatures:
                                 f"{off.shape}")
         self.offsets = off
 
-    def __len__(self) -> int:
-        return len(self.items)
-
     @property
     def dim(self) -> int:
         return int(self.values.shape[1])
@@ -99,10 +96,6 @@ class TokenFeatures:
     def tokens(self, i: int) -> np.ndarray:
         """The ``(n_i, dim)`` tokens of row ``i``."""
         return self.values[self.offsets[i]:self.offsets[i + 1]]
-
-    def group_ids(self) -> np.ndarray:
-        """Integer group id of each row."""
-        return np.array([self.group_index[it["group"]] for it in self.items], dtype=np.int64)
 
     def subset(self, idx: np.ndarray | Sequence[int] | Sequence[bool]) -> TokenFeatures:
         """Rows selected by a boolean mask or integer indices (tokens copied into memory)."""
@@ -120,11 +113,7 @@ class TokenFeatures:
     def filter(self, view: str | Iterable[str] | None = None,
                split: str | Iterable[str] | None = None) -> TokenFeatures:
         """Rows of the given view(s) and split(s)."""
-        views = {view} if isinstance(view, str) else (set(view) if view is not None else None)
-        splits = {split} if isinstance(split, str) else (set(split) if split is not None else None)
-        mask = [(views is None or it["view"] in views) and (splits is None or it["split"] in splits)
-                for it in self.items]
-        return self.subset(np.array(mask, dtype=bool))
+        return self.subset(self.row_mask(view, split))
 
     def pooled(self) -> np.ndarray:
         """Mean token of each row ``(rows, dim)`` (zeros for a row without tokens)."""
