@@ -7,7 +7,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,21 @@ def csv_cell(value: Any) -> Any:
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
     return value
+
+
+def write_model_folder(directory: str | os.PathLike[str], state_dict: Mapping[str, Any],
+                       config: Mapping[str, Any]) -> Path:
+    """Write ``model.safetensors`` (the tensors detached, on the CPU, contiguous) and
+    ``config.json`` into ``directory`` (created if missing), each atomically; return the folder."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json_atomic(out / "config.json", dict(config))
+    return out
 
 
 def read_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Any]:

@@ -26,14 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from modalign import __version__
 from modalign.embed.store import EmbeddingStore
 from modalign.embed.tokens import TokenFeatures, load_tokens
 from modalign.errors import ModalignError
-from modalign.io import atomic_path, read_json, read_safetensors, write_json_atomic
+from modalign.io import read_json, read_safetensors, write_json_atomic, write_model_folder
 from modalign.late.maxsim import Ragged, maxsim_scores, modality_wins
 
 __all__ = ["LateInteractionModel", "LateSettings", "TokenCorpus", "TokenDocuments", "evaluate_late",
@@ -120,15 +119,9 @@ class LateInteractionModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike[str],
                         extra: Mapping[str, Any] | None = None) -> Path:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_file(state, str(tmp))
-        write_json_atomic(out / "config.json", {"format": FORMAT, "modalign_version": __version__,
-                                                "in_dims": self.in_dims, "dim": self.dim,
-                                                "extra": dict(extra or {})})
-        return out
+        return write_model_folder(directory, self.state_dict(), {
+            "format": FORMAT, "modalign_version": __version__, "in_dims": self.in_dims,
+            "dim": self.dim, "extra": dict(extra or {})})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> LateInteractionModel:

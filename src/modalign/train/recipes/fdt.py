@@ -44,19 +44,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from modalign import __version__
 from modalign.errors import ModalignError
 from modalign.io import (
     append_jsonl,
-    atomic_path,
     read_json,
     read_jsonl,
     read_safetensors,
     write_json_atomic,
     write_jsonl_atomic,
+    write_model_folder,
 )
 
 if TYPE_CHECKING:
@@ -173,14 +172,9 @@ class FDTModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike[str],
                         extra: Mapping[str, Any] | None = None) -> Path:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_file(state, str(tmp))
-        write_json_atomic(out / "config.json", {"format": FORMAT, "modalign_version": __version__,
-                                                **self.settings(), "extra": dict(extra or {})})
-        return out
+        return write_model_folder(directory, self.state_dict(), {
+            "format": FORMAT, "modalign_version": __version__, **self.settings(),
+            "extra": dict(extra or {})})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> FDTModel:
