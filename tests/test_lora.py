@@ -15,7 +15,7 @@ from modalign.model import MultiTowerModel
 from modalign.train import train
 from modalign.train.checkpoint import load_checkpoint
 from test_train_loop import image_dataset  # noqa: F401  (fixture)
-from train_support import HashTextEncoder, small_config
+from train_support import HashTextEncoder, small_config, train_in_one_and_two_processes
 
 
 class _Net(nn.Module):
@@ -181,12 +181,6 @@ def _tiny_bert(folder):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_lora_ddp_two_processes_match_one(image_dataset, tmp_path):  # noqa: F811
-    import os
-    import subprocess
-    import sys
-
-    from modalign.train.config import load_config
-
     root, store = image_dataset
     bert = _tiny_bert(tmp_path / "bert")
     config = tmp_path / "cfg.toml"
@@ -215,15 +209,7 @@ num_threads = 1
 device = "cpu"
 progress = false
 """)
-    train(load_config(config, [f"run.dir={tmp_path / 'one'}"]))  # one process, in this one
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "modalign", "train", "--config",
-                          str(config), "--run.dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = load_checkpoint(tmp_path / "one" / "checkpoints")
-    b = load_checkpoint(tmp_path / "two" / "checkpoints")
+    a, b = train_in_one_and_two_processes(config, tmp_path)
     assert a.step == b.step == 2 and b.trainer["world_size"] == 2
     lora_keys = [k for k in a.weights["model"] if "lora_" in k]
     assert lora_keys

@@ -3,17 +3,10 @@ global batch: each rank trains on its shard, the objectives gather across ranks 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from modalign.train.checkpoint import load_checkpoint
-from modalign.train.config import load_config
-from modalign.train.loop import train
-from train_support import synthetic_store
+from train_support import synthetic_store, train_in_one_and_two_processes
 
 CONFIG = """
 [data]
@@ -43,10 +36,6 @@ progress = false
 """
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
@@ -55,14 +44,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     synthetic_store(tmp_path / "store")
     config = tmp_path / "cfg.toml"
     config.write_text(CONFIG.format(store=tmp_path / "store", loss="clip", accumulate=2))
-    args = ["-m", "modalign", "train", "--config", str(config)]
-    train(load_config(config, [f"run.dir={tmp_path / 'one'}"]))  # one process, in this one
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", *args, "--run.dir", str(tmp_path / "two")],
-                         env=_env(), capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = load_checkpoint(tmp_path / "one" / "checkpoints"), load_checkpoint(
-        tmp_path / "two" / "checkpoints")
+    a, b = train_in_one_and_two_processes(config, tmp_path)
     assert a.step == b.step == 8
     assert b.trainer["world_size"] == 2
     for module in ("model", "objective"):

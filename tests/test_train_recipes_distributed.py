@@ -5,17 +5,11 @@ summed over ranks. (Hard negatives are per-sample: nothing to gather.)"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from modalign.train.checkpoint import load_checkpoint
-from modalign.train.config import load_config
 from modalign.train.loop import train
-from train_support import small_config, synthetic_store
+from train_support import small_config, synthetic_store, train_in_one_and_two_processes
 
 CONFIG = """
 [data]
@@ -57,14 +51,7 @@ def test_two_processes_match_one_process(tmp_path):
                                  train={"epochs": 2, "num_threads": 1})).model_dir
     config = tmp_path / "cfg.toml"
     config.write_text(CONFIG.format(store=tmp_path / "store", teacher=teacher))
-    train(load_config(config, [f"run.dir={tmp_path / 'one'}"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "modalign", "train", "--config",
-                          str(config), "--run.dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = (load_checkpoint(tmp_path / r / "checkpoints") for r in ("one", "two"))
+    a, b = train_in_one_and_two_processes(config, tmp_path)
     assert a.step == b.step == 8 and b.trainer["world_size"] == 2
     for module in ("model", "objective", "momentum", "distill"):
         assert a.weights[module]
@@ -108,14 +95,7 @@ def test_harmonization_two_processes_match_one_process(tmp_path):
     config = tmp_path / "cfg.toml"
     synthetic_store(tmp_path / "store")
     config.write_text(HARMONIZE.format(store=tmp_path / "store"))
-    train(load_config(config, [f"run.dir={tmp_path / 'one'}"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "modalign", "train", "--config",
-                          str(config), "--run.dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = (load_checkpoint(tmp_path / r / "checkpoints") for r in ("one", "two"))
+    a, b = train_in_one_and_two_processes(config, tmp_path)
     assert a.step == b.step == 8 and b.trainer["world_size"] == 2
     assert set(a.weights) == set(b.weights) == {"model", "objective", "harmonize"}
     for module, weights in a.weights.items():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,8 @@ from torch import nn
 
 from modalign.embed.store import EmbeddingStore
 from modalign.encoders.tower import Tower
-from modalign.train.config import TrainConfig
+from modalign.train.checkpoint import Checkpoint, load_checkpoint
+from modalign.train.config import TrainConfig, load_config
 
 
 def synthetic_store(path: Path, n_groups: int = 48, image_dim: int = 12, text_dim: int = 8,
@@ -267,3 +271,19 @@ def caption_store(path: Path) -> list[str]:
          "split": split(g), "value": c, "labels": {}} for g, c in enumerate(caps)],
         info={"encoder": {"name": "word-text"}})
     return caps
+
+
+def train_in_one_and_two_processes(config: Path, root: Path) -> tuple[Checkpoint, Checkpoint]:
+    """Train ``config`` in this process (``root/one``) and in 2 gloo processes under torchrun
+    (``root/two``); return the two runs' last checkpoints."""
+    from modalign.train.loop import train
+
+    train(load_config(config, [f"run.dir={root / 'one'}"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "modalign", "train", "--config",
+                          str(config), "--run.dir", str(root / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return (load_checkpoint(root / "one" / "checkpoints"),
+            load_checkpoint(root / "two" / "checkpoints"))
