@@ -65,9 +65,34 @@ def base_modality(key: str) -> str:
     return key.split(":", 1)[0]
 
 
+@dataclass(kw_only=True)
+class HeadSettings:
+    """The heads on the towers and the initial temperature: the fields that
+    :class:`ModelConfig` and the ``[model]`` section of a training config share (keyword-only;
+    see :class:`ModelConfig` for their meaning).
+
+    Examples:
+        >>> HeadSettings(head="mlp").hidden_dim
+        512
+    """
+
+    joint_dim: int = 256
+    head: HeadKind = "linear"
+    head_depth: int = 2
+    hidden_dim: int = 512
+    head_init: HeadInit = "xavier"
+    cone_offset: float = 1.0
+    input_norm: Literal["l2", "none"] = "l2"
+    center_features: bool = True
+    temperature: float = 0.07
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(HeadSettings):
     """Everything needed to rebuild a :class:`MultiTowerModel` (saved as ``config.json``).
+
+    ``towers`` and ``feature_dims`` may be given by position; the head fields (``joint_dim`` to
+    ``temperature``, from :class:`HeadSettings`) by keyword.
 
     Attributes:
         towers: encoder spec per modality, e.g. ``{"image": "effnet-lite0", "text": "minilm"}``
@@ -105,15 +130,6 @@ class ModelConfig:
 
     towers: dict[str, str]
     feature_dims: dict[str, int]
-    joint_dim: int = 256
-    head: HeadKind = "linear"
-    head_depth: int = 2
-    hidden_dim: int = 512
-    head_init: HeadInit = "xavier"
-    cone_offset: float = 1.0
-    input_norm: Literal["l2", "none"] = "l2"
-    center_features: bool = True
-    temperature: float = 0.07
     learnable_temperature: bool = True
     logit_bias_init: float | None = None
     trainable_towers: list[str] = field(default_factory=list)

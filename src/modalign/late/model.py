@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ from modalign.embed.tokens import TokenFeatures, load_tokens
 from modalign.errors import ModalignError
 from modalign.io import read_json, read_safetensors, write_json_atomic, write_model_folder
 from modalign.late.maxsim import Ragged, maxsim_scores, modality_wins
+from modalign.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from modalign.train.schedule import TokenRunSettings
 
 __all__ = ["LateInteractionModel", "LateSettings", "TokenCorpus", "TokenDocuments", "evaluate_late",
            "is_late_model", "token_rows", "train_late"]
@@ -42,8 +44,10 @@ FORMAT = "modalign.LateInteractionModel"
 
 
 @dataclass
-class LateSettings:
-    """A late-interaction training run (the ``[late]`` keys plus where data and outputs are).
+class LateSettings(TokenRunSettings):
+    """A late-interaction training run (the ``[late]`` keys plus where data and outputs are,
+    the loop and the optimiser: :class:`~modalign.train.schedule.TokenRunSettings`, keyword-only,
+    with a batch of 64 and no weight decay by default).
 
     Attributes:
         store: embedding store with token arrays of the query and document modalities.
@@ -55,22 +59,14 @@ class LateSettings:
             baseline trained with the same heads and loss).
     """
 
-    store: str = ""
-    run_dir: str = ""
     query: str = "text:alias"
     documents: list[str] = field(default_factory=lambda: ["image", "text:name"])
     dim: int = 64
     temperature: float = 0.5
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    max_steps: int = 0
-    train_split: str = "train"
     scoring: str = "maxsim"
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
+    _: KW_ONLY
+    batch_size: int = 64
+    weight_decay: float = 0.0
 
     def check(self) -> None:
         if self.scoring not in ("maxsim", "single"):
@@ -270,21 +266,8 @@ def train_late(settings: LateSettings, progress: bool = True, resume: bool = Fal
     every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the latest
     one, bitwise identical on CPU to an uninterrupted run.
     """
-    from modalign.train.checkpoint import (
-        load_checkpoint,
-        open_run,
-        rng_state,
-        save_checkpoint,
-        set_rng_state,
-    )
-
     settings.check()
-    if not settings.store:
-        raise ModalignError("late training needs data.embeddings: a store with token arrays "
-                            "(modalign embed --tokens)")
-    run_dir = Path(settings.run_dir or "late-run")
-    ckpt_root, resumed = open_run(run_dir, asdict(settings), SETTINGS_NAME, RESUMABLE, "late",
-                                  resume)
+    run_dir, ckpt_root, resumed = settings.open_run("late", SETTINGS_NAME, RESUMABLE, resume)
     torch.manual_seed(settings.seed)
     corpus = TokenCorpus(settings.store, settings.query, settings.documents,
                          settings.train_split)

@@ -27,7 +27,7 @@ import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,13 +44,16 @@ from modalign.losses.cma import cma_loss
 from modalign.model import MultiTowerModel
 from modalign.refine.losses import hycd_loss, rafa_loss
 from modalign.train.data import PairedFeatures
+from modalign.train.schedule import OptimizerSettings
 
 METHODS = ("clip-refine", "cma")
 
 
 @dataclass
-class RefineConfig:
-    """Settings of one refinement (defaults: CLIP-Refine's official configuration).
+class RefineConfig(OptimizerSettings):
+    """Settings of one refinement (defaults: CLIP-Refine's official configuration). ``lr`` and
+    ``weight_decay`` (AdamW, :class:`~modalign.train.schedule.OptimizerSettings`) are
+    keyword-only; the official ``lr`` is 1e-6.
 
     Examples:
         >>> RefineConfig(lr=1e-4).method
@@ -61,8 +64,6 @@ class RefineConfig:
     modalities: tuple[str, str] = ("image", "text")
     epochs: int = 1
     batch_size: int = 512
-    lr: float = 1e-6
-    weight_decay: float = 0.1
     lambda_cont: float = 0.0
     lambda_rand: float = 1.0
     lambda_kd: float = 1.0
@@ -75,6 +76,8 @@ class RefineConfig:
     seed: int = 0
     split: str = "train"
     tower_stages: int = 1
+    _: KW_ONLY
+    lr: float = 1e-6
 
     def validate(self) -> None:
         """Raise :class:`ModalignError` naming the first bad setting."""

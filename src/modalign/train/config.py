@@ -26,7 +26,7 @@ else:  # pragma: no cover
 
 from modalign.errors import ModalignError
 from modalign.io import read_user_text
-from modalign.model import ModelConfig
+from modalign.model import HeadSettings, ModelConfig
 from modalign.spec import parse_value, split_key_value
 from modalign.train.recipes.distill import HELP as DISTILL_HELP
 from modalign.train.recipes.distill import DistillConfig
@@ -40,6 +40,7 @@ from modalign.train.recipes.momentum import HELP as MOMENTUM_HELP
 from modalign.train.recipes.momentum import MomentumConfig
 from modalign.train.recipes.negatives import HELP as NEGATIVES_HELP
 from modalign.train.recipes.negatives import NegativesConfig
+from modalign.train.schedule import LoopSettings, OptimizerSettings, field_values
 from modalign.vocabulary import metric_key, upgrade_training_metric
 
 BUILTIN_CONFIGS = ("clip", "clip_unif_align", "clip_intra", "three_modal")
@@ -57,28 +58,19 @@ class DataConfig:
 
 
 @dataclass
-class ModelSection:
-    """The model built on top of the towers (see ``modalign.model.ModelConfig``)."""
+class ModelSection(HeadSettings):
+    """The model built on top of the towers (see ``modalign.model.ModelConfig``); the head
+    fields come from :class:`~modalign.model.HeadSettings`."""
 
     towers: dict[str, str] = field(default_factory=dict)
-    joint_dim: int = 256
-    head: str = "linear"
-    head_depth: int = 2
-    hidden_dim: int = 512
-    head_init: str = "xavier"
-    cone_offset: float = 1.0
-    input_norm: str = "l2"
-    center_features: bool = True
-    temperature: float = 0.07
 
 
 @dataclass
-class OptimConfig:
-    """AdamW with linear warmup and a cosine or constant schedule."""
+class OptimConfig(OptimizerSettings):
+    """AdamW with linear warmup and a cosine or constant schedule (``lr`` and ``weight_decay``
+    from :class:`~modalign.train.schedule.OptimizerSettings`)."""
 
-    lr: float = 1e-3
     tower_lr: float = 1e-5
-    weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     warmup_steps: int = 20
@@ -87,20 +79,15 @@ class OptimConfig:
 
 
 @dataclass
-class TrainSection:
-    """The loop."""
+class TrainSection(LoopSettings):
+    """The loop (length, batch, seed and checkpoints from
+    :class:`~modalign.train.schedule.LoopSettings`)."""
 
-    epochs: int = 10
-    batch_size: int = 256
-    seed: int = 0
     accumulate: int = 1
     unfreeze: dict[str, int] = field(default_factory=dict)
     precision: str = "fp32"
     device: str = "auto"
     num_threads: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    max_steps: int = 0
     progress: bool = True
 
 
@@ -435,10 +422,7 @@ class TrainConfig:
                              "config or embed those modalities into the store first")
         return ModelConfig(
             towers=dict(towers), feature_dims={k: int(feature_dims[k]) for k in mods},
-            joint_dim=m.joint_dim, head=m.head, head_depth=m.head_depth,  # type: ignore[arg-type]
-            hidden_dim=m.hidden_dim, head_init=m.head_init,  # type: ignore[arg-type]
-            cone_offset=m.cone_offset, input_norm=m.input_norm,  # type: ignore[arg-type]
-            center_features=m.center_features, temperature=m.temperature,
+            **field_values(m, HeadSettings),
             trainable_towers=sorted({k for k, v in self.train.unfreeze.items() if v > 0}
                                     | set(self.lora.towers)),
             lora={k: v.to_dict() for k, v in self.lora_settings().items()})
@@ -452,12 +436,9 @@ class TrainConfig:
         s = LateSettings(store=self.data.embeddings, run_dir=self.run.dir, query=la.query,
                          documents=list(la.documents), dim=la.dim,
                          temperature=float(la.temperature), scoring=la.scoring,
-                         epochs=self.train.epochs,
-                         batch_size=self.train.batch_size, lr=self.optim.lr,
-                         weight_decay=self.optim.weight_decay, seed=self.train.seed,
-                         max_steps=self.train.max_steps, train_split=self.data.train_split,
-                         checkpoint_every=self.train.checkpoint_every,
-                         keep_checkpoints=self.train.keep_checkpoints)
+                         train_split=self.data.train_split,
+                         **field_values(self.train, LoopSettings),
+                         **field_values(self.optim, OptimizerSettings))
         s.check()
         return s
 
@@ -469,12 +450,10 @@ class TrainConfig:
         s = FDTSettings(store=self.data.embeddings, run_dir=self.run.dir,
                         keys=list(self.data.keys), codes=f.codes, dim=f.dim,
                         hidden_dim=f.hidden_dim, weighting=f.weighting,
-                        temperature=float(f.temperature), epochs=t.epochs,
-                        batch_size=t.batch_size, lr=o.lr, weight_decay=o.weight_decay,
-                        warmup_steps=o.warmup_steps, seed=t.seed, max_steps=t.max_steps,
+                        temperature=float(f.temperature), warmup_steps=o.warmup_steps,
                         train_split=self.data.train_split, val_split=self.data.val_split,
-                        checkpoint_every=t.checkpoint_every,
-                        keep_checkpoints=t.keep_checkpoints, num_threads=t.num_threads)
+                        num_threads=t.num_threads, **field_values(t, LoopSettings),
+                        **field_values(o, OptimizerSettings))
         s.check()
         return s
 

@@ -57,6 +57,8 @@ from modalign.io import (
     write_jsonl_atomic,
     write_model_folder,
 )
+from modalign.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from modalign.train.schedule import TokenRunSettings
 
 if TYPE_CHECKING:
     from modalign.embed.tokens import TokenFeatures
@@ -215,11 +217,11 @@ HELP: dict[str, str] = {
 
 
 @dataclass
-class FDTSettings:
-    """An FDT training run: the ``[fdt]`` keys plus data, optimisation and output settings."""
+class FDTSettings(TokenRunSettings):
+    """An FDT training run: the ``[fdt]`` keys plus data, optimisation and output settings
+    (those of every store run from :class:`~modalign.train.schedule.TokenRunSettings`,
+    keyword-only)."""
 
-    store: str = ""
-    run_dir: str = ""
     keys: list[str] = field(default_factory=lambda: ["image", "text"])
     codes: int = 1024
     dim: int = 256
@@ -227,17 +229,8 @@ class FDTSettings:
     weighting: str = "sparsemax"
     temperature: float = 10.0
     logit_temperature: float = 0.07
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
     warmup_steps: int = 0
-    seed: int = 0
-    max_steps: int = 0
-    train_split: str = "train"
     val_split: str = "val"
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
     num_threads: int = 0
 
     def check(self) -> None:
@@ -341,21 +334,10 @@ def train_fdt(settings: FDTSettings, resume: bool = False) -> dict[str, Any]:
     ``resume=True`` continues from the latest one, bitwise identical on CPU to an uninterrupted
     run.
     """
-    from modalign.train.checkpoint import (
-        load_checkpoint,
-        open_run,
-        rng_state,
-        save_checkpoint,
-        set_rng_state,
-    )
     from modalign.vocabulary import metric_key
 
     settings.check()
-    if not settings.store:
-        raise ModalignError("an [fdt] run needs data.embeddings: a store with token arrays "
-                            "(modalign embed --tokens)")
-    run_dir = Path(settings.run_dir or "fdt-run")
-    root, resumed = open_run(run_dir, asdict(settings), SETTINGS_NAME, RESUMABLE, "fdt", resume)
+    run_dir, root, resumed = settings.open_run("fdt", SETTINGS_NAME, RESUMABLE, resume)
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
     torch.manual_seed(settings.seed)
