@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import KW_ONLY, asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from modalign.errors import ModalignError
 from modalign.io import read_json, read_safetensors, write_json_atomic, write_model_folder
 from modalign.late.maxsim import Ragged, maxsim_scores, modality_wins
 from modalign.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from modalign.train.config import LateOptions
 from modalign.train.schedule import TokenRunSettings
 
 __all__ = ["LateInteractionModel", "LateSettings", "TokenCorpus", "TokenDocuments", "evaluate_late",
@@ -43,28 +44,20 @@ __all__ = ["LateInteractionModel", "LateSettings", "TokenCorpus", "TokenDocument
 FORMAT = "modalign.LateInteractionModel"
 
 
-@dataclass
-class LateSettings(TokenRunSettings):
-    """A late-interaction training run (the ``[late]`` keys plus where data and outputs are,
-    the loop and the optimiser: :class:`~modalign.train.schedule.TokenRunSettings`, keyword-only,
-    with a batch of 64 and no weight decay by default).
+@dataclass(kw_only=True)
+class LateSettings(TokenRunSettings, LateOptions):
+    """A late-interaction training run, keyword-only: the ``[late]`` keys
+    (:class:`~modalign.train.config.LateOptions`), where data and outputs are, the loop and the
+    optimiser (:class:`~modalign.train.schedule.TokenRunSettings`; here a batch of 64 and no
+    weight decay by default). ``store`` needs token arrays of the query and document
+    modalities.
 
-    Attributes:
-        store: embedding store with token arrays of the query and document modalities.
-        query: key of the queries, ``modality`` or ``modality:view``.
-        documents: keys whose rows make up a group's document.
-        dim: token dimension of the heads' output.
-        temperature: initial temperature of the (learned) logit scale.
-        scoring: ``"maxsim"``, or ``"single"`` (cosine of the mean tokens: the single-vector
-            baseline trained with the same heads and loss).
+    Examples:
+        >>> s = LateSettings(store="emb", dim=8)
+        >>> s.dim, s.batch_size, s.weight_decay, s.lr
+        (8, 64, 0.0, 0.001)
     """
 
-    query: str = "text:alias"
-    documents: list[str] = field(default_factory=lambda: ["image", "text:name"])
-    dim: int = 64
-    temperature: float = 0.5
-    scoring: str = "maxsim"
-    _: KW_ONLY
     batch_size: int = 64
     weight_decay: float = 0.0
 

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +31,7 @@ from modalign.spec import parse_value, split_key_value
 from modalign.train.recipes.distill import HELP as DISTILL_HELP
 from modalign.train.recipes.distill import DistillConfig
 from modalign.train.recipes.fdt import HELP as FDT_HELP
-from modalign.train.recipes.fdt import FDTSection
+from modalign.train.recipes.fdt import FDTOptions, FDTSection
 from modalign.train.recipes.harmonize import HELP as HARMONIZE_HELP
 from modalign.train.recipes.harmonize import HarmonizeConfig
 from modalign.train.recipes.mcl import HELP as MCL_HELP
@@ -122,17 +122,37 @@ class LoraSection:
     target_modules: dict[str, list[str]] = field(default_factory=dict)
 
 
-@dataclass
-class LateSection:
-    """Late interaction: heads to a small token space trained on MaxSim scores (CLaMR);
-    see ``modalign.late``."""
+@dataclass(kw_only=True)
+class LateOptions:
+    """The keys of a late-interaction run (the ``[late]`` section and
+    :class:`~modalign.late.model.LateSettings` share them).
 
-    enabled: bool = False
+    Attributes:
+        query: key of the queries, ``modality`` or ``modality:view``.
+        documents: keys whose rows make up a group's document.
+        dim: token dimension of the heads' output.
+        temperature: initial temperature of the (learned) logit scale.
+        scoring: ``"maxsim"``, or ``"single"`` (cosine of the mean tokens: the single-vector
+            baseline trained with the same heads and loss).
+
+    Examples:
+        >>> LateOptions(dim=8).documents
+        ['image', 'text:name']
+    """
+
     query: str = "text:alias"
     documents: list[str] = field(default_factory=lambda: ["image", "text:name"])
     dim: int = 64
     temperature: float = 0.5
     scoring: str = "maxsim"
+
+
+@dataclass
+class LateSection(LateOptions):
+    """Late interaction: heads to a small token space trained on MaxSim scores (CLaMR);
+    see ``modalign.late``."""
+
+    enabled: bool = False
 
 
 @dataclass
@@ -229,16 +249,6 @@ HELP.update(NEGATIVES_HELP)
 HELP.update(HARMONIZE_HELP)
 HELP.update(FDT_HELP)
 HELP.update(MCL_HELP)
-
-
-SECTIONS: dict[str, type] = {
-    "data": DataConfig, "model": ModelSection, "optim": OptimConfig, "train": TrainSection,
-    "augment": AugmentConfig, "validate": ValidateConfig, "lora": LoraSection,
-    "late": LateSection,
-    "run": RunConfig,
-    "momentum": MomentumConfig, "distill": DistillConfig, "negatives": NegativesConfig,
-    "harmonize": HarmonizeConfig, "fdt": FDTSection, "mcl": MCLConfig,
-}
 
 
 @dataclass
@@ -433,10 +443,10 @@ class TrainConfig:
         from modalign.late.model import LateSettings
 
         la = self.late
-        s = LateSettings(store=self.data.embeddings, run_dir=self.run.dir, query=la.query,
-                         documents=list(la.documents), dim=la.dim,
-                         temperature=float(la.temperature), scoring=la.scoring,
-                         train_split=self.data.train_split,
+        late = field_values(la, LateOptions) | {"documents": list(la.documents),
+                                                "temperature": float(la.temperature)}
+        s = LateSettings(store=self.data.embeddings, run_dir=self.run.dir,
+                         train_split=self.data.train_split, **late,
                          **field_values(self.train, LoopSettings),
                          **field_values(self.optim, OptimizerSettings))
         s.check()
@@ -448,9 +458,9 @@ class TrainConfig:
 
         f, t, o = self.fdt, self.train, self.optim
         s = FDTSettings(store=self.data.embeddings, run_dir=self.run.dir,
-                        keys=list(self.data.keys), codes=f.codes, dim=f.dim,
-                        hidden_dim=f.hidden_dim, weighting=f.weighting,
-                        temperature=float(f.temperature), warmup_steps=o.warmup_steps,
+                        keys=list(self.data.keys),
+                        **(field_values(f, FDTOptions) | {"temperature": float(f.temperature)}),
+                        warmup_steps=o.warmup_steps,
                         train_split=self.data.train_split, val_split=self.data.val_split,
                         num_threads=t.num_threads, **field_values(t, LoopSettings),
                         **field_values(o, OptimizerSettings))
@@ -476,6 +486,11 @@ class TrainConfig:
         return {m: LoraSettings(rank=lo.rank, alpha=float(lo.alpha), dropout=float(lo.dropout),
                                 target_modules=list(lo.target_modules.get(m, [])))
                 for m in lo.towers}
+
+
+SECTIONS: dict[str, type] = {name: hint for name, hint in get_type_hints(TrainConfig).items()
+                             if name != "objectives"}
+"""Section name -> its dataclass, in file order (the fields of :class:`TrainConfig`)."""
 
 
 OLDER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {

@@ -192,16 +192,28 @@ class FDTModel(nn.Module):
         return model
 
 
-@dataclass
-class FDTSection:
-    """The ``[fdt]`` section: train an FDT model from the store's token arrays."""
+@dataclass(kw_only=True)
+class FDTOptions:
+    """The model keys of an FDT run (the ``[fdt]`` section and :class:`FDTSettings` share them;
+    meanings as in :class:`FDTModel`).
 
-    enabled: bool = False
+    Examples:
+        >>> FDTOptions(codes=16).weighting
+        'sparsemax'
+    """
+
     codes: int = 1024
     dim: int = 256
     hidden_dim: int = 512
     weighting: str = "sparsemax"
     temperature: float = 10.0
+
+
+@dataclass
+class FDTSection(FDTOptions):
+    """The ``[fdt]`` section: train an FDT model from the store's token arrays."""
+
+    enabled: bool = False
 
 
 HELP: dict[str, str] = {
@@ -217,17 +229,17 @@ HELP: dict[str, str] = {
 
 
 @dataclass
-class FDTSettings(TokenRunSettings):
-    """An FDT training run: the ``[fdt]`` keys plus data, optimisation and output settings
-    (those of every store run from :class:`~modalign.train.schedule.TokenRunSettings`,
-    keyword-only)."""
+class FDTSettings(TokenRunSettings, FDTOptions):
+    """An FDT training run: the ``[fdt]`` keys (:class:`FDTOptions`) plus data, optimisation and
+    output settings (those of every token run, :class:`~modalign.train.schedule.TokenRunSettings`);
+    the inherited fields are keyword-only.
+
+    Examples:
+        >>> FDTSettings(["image", "text:name"], codes=64).codes
+        64
+    """
 
     keys: list[str] = field(default_factory=lambda: ["image", "text"])
-    codes: int = 1024
-    dim: int = 256
-    hidden_dim: int = 512
-    weighting: str = "sparsemax"
-    temperature: float = 10.0
     logit_temperature: float = 0.07
     warmup_steps: int = 0
     val_split: str = "val"
