@@ -12,7 +12,13 @@ import json
 import os
 from pathlib import Path
 
+from modalign.cli_support import add_command
 from modalign.errors import ModalignError
+
+DESCRIPTION = """\
+Write a model folder with the LoRA adapters of its towers merged into their weights (loads without
+peft, same embeddings).
+"""
 
 
 def merge_lora_model(model_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -47,14 +53,11 @@ def merge_lora_model(model_dir: str | os.PathLike[str], out: str | os.PathLike[s
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a model folder in another form (LoRA merged)",
-                       description="Write a model folder with the LoRA adapters of its towers "
-                                   "merged into their weights (loads without peft, same "
-                                   "embeddings).")
+    p = add_command(sub, "export", run=run, description=DESCRIPTION,
+                    help="write a model folder in another form (LoRA merged)")
     p.add_argument("--merge-lora", required=True, metavar="MODEL",
                    help="a model folder trained with [lora]")
     p.add_argument("--out", required=True, metavar="DIR", help="the merged model folder")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,22 +19,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from modalign.cli_support import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    r = sub.add_parser("runs", help="list training runs (name, data, towers, size, date)",
-                       description="List the training runs under the given folders (default "
-                                   "./runs): name, data, towers, best validation metric, size "
-                                   "on disk and date.")
+    r = add_command(sub, "runs", run=_run_runs,
+                    help="list training runs (name, data, towers, size, date)",
+                    description="List the training runs under the given folders (default "
+                                "./runs): name, data, towers, best validation metric, size "
+                                "on disk and date.")
     r.add_argument("folders", nargs="*", default=["runs"], help="where to look (default runs)")
     r.add_argument("--json", action="store_true", help="print JSON rows")
-    r.set_defaults(func=_run_runs)
-    s = sub.add_parser("stores", help="list embedding stores (name, data, towers, size, date)",
-                       description="List the embedding stores under $MODALIGN_HOME/embeddings "
-                                   "(or the given folders): name, data, arrays with their "
-                                   "towers and rows, size on disk and date.")
+    s = add_command(sub, "stores", run=_run_stores,
+                    help="list embedding stores (name, data, towers, size, date)",
+                    description="List the embedding stores under $MODALIGN_HOME/embeddings "
+                                "(or the given folders): name, data, arrays with their "
+                                "towers and rows, size on disk and date.")
     s.add_argument("folders", nargs="*", default=None, help="where to look")
     s.add_argument("--json", action="store_true", help="print JSON rows")
-    s.set_defaults(func=_run_stores)
 
 
 def list_runs(folders: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:

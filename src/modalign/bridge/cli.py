@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modalign.cli_support import add_command, add_debug_flag
+
 DIRECTIONS = ("image-to-text", "text-to-image")
 
 EPILOG = """\
@@ -28,8 +30,9 @@ make a new one. The last line printed is a JSON summary with the array name.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "invert", help="modality inversion (OTI image->text, OVI text->image) into the store",
+    p = add_command(
+        sub, "invert", run=run,
+        help="modality inversion (OTI image->text, OVI text->image) into the store",
         description=(
             "Modality inversion after 'Cross the Gap' (ICLR 2025): for every source item, "
             "optimise pseudo-tokens at the token layer of the OTHER modality's tower so that "
@@ -37,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "last iterate). image-to-text (OTI) puts R pseudo-words in a text template; "
             "text-to-image (OVI) puts P pseudo-patches in the image tower. Items are optimised in "
             "independent batches; results do not depend on the batch size."),
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG)
     p.add_argument("--model", required=True, metavar="DIR",
                    help="trained model folder (from 'modalign train')")
     src = p.add_mutually_exclusive_group(required=True)
@@ -81,8 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run)
+    add_debug_flag(p)
 
 
 def parse_direction(direction: str, modalities: list[str]) -> tuple[str, str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from modalign.cli_support import add_command, add_debug_flag
+
 EPILOG = """\
 examples:
   modalign fit-bridge --model runs/clip/model --data emoji --kind procrustes \\
@@ -21,16 +23,18 @@ retrieval before and after on --eval-split, and seconds per 1,000 mapped queries
 """
 
 
+DESCRIPTION = """\
+Fit a map from one modality's joint embeddings toward another's on paired training rows: orthogonal
+Procrustes, (ridge) least squares, a small residual MLP or Diffusion-Link (a denoising diffusion
+model over the target embeddings). Saved as ID.safetensors + ID.json; use it with 'modalign eval
+--bridge learned:path=DIR/ID'.
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "fit-bridge", help="fit a learned gap bridge (Procrustes, least squares, MLP, "
-                           "Diffusion-Link) and save it",
-        description="Fit a map from one modality's joint embeddings toward another's on paired "
-                    "training rows: orthogonal Procrustes, (ridge) least squares, a small "
-                    "residual MLP or Diffusion-Link (a denoising diffusion model over the "
-                    "target embeddings). Saved as ID.safetensors + ID.json; use it with "
-                    "'modalign eval --bridge learned:path=DIR/ID'.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "fit-bridge", run=run, description=DESCRIPTION, epilog=EPILOG,
+                    help="fit a learned gap bridge (Procrustes, least squares, MLP, "
+                         "Diffusion-Link) and save it")
     src = p.add_argument_group("embeddings")
     src.add_argument("--model", default=None, metavar="DIR", help="a trained model folder")
     src.add_argument("--data", default=None, metavar="DATA", help="data (with --model)")
@@ -63,8 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     dl.add_argument("--no-noise-source", action="store_true",
                     help="start DDIM from the clean source (Diffusion Bridge's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trained bridges (default 0)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run)
+    add_debug_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,19 +6,21 @@ import argparse
 import json
 import time
 
+from modalign.cli_support import add_command, add_command_group
 from modalign.data import EmojiOptions, build_emoji, load_dataset, load_manifest
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="build, inspect and check paired datasets",
-                       description="Build the built-in emoji dataset, inspect a dataset, or check "
-                                   "a user manifest (CSV/JSONL with image/text/audio columns).")
-    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub = add_command_group(
+        sub, "data", help="build, inspect and check paired datasets", dest="data_command",
+        metavar="ACTION", exit_code=0,
+        description="Build the built-in emoji dataset, inspect a dataset, or check a user "
+                    "manifest (CSV/JSONL with image/text/audio columns).")
 
-    b = dsub.add_parser("build", help="build a built-in dataset (emoji)",
-                        description="Render every emoji concept in the Noto and OpenMoji styles, "
-                                    "with names, aliases, optional other languages and speech, "
-                                    "into a cache folder. Reuses or completes an earlier build.")
+    b = add_command(dsub, "build", run=_build, help="build a built-in dataset (emoji)",
+                    description="Render every emoji concept in the Noto and OpenMoji styles, "
+                                "with names, aliases, optional other languages and speech, "
+                                "into a cache folder. Reuses or completes an earlier build.")
     b.add_argument("name", choices=["emoji"], help="the built-in dataset to build")
     b.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
     b.add_argument("--limit", type=int, default=None, help="keep only the first N concepts")
@@ -30,22 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--voices", default="en-us,en-gb", help="espeak-ng voices (default en-us,en-gb)")
     b.add_argument("--skin-tones", action="store_true", help="keep skin-tone variants")
     b.add_argument("--root", default=None, help="output folder (default: under $MODALIGN_HOME)")
-    b.set_defaults(func=_build)
 
-    i = dsub.add_parser("info", help="print the counts of a dataset",
-                        description="Print modalities, views and split counts of a dataset spec "
-                                    "(emoji[:options], a manifest file, or a built folder).")
+    i = add_command(dsub, "info", run=_info, help="print the counts of a dataset",
+                    description="Print modalities, views and split counts of a dataset spec "
+                                "(emoji[:options], a manifest file, or a built folder).")
     i.add_argument("data", help="emoji, emoji:limit=200, pairs.csv, pairs.jsonl or a folder")
-    i.set_defaults(func=_info)
 
-    c = dsub.add_parser("check", help="validate a user manifest (or an embedding store)",
-                        description="Read a CSV/JSONL manifest, decode every image, and report "
-                                    "what would be skipped and why. Given an embedding store "
-                                    "folder instead, compare every array with its recorded "
-                                    "checksum (exit 1 if one differs).")
+    c = add_command(dsub, "check", run=_check,
+                    help="validate a user manifest (or an embedding store)",
+                    description="Read a CSV/JSONL manifest, decode every image, and report "
+                                "what would be skipped and why. Given an embedding store "
+                                "folder instead, compare every array with its recorded "
+                                "checksum (exit 1 if one differs).")
     c.add_argument("manifest", help="a .csv or .jsonl file, or an embedding store folder")
-    c.set_defaults(func=_check)
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
 
 def _split(s: str) -> tuple[str, ...]:

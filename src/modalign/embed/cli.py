@@ -6,20 +6,23 @@ import argparse
 import json
 import time
 
+from modalign.cli_support import add_command
 from modalign.embed.resolve import DEFAULT_TOWERS
 from modalign.errors import ModalignError
 from modalign.spec import split_key_value
 
+DESCRIPTION = """\
+Encode every item of a dataset with one tower per modality into a folder of memory-mappable arrays
+(one per modality) with row metadata and a manifest. Resumable; a changed input or tower
+re-encodes, an unchanged one is reused. Several runs may share a store: each array is written under
+its own lock, and a second run waits for it and reuses it (on a network filesystem keep a single
+writer).
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "embed", help="encode a dataset into an embedding store",
-        description="Encode every item of a dataset with one tower per modality into a folder of "
-                    "memory-mappable arrays (one per modality) with row metadata and a manifest. "
-                    "Resumable; a changed input or tower re-encodes, an unchanged one is reused. "
-                    "Several runs may share a store: each array is written under its own lock, "
-                    "and a second run waits for it and reuses it (on a network filesystem keep "
-                    "a single writer).")
+    p = add_command(sub, "embed", run=run, description=DESCRIPTION,
+                    help="encode a dataset into an embedding store")
     p.add_argument("--data", default="emoji",
                    help="emoji[:options], a .csv/.jsonl manifest or a dataset folder "
                         "(default emoji)")
@@ -47,7 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true",
                    help="after embedding, compare every array of the store with its recorded "
                         "checksum (reads every byte; exit 1 if one differs)")
-    p.set_defaults(func=run)
 
 
 def verify_store(path: str) -> int:

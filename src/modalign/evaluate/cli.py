@@ -10,7 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from modalign.cli_support import add_command, add_debug_flag
 from modalign.evaluate.runner import INDEXES, SCORINGS, TASKS, TIES
+
+DESCRIPTION = """\
+Evaluate joint-space embeddings: cross-modal retrieval both ways, intra-modal retrieval across
+views, or zero-shot classification with prompt templates, optionally after a chain of post-hoc
+bridges. Metrics are exact over the full ranking, computed in memory-bounded blocks. Each run
+writes one JSON record (dataset, split, model, task, protocol, bridges, seed, version, git hash,
+metrics).
+"""
 
 _EPILOG = """\
 examples:
@@ -23,9 +32,9 @@ examples:
   modalign eval --embeddings STORE --task zeroshot --label group \\
       --class-embeddings classes.safetensors
   modalign eval merge runs/eval/ --out table.csv
-  modalign eval --model runs/clip/model --in emoji:test --task ood --label subgroup \
+  modalign eval --model runs/clip/model --in emoji:test --task ood --label subgroup \\
       --ood-values group=Flags
-  modalign eval --model runs/clip/model --in my_id.csv:test --out-data my_ood.csv:test \
+  modalign eval --model runs/clip/model --in my_id.csv:test --out-data my_ood.csv:test \\
       --task ood --label label
 
 bridges (repeat --bridge to chain them; each is fitted on --bank-split, default train):
@@ -43,16 +52,9 @@ map (full ranking), map@r, r_precision, mrr; keys name the gallery as CLIP_bench
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval", help="evaluate retrieval, zero-shot classification and OoD detection; "
-                     "write result records",
-        description="Evaluate joint-space embeddings: cross-modal retrieval both ways, "
-                    "intra-modal retrieval across views, or zero-shot classification with "
-                    "prompt templates, optionally after a chain of post-hoc bridges. Metrics are "
-                    "exact over the full ranking, computed in memory-bounded blocks. Each run "
-                    "writes one JSON record (dataset, split, model, task, protocol, bridges, "
-                    "seed, version, git hash, metrics).",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "eval", run=run, description=DESCRIPTION, epilog=_EPILOG,
+                    help="evaluate retrieval, zero-shot classification and OoD detection; "
+                         "write result records")
     src = p.add_argument_group("what to evaluate")
     src.add_argument("--model", default=None, metavar="DIR",
                      help="a trained model folder; its heads project the tower features")
@@ -142,17 +144,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="seed of the bootstrap, stored in the record (default 0)")
     out.add_argument("--chunk-size", type=int, default=1 << 22, metavar="N",
                      help="query-gallery scores held in memory at once (default 4194304)")
-    out.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run)
+    add_debug_flag(out)
 
     sub_eval = p.add_subparsers(dest="eval_command", metavar="{merge}")
-    merge = sub_eval.add_parser(
-        "merge", help="merge records into one CSV table",
+    merge = add_command(
+        sub_eval, "merge", run=run_merge, help="merge records into one CSV table",
         description="Read evaluation records (files, or folders of *.json) and write one CSV row "
                     "per record: the settings, then every metric (the union over records).")
     merge.add_argument("records", nargs="+", help="record files or folders")
     merge.add_argument("--out", required=True, metavar="FILE.csv", help="CSV file to write")
-    merge.set_defaults(func=run_merge)
 
 
 def _choice(group: argparse._ArgumentGroup, flag: str, choices: tuple[str, ...],

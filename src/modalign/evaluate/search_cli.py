@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modalign.cli_support import add_command, add_command_group, add_debug_flag
+
 _MODEL_HELP = ("a model folder (from 'modalign train'), or a joint-space tower spec such as "
                "hf-clip:PATH")
 
@@ -27,29 +29,27 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    enc = sub.add_parser(
-        "encode", help="encode texts or images into joint-space vectors",
+    enc = add_command(
+        sub, "encode", run=run_encode, help="encode texts or images into joint-space vectors",
         description="Encode raw inputs with a model's tower and head (or a joint-space tower) "
                     "into unit vectors; print a summary, or write them with --out.",
         epilog="examples:\n  modalign encode --model runs/clip/model --text 'a trash can' "
                "--text 'a cat'\n  modalign encode --model runs/clip/model --image a.png b.png "
-               "--out vecs.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "--out vecs.safetensors")
     enc.add_argument("--model", required=True, metavar="DIR|SPEC", help=_MODEL_HELP)
     _query_arguments(enc, several=True)
     enc.add_argument("--out", default=None, metavar="FILE",
                      help="write the vectors: .safetensors (key 'embeddings') or .npy")
     enc.add_argument("--json", action="store_true", help="print the vectors as JSON")
-    enc.add_argument("--debug", action="store_true", help="show tracebacks")
-    enc.set_defaults(func=run_encode)
+    add_debug_flag(enc)
 
-    s = sub.add_parser(
-        "search", help="search a dataset with a text or image query",
+    s = add_command(
+        sub, "search", run=run_search, help="search a dataset with a text or image query",
         description="Rank a dataset's items for a query and print the top K with their ids, "
                     "values (caption or path) and cosine scores. The dataset is embedded once "
                     "and cached; --index searches a faiss index written by 'modalign index "
                     "build' instead.",
-        epilog=_SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_SEARCH_EPILOG)
     s.add_argument("--model", default=None, metavar="DIR|SPEC",
                    help=_MODEL_HELP + " (with --index: default the index's model)")
     s.add_argument("--data", default=None, metavar="DATA",
@@ -63,18 +63,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--split", default="all",
                    help="search only this split of --data (default all)")
     s.add_argument("--json", action="store_true", help="print the hits as JSON")
-    s.add_argument("--debug", action="store_true", help="show tracebacks")
-    s.set_defaults(func=run_search)
+    add_debug_flag(s)
 
-    idx = sub.add_parser("index", help="build a faiss search index of a dataset",
-                         description="Search indexes on disk (faiss, with an id map).")
-    idx_sub = idx.add_subparsers(dest="index_command", metavar="{build}")
-    b = idx_sub.add_parser(
-        "build", help="write a faiss index and its id map",
+    idx_sub = add_command_group(sub, "index", help="build a faiss search index of a dataset",
+                                description="Search indexes on disk (faiss, with an id map).",
+                                dest="index_command", metavar="{build}", exit_code=2)
+    b = add_command(
+        idx_sub, "build", run=run_index_build, help="write a faiss index and its id map",
         description="Embed a dataset's items of one modality and write a faiss index FILE plus "
                     "FILE.json (the id map: one row per vector, and the model and data it came "
                     "from). 'modalign search --index FILE' searches it.",
-        epilog=_SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_SEARCH_EPILOG)
     b.add_argument("--model", required=True, metavar="DIR|SPEC", help=_MODEL_HELP)
     b.add_argument("--data", required=True, metavar="DATA", help="the dataset indexed")
     b.add_argument("--out", required=True, metavar="FILE", help="index file to write")
@@ -82,9 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="flat: exact; ivf, hnsw: approximate, for large galleries (default flat)")
     b.add_argument("--modality", default="image", help="the modality indexed (default image)")
     b.add_argument("--split", default="all", help="index only this split (default all)")
-    b.add_argument("--debug", action="store_true", help="show tracebacks")
-    b.set_defaults(func=run_index_build)
-    idx.set_defaults(func=lambda args: idx.print_help() or 2)
+    add_debug_flag(b)
 
 
 def _query_arguments(p: argparse.ArgumentParser, several: bool) -> None:

@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from modalign.cli_support import add_command, add_debug_flag
+
 DESCRIPTION = """\
 Write one self-contained, offline HTML page of a joint embedding space: a 2-d map (PCA, or UMAP
 with the explore-umap extra) coloured by modality, positive pairs joinable, the gap vector drawn
@@ -26,10 +28,9 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explore", help="an interactive page of a joint space (map, neighbours, "
-                                       "gap slider, twins)",
-                       description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "explore", run=run, description=DESCRIPTION, epilog=EPILOG,
+                    help="an interactive page of a joint space (map, neighbours, gap slider, "
+                         "twins)")
     src = p.add_argument_group("input")
     src.add_argument("--model", metavar="DIR", help="a trained model folder (modalign train)")
     src.add_argument("--data", metavar="DATA",
@@ -69,8 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks one)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run)
+    add_debug_flag(p)
 
 
 def _csv(text: str | None) -> list[str] | None:

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from modalign.cli_support import add_command, add_debug_flag
 from modalign.errors import SmallDataWarning
 
 DESCRIPTION = """\
@@ -29,10 +30,8 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diagnose",
-                       help="measure the modality gap and the geometry of a joint space",
-                       description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "diagnose", run=run, description=DESCRIPTION, epilog=EPILOG,
+                    help="measure the modality gap and the geometry of a joint space")
     src = p.add_argument_group("input (one of)")
     src.add_argument("--embeddings", metavar="DIR",
                      help="an embedding store whose arrays are joint-space vectors (or, with "
@@ -59,8 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-rows", type=int, default=10000, metavar="N",
                    help="rows sampled for k-NN metrics above N (default 10000)")
     p.add_argument("--no-mir", action="store_true", help="skip the Modality Integration Rate")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run)
+    add_debug_flag(p)
 
 
 def _load_run(path: str) -> tuple[str, dict[str, Any]]:

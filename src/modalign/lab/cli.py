@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from modalign.cli_support import add_command, add_command_group
+
 DESCRIPTION = """\
 Train a grid of small heads on cached tower features and show how the modality gap forms,
 how large it must be before modality inversion pays, and what each fix does.
@@ -44,12 +46,11 @@ examples:
 
 def register(subparsers: Any) -> None:
     """Add ``lab`` (with its ``gap`` subcommand) to the ``modalign`` command."""
-    lab = subparsers.add_parser("lab", help="controlled experiments on the modality gap",
-                                description="Controlled experiments on the modality gap.")
-    sub = lab.add_subparsers(dest="lab_command", metavar="EXPERIMENT")
-    p = sub.add_parser("gap", help="sweep the factors that make the gap; test when inversion "
-                       "pays", description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = add_command_group(subparsers, "lab", help="controlled experiments on the modality gap",
+                            description="Controlled experiments on the modality gap.",
+                            dest="lab_command", metavar="EXPERIMENT")
+    p = add_command(sub, "gap", run=run, description=DESCRIPTION, epilog=EPILOG,
+                    help="sweep the factors that make the gap; test when inversion pays")
     p.add_argument("--quick", action="store_true",
                    help="six settings (one with towers trained from scratch), one seed, 24 "
                         "inverted queries per direction (OTI 40 steps, OVI 60) instead of the "
@@ -69,7 +70,6 @@ def register(subparsers: Any) -> None:
                    help="inverted queries per direction (default 24 quick / 48 full)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads [2]")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

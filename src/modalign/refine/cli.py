@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modalign.cli_support import add_command, add_debug_flag
+
 if TYPE_CHECKING:
     from modalign.data.dataset import PairedDataset
     from modalign.embed.store import EmbeddingStore
@@ -33,16 +35,17 @@ is the record: gap, retrieval and (with --label) zero-shot accuracy before and a
 """
 
 
+DESCRIPTION = """\
+Post-training refinement of a model's heads (and of its fine-tuned tower stages, if any):
+CLIP-Refine (random feature alignment + hybrid contrastive distillation to the starting model) or
+the cross-modal alignment (CMA) objective on class prompts. Writes a normal model folder and a
+record with the gap, cross-modal retrieval and zero-shot accuracy before and after.
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "refine", help="refine a trained model (CLIP-Refine RaFA+HyCD, or CMA)",
-        description="Post-training refinement of a model's heads (and of its fine-tuned tower "
-                    "stages, if any): "
-                    "CLIP-Refine (random feature alignment + hybrid contrastive distillation "
-                    "to the starting model) or the cross-modal alignment (CMA) objective on "
-                    "class prompts. Writes a normal model folder and a record with the gap, "
-                    "cross-modal retrieval and zero-shot accuracy before and after.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "refine", run=run, description=DESCRIPTION, epilog=EPILOG,
+                    help="refine a trained model (CLIP-Refine RaFA+HyCD, or CMA)")
     p.add_argument("--model", required=True, metavar="DIR", help="the trained model folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DATA",
@@ -80,8 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="fine-tuned towers: last K stages refined (default 1; 0: heads only)")
     opt.add_argument("--seed", type=int, default=0,
                      help="seed of the initialisation and of the batch order (0)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run)
+    add_debug_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:

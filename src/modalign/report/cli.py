@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from modalign.cli_support import add_command, add_debug_flag
+
+DESCRIPTION = """\
+Write one self-contained HTML page: training curves from each run's log.jsonl (loss terms, R@1,
+gap, logit scales per epoch), a table of eval records with their 95%% intervals, diagnosis figures,
+and with --data a top-k search gallery per sampled query and (with --label) a zero-shot confusion
+matrix.
+"""
+
 _EPILOG = """\
 examples:
   modalign report runs/shop --out report.html
@@ -13,14 +22,8 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report", help="an HTML report of runs, eval records and diagnoses",
-        description="Write one self-contained HTML page: training curves from each run's "
-                    "log.jsonl (loss terms, R@1, gap, logit scales per epoch), a table of eval "
-                    "records with their 95%% intervals, diagnosis figures, and with --data a "
-                    "top-k search gallery per sampled query and (with --label) a zero-shot "
-                    "confusion matrix.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "report", run=run, description=DESCRIPTION, epilog=_EPILOG,
+                    help="an HTML report of runs, eval records and diagnoses")
     p.add_argument("inputs", nargs="+", metavar="RUN_OR_RECORDS",
                    help="run folders, eval record files or folders, diagnosis folders")
     p.add_argument("--out", default="report.html", metavar="FILE.html",
@@ -32,8 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queries", type=int, default=6, help="gallery queries (default 6)")
     p.add_argument("--k", type=int, default=5, help="hits per gallery query (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run)
+    add_debug_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
+from modalign.cli_support import add_command, add_command_group, add_debug_flag
 from modalign.data.benchmarks import available_benchmarks, benchmark_folder
 from modalign.distributed.runtime import setup
 from modalign.io import write_bytes_atomic
@@ -23,8 +23,9 @@ def register(subparsers: Any) -> None:
     from modalign.reproduce.clip_benchmark import DATASETS as CB_DATASETS
     from modalign.reproduce.cross_the_gap import DATASETS as CTG_DATASETS
 
-    parser = subparsers.add_parser(
-        "reproduce", help="run a paper's protocol on the standard datasets",
+    suites = add_command_group(
+        subparsers, "reproduce", help="run a paper's protocol on the standard datasets",
+        dest="suite", metavar="SUITE", exit_code=2,
         description=(
             "Run a published evaluation protocol on local copies of the standard datasets with "
             "your model (transformers CLIP/SigLIP folder, hub name, or open_clip spec). Writes one "
@@ -32,7 +33,6 @@ def register(subparsers: Any) -> None:
             "published figures beside ours. Nothing is downloaded; datasets are read from "
             "--data-root in their published layouts. Under torchrun, every rank embeds a shard "
             "and rank 0 merges, inverts and scores."),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=("examples:\n"
                 "  modalign reproduce cross-the-gap --model openai/clip-vit-base-patch32 \\\n"
                 "      --data-root /data --datasets dtd oxford_pets coco\n"
@@ -41,20 +41,19 @@ def register(subparsers: Any) -> None:
                 "      --datasets imagenet coco flickr30k\n"
                 "  torchrun --nproc-per-node 8 -m modalign reproduce cross-the-gap \\\n"
                 "      --model ./clip-l14 --data-root /data --datasets imagenet"))
-    suites = parser.add_subparsers(dest="suite", metavar="SUITE")
 
-    ctg = suites.add_parser(
-        "cross-the-gap", help="image->image (native vs OTI), text->text (native vs OVI), "
-                              "zero-shot inter- vs intra-modal (Mistretta et al., ICLR 2025)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ctg = add_command(
+        suites, "cross-the-gap", run=run,
+        help="image->image (native vs OTI), text->text (native vs OVI), zero-shot inter- vs "
+             "intra-modal (Mistretta et al., ICLR 2025)",
         epilog=_ctg_epilog(CTG_DATASETS),
-        description=textwrap.fill(
+        description=(
             "Cross the Gap protocol: image->image retrieval with native vs OTI queries on CUB, "
             "SOP, ROxford5k/RParis6k and the 11 CoOp datasets; text->text retrieval with native "
             "vs OVI queries on COCO, Flickr30k and nocaps (the first caption queries the other "
             "captions) and on IMDB, 20 Newsgroups and 7 NanoBEIR sets; zero-shot "
             "classification on the CoOp datasets with image vs prompt, OTI-image vs prompt and "
-            "image vs OVI-prompt classifiers. mAP over the full ranking.", 79))
+            "image vs OVI-prompt classifiers. mAP over the full ranking."))
     _common(ctg, CTG_DATASETS)
     ctg.add_argument("--methods", nargs="+", choices=("native", "inversion"),
                      default=["native", "inversion"],
@@ -82,10 +81,9 @@ def register(subparsers: Any) -> None:
     ctg.add_argument("--paper-model", default=None,
                      help="published row to print beside ours: 'CLIP B/32', 'CLIP L/14', "
                           "'SigLIP B/16', 'SLIP B/16' (default: matched from --model)")
-    ctg.set_defaults(func=run)
 
-    cg = suites.add_parser(
-        "contrastive-gap", help="gap metrics on COCO pairs (Fahim et al. 2024)",
+    cg = add_command(
+        suites, "contrastive-gap", run=run, help="gap metrics on COCO pairs (Fahim et al. 2024)",
         description=(
             "Contrastive-gap metrics on COCO image + first-caption pairs of a Karpathy split "
             "(default val, 5,000 pairs): mean positive cosine, centroid distance, linear "
@@ -95,18 +93,16 @@ def register(subparsers: Any) -> None:
     cg.add_argument("--split", default="val", choices=("train", "val", "test"),
                     help="Karpathy split of COCO (default val)")
     cg.add_argument("--max-pairs", type=int, default=None, help="use the first N pairs only")
-    cg.set_defaults(func=run)
 
-    cb = suites.add_parser(
-        "clip-benchmark", help="zero-shot classification and retrieval, CLIP_benchmark keys",
+    cb = add_command(
+        suites, "clip-benchmark", run=run,
+        help="zero-shot classification and retrieval, CLIP_benchmark keys",
         description=(
             "The CLIP_benchmark tasks with its metric names: zeroshot_classification (acc1, acc5, "
             "mean_per_class_recall) on the CoOp datasets' test splits (ImageNet: val, 80 OpenAI "
             "templates) and zeroshot_retrieval (image_retrieval_recall@K, text_retrieval_recall@K) "
             "on the COCO and Flickr30k Karpathy test splits."))
     _common(cb, CB_DATASETS)
-    cb.set_defaults(func=run)
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
 def _ctg_epilog(datasets: tuple[str, ...]) -> str:
@@ -146,7 +142,7 @@ def _common(p: argparse.ArgumentParser, datasets: tuple[str, ...] | None) -> Non
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the inversion inits and of the separability split (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_flag(p)
 
 
 def _datasets(args: argparse.Namespace, candidates: tuple[str, ...]) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from modalign.cli_support import add_command, add_debug_flag
 from modalign.io import dumps
 from modalign.train.config import BUILTIN_CONFIGS, SECTIONS, flag_specs, load_config
 
@@ -35,10 +36,9 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
-    p = subparsers.add_parser(
-        "train", help="train an N-tower model (heads on cached features), resumable",
-        description=_DESCRIPTION, epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(
+        subparsers, "train", run=run, description=_DESCRIPTION, epilog=_EPILOG,
+        help="train an N-tower model (heads on cached features), resumable")
     p.add_argument("--config", metavar="FILE",
                    help=f"a .toml/.yaml config or a built-in name ({', '.join(BUILTIN_CONFIGS)}); "
                         "default: every key at its default")
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="continue the run in run.dir from its latest checkpoint (bitwise on CPU)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_flag(p)
     p.add_argument("--name", dest="key:run.name", metavar="NAME", default=argparse.SUPPRESS,
                    help="name of the run (same as --run.name); without run.dir the run goes to "
                         "<modalign home>/runs/NAME")
@@ -60,7 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         section = key.split(".", 1)[0]
         groups[section].add_argument(f"--{key}", dest=f"key:{key}", metavar="VALUE",
                                      default=argparse.SUPPRESS, help=help_text)
-    p.set_defaults(func=run)
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
