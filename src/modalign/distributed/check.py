@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -43,7 +43,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 LossFactory = Callable[[], nn.Module]
+
+
+class CheckOptions(TypedDict, total=False):
+    """How :func:`check_distributed_cases` (and :func:`check_distributed`) run and compare."""
+
+    rtol: float
+    atol: float
+    seed: int
+    timeout: float
+    start_method: str
+    raise_on_mismatch: bool
 
 
 @dataclass(frozen=True)
@@ -109,12 +123,7 @@ def check_distributed(
     *,
     groups_per_rank: Sequence[Tensor] | None = None,
     indices_per_rank: Sequence[Tensor] | None = None,
-    rtol: float = 1e-7,
-    atol: float = 1e-10,
-    seed: int = 0,
-    timeout: float = 120.0,
-    start_method: str = "spawn",
-    raise_on_mismatch: bool = True,
+    **options: Unpack[CheckOptions],
 ) -> DistributedCheckReport:
     """Run ``loss_factory()`` on ``len(inputs_per_rank)`` real processes and on one process.
 
@@ -124,25 +133,14 @@ def check_distributed(
         inputs_per_rank: per rank, the embeddings keyed by modality (use float64 for tight checks).
         groups_per_rank: optional per-rank group-id tensors (passed as ``groups=``).
         indices_per_rank: optional per-rank sample indices (passed as ``indices=``).
-        rtol: tolerated error relative to the largest reference entry; atol: absolute slack.
-        seed: seed set before building the loss and before each forward pass.
-        timeout: seconds to wait for the processes.
-        start_method: ``"spawn"`` (safe default) or ``"fork"`` (faster, POSIX only).
-        raise_on_mismatch: raise :class:`DistributedMismatchError` (else return the report).
+        **options: ``rtol``, ``atol``, ``seed``, ``timeout``, ``start_method``,
+            ``raise_on_mismatch``, as :func:`check_distributed_cases` takes them.
 
     Returns:
         A :class:`DistributedCheckReport`.
     """
     case = DistributedCase(loss_factory, inputs_per_rank, groups_per_rank, indices_per_rank)
-    (report,) = check_distributed_cases(
-        [case],
-        rtol=rtol,
-        atol=atol,
-        seed=seed,
-        timeout=timeout,
-        start_method=start_method,
-        raise_on_mismatch=raise_on_mismatch,
-    )
+    (report,) = check_distributed_cases([case], **options)
     return report
 
 
@@ -159,6 +157,14 @@ def check_distributed_cases(
     """Like :func:`check_distributed` for several cases in one process group (start-up paid once).
 
     Every case must have the same number of ranks.
+
+    Args:
+        cases: the losses and their per-rank inputs.
+        rtol: tolerated error relative to the largest reference entry; atol: absolute slack.
+        seed: seed set before building the loss and before each forward pass.
+        timeout: seconds to wait for the processes.
+        start_method: ``"spawn"`` (safe default) or ``"fork"`` (faster, POSIX only).
+        raise_on_mismatch: raise :class:`DistributedMismatchError` (else return the reports).
     """
     if not cases:
         raise ValueError("cases must not be empty")
