@@ -14,13 +14,17 @@ from modalign.data.benchmarks import (
     CLASSIFICATION_BENCHMARKS,
     COOP_TEMPLATES,
     OPENAI_IMAGENET_TEMPLATES,
+    benchmark_folder,
     convert_ground_truth,
     load_benchmark,
+    load_coop,
     load_karpathy,
+    load_nanobeir,
     load_revisited,
     read_ground_truth,
 )
 from modalign.data.benchmarks.revisited import GroundTruthUnpickler
+from modalign.errors import ModalignError
 from reproduce_fixtures import (
     COOP_CLASSES,
     write_coop,
@@ -248,3 +252,25 @@ def test_registry_and_templates() -> None:
     assert set(COOP_TEMPLATES) == set(CLASSIFICATION_BENCHMARKS)
     with pytest.raises(ValueError, match="name='nope'"):
         load_benchmark("nope", ".")
+
+
+@pytest.mark.parametrize(("load", "choices"), [
+    (load_karpathy, "coco, flickr30k"), (load_revisited, "roxford5k, rparis6k"),
+    (load_coop, "caltech101, dtd, eurosat, "), (load_nanobeir, "nanobeir_climatefever, "),
+    (load_benchmark, "20newsgroups, caltech101, coco, ")])
+def test_named_loaders_reject_an_unknown_name_listing_theirs(tmp_path: Path, load,
+                                                             choices) -> None:
+    with pytest.raises(ModalignError, match=rf"^name='nope': expected one of {choices}"):
+        load("nope", tmp_path)
+
+
+def test_benchmark_folder_names_each_loaders_folder(tmp_path: Path) -> None:
+    """``benchmark_folder`` and the loaders share one folder name per benchmark."""
+    for name, folder in [("cub2011", "CUB_200_2011"), ("sop", "Stanford_Online_Products"),
+                         ("nocaps", "nocaps"), ("coco", "coco"), ("caltech101", "caltech-101"),
+                         ("roxford5k", "roxford5k"), ("imdb", "IMDB_Reviews")]:
+        assert benchmark_folder(name) == folder
+        with pytest.raises(FileNotFoundError, match=f"{tmp_path / folder}"):
+            load_benchmark(name, tmp_path)
+    with pytest.raises(ModalignError, match="name='nope'"):
+        benchmark_folder("nope")

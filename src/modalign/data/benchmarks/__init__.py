@@ -11,7 +11,7 @@ Examples:
     >>> load_benchmark("pets", "/data")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: name='pets': expected one of 20newsgroups, caltech101, coco, cub2011, dtd, ...
+    modalign.errors.ModalignError: name='pets': expected one of 20newsgroups, caltech101, coco, ...
 """
 
 from __future__ import annotations
@@ -25,18 +25,19 @@ from modalign.data.benchmarks.base import (
     RetrievalProtocol,
     RevisitedGroundTruth,
     Side,
+    check_name,
 )
 from modalign.data.benchmarks.coop import COOP_LAYOUTS, load_coop
-from modalign.data.benchmarks.cub import load_cub
+from modalign.data.benchmarks.cub import CUB_FOLDER, load_cub
 from modalign.data.benchmarks.karpathy import KARPATHY_LAYOUTS, load_karpathy
-from modalign.data.benchmarks.nocaps import load_nocaps
+from modalign.data.benchmarks.nocaps import NOCAPS_FOLDER, load_nocaps
 from modalign.data.benchmarks.revisited import (
     REVISITED,
     convert_ground_truth,
     load_revisited,
     read_ground_truth,
 )
-from modalign.data.benchmarks.sop import load_sop
+from modalign.data.benchmarks.sop import SOP_FOLDER, load_sop
 from modalign.data.benchmarks.summaries import (
     PlainUnpickler,
     convert_summaries,
@@ -89,14 +90,13 @@ def benchmark_folder(name: str) -> str:
         >>> benchmark_folder("caltech101"), benchmark_folder("cub2011")
         ('caltech-101', 'CUB_200_2011')
     """
+    check_name(name, BENCHMARKS)
     if name in COOP_LAYOUTS:
         return COOP_LAYOUTS[name].folder
     if name in KARPATHY_LAYOUTS:
         return KARPATHY_LAYOUTS[name].folder
-    folders = {"nocaps": "nocaps", "cub2011": "CUB_200_2011", "sop": "Stanford_Online_Products",
+    folders = {"nocaps": NOCAPS_FOLDER, "cub2011": CUB_FOLDER, "sop": SOP_FOLDER,
                **{n: n for n in REVISITED}, **TEXTUAL_FOLDERS}
-    if name not in folders:
-        raise ValueError(f"name={name!r}: expected one of {', '.join(BENCHMARKS)}")
     return folders[name]
 
 
@@ -112,9 +112,7 @@ def available_benchmarks(root: str | Path, names: Iterable[str] | None = None) -
 
 def load_benchmark(name: str, root: str | Path) -> Benchmark:
     """Load benchmark ``name`` (a key of :data:`BENCHMARKS`) from the data root ``root``."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"name={name!r}: expected one of {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name](Path(root))
+    return BENCHMARKS[check_name(name, BENCHMARKS)](Path(root))
 
 
 __all__ = [

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modalign.data.dataset import Item, PairedDataset
+from modalign.errors import ModalignError
 from modalign.io import read_user_text
 
 LAYOUT_DOC = "docs/reproduce.md"
@@ -160,10 +161,34 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def check_name(name: str, choices: Iterable[str]) -> str:
+    """``name`` if it is one of ``choices`` (a loader's datasets), else an error listing them.
+
+    Examples:
+        >>> check_name("coco", ("coco", "flickr30k"))
+        'coco'
+        >>> check_name("mscoco", ("coco", "flickr30k"))
+        Traceback (most recent call last):
+        ...
+        modalign.errors.ModalignError: name='mscoco': expected one of coco, flickr30k
+    """
+    choices = list(choices)
+    if name not in choices:
+        raise ModalignError(f"name={name!r}: expected one of {', '.join(choices)}")
+    return name
+
+
 def find_dataset_dir(root: str | Path, names: Sequence[str], what: str) -> Path:
     """The first of ``root/NAME`` and ``root/CoOp/NAME`` that exists, for NAME in ``names``.
 
-    ``root`` itself is accepted when its folder name is one of ``names``.
+    ``root`` itself is accepted when its folder name is one of ``names``. Every loader finds its
+    folder here, so a missing one fails the same way for each.
+
+    Examples:
+        >>> find_dataset_dir("/nonexistent", ("CUB_200_2011",), "cub2011")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: cub2011: no dataset folder under /nonexistent; expected one of ...
     """
     root = Path(root).expanduser()
     if root.name in names and root.is_dir():

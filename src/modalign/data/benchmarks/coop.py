@@ -26,6 +26,7 @@ from modalign.data.benchmarks.base import (
     Benchmark,
     RetrievalProtocol,
     Side,
+    check_name,
     find_dataset_dir,
     labelled_benchmark,
     read_text_lines,
@@ -77,14 +78,11 @@ def load_coop(name: str, root: str | Path, check_files: bool = True) -> Benchmar
         check_files: check that every listed image exists (one ``stat`` per image).
 
     Examples:
-        >>> load_coop("pets", "/data")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: name='pets': expected one of caltech101, dtd, eurosat, fgvc_aircraft, ...
+        >>> pets = load_coop("oxford_pets", "/data")  # doctest: +SKIP
+        >>> pets.prompts()[0][0]  # doctest: +SKIP
+        'a photo of a abyssinian, a type of pet.'
     """
-    if name not in COOP_LAYOUTS:
-        raise ValueError(f"name={name!r}: expected one of {', '.join(sorted(COOP_LAYOUTS))}")
-    layout = COOP_LAYOUTS[name]
+    layout = COOP_LAYOUTS[check_name(name, COOP_LAYOUTS)]
     folder = find_dataset_dir(root, (layout.folder,), f"{name} (CoOp layout)")
     if name == "fgvc_aircraft":
         rows, classnames = _aircraft_rows(folder, layout)

@@ -25,6 +25,7 @@ from modalign.data.benchmarks.base import (
     read_text_lines,
 )
 
+CUB_FOLDER = "CUB_200_2011"
 CUB_RETRIEVAL = RetrievalProtocol("image-to-image", query=Side("image"), gallery=Side("image"),
                                   exclude_self=True)
 
@@ -42,13 +43,14 @@ def _id_table(path: Path, what: str) -> dict[str, str]:
 def load_cub(root: str | Path, check_files: bool = True) -> Benchmark:
     """Load CUB-200-2011 from ``root`` (the folder holding ``CUB_200_2011/``).
 
+    A missing folder or list file raises ``FileNotFoundError`` naming where it was expected.
+
     Examples:
-        >>> load_cub("/nonexistent")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: cub2011: no dataset folder under /nonexistent; expected one of ...
+        >>> cub = load_cub("/data")  # doctest: +SKIP
+        >>> len(cub.classnames), cub.classnames[0]  # doctest: +SKIP
+        (200, 'Black footed Albatross')
     """
-    folder = find_dataset_dir(root, ("CUB_200_2011",), "cub2011")
+    folder = find_dataset_dir(root, (CUB_FOLDER,), "cub2011")
     images = _id_table(folder / "images.txt", "CUB image list")
     labels = _id_table(folder / "image_class_labels.txt", "CUB class labels")
     classes = _id_table(folder / "classes.txt", "CUB class list")

@@ -32,6 +32,7 @@ from modalign.data.benchmarks.base import (
     RetrievalProtocol,
     Side,
     check_files,
+    check_name,
     find_dataset_dir,
     require_file,
 )
@@ -99,14 +100,11 @@ def load_karpathy(name: str, root: str | Path, with_images: bool = True,
         check_files_exist: check that every image file exists.
 
     Examples:
-        >>> load_karpathy("mscoco", "/data")
-        Traceback (most recent call last):
-        ...
-        ValueError: name='mscoco': expected 'coco' or 'flickr30k'
+        >>> coco = load_karpathy("coco", "/data", with_images=False)  # doctest: +SKIP
+        >>> coco.protocols["text-to-text"].query.describe()  # doctest: +SKIP
+        'text[test; first-caption]'
     """
-    if name not in KARPATHY_LAYOUTS:
-        raise ValueError(f"name={name!r}: expected 'coco' or 'flickr30k'")
-    layout = KARPATHY_LAYOUTS[name]
+    layout = KARPATHY_LAYOUTS[check_name(name, KARPATHY_LAYOUTS)]
     folder = find_dataset_dir(root, (layout.folder,), f"{name} (Karpathy split layout)")
     path = require_file(folder / layout.split_file, "Karpathy split file")
     data: Any = read_json(path)

@@ -24,6 +24,7 @@ from modalign.data.benchmarks.karpathy import caption_items, caption_protocols
 from modalign.data.dataset import Item, PairedDataset
 from modalign.io import read_json
 
+NOCAPS_FOLDER = "nocaps"
 NOCAPS_FILE = "nocaps_val_4500_captions.json"
 NOCAPS_IMAGE_DIR = "val"
 
@@ -32,13 +33,14 @@ def load_nocaps(root: str | Path, with_images: bool = True,
                 check_files_exist: bool = True) -> Benchmark:
     """Load nocaps validation from ``root`` (the folder holding ``nocaps/``).
 
+    A missing folder or caption file raises ``FileNotFoundError`` naming where it was expected.
+
     Examples:
-        >>> load_nocaps("/nonexistent")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: nocaps: no dataset folder under /nonexistent; expected one of ...
+        >>> nocaps = load_nocaps("/data", with_images=False)  # doctest: +SKIP
+        >>> sorted(nocaps.protocols)  # doctest: +SKIP
+        ['image-to-text', 'text-to-image', 'text-to-text']
     """
-    folder = find_dataset_dir(root, ("nocaps",), "nocaps")
+    folder = find_dataset_dir(root, (NOCAPS_FOLDER,), "nocaps")
     path = require_file(folder / NOCAPS_FILE, "nocaps caption file")
     data: Any = read_json(path)
     try:

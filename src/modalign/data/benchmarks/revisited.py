@@ -34,6 +34,7 @@ from modalign.data.benchmarks.base import (
     RevisitedGroundTruth,
     Side,
     check_files,
+    check_name,
     find_dataset_dir,
     require_file,
 )
@@ -139,14 +140,11 @@ def load_revisited(name: str, root: str | Path, distractors: bool = True,
         check_files_exist: check that every query and database image exists.
 
     Examples:
-        >>> load_revisited("oxford5k", "/data")
-        Traceback (most recent call last):
-        ...
-        ValueError: name='oxford5k': expected 'roxford5k' or 'rparis6k'
+        >>> oxford = load_revisited("roxford5k", "/data", distractors=False)  # doctest: +SKIP
+        >>> len(oxford.revisited.queries)  # doctest: +SKIP
+        70
     """
-    if name not in REVISITED:
-        raise ValueError(f"name={name!r}: expected 'roxford5k' or 'rparis6k'")
-    folder = find_dataset_dir(root, (name,), name)
+    folder = find_dataset_dir(root, (check_name(name, REVISITED),), name)
     json_path = folder / f"gnd_{name}.json"
     gt_path = json_path if json_path.exists() else require_file(
         folder / f"gnd_{name}.pkl", f"{name} ground truth (gnd_{name}.pkl or gnd_{name}.json)")

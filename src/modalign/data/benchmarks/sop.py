@@ -29,18 +29,20 @@ from modalign.data.dataset import Item, PairedDataset
 SOP_RETRIEVAL = RetrievalProtocol("image-to-image", query=Side("image", "test"),
                                   gallery=Side("image", "test"), exclude_self=True)
 SOP_HEADER = ["image_id", "class_id", "super_class_id", "path"]
+SOP_FOLDER = "Stanford_Online_Products"
 
 
 def load_sop(root: str | Path, check_files_exist: bool = True) -> Benchmark:
     """Load Stanford Online Products from ``root`` (holding ``Stanford_Online_Products/``).
 
+    A missing folder or list file raises ``FileNotFoundError`` naming where it was expected.
+
     Examples:
-        >>> load_sop("/nonexistent")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: sop: no dataset folder under /nonexistent; expected one of ...
+        >>> sop = load_sop("/data")  # doctest: +SKIP
+        >>> sop.dataset.items[0].labels["category"]  # doctest: +SKIP
+        'bicycle'
     """
-    folder = find_dataset_dir(root, ("Stanford_Online_Products",), "sop")
+    folder = find_dataset_dir(root, (SOP_FOLDER,), "sop")
     items: list[Item] = []
     for split, fname in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")):
         path = folder / fname

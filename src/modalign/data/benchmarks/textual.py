@@ -40,6 +40,7 @@ from modalign.data.benchmarks.base import (
     Benchmark,
     RetrievalProtocol,
     Side,
+    check_name,
     find_dataset_dir,
     require_file,
 )
@@ -191,8 +192,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 def load_nanobeir(name: str, root: str | Path) -> Benchmark:
     """One NanoBEIR set (``nanobeir_fever``, ...): its queries against its corpus, by qrels."""
-    if name not in NANOBEIR:
-        raise ModalignError(f"name={name!r}: expected one of {', '.join(NANOBEIR)}")
+    check_name(name, NANOBEIR)
     base = find_dataset_dir(root, (NANOBEIR_FOLDER,), "NanoBEIR")
     folder = base / NANOBEIR[name]
     if not folder.is_dir():
