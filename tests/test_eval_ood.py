@@ -234,6 +234,23 @@ def test_eval_ood_cli_records_metrics_and_intervals(tmp_path):
     assert main([*argv[:-6], "--out", str(out)]) == 2  # no prototypes and no model
 
 
+@pytest.mark.parametrize("bad", ["group", "group=", "=grp-1", "group= , "])
+def test_ood_values_must_be_label_equals_values(bad):
+    from modalign.evaluate.runner import parse_ood_values
+
+    expected = f"--ood-values {bad!r}: expected LABEL=V1[,V2...], e.g. group=Flags"
+    with pytest.raises(ModalignError) as info:
+        parse_ood_values(bad)
+    assert str(info.value) == expected
+
+
+def test_ood_values_are_split_and_stripped_once():
+    from modalign.evaluate.runner import parse_ood_values
+
+    assert parse_ood_values(" group = Flags, Smileys & Emotion ,") == (
+        "group", ["Flags", "Smileys & Emotion"])
+
+
 def test_classes_for_zero_shot_and_ood_come_from_one_resolver(tmp_path):
     from modalign.errors import ModalignError
     from modalign.evaluate.zeroshot import resolve_classes, save_class_embeddings

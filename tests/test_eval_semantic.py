@@ -14,7 +14,7 @@ from modalign.cli import main
 from modalign.embed.store import EmbeddingStore
 from modalign.errors import ModalignError
 from modalign.evaluate.index_file import read_index, write_index
-from modalign.evaluate.inverted import parse_inverted, resolve_inverted
+from modalign.evaluate.inverted import InvertedSpec, parse_inverted, resolve_inverted
 from modalign.evaluate.records import (
     flatten_protocol,
     make_record,
@@ -99,6 +99,17 @@ def test_inverted_arrays_are_found_by_what_they_are(tmp_path):
         resolve_inverted(parse_inverted("text=ovi"), store, split="test")
     with pytest.raises(ModalignError, match="QUERY=METHOD"):
         parse_inverted("image")
+
+
+@pytest.mark.parametrize("bad", ["image", "image=", "=oti", " = oti", ":noto=oti"])
+def test_parse_inverted_refuses_what_is_not_query_equals_what(bad):
+    with pytest.raises(ModalignError, match=rf"^--inverted {bad!r}: expected QUERY=METHOD "):
+        parse_inverted(bad)
+
+
+def test_parse_inverted_strips_like_every_key_value():
+    assert parse_inverted(" image:noto = oti:latest ") == InvertedSpec("image:noto", "oti", True)
+    assert parse_inverted("text=ovi").modality == "text"
 
 
 def load_dataset_name(folder):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from modalign.errors import ModalignError
+from modalign.spec import split_key_value
 
 if TYPE_CHECKING:  # the store (and torch) load only when an array is resolved
     from modalign.embed.store import EmbeddingStore
@@ -51,13 +52,13 @@ def parse_inverted(spec: str) -> InvertedSpec:
         >>> parse_inverted("image=oti:latest")
         InvertedSpec(query='image', what='oti', latest=True)
     """
-    key, eq, what = spec.partition("=")
-    if not eq or not key.strip() or not what.strip() or key.startswith(":"):
-        raise ModalignError(f"--inverted {spec!r}: expected QUERY=METHOD (e.g. image=oti, "
-                            "text=ovi, image=oti:latest) or QUERY=ARRAY (an array name)")
-    what = what.strip()
+    expected = ("QUERY=METHOD (e.g. image=oti, text=ovi, image=oti:latest) or QUERY=ARRAY (an "
+                "array name)")
+    key, what = split_key_value(spec, "--inverted", expected)
+    if not what or key.startswith(":"):
+        raise ModalignError(f"--inverted {spec!r}: expected {expected}")
     latest = what.endswith(":latest")
-    return InvertedSpec(key.strip(), what[: -len(":latest")] if latest else what, latest)
+    return InvertedSpec(key, what[: -len(":latest")] if latest else what, latest)
 
 
 def resolve_inverted(spec: InvertedSpec, store: EmbeddingStore, *, split: str,

@@ -45,7 +45,7 @@ from torch import Tensor
 from modalign.embed.store import Embeddings
 from modalign.errors import ModalignError
 from modalign.evaluate.retrieval import TaskResult, as_unit_tensor
-from modalign.evaluate.runner import data_and_split
+from modalign.evaluate.runner import data_and_split, parse_ood_values
 
 SCORES: tuple[str, ...] = ("mcm", "energy", "max_logit", "knn")
 """Score names accepted by :func:`ood_detection`."""
@@ -466,11 +466,7 @@ def ood_task(s: Any) -> tuple[TaskResult, str]:
     bank = emb.filter(split=s.bank_split)
     excluded: set[str] = set()
     if s.ood_values:
-        name, eq, values = s.ood_values.partition("=")
-        held = [v.strip() for v in values.split(",") if v.strip()]
-        if not eq or not name or not held:
-            raise ModalignError(f"--ood-values {s.ood_values!r}: expected LABEL=V1[,V2...], "
-                                "e.g. group=Flags")
+        name, held = parse_ood_values(s.ood_values)
         ind, ood = split_by_label(ind, name, held)
         excluded = {v for v in ood.labels(s.label) if v}
         keep = np.array([v not in set(held) for v in bank.labels(name)], dtype=bool)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modalign.errors import ModalignError, SmallDataWarning
+from modalign.spec import split_key_value
 
 TASKS: tuple[str, ...] = ("retrieval", "intra", "zeroshot", "ood", "compositional")
 SPLIT_CHOICES: tuple[str, ...] = ("train", "val", "test", "all")
@@ -235,10 +236,7 @@ def _check_ood(s: EvalSettings) -> None:
         raise ModalignError(f"--scores {','.join(s.scores)!r}: expected some of "
                             f"{', '.join(OOD_SCORES)}")
     if s.ood_values:
-        label, eq, values = s.ood_values.partition("=")
-        if not eq or not label or not [v for v in values.split(",") if v.strip()]:
-            raise ModalignError(f"--ood-values {s.ood_values!r}: expected LABEL=V1[,V2...], "
-                                "e.g. group=Flags")
+        parse_ood_values(s.ood_values)
     elif s.out_data:
         if s.model is None:
             raise ModalignError("--out-data needs --model (its towers encode the OOD data)")
@@ -246,6 +244,21 @@ def _check_ood(s: EvalSettings) -> None:
     else:
         raise ModalignError("--task ood needs OOD inputs: --out-data DATA[:split] or "
                             "--ood-values LABEL=V1,V2")
+
+
+def parse_ood_values(text: str) -> tuple[str, list[str]]:
+    """``--ood-values LABEL=V1[,V2...]``: the label and the values held out as OOD.
+
+    Examples:
+        >>> parse_ood_values("group=Flags, Symbols")
+        ('group', ['Flags', 'Symbols'])
+    """
+    expected = "LABEL=V1[,V2...], e.g. group=Flags"
+    label, values = split_key_value(text, "--ood-values", expected)
+    held = [v.strip() for v in values.split(",") if v.strip()]
+    if not held:
+        raise ModalignError(f"--ood-values {text!r}: expected {expected}")
+    return label, held
 
 
 def _check_specs(s: EvalSettings) -> None:
