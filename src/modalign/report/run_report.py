@@ -3,9 +3,10 @@
 :func:`run_report` reads what exists and skips what does not:
 
 * a *run folder* (``modalign train --run.dir RUN``): curves from ``RUN/log.jsonl`` (loss terms,
-  retrieval at 1, gap, logit scales per epoch); with ``data``, a top-k gallery for a sample of
-  queries (thumbnails for images, text for text) and, with ``label``, a zero-shot confusion matrix
-  of ``RUN/model`` on that data;
+  retrieval at 1, gap, the objectives' temperatures tau per epoch, also from older logs that
+  record logit scales); with ``data``, a top-k gallery for a sample of queries (thumbnails for
+  images, text for text) and, with ``label``, a zero-shot confusion matrix of ``RUN/model`` on
+  that data;
 * *records* (``modalign eval`` files or folders of them): one table row per record with the
   headline metrics and their 95% intervals;
 * a *diagnosis* (``modalign diagnose --out DIR``: ``DIR/diagnosis.json``): its figures.
@@ -32,6 +33,7 @@ from typing import Any
 from modalign.errors import ModalignError
 from modalign.report.html import Page
 
+TEMPERATURE_TITLE = "temperature τ (1 / logit scale)"
 _HEADLINE = re.compile(r"(_retrieval_recall@1|_retrieval_map|^acc1|^mean_per_class_recall)$")
 
 
@@ -141,7 +143,7 @@ def _training_section(page: Page, run: Path) -> None:
                       and _numeric(rows, k)],
         "gap": [k for k in rows[-1] if k.startswith("gap") and _numeric(rows, k)],
     }
-    scales = sorted({k for r in rows for k in (r.get("logit_scales") or {})})
+    temperatures = temperature_curves(rows)
     figures = []
     for title, keys in panels.items():
         if not keys:
@@ -153,19 +155,47 @@ def _training_section(page: Page, run: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=7)
         figures.append((fig, title))
-    if scales:
+    if temperatures:
         fig, ax = plt.subplots(figsize=(4, 2.8))
-        for key in scales:
-            ax.plot(epochs, [_or_nan((r.get("logit_scales") or {}).get(key)) for r in rows],
-                    marker="o",
-                    ms=3, label=key)
+        for key, curve in temperatures.items():
+            ax.plot(epochs, curve, marker="o", ms=3, label=key)
         ax.set_xlabel("epoch")
-        ax.set_title("logit scale")
+        ax.set_title(TEMPERATURE_TITLE)
         ax.legend(fontsize=7)
-        figures.append((fig, "logit scale"))
+        figures.append((fig, TEMPERATURE_TITLE))
     sec.figures_side_by_side(figures)
     last = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float))}
     sec.table([last], caption="last epoch")
+
+
+def row_temperatures(row: Mapping[str, Any]) -> dict[str, float]:
+    """The temperatures tau of one epoch row, by objective term: its ``temperatures``, or
+    ``1 / scale`` for each entry of the ``logit_scales`` that training logs record.
+
+    Examples:
+        >>> row_temperatures({"epoch": 1, "logit_scales": {"clip": 20.0, "intra": 100.0}})
+        {'clip': 0.05, 'intra': 0.01}
+        >>> row_temperatures({"epoch": 1, "temperatures": {"clip": 0.07}})
+        {'clip': 0.07}
+    """
+    if isinstance(row.get("temperatures"), Mapping):
+        return {k: float(v) for k, v in row["temperatures"].items()}
+    scales = row.get("logit_scales")
+    if not isinstance(scales, Mapping):
+        return {}
+    return {k: 1.0 / float(v) if v else float("nan") for k, v in scales.items()}
+
+
+def temperature_curves(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """Per objective term, its temperature tau at each epoch row (NaN where a row has none).
+
+    Examples:
+        >>> temperature_curves([{"logit_scales": {"clip": 10.0}}, {"logit_scales": {}}])
+        {'clip': [0.1, nan]}
+    """
+    per_row = [row_temperatures(r) for r in rows]
+    keys = sorted({k for taus in per_row for k in taus})
+    return {k: [_or_nan(taus.get(k)) for taus in per_row] for k in keys}
 
 
 def _or_nan(value: Any) -> float:
