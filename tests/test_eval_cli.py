@@ -227,3 +227,26 @@ def test_few_queries_warning_suggests_more_data_only_where_there_is_more():
     with pytest.warns(UserWarning) as seen:
         _small_data_warnings(result, "all")
     assert "--split all" not in str(seen[0].message)
+
+
+def test_loading_a_model_folder_prints_no_transformers_progress_bar(tmp_path, capfd):
+    """evaluate.run with --model: the MiniLM tower's weights load without transformers' bar,
+    and transformers' own progress-bar setting is left as it was."""
+    from transformers.utils import logging as hf_logging
+
+    from modalign.evaluate import run as evaluate
+    from modalign.model import ModelConfig, MultiTowerModel
+
+    store = make_store(tmp_path / "features", dims=DIMS, shared=False)
+    cfg = ModelConfig(towers={"image": "effnet-lite0", "text": "minilm"},
+                      feature_dims=dict(DIMS), joint_dim=8)
+    model_dir = MultiTowerModel(cfg).save_pretrained(tmp_path / "model")
+    assert hf_logging.is_progress_bar_enabled()  # the default: bars on
+    capfd.readouterr()
+    # zero-shot: the text tower is loaded from the model folder to encode the prompts
+    outcome = evaluate(model=model_dir, embeddings=store.path, task="zeroshot", label="group",
+                       bootstrap=0)
+    captured = capfd.readouterr()
+    assert outcome.record["protocol"]["num_classes"] == 2
+    assert "Loading weights" not in captured.err + captured.out
+    assert hf_logging.is_progress_bar_enabled()

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from modalign.encoders.base import tower_identity
-from modalign.encoders.hub import folder_weights_hash, resolve_model_dir
+from modalign.encoders.hub import folder_weights_hash, quiet_loading, resolve_model_dir
 from modalign.encoders.images import ImageInput, to_rgb
 from modalign.encoders.tower import Tower
 
@@ -283,7 +283,8 @@ def load_hf_towers(path_or_name: str, family: str = "clip") -> dict[str, _HFTowe
     from transformers import AutoImageProcessor, AutoTokenizer
 
     _require_processor_files(Path(folder), argument)
-    model = _model_class(family).from_pretrained(folder)
+    with quiet_loading():
+        model = _model_class(family).from_pretrained(folder)
     model.eval()
     try:
         image_processor = AutoImageProcessor.from_pretrained(folder)

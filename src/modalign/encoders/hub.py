@@ -7,12 +7,42 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from modalign.io import cached_file_hash, content_hash
 
 HUB_HOST = "huggingface.co"
 PROBE_TIMEOUT_S = 1.5
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load a transformers model without its progress bars ("Loading weights: 100%|...").
+
+    The bars are off inside the block only: transformers' setting (``is_progress_bar_enabled``)
+    is what it was afterwards, also when loading fails.
+
+    Examples:
+        >>> from transformers.utils import logging
+        >>> before = logging.is_progress_bar_enabled()
+        >>> with quiet_loading():
+        ...     logging.is_progress_bar_enabled()
+        False
+        >>> logging.is_progress_bar_enabled() == before
+        True
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def hub_offline() -> bool:

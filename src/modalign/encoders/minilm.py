@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modalign.encoders.base import tower_identity
-from modalign.encoders.hub import folder_weights_hash, resolve_model_dir
+from modalign.encoders.hub import folder_weights_hash, quiet_loading, resolve_model_dir
 from modalign.encoders.tower import Tower
 
 POOLING_MODES = ("mean", "cls", "max")
@@ -133,7 +133,8 @@ class MiniLMEncoder(Tower):
         self.pooling: str = config["pooling"]
         self.normalize: bool = config["normalize"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder)
+        with quiet_loading():
+            self.model = AutoModel.from_pretrained(folder)
         self.model.eval()
         limit = int(self.model.config.max_position_embeddings)
         if max_length is None:
