@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,10 @@ def _ctg_epilog(datasets: tuple[str, ...]) -> str:
         "  open_clip:ARCH/PRETRAINED               OpenAI CLIP, OpenCLIP, SigLIP (open_clip extra)",
         "  slip:CHECKPOINT.pt                      SLIP B/16, L/16 release files (BPE file beside)",
         "datasets (--datasets):",
-        "  image->image, OTI queries:  " + " ".join(images),
-        "  text->text, OVI queries:    " + " ".join(texts),
+        *textwrap.wrap(" ".join(images), 98, initial_indent="  image->image, OTI queries:  ",
+                       subsequent_indent=" " * 30),
+        *textwrap.wrap(" ".join(texts), 98, initial_indent="  text->text, OVI queries:    ",
+                       subsequent_indent=" " * 30),
     ]) + "\n"
 
 
