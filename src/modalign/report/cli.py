@@ -8,7 +8,7 @@ from modalign.cli_support import add_command, add_debug_flag
 
 DESCRIPTION = """\
 Write one self-contained HTML page: training curves from each run's log.jsonl (loss terms, R@1,
-gap, the objectives' temperatures tau per epoch), a table of eval records with their 95%%
+gap, the objectives' temperatures tau per epoch), a table of eval records with their 95%
 intervals, diagnosis figures, and with --data a top-k search gallery per sampled query and (with
 --label) a zero-shot confusion matrix.
 """
