@@ -23,6 +23,8 @@ from modalign.errors import ModalignError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from modalign.bridge.inversion.bert_forward import BertTemplateForward
+
 
 @dataclass(frozen=True)
 class TemplateTokens:
@@ -127,8 +129,16 @@ class BidirectionalTextInversion:
         template: the template's token ids and slot.
         name: the tower, for manifests.
 
+        hidden: optional fast path, a :class:`~modalign.bridge.inversion.bert_forward.
+            BertTemplateForward` giving the tower's last hidden states from the pseudo-tokens,
+            used while its ``usable()`` holds; ``pool`` maps those states to the features.
+            ``encode_embeddings`` stays the reference (and the path in training mode).
+        pool: ``(B, T, d) -> (B, dim)``, the pooling (and normalisation) after ``hidden``.
+
     Use :meth:`from_bert` for a ``transformers`` ``BertModel`` and :meth:`from_encoder` for the
-    built-in MiniLM tower (its pooling and normalisation included).
+    built-in MiniLM tower (its pooling and normalisation included); both take the lean BERT
+    forward (``lean=True``, the same function: no pooler, no mask building, the template's fixed
+    positions embedded and projected once) where the model allows it.
 
     Examples:
         >>> import torch
@@ -144,7 +154,12 @@ class BidirectionalTextInversion:
 
     def __init__(self, token_embedding: nn.Embedding,
                  encode_embeddings: Callable[[Tensor, Tensor], Tensor],
-                 template: TemplateTokens, name: str = "bidirectional") -> None:
+                 template: TemplateTokens, name: str = "bidirectional", *,
+                 hidden: BertTemplateForward | None = None,
+                 pool: Callable[[Tensor], Tensor] | None = None) -> None:
+        if (hidden is None) != (pool is None):
+            raise ValueError("hidden and pool go together: pass both or neither")
+        self.hidden, self.pool = hidden, pool
         self.token_embedding = token_embedding
         self.encode_embeddings = encode_embeddings
         self.template = template
@@ -155,20 +170,28 @@ class BidirectionalTextInversion:
 
     @classmethod
     def from_bert(cls, model: PreTrainedModel, template: TemplateTokens,
-                  pooling: Literal["mean", "cls"] = "mean") -> BidirectionalTextInversion:
-        """A ``transformers`` model taking ``inputs_embeds``; mean over all positions or CLS."""
+                  pooling: Literal["mean", "cls"] = "mean", *,
+                  lean: bool = True) -> BidirectionalTextInversion:
+        """A ``transformers`` model taking ``inputs_embeds``; mean over all positions or CLS.
+
+        ``lean=True`` runs a ``BertModel`` through the lean forward (same function, see
+        :mod:`~modalign.bridge.inversion.bert_forward`); False, or another model, runs the
+        model's own forward."""
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         model.eval()
 
-        def encode(embeds: Tensor, mask: Tensor) -> Tensor:
-            hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        def pool(hidden: Tensor) -> Tensor:
             return hidden.mean(1) if pooling == "mean" else hidden[:, 0]
+
+        def encode(embeds: Tensor, mask: Tensor) -> Tensor:
+            return pool(model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state)
 
         # transformers types the word embeddings as nn.Module; a text model's are an nn.Embedding
         embedding = cast(nn.Embedding, model.get_input_embeddings())
-        return cls(embedding, encode, template,
-                   name=f"{type(model).__name__}:{pooling}")
+        hidden = _lean_bert(model, template) if lean else None
+        return cls(embedding, encode, template, name=f"{type(model).__name__}:{pooling}",
+                   hidden=hidden, pool=pool if hidden is not None else None)
 
     @classmethod
     def from_siglip(cls, model: nn.Module, template: TemplateTokens) -> BidirectionalTextInversion:
@@ -196,16 +219,23 @@ class BidirectionalTextInversion:
                    name=f"{type(tower).__name__}:last-token+head")
 
     @classmethod
-    def from_encoder(cls, encoder: Any, template: TemplateTokens) -> BidirectionalTextInversion:
-        """A tower with ``token_embedding`` and ``encode_embeddings`` (the built-in MiniLM)."""
+    def from_encoder(cls, encoder: Any, template: TemplateTokens, *,
+                     lean: bool = True) -> BidirectionalTextInversion:
+        """A tower with ``token_embedding`` and ``encode_embeddings`` (the built-in MiniLM).
+
+        ``lean=True`` runs the built-in MiniLM tower's ``BertModel`` through the lean forward
+        (same function, the tower's own pooling and normalisation after it) while the tower
+        runs that model in eval mode; other towers run their ``encode_embeddings``."""
         for attr in ("token_embedding", "encode_embeddings"):
             if not hasattr(encoder, attr):
                 raise ValueError(f"encoder must have token_embedding and encode_embeddings "
                                  f"(e.g. the minilm tower); {type(encoder).__name__} lacks {attr}")
         if hasattr(encoder, "eval"):
             encoder.eval()
+        hidden, pool = (_lean_minilm(encoder, template) if lean else (None, None))
         return cls(encoder.token_embedding, encoder.encode_embeddings, template,
-                   name=str(getattr(encoder, "name", type(encoder).__name__)))
+                   name=str(getattr(encoder, "name", type(encoder).__name__)),
+                   hidden=hidden, pool=pool)
 
     def _template_embeddings(self, dtype: torch.dtype, device: torch.device
                              ) -> tuple[Tensor, Tensor]:
@@ -220,6 +250,8 @@ class BidirectionalTextInversion:
         return self._fixed[key]
 
     def __call__(self, tokens: Tensor) -> Tensor:
+        if self.hidden is not None and self.pool is not None and self.hidden.usable():
+            return self.pool(self.hidden(tokens))
         before, after = self._template_embeddings(tokens.dtype, tokens.device)
         embeds = fill_slot(tokens, before, after)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -229,3 +261,37 @@ class BidirectionalTextInversion:
         return {"kind": "bidirectional-text", "tower": self.name,
                 "template": self.template.text, "ids": list(self.template.ids),
                 "slot": self.template.slot, "num_tokens": self.num_tokens}
+
+
+def _lean_bert(model: Any, template: TemplateTokens,
+               follow: Callable[[], Any] | None = None) -> BertTemplateForward | None:
+    """The lean forward of ``model`` for ``template``, or None where it cannot run it exactly."""
+    from modalign.bridge.inversion.bert_forward import BertTemplateForward, lean_bert_unsupported
+
+    if lean_bert_unsupported(model) is not None:
+        return None
+    return BertTemplateForward(model, template.ids, template.slot, template.num_tokens,
+                               follow=follow)
+
+
+def _lean_minilm(encoder: Any, template: TemplateTokens
+                 ) -> tuple[BertTemplateForward | None, Callable[[Tensor], Tensor] | None]:
+    """The lean forward and pooling of the built-in MiniLM tower (not of a subclass that
+    changes its forward), following the tower's current model; (None, None) otherwise."""
+    from modalign.encoders.minilm import MiniLMEncoder
+
+    kind = type(encoder)
+    if not (isinstance(encoder, MiniLMEncoder)
+            and kind.encode_embeddings is MiniLMEncoder.encode_embeddings
+            and kind._finish is MiniLMEncoder._finish):
+        return None, None
+    hidden = _lean_bert(encoder.model, template, follow=lambda: encoder.model)
+    if hidden is None:
+        return None, None
+
+    def pool(states: Tensor) -> Tensor:
+        # the tower's own pooling and normalisation over the (all attended) template positions
+        mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        return encoder._finish(states, mask)
+
+    return hidden, pool
