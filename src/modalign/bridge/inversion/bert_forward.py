@@ -231,10 +231,13 @@ def _layer_parts(model: Any, qkv: list[tuple[Tensor, Tensor]],
         n1, n2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
         w_o, w_1, w_2 = (layer.attention.output.dense.weight, layer.intermediate.dense.weight,
                          layer.output.dense.weight)
+        # the backward's product with the MLP's output weight is the one a packed copy speeds up
+        w_2t = w_2.detach().t().contiguous()
         parts.append(((w_qkv, b_qkv, _packed(w_qkv)),
                       (w_o, layer.attention.output.dense.bias, _packed(w_o)), n1,
                       (w_1, layer.intermediate.dense.bias, _packed(w_1)),
-                      (w_2, layer.output.dense.bias, _packed(w_2)), n2, scale))
+                      (w_2, layer.output.dense.bias, _packed(w_2)), n2, scale,
+                      (w_2t, None, _packed(w_2t))))
     return parts
 
 
@@ -244,21 +247,22 @@ _MKL_PACK = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None)
 
 def _packed(weight: Tensor) -> Tensor | None:
     """``weight`` packed once for MKL's GEMM (float32 on the CPU, where torch has MKL), so each
-    forward product skips repacking it: the same products, bitwise, about 1.2x faster at these
-    shapes. The packed buffer takes about 4-13x the weight's memory (torch allocates MKL's byte
-    count in elements); None where unavailable."""
+    product skips repacking it: the same products, bitwise, about 1.2x faster for the forward
+    products at 96 rows. The packed copy takes about 1.2x the weight's resident memory (torch
+    reserves MKL's byte count in elements, 4-13x, but the pages past the packed data are never
+    touched); None where unavailable."""
     if (_MKL_LINEAR is None or _MKL_PACK is None or weight.dtype != torch.float32
             or weight.device.type != "cpu" or not torch.backends.mkl.is_available()):
         return None
     return _MKL_PACK(weight.detach().contiguous(), 1)
 
 
-def _linear(x: Tensor, weight: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
-    """``x @ w.T + b`` for 2-d ``x``: MKL's packed GEMM where packed, else addmm."""
+def _linear(x: Tensor, weight: tuple[Tensor, Tensor | None, Tensor | None]) -> Tensor:
+    """``x @ w.T + b`` for 2-d ``x`` (``b`` may be None): MKL's packed GEMM where packed."""
     w, b, packed = weight
     if packed is not None and x.dtype == torch.float32:
         return _MKL_LINEAR(x, packed, w, b, x.shape[0])
-    return torch.addmm(b, x, w.t())
+    return x @ w.t() if b is None else torch.addmm(b, x, w.t())
 
 
 def _manual_ok(tokens: Tensor) -> bool:
@@ -290,7 +294,7 @@ def _stack_forward(lean: BertTemplateForward, fixed: dict[str, Any], tokens: Ten
     h = fill_slot(x, fixed["h_before"], fixed["h_after"]).view(b * n, d)
     if save is not None:
         save.append((e, mean0, rstd0))
-    for i, (qkv_w, o_w, n1, w1, w2, n2, scale) in enumerate(fixed["layers"]):
+    for i, (qkv_w, o_w, n1, w1, w2, n2, scale, _) in enumerate(fixed["layers"]):
         if i == 0:
             slot = _linear(x.reshape(b * r, d), qkv_w).view(b, r, 3 * d)
             qkv = fill_slot(slot, fixed["qkv_before"], fixed["qkv_after"])
@@ -331,11 +335,10 @@ class _BertStack(torch.autograd.Function):
         n, s, heads = len(lean.ids), lean.slot, lean.heads
         g = grad.reshape(b * n, d)
         for i in range(len(fixed["layers"]) - 1, -1, -1):
-            (w_qkv, _, _), (w_o, _, _), n1, (w_1, _, _), (w_2, _, _), n2, scale = (
-                fixed["layers"][i])
+            (w_qkv, _, _), (w_o, _, _), n1, (w_1, _, _), _, n2, scale, w_2t = fixed["layers"][i]
             q, k, v, att, lse, u1, mean1, rstd1, z, u2, mean2, rstd2 = save[i + 1]
             du2 = _norm_backward(g, u2, mean2, rstd2, n2)
-            dz = torch.ops.aten.gelu_backward(du2 @ w_2, z)
+            dz = torch.ops.aten.gelu_backward(_linear(du2, w_2t), z)
             dy1 = dz @ w_1
             dy1 += du2
             du1 = _norm_backward(dy1, u1, mean1, rstd1, n1)
