@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from modalign.bridge.inversion.core import cache_key
 from modalign.bridge.inversion.text_hooks import fill_slot
@@ -329,6 +330,7 @@ class _BertStack(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         lean, fixed, save = ctx.lean, ctx.fixed, ctx.save
         b, r, d = ctx.shape
