@@ -214,9 +214,10 @@ class BertTemplateForward:
 
 
 
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward",
-                          None)
+# torch's CPU flash attention and its backward (what scaled_dot_product_attention runs there)
+_FLASH: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BACKWARD: Any = getattr(torch.ops.aten,
+                               "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def _layer_parts(model: Any, qkv: list[tuple[Tensor, Tensor]],
@@ -242,8 +243,8 @@ def _layer_parts(model: Any, qkv: list[tuple[Tensor, Tensor]],
     return parts
 
 
-_MKL_LINEAR = getattr(torch.ops.mkl, "_mkl_linear", None)
-_MKL_PACK = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None)
+_MKL_LINEAR: Any = getattr(torch.ops.mkl, "_mkl_linear", None)
+_MKL_PACK: Any = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None)
 
 
 def _packed(weight: Tensor) -> Tensor | None:
@@ -322,7 +323,7 @@ class _BertStack(torch.autograd.Function):
     of views, copies and accumulations around them."""
 
     @staticmethod
-    def forward(ctx: Any, tokens: Tensor, lean: BertTemplateForward,  # type: ignore[override]
+    def forward(ctx: Any, tokens: Tensor, lean: BertTemplateForward,
                 fixed: dict[str, Any]) -> Tensor:
         save: list[Any] = []
         out = _stack_forward(lean, fixed, tokens, save)
@@ -331,7 +332,7 @@ class _BertStack(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         lean, fixed, save = ctx.lean, ctx.fixed, ctx.save
         b, r, d = ctx.shape
         n, s, heads = len(lean.ids), lean.slot, lean.heads
