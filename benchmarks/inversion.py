@@ -27,9 +27,14 @@ Cases (random weights: speed does not need trained ones):
 Both sides end with one forward of the final tokens (ours returns their features; the official
 evaluation re-encodes the saved tokens), so the ratio is per optimisation run.
 
+The ``floor_fraction`` row (OTI on MiniLM) sets ours (the lean BERT forward) and the previous
+path (the tower's own transformers forward) against the matrix-product FLOPs of the live
+positions at the rate this process measures for those products (see :func:`oti_floor`).
+
 Usage:
     python benchmarks/inversion.py            # OTI batch 32, OVI batch 8, 10 steps, best of 2
     python benchmarks/inversion.py --quick    # OTI batch 8, OVI batch 2, 2 steps, one run
+    python benchmarks/inversion.py --batch 16 --steps 4 --repeats 3 --only minilm,floor
 """
 
 from __future__ import annotations
