@@ -7,8 +7,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,48 @@ def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
+def file_stamp(path: str | os.PathLike[str]) -> list[int] | None:
+    """Size, modification and status-change times (ns), inode and device of ``path`` (symlinks
+    followed), or None when it cannot be read: equal stamps mean an unchanged file.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.bin"
+        >>> _ = p.write_bytes(b"abc")
+        >>> file_stamp(p)[0], file_stamp(p.with_name("missing"))
+        (3, None)
+    """
+    try:
+        return _stamp(os.stat(path))
+    except OSError:
+        return None
+
+
+_HASHED: ContextVar[list[str] | None] = ContextVar("modalign_hashed_files", default=None)
+
+
+@contextmanager
+def recording_hashed_files() -> Iterator[list[str]]:
+    """Collect the paths :func:`cached_file_hash` hashes inside the block (absolute, as given):
+    the files a tower's ``identity()`` depends on.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.bin"
+        >>> _ = p.write_bytes(b"abc")
+        >>> with recording_hashed_files() as files:
+        ...     _ = cached_file_hash(p)
+        >>> files == [str(p)]
+        True
+    """
+    files: list[str] = []
+    token = _HASHED.set(files)
+    try:
+        yield files
+    finally:
+        _HASHED.reset(token)
+
+
 def cached_file_hash(path: str | os.PathLike[str], full: bool = False) -> str:
     """:func:`file_hash`, remembered across runs for a file that has not changed.
 
@@ -223,6 +266,9 @@ def cached_file_hash(path: str | os.PathLike[str], full: bool = False) -> str:
     """
     from modalign.paths import home
 
+    recording = _HASHED.get()
+    if recording is not None:
+        recording.append(os.path.abspath(path))
     target = Path(path).resolve()
     stamp = _stamp(target.stat())
     store = home() / HASH_CACHE

@@ -22,7 +22,13 @@ from modalign.errors import ModalignError
 from modalign.io import content_hash, write_json_atomic
 
 FILE_MODALITIES = ("image", "audio")
-STORE_FORMAT = 3  # bump when the rows or arrays written for the same inputs change
+STORE_FORMAT = 3
+"""Part of every array's key (:func:`array_key`): changing it re-encodes every array of every
+store, whatever its tower. Change it only when what is written for the same inputs changes for
+all towers (the row layout); a change in what one tower computes (its preprocessing, its
+decoding of files) belongs in that tower's ``identity()``, which re-encodes only its arrays. (The
+move from 2 to 3, for a change in how large images are decoded, re-encoded text and audio arrays
+too.)"""
 
 
 def raw_input(ds: PairedDataset, item: Item) -> Any:
@@ -46,9 +52,23 @@ def _signature(ds: PairedDataset, item: Item) -> list[Any]:
         return [item.id, item.value]
 
 
+def array_key(ds: PairedDataset, items: Sequence[Item], identity: Mapping[str, Any]) -> str:
+    """The key of the array of ``items`` encoded by the tower with ``identity``: a hash of
+    :data:`STORE_FORMAT`, the identity and each input (a text, or a file's path, size and
+    modification time). A changed input or tower never reuses an array.
+
+    Examples:
+        >>> from modalign.data.dataset import Item, PairedDataset
+        >>> ds = PairedDataset("toy", [Item("a", "text", "v", "hi", "g", "test")])
+        >>> array_key(ds, ds.items, {"name": "t"}) == array_key(ds, ds.items, {"name": "u"})
+        False
+    """
+    return content_hash(STORE_FORMAT, dict(identity), [_signature(ds, it) for it in items])
+
+
 def inputs_hash(ds: PairedDataset, items: Sequence[Item], encoder: Encoder) -> str:
-    """Content hash of the inputs and the tower: a changed input or tower never reuses a cache."""
-    return content_hash(STORE_FORMAT, encoder.identity(), [_signature(ds, it) for it in items])
+    """:func:`array_key` of ``items`` with the tower ``encoder``."""
+    return array_key(ds, items, encoder.identity())
 
 
 def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],

@@ -88,16 +88,15 @@ def load_joint(model_dir: str | Path | None = None, embeddings_dir: str | Path |
         if data is None:
             raise ValueError("--model needs --data DATA (or --embeddings DIR of tower features)")
         from modalign.data import load_dataset
-        from modalign.embed.encode import embed_dataset
         from modalign.embed.paths import default_store_dir
+        from modalign.embed.resolve import update_store
 
         dataset = load_dataset(data, progress=progress)
         frozen = {m: model.config.towers[m] for m in wanted
                   if m not in model.config.trainable_towers and m in dataset.modalities}
-        store = EmbeddingStore(default_store_dir(dataset, model.config.towers))
-        if frozen:
-            embed_dataset(dataset, {m: model.tower(m) for m in frozen}, store.path,
-                          progress=progress)
+        # towers are built only for arrays that are missing or stale
+        store = update_store(dataset, frozen, default_store_dir(dataset, model.config.towers),
+                             progress=progress)
     out: dict[str, Embeddings] = {}
     for m in wanted:
         if (tuned := fine_tuned_embeddings(model, m, split, store, dataset)) is not None:

@@ -21,10 +21,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modalign.embed.store import EmbeddingStore
 from modalign.errors import ModalignError
+
+if TYPE_CHECKING:
+    from modalign.data.dataset import PairedDataset
 
 DEFAULT_TOWERS: dict[str, str] = {"image": "effnet-lite0", "text": "minilm", "audio": "logmel"}
 """The tower spec of each built-in modality (what ``modalign embed`` uses by default)."""
@@ -67,10 +70,67 @@ def recorded_towers(store: EmbeddingStore, modalities: Sequence[str]) -> dict[st
 
 
 def load_tower(spec: str, modality: str) -> Any:
-    """The tower ``spec`` names, for ``modality`` (:func:`modalign.encoders.load_encoder`)."""
+    """The tower ``spec`` names, for ``modality`` (:func:`modalign.encoders.load_encoder`), its
+    identity remembered (:func:`~modalign.encoders.identity.remember_identity`) so that a later
+    run finds its cached arrays without building it."""
     from modalign.encoders import load_encoder
+    from modalign.encoders.identity import remember_identity
 
-    return load_encoder(spec, modality=modality)
+    tower = load_encoder(spec, modality=modality)
+    remember_identity(spec, modality, tower)
+    return tower
+
+
+def current_arrays(dataset: PairedDataset, specs: Mapping[str, str], store: EmbeddingStore
+                   ) -> list[str]:
+    """The modalities of ``specs`` whose array in ``store`` is whole and current for the tower
+    each spec builds, judged without building a tower: from the tower's remembered identity
+    (:func:`~modalign.encoders.identity.remembered_identity`). A tower not remembered, or whose
+    files or code changed since, counts as not current.
+
+    Examples:
+        >>> import tempfile
+        >>> from modalign.data.dataset import Item, PairedDataset
+        >>> ds = PairedDataset("toy", [Item("a", "text", "v", "hi", "g", "test")])
+        >>> current_arrays(ds, {"text": "minilm"}, EmbeddingStore(tempfile.mkdtemp()))
+        []
+    """
+    from modalign.embed.encode import array_key
+    from modalign.encoders.identity import remembered_identity
+
+    arrays = store.manifest["arrays"] if (store.path / "manifest.json").is_file() else {}
+    current = []
+    for m, spec in specs.items():
+        if m not in arrays:
+            continue
+        identity = remembered_identity(spec, m)
+        if identity is not None and store.is_current(m, array_key(
+                dataset, dataset.select(modality=m), identity)):
+            current.append(m)
+    return current
+
+
+def update_store(dataset: PairedDataset, specs: Mapping[str, str], path: str | Path, *,
+                 load: TowerLoader | None = None, progress: bool = False) -> EmbeddingStore:
+    """The store at ``path`` with an up-to-date array of ``dataset`` for each modality of
+    ``specs`` (modality -> tower spec): towers are built only for arrays that are missing or
+    stale (:func:`current_arrays`), which are then encoded
+    (:func:`~modalign.embed.encode.embed_dataset`).
+
+    ``load`` builds a tower from ``(spec, modality)`` (default :func:`load_tower`); a loader of
+    one's own builds every tower, since identities are remembered for the default loader only.
+    """
+    from modalign.embed.encode import embed_dataset
+
+    store = EmbeddingStore(path)
+    fresh = current_arrays(dataset, specs, store) if load is None else []
+    stale = {m: s for m, s in specs.items() if m not in fresh}
+    if stale:
+        # embed_dataset re-encodes an array whose inputs or tower changed and reuses the rest
+        build = load or load_tower
+        embed_dataset(dataset, {m: build(s, m) for m, s in stale.items()}, store.path,
+                      progress=progress)
+    return store
 
 
 def dataset_store(dataset: str, modalities: Sequence[str], towers: Mapping[str, str] | None = None,
@@ -89,7 +149,6 @@ def dataset_store(dataset: str, modalities: Sequence[str], towers: Mapping[str, 
         option: the setting named in error messages.
     """
     from modalign.data import load_dataset
-    from modalign.embed.encode import embed_dataset
     from modalign.embed.paths import default_store_dir
 
     towers = towers or {}
@@ -102,8 +161,5 @@ def dataset_store(dataset: str, modalities: Sequence[str], towers: Mapping[str, 
                             f"default tower for them; it has {ds.modalities}")
     path = default_store_dir(ds, specs)
     if encode:
-        # embed_dataset re-encodes an array whose inputs or tower changed and reuses the rest
-        load = load or load_tower
-        embed_dataset(ds, {m: load(specs[m], m) for m in specs}, path,
-                      progress=sys.stderr.isatty())
+        return update_store(ds, specs, path, load=load, progress=sys.stderr.isatty())
     return EmbeddingStore(path)
