@@ -171,3 +171,21 @@ def test_the_array_key_is_stable_across_versions():
             return identity
 
     assert inputs_hash(ds, ds.items, Tower()) == array_key(ds, ds.items, identity)
+
+
+def test_normalised_and_plain_vectors_never_stand_in_for_each_other(tmp_path):
+    from modalign.embed import embed_dataset
+
+    words = ["a red apple", "a blue car", "an old green door"]
+    ds = PairedDataset("toy", [Item(f"t{i}", "text", "v", w, f"g{i}", "test")
+                               for i, w in enumerate(words)])
+    tower = Projected(str(_weights(tmp_path / "t", 0)), "text")
+    plain = tower.encode(tower.preprocess(words)).numpy()
+    store = embed_dataset(ds, {"text": tower}, tmp_path / "s", progress=False)
+    np.testing.assert_allclose(store.load("text").vectors, plain, rtol=1e-6)
+    store = embed_dataset(ds, {"text": tower}, tmp_path / "s", progress=False, normalize=True)
+    unit = plain / np.linalg.norm(plain, axis=1, keepdims=True)
+    np.testing.assert_allclose(store.load("text").vectors, unit, rtol=1e-5)
+    assert store.info("text")["normalized"] is True
+    store = embed_dataset(ds, {"text": tower}, tmp_path / "s", progress=False)
+    np.testing.assert_allclose(store.load("text").vectors, plain, rtol=1e-6)

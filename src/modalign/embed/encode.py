@@ -52,18 +52,25 @@ def _signature(ds: PairedDataset, item: Item) -> list[Any]:
         return [item.id, item.value]
 
 
-def array_key(ds: PairedDataset, items: Sequence[Item], identity: Mapping[str, Any]) -> str:
+def array_key(ds: PairedDataset, items: Sequence[Item], identity: Mapping[str, Any], *,
+              normalized: bool = False) -> str:
     """The key of the array of ``items`` encoded by the tower with ``identity``: a hash of
-    :data:`STORE_FORMAT`, the identity and each input (a text, or a file's path, size and
-    modification time). A changed input or tower never reuses an array.
+    :data:`STORE_FORMAT`, the identity, each input (a text, or a file's path, size and
+    modification time) and, for L2-normalised vectors only, that fact (so the keys of plain
+    arrays are those written before it was part of the key). A changed input or tower, or a
+    request for the other kind of vectors, never reuses an array.
 
     Examples:
         >>> from modalign.data.dataset import Item, PairedDataset
         >>> ds = PairedDataset("toy", [Item("a", "text", "v", "hi", "g", "test")])
         >>> array_key(ds, ds.items, {"name": "t"}) == array_key(ds, ds.items, {"name": "u"})
         False
+        >>> array_key(ds, ds.items, {"name": "t"}, normalized=True) == array_key(
+        ...     ds, ds.items, {"name": "t"})
+        False
     """
-    return content_hash(STORE_FORMAT, dict(identity), [_signature(ds, it) for it in items])
+    parts = [STORE_FORMAT, dict(identity), [_signature(ds, it) for it in items]]
+    return content_hash(*parts, *(["L2-normalised"] if normalized else []))
 
 
 def inputs_hash(ds: PairedDataset, items: Sequence[Item], encoder: Encoder) -> str:
@@ -121,7 +128,7 @@ def embed_dataset(dataset: PairedDataset, encoders: Mapping[str, Encoder],
         if not items:
             raise ModalignError(f"encoders: modality {modality!r} has no items in dataset "
                                 f"{dataset.name!r} (it has {dataset.modalities})")
-        h = inputs_hash(dataset, items, enc)
+        h = array_key(dataset, items, enc.identity(), normalized=normalize)
         if store.is_current(modality, h):
             continue
         if stop_after is not None and batches_done >= stop_after:
