@@ -2,8 +2,10 @@
 
 A dataset's default store is keyed by the data and the tower specs
 (:func:`~modalign.embed.paths.default_store_dir`); :func:`dataset_store` brings it up to date
-(missing or stale arrays are encoded, the rest reused). :data:`DEFAULT_TOWERS` names the tower of
-each built-in modality when the caller names none.
+(missing or stale arrays are encoded, the rest reused) through :func:`update_store`, which builds
+a tower only when its array must be encoded (:func:`current_arrays` judges from remembered tower
+identities). :data:`DEFAULT_TOWERS` names the tower of each built-in modality when the caller
+names none.
 
 Examples:
     >>> import tempfile
