@@ -140,6 +140,21 @@ def test_a_remembered_identity_is_forgotten_when_anything_beside_the_weights_cha
     assert remembered_identity(spec, "text") is None
 
 
+def test_another_environment_has_its_own_entries(tmp_path, monkeypatch):
+    weights = _weights(tmp_path / "tower", 0)
+    spec = f"proj:{weights}"
+    monkeypatch.delenv("HF_HOME", raising=False)
+    identity = remember_identity(spec, "text", Projected(str(weights), "text"))
+    assert remembered_identity(spec, "text") == identity
+    with monkeypatch.context() as m:
+        m.setattr("sys.prefix", str(tmp_path / "other-venv"))  # its weights may be other files
+        assert remembered_identity(spec, "text") is None
+    with monkeypatch.context() as m:
+        m.setenv("HF_HOME", str(tmp_path / "hub"))  # hub names resolve to other folders
+        assert remembered_identity(spec, "text") is None
+    assert remembered_identity(spec, "text") == identity
+
+
 def test_towers_that_cannot_be_checked_are_not_remembered(tmp_path):
     class NoFiles:
         name, modality, dim = "proj:x", "text", 2

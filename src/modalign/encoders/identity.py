@@ -10,9 +10,13 @@ from:
 - the files its ``identity()`` hashed through :func:`modalign.io.cached_file_hash` (the weights),
   every file beside them and in their sub-folders one level down (configuration, tokenizer,
   pooling settings), and those folders themselves (a file added or removed);
-- the source files of the tower's classes, of its registered factory (part of the entry's key)
-  and of ``modalign.encoders`` and ``modalign.io``, and the entry files of the libraries towers
-  are built with (an upgrade replaces them).
+- the source files of the tower's classes, of its registered factory and of
+  ``modalign.encoders`` and ``modalign.io``, and the entry files of the libraries towers are built
+  with (an upgrade replaces them).
+
+An entry is keyed by the spec, the modality, the factory's source file, the Python installation
+(``sys.prefix``: each virtual environment has its own entries) and the variables that say where
+hub models live (:data:`LOCATION_VARIABLES`).
 
 :func:`remembered_identity` returns the identity only while every stamp is unchanged; anything
 else (a replaced weight file, an edited config, an upgrade, an edited tower) gives None and the
@@ -59,6 +63,10 @@ ENTRIES = 256
 MAX_FILES = 256
 """Most files stamped beside a tower's weights; a tower with more is not remembered."""
 
+LOCATION_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE",
+                      "XDG_CACHE_HOME", "TORCH_HOME")
+"""Environment variables that change which files a spec resolves to (part of each entry's key)."""
+
 LIBRARIES = ("torch", "transformers", "open_clip", "timm", "PIL", "numpy")
 """Libraries whose entry file is stamped: an upgrade of one forgets every identity."""
 
@@ -75,7 +83,7 @@ def remember_identity(spec: str, modality: str | None, tower: Any) -> dict[str, 
     key = _key(spec, modality)
     if key is None or not hashed or not isinstance(identity, dict):
         return identity
-    stamps = _stamps(_inputs(hashed), _code(tower))
+    stamps = _stamps(_inputs(hashed), _code(tower, spec))
     if stamps is None:
         return identity
     entries = _read()
@@ -105,9 +113,20 @@ def remembered_identity(spec: str, modality: str | None) -> dict[str, Any] | Non
 
 
 def _key(spec: str, modality: str | None) -> str | None:
-    """The entry of ``(spec, modality)`` and the source file of the factory registered for the
-    spec's name now (a factory defined elsewhere is another tower); None when that file is not
-    known (a factory defined interactively, an unknown name): nothing is remembered then."""
+    """The entry of ``(spec, modality)`` in this environment: the source file of the factory
+    registered for the spec's name now (a factory defined elsewhere is another tower), the
+    Python installation (another virtual environment resolves a spec to its own files) and the
+    settings that say where hub models are found. None when the factory's file is not known (a
+    factory defined interactively, an unknown name): nothing is remembered then."""
+    source = _factory_file(spec)
+    if source is None:
+        return None
+    where = {var: os.environ[var] for var in LOCATION_VARIABLES if var in os.environ}
+    return content_hash("tower identity", spec, modality, source, sys.prefix, where)
+
+
+def _factory_file(spec: str) -> str | None:
+    """The source file of the factory registered now for ``spec``'s name, if there is one."""
     from modalign import encoders
 
     entry = encoders._REGISTRY.get(spec.split(":", 1)[0])
@@ -115,9 +134,7 @@ def _key(spec: str, modality: str | None) -> str | None:
         source = inspect.getsourcefile(entry.factory) if entry is not None else None
     except (TypeError, OSError):
         source = None
-    if not source or not os.path.isfile(source):
-        return None
-    return content_hash("tower identity", spec, modality, os.path.abspath(source))
+    return os.path.abspath(source) if source and os.path.isfile(source) else None
 
 
 def _read() -> dict[str, Any]:
@@ -152,12 +169,13 @@ def _inputs(hashed: Iterable[str]) -> list[str] | None:
     return out
 
 
-def _code(tower: Any) -> list[str]:
-    """Source files that shape the identity: the tower's classes, the encoders package (with the
-    built-in factories), the hash helpers, and the libraries' entry files (for their versions).
-    The factory's own file is part of the entry's key (:func:`_key`)."""
+def _code(tower: Any, spec: str) -> list[str]:
+    """Source files that shape the identity: the tower's classes, its factory, the encoders
+    package (with the built-in factories), the hash helpers, and the libraries' entry files (for
+    their versions)."""
     files = [getattr(sys.modules.get(cls.__module__), "__file__", None)
              for cls in type(tower).__mro__]
+    files.append(_factory_file(spec))
     from modalign import encoders, io
 
     package = Path(encoders.__file__).parent
