@@ -152,6 +152,9 @@ def test_another_environment_has_its_own_entries(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setenv("HF_HOME", str(tmp_path / "hub"))  # hub names resolve to other folders
         assert remembered_identity(spec, "text") is None
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path / "tower")  # a relative path in a spec names another file
+        assert remembered_identity(spec, "text") is None
     assert remembered_identity(spec, "text") == identity
 
 

@@ -15,8 +15,9 @@ from:
   with (an upgrade replaces them).
 
 An entry is keyed by the spec, the modality, the factory's source file, the Python installation
-(``sys.prefix``: each virtual environment has its own entries) and the variables that say where
-hub models live (:data:`LOCATION_VARIABLES`).
+(``sys.prefix``: each virtual environment has its own entries), the working directory (a spec may
+hold a relative path) and the variables that say where hub models live
+(:data:`LOCATION_VARIABLES`).
 
 :func:`remembered_identity` returns the identity only while every stamp is unchanged; anything
 else (a replaced weight file, an edited config, an upgrade, an edited tower) gives None and the
@@ -115,14 +116,15 @@ def remembered_identity(spec: str, modality: str | None) -> dict[str, Any] | Non
 def _key(spec: str, modality: str | None) -> str | None:
     """The entry of ``(spec, modality)`` in this environment: the source file of the factory
     registered for the spec's name now (a factory defined elsewhere is another tower), the
-    Python installation (another virtual environment resolves a spec to its own files) and the
-    settings that say where hub models are found. None when the factory's file is not known (a
+    Python installation (another virtual environment resolves a spec to its own files), the
+    working directory (a relative path in a spec) and the settings that say where hub models are
+    found. None when the factory's file is not known (a
     factory defined interactively, an unknown name): nothing is remembered then."""
     source = _factory_file(spec)
     if source is None:
         return None
     where = {var: os.environ[var] for var in LOCATION_VARIABLES if var in os.environ}
-    return content_hash("tower identity", spec, modality, source, sys.prefix, where)
+    return content_hash("tower identity", spec, modality, source, sys.prefix, os.getcwd(), where)
 
 
 def _factory_file(spec: str) -> str | None:
