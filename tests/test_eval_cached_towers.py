@@ -158,7 +158,7 @@ def test_another_environment_has_its_own_entries(tmp_path, monkeypatch):
     assert remembered_identity(spec, "text") == identity
 
 
-def test_towers_that_cannot_be_checked_are_not_remembered(tmp_path):
+def test_towers_that_cannot_be_checked_are_not_remembered(tmp_path, monkeypatch):
     class NoFiles:
         name, modality, dim = "proj:x", "text", 2
 
@@ -170,6 +170,11 @@ def test_towers_that_cannot_be_checked_are_not_remembered(tmp_path):
     weights = _weights(tmp_path / "t", 0)
     remember_identity(f"unknown:{weights}", "text", Projected(str(weights), "text"))
     assert remembered_identity(f"unknown:{weights}", "text") is None  # no registered factory
+    monkeypatch.setattr("modalign.encoders.identity.MAX_FILES", 2)
+    for name in ("a.json", "b.json"):
+        (tmp_path / "t" / name).write_text("{}")
+    remember_identity(f"proj:{weights}", "text", Projected(str(weights), "text"))
+    assert remembered_identity(f"proj:{weights}", "text") is None  # too many files to stamp
 
 
 def test_the_array_key_is_stable_across_versions():

@@ -118,8 +118,8 @@ def _key(spec: str, modality: str | None) -> str | None:
     registered for the spec's name now (a factory defined elsewhere is another tower), the
     Python installation (another virtual environment resolves a spec to its own files), the
     working directory (a relative path in a spec) and the settings that say where hub models are
-    found. None when the factory's file is not known (a
-    factory defined interactively, an unknown name): nothing is remembered then."""
+    found. None when the factory's file is not known (a factory defined interactively, an
+    unknown name): nothing is remembered then."""
     source = _factory_file(spec)
     if source is None:
         return None
@@ -160,6 +160,8 @@ def _inputs(hashed: Iterable[str]) -> list[str] | None:
         try:
             level = sorted(folder.iterdir())
             for sub in [p for p in level if p.is_dir()]:
+                if len(level) > MAX_FILES:
+                    return None
                 out.append(str(sub))
                 level += sorted(sub.iterdir())
         except OSError:
