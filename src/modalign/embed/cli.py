@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from modalign.distributed.runtime import resolve_device
     from modalign.embed.encode import embed_dataset
     from modalign.embed.paths import default_store_dir
-    from modalign.encoders import load_encoder
+    from modalign.embed.resolve import load_tower
 
     args.device = str(resolve_device(args.device, argument="--device"))
     if args.name is not None and not args.name.strip():
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise ModalignError(f"--modalities {unknown} not in the data (it has {ds.modalities})")
     specs = {m: s for m, s in specs.items() if m in ds.modalities}
     out = args.out or default_store_dir(ds, specs)
-    encoders = {m: load_encoder(s, modality=m) for m, s in specs.items()}
+    encoders = {m: load_tower(s, m) for m, s in specs.items()}  # identities remembered
     t = time.perf_counter()
     store = embed_dataset(ds, encoders, out, batch_size=args.batch_size, progress=True,
                           device=args.device, normalize=args.normalize, name=args.name)
