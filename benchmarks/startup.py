@@ -25,6 +25,7 @@ time less so, and the ratios compare runs of the same process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -100,7 +101,8 @@ def make_model(home: Path, data: str) -> Path:
 
     cfg = load_config("clip", [f"data.dataset={data}", "train.epochs=2", "train.batch_size=32",
                                f"run.dir={home / 'run'}", "validate.patience=0"])
-    train(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON rows only
+        train(cfg)
     return home / "run" / "model"
 
 
