@@ -186,18 +186,6 @@ def block_width(tile_rows: int, m: int, device: torch.device) -> int:
     return max(1, min(m, max(MIN_BLOCK_COLUMNS, BLOCK_ELEMENTS // max(tile_rows, 1))))
 
 
-def _tile_logits(
-    buffer: Tensor, x: Tensor, yt: Tensor, scale: Tensor, i0: int, i1: int,
-    bias: Tensor | None = None,
-) -> Tensor:
-    """``scale x[i0:i1] y^T (+ bias)`` written into the first ``i1 - i0`` rows of ``buffer``."""
-    s = buffer[: i1 - i0]
-    torch.mm(x[i0:i1] * scale, yt, out=s)
-    if bias is not None:
-        s.add_(bias)
-    return s
-
-
 def _target_logits(a: Tensor, b: Tensor, targets: Tensor, scale: Tensor, chunk: int) -> Tensor:
     """``scale * a_i . b_{targets[i]}`` for every row i (no bias: it cancels in a cross-entropy),
     ``chunk`` rows at a time through one reused buffer (no n x d temporary)."""
@@ -210,14 +198,30 @@ def _target_logits(a: Tensor, b: Tensor, targets: Tensor, scale: Tensor, chunk: 
     return out.mul_(scale)
 
 
-def _exact_lse(x: Tensor, y: Tensor, scale: Tensor, which: Tensor, dim: int) -> Tensor:
-    """Exact log-sum-exp of the selected rows (dim=1) or columns (dim=0) of ``scale x y^T``."""
-    if dim == 1:
-        return torch.logsumexp((x.index_select(0, which) * scale) @ y.t(), dim=1)
-    return torch.logsumexp((x * scale) @ y.index_select(0, which).t(), dim=0)
+def _exact_lse(x: Tensor, y: Tensor, scale: Tensor, which: Tensor, dim: int, budget: int
+               ) -> Tensor:
+    """Exact log-sum-exp of the selected rows (dim=1) or columns (dim=0) of ``scale x y^T``,
+    a chunk of them at a time so that no chunk holds more than about ``budget`` logits."""
+    other = (y if dim == 1 else x).shape[0]
+    step = max(1, budget // max(other, 1))
+    parts = []
+    for k in range(0, which.numel(), step):
+        chosen = which[k:k + step]
+        if dim == 1:
+            parts.append(torch.logsumexp((x.index_select(0, chosen) * scale) @ y.t(), dim=1))
+        else:
+            parts.append(torch.logsumexp((x * scale) @ y.index_select(0, chosen).t(), dim=0))
+    return torch.cat(parts)
 
 
-def _exp_floor(x: Tensor, y: Tensor, scale: Tensor, *shifts: Tensor | None) -> float | None:
+def _logit_bound(x: Tensor, y: Tensor, scale: Tensor) -> float:
+    """``|scale| max|x_i| max|y_j|``: no logit of ``scale x y^T`` lies outside +-this."""
+    bound = float(scale.abs()) * float(torch.linalg.vector_norm(x, dim=1).max())
+    return bound * float(torch.linalg.vector_norm(y, dim=1).max())
+
+
+def _exp_floor(x: Tensor, y: Tensor, scale: Tensor, *shifts: Tensor | None,
+               bound: float | None = None) -> float | None:
     """The exponent floor for ``exp(S - shift)``, or None where no exponent can fall below it.
 
     On x86 CPUs an exponential that underflows into the subnormal range or to zero costs tens of
@@ -226,13 +230,13 @@ def _exp_floor(x: Tensor, y: Tensor, scale: Tensor, *shifts: Tensor | None) -> f
     a term of at least 1 (the shift is the positive logit, the maximum, or the log-sum-exp), so
     the sums are unchanged at the dtype's precision. The clamp pass is skipped when the bound
     ``S - shift >= -|scale| max|x_i| max|y_j| - max(shift)`` already keeps every exponent above
-    the floor (e.g. unit vectors at CLIP's initial scale), and on other devices.
+    the floor (e.g. unit vectors at CLIP's initial scale), and on other devices. ``bound``:
+    :func:`_logit_bound`, where already known.
     """
     if x.device.type != "cpu" or x.numel() == 0 or y.numel() == 0:
         return None
     floor = math.log(torch.finfo(x.dtype).tiny)
-    bound = float(scale.abs()) * float(torch.linalg.vector_norm(x, dim=1).max())
-    bound *= float(torch.linalg.vector_norm(y, dim=1).max())
+    bound = _logit_bound(x, y, scale) if bound is None else bound
     top = max([bound] + [float(s.max()) for s in shifts if s is not None and s.numel()])
     return floor if -bound - top < floor else None
 
@@ -240,6 +244,62 @@ def _exp_floor(x: Tensor, y: Tensor, scale: Tensor, *shifts: Tensor | None) -> f
 def _floored_exp(t: Tensor, floor: float | None) -> Tensor:
     """``t.exp_()`` with the exponents first raised to ``floor`` (see :func:`_exp_floor`)."""
     return (t if floor is None else t.clamp_(min=floor)).exp_()
+
+
+def _extrema(v: Tensor, size: int) -> list[tuple[float, float]]:
+    """``(min, max)`` of each run of ``size`` consecutive entries of ``v`` (one host transfer)."""
+    k = -(-v.shape[0] // size)
+    pad = k * size - v.shape[0]
+    lo = torch.nn.functional.pad(v, (0, pad), value=math.inf).view(k, size).amin(1)
+    hi = torch.nn.functional.pad(v, (0, pad), value=-math.inf).view(k, size).amax(1)
+    return list(zip(lo.tolist(), hi.tolist(), strict=True))
+
+
+class _SharedExp:
+    """One exponential per logit for both the row and the column reductions of a block.
+
+    With row shifts ``a`` and column shifts ``c`` (positive logits in the forward pass,
+    log-sum-exps in the backward) and one number ``sigma`` per block,
+    ``exp(S_ij - a_i) = E_ij exp(sigma - a_i)`` and ``exp(S_ij - c_j) = E_ij exp(sigma - c_j)``
+    with ``E = exp(S - sigma)``: the block's row sums and column sums of ``E``, times per-row and
+    per-column factors, give both reductions (the backward's ``dL/dS`` is ``E * (alpha_i +
+    kappa_j)``). It is exact where ``sigma`` can be chosen with
+
+    * ``sigma <= min(a, c) + log(eps / N) - log(tiny)`` (N = the longer side): an exponential
+      that underflows, or is floored at ``log(tiny)``, is then below ``eps / N`` of a sum that
+      holds a term of at least 1 (the positive logit or the log-sum-exp is its shift), and
+    * ``top - sigma <= log(max / N)``, ``top`` the largest logit the block can hold (at most
+      ``|scale| max|x| max|y|``, and in the backward at most the shifts): no sum of ``E`` over a
+      row or column of a block overflows.
+
+    ``sigma = 0`` where allowed saves the subtraction (unit vectors at a logit scale below 79 in
+    float32). Blocks with no such ``sigma`` take two exponentials (:meth:`shift` says which).
+    """
+
+    def __init__(self, a: Tensor, c: Tensor, tile: int, width: int, bound: float,
+                 shifts_bound: bool) -> None:
+        info = torch.finfo(a.dtype)
+        count = math.log(max(a.numel(), c.numel(), 1))
+        self.log_tiny = math.log(info.tiny)
+        self.headroom = math.log(info.eps) - count - self.log_tiny
+        self.cap = math.log(info.max) - count
+        self.rows, self.cols = _extrema(a, tile), _extrema(c, width)
+        self.bound = bound
+        self.shifts_bound = shifts_bound  # logits are at most their row's and column's shift
+        self.floors = a.device.type == "cpu"  # see _exp_floor
+
+    def shift(self, ti: int, bj: int) -> tuple[float, float | None] | None:
+        """``(sigma, floor)`` for block (ti, bj) (floor: the exponent floor of the clamp pass, or
+        None), or None where it needs two exponentials."""
+        a_lo, a_hi = self.rows[ti]
+        c_lo, c_hi = self.cols[bj]
+        top = min(self.bound, a_hi, c_hi) if self.shifts_bound else self.bound
+        low = min(a_lo, c_lo) + self.headroom
+        sigma = 0.0 if (top <= self.cap and low >= 0.0) else min(top, low)
+        if not top - sigma <= self.cap:  # also where a bound or shift is not finite
+            return None
+        clamp = self.floors and -self.bound - sigma < self.log_tiny
+        return sigma, (self.log_tiny if clamp else None)
 
 
 class _TargetCells:
@@ -309,7 +369,7 @@ class _TiledLogSumExp(torch.autograd.Function):
         tile = min(tile_size, max(n, 1))
         width = block_width(tile, m, x.device)
         logits = x.new_empty(tile * width)
-        work = x.new_empty(tile * width) if (rows and cols) else logits
+        work: Tensor | None = None if (rows and cols) else logits  # allocated where needed
         scaled = x.new_empty((tile, x.shape[1]))
         # Shifts of the exponentials: the positive logit where a target is given (the result is
         # then the cross-entropy directly), else the running maximum.
@@ -317,7 +377,12 @@ class _TiledLogSumExp(torch.autograd.Function):
                      else _target_logits(x, y, row_targets, scale, tile))
         col_shift = (None if col_targets is None
                      else _target_logits(y, x, col_targets, scale, tile))
-        floor = _exp_floor(x, y, scale, row_shift, col_shift)
+        # Both cross-entropies: one exponential per logit where the block's shifts allow it.
+        bound = _logit_bound(x, y, scale) if x.numel() and y.numel() else 0.0
+        shared = None
+        if row_shift is not None and col_shift is not None and x.numel() and y.numel():
+            shared = _SharedExp(row_shift, col_shift, tile, width, bound, shifts_bound=False)
+        floor = _exp_floor(x, y, scale, row_shift, col_shift, bound=bound)  # two-exp blocks
         row_acc = x.new_full((n if rows else 0,), 0.0 if row_shift is not None else float("-inf"))
         col_acc = x.new_full((m if cols else 0,), 0.0 if col_shift is not None else float("-inf"))
         # Tile value of each target logit minus its shift: subtracting it makes the result
@@ -333,6 +398,15 @@ class _TiledLogSumExp(torch.autograd.Function):
             if col_shift is not None and (hit := cells.cols(ti, bj)) is not None:
                 r, c = hit
                 col_off[c] = s[r - i0, c - j0] - col_shift[c]
+            if shared is not None and (plan := shared.shift(ti, bj)) is not None:
+                assert row_shift is not None and col_shift is not None
+                sigma, fl = plan
+                e = _floored_exp(s.sub_(sigma) if sigma else s, fl)  # exp(S - sigma)
+                row_acc[i0:i1].addcmul_(e.sum(dim=1), (sigma - row_shift[i0:i1]).exp_())
+                col_acc[j0:j1].addcmul_(e.sum(dim=0), (sigma - col_shift[j0:j1]).exp_())
+                continue
+            if work is None:
+                work = x.new_empty(tile * width)
             if rows:
                 w = work[: s.numel()].view_as(s)
                 if row_shift is not None:
@@ -357,11 +431,11 @@ class _TiledLogSumExp(torch.autograd.Function):
         if row_shift is not None:
             bad = (~torch.isfinite(row_val)).nonzero().flatten()
             if bad.numel():
-                row_val[bad] = _exact_lse(x, y, scale, bad, 1) - row_shift[bad]
+                row_val[bad] = _exact_lse(x, y, scale, bad, 1, tile * m) - row_shift[bad]
         if col_shift is not None:
             bad = (~torch.isfinite(col_acc)).nonzero().flatten()
             if bad.numel():
-                col_acc[bad] = _exact_lse(x, y, scale, bad, 0) - col_shift[bad]
+                col_acc[bad] = _exact_lse(x, y, scale, bad, 0, tile * m) - col_shift[bad]
         # What backward needs to form softmax probabilities: the exact LSE without the bias.
         row_lse = row_val if row_shift is None else row_val + row_shift
         col_lse = col_acc if col_shift is None else col_acc + col_shift
@@ -374,7 +448,7 @@ class _TiledLogSumExp(torch.autograd.Function):
         elif bias is not None:
             col_acc = col_acc + bias
         ctx.save_for_backward(x, y, scale, bias, row_targets, col_targets, row_lse, col_lse)
-        ctx.rows, ctx.cols, ctx.tile = rows, cols, tile
+        ctx.rows, ctx.cols, ctx.tile, ctx.bound = rows, cols, tile, bound
         ctx.mark_non_differentiable(*([] if rows else [row_val]), *([] if cols else [col_acc]))
         return row_val, col_acc
 
@@ -385,24 +459,36 @@ class _TiledLogSumExp(torch.autograd.Function):
         use_rows = rows and grad_rows is not None and bool(grad_rows.any())
         use_cols = cols and grad_cols is not None and bool(grad_cols.any())
         n, m = x.shape[0], y.shape[0]
-        gx = x.new_zeros(x.shape)  # G @ Y, unscaled
-        gy = y.new_zeros(y.shape)  # G^T @ (scale X)
+        # G @ Y (unscaled) and G^T @ (scale X): the first block of each row tile and the first
+        # tile of each column block write them (no zero fill), the others accumulate.
+        walked = (use_rows or use_cols) and n > 0 and m > 0
+        gx = x.new_empty(x.shape) if walked else x.new_zeros(x.shape)
+        gy = y.new_empty(y.shape) if walked else y.new_zeros(y.shape)
         # dL/dS_ij = g_i (P_ij - [j = t_i]) + h_j (Q_ij - [i = u_j]) with P, Q the row and column
-        # softmaxes. A positive weight is folded into the shift (exp(S - lse + log g)) to save a
-        # pass over the block; the one-hots are subtracted in the block before the matmuls.
+        # softmaxes; the one-hots are subtracted in the block before the matmuls. Both parts:
+        # G = E * (alpha_i + kappa_j) from one exponential E = exp(S - sigma), alpha = g exp(sigma
+        # - lse_rows), kappa = h exp(sigma - lse_cols), where the block allows it (_SharedExp).
+        # One part: a positive weight is folded into the shift (exp(S - lse + log g)) to save a
+        # pass over the block.
         row_shift = row_fold = col_shift = col_fold = None
-        if use_rows:
+        if use_rows and not use_cols:
             assert grad_rows is not None
             row_fold = bool((grad_rows > 0).all())
             row_shift = row_lse - (grad_rows.log() if row_fold else 0.0)
-        if use_cols:
+        if use_cols and not use_rows:
             assert grad_cols is not None
             col_fold = bool((grad_cols > 0).all())
             col_shift = col_lse - (grad_cols.log() if col_fold else 0.0)
         if use_rows or use_cols:
             yt = y.t()
             width = block_width(tile, m, x.device)
-            floor = _exp_floor(x, y, scale, row_shift, col_shift)
+            bound = ctx.bound
+            shared = None
+            if use_rows and use_cols:
+                shared = _SharedExp(row_lse, col_lse, tile, width, bound, shifts_bound=True)
+                floor = _exp_floor(x, y, scale, row_lse, col_lse, bound=bound)  # two-exp blocks
+            else:
+                floor = _exp_floor(x, y, scale, row_shift, col_shift, bound=bound)
             logits = x.new_empty(tile * width)
             work = x.new_empty(tile * width) if (use_rows and use_cols) else logits
             scaled = x.new_empty((tile, x.shape[1]))
@@ -411,20 +497,30 @@ class _TiledLogSumExp(torch.autograd.Function):
             for ti, bj, i0, i1, j0, j1, xs, s in _scaled_blocks(x, yt, scale, tile, width,
                                                                 scaled, logits):
                 g = s
-                if use_rows:
+                if shared is not None:
+                    assert grad_rows is not None and grad_cols is not None
+                    w = work[: s.numel()].view_as(s)
+                    if (plan := shared.shift(ti, bj)) is not None:
+                        sigma, fl = plan
+                        _floored_exp(s.sub_(sigma) if sigma else s, fl)  # exp(S - sigma)
+                        alpha = (sigma - row_lse[i0:i1]).exp_().mul_(grad_rows[i0:i1])
+                        kappa = (sigma - col_lse[j0:j1]).exp_().mul_(grad_cols[j0:j1])
+                        s.mul_(torch.add(alpha[:, None], kappa, out=w))
+                    else:
+                        torch.sub(s, col_lse[j0:j1], out=w)
+                        _floored_exp(w, floor).mul_(grad_cols[j0:j1])
+                        _floored_exp(s.sub_(row_lse[i0:i1, None]), floor)
+                        s.mul_(grad_rows[i0:i1, None]).add_(w)
+                elif use_rows:
                     assert row_shift is not None and grad_rows is not None
-                    g = work[: s.numel()].view_as(s)
-                    torch.sub(s, row_shift[i0:i1, None], out=g)
-                    _floored_exp(g, floor)
+                    _floored_exp(s.sub_(row_shift[i0:i1, None]), floor)
                     if not row_fold:
-                        g.mul_(grad_rows[i0:i1, None])
-                if use_cols:
+                        s.mul_(grad_rows[i0:i1, None])
+                else:
                     assert col_shift is not None and grad_cols is not None
                     _floored_exp(s.sub_(col_shift[j0:j1]), floor)
                     if not col_fold:
                         s.mul_(grad_cols[j0:j1])
-                    if use_rows:
-                        g.add_(s)
                 if (hit := cells.rows(ti, bj)) is not None:
                     assert grad_rows is not None
                     r, c = hit
@@ -433,8 +529,14 @@ class _TiledLogSumExp(torch.autograd.Function):
                     assert grad_cols is not None
                     r, c = hit
                     g.index_put_((r - i0, c - j0), -grad_cols[c], accumulate=True)
-                gx[i0:i1].addmm_(g, y[j0:j1])
-                gy[j0:j1].addmm_(g.t(), xs)
+                if bj == 0:
+                    torch.mm(g, y[j0:j1], out=gx[i0:i1])
+                else:
+                    gx[i0:i1].addmm_(g, y[j0:j1])
+                if ti == 0:
+                    torch.mm(g.t(), xs, out=gy[j0:j1])
+                else:
+                    gy[j0:j1].addmm_(g.t(), xs)
         d_scale = torch.dot(x.reshape(-1), gx.view(-1)) if ctx.needs_input_grad[2] else None
         d_x = gx.mul_(scale) if ctx.needs_input_grad[0] else None
         d_y = gy if ctx.needs_input_grad[1] else None
@@ -450,19 +552,24 @@ class _TiledLogSumExp(torch.autograd.Function):
 
 
 class _TiledSoftplusSum(torch.autograd.Function):
+    """``sum softplus(S)``, walked in the same column blocks as the log-sum-exps (one block of
+    logits in memory); the backward's ``sigmoid(S)`` is ``dL/dS`` block by block."""
+
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor | None, tile_size: int
     ) -> Tensor:
+        x, y = x.contiguous(), y.contiguous()
         n, m = x.shape[0], y.shape[0]
-        yt = y.t()
         tile = min(tile_size, max(n, 1))
-        logits = x.new_empty((tile, m))
+        width = block_width(tile, m, x.device)
+        logits = x.new_empty(tile * width)
+        scaled = x.new_empty((tile, x.shape[1]))
         total = x.new_zeros(())
-        for i0 in _tiles(n, tile):
-            i1 = min(n, i0 + tile)
-            s = _tile_logits(logits, x, yt, scale, i0, i1, bias)
-            total += torch.nn.functional.softplus(s, threshold=SOFTPLUS_THRESHOLD).sum()
+        for *_, s in _scaled_blocks(x, y.t(), scale, tile, width, scaled, logits):
+            if bias is not None:
+                s.add_(bias)
+            total += torch.ops.aten.softplus.out(s, 1, SOFTPLUS_THRESHOLD, out=s).sum()
         ctx.save_for_backward(x, y, scale, bias)
         ctx.tile = tile
         return total
@@ -472,20 +579,29 @@ class _TiledSoftplusSum(torch.autograd.Function):
         x, y, scale, bias = ctx.saved_tensors
         n, m = x.shape[0], y.shape[0]
         tile = ctx.tile
-        gx = torch.zeros_like(x)
-        gy = torch.zeros_like(y)
+        width = block_width(tile, m, x.device)
+        walked = n > 0 and m > 0
+        gx = x.new_empty(x.shape) if walked else x.new_zeros(x.shape)  # G @ Y
+        gy = y.new_empty(y.shape) if walked else y.new_zeros(y.shape)  # G^T @ (scale X)
         sig_sum = x.new_zeros(())
-        logits = x.new_empty((tile, m))
-        yt = y.t()
-        for i0 in _tiles(n, tile):
-            i1 = min(n, i0 + tile)
-            s = _tile_logits(logits, x, yt, scale, i0, i1, bias)
+        logits = x.new_empty(tile * width)
+        scaled = x.new_empty((tile, x.shape[1]))
+        for ti, bj, i0, i1, j0, j1, xs, s in _scaled_blocks(x, y.t(), scale, tile, width,
+                                                            scaled, logits):
+            if bias is not None:
+                s.add_(bias)
             s.sigmoid_()  # d softplus(s) / ds
             sig_sum += s.sum()
-            torch.mm(s, y, out=gx[i0:i1])
-            gy.addmm_(s.t(), x[i0:i1])
-        d_scale = (x * gx).sum() * grad if ctx.needs_input_grad[2] else None
+            if bj == 0:
+                torch.mm(s, y[j0:j1], out=gx[i0:i1])
+            else:
+                gx[i0:i1].addmm_(s, y[j0:j1])
+            if ti == 0:
+                torch.mm(s.t(), xs, out=gy[j0:j1])
+            else:
+                gy[j0:j1].addmm_(s.t(), xs)
+        d_scale = torch.dot(x.reshape(-1), gx.view(-1)) * grad if ctx.needs_input_grad[2] else None
         d_x = gx.mul_(scale * grad) if ctx.needs_input_grad[0] else None
-        d_y = gy.mul_(scale * grad) if ctx.needs_input_grad[1] else None
+        d_y = gy.mul_(grad) if ctx.needs_input_grad[1] else None
         d_bias = sig_sum * grad if (bias is not None and ctx.needs_input_grad[3]) else None
         return d_x, d_y, d_scale, d_bias, None
