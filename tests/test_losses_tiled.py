@@ -225,3 +225,133 @@ def test_exponent_floor_at_a_large_scale_keeps_float32_exact(request, blocks):
     (r64.sum() + c64.sum()).backward()
     torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y32.grad.double(), y64.grad, rtol=1e-4, atol=1e-4)
+
+
+def _count_shared_blocks(monkeypatch, tiled, mode="all"):
+    """Count the blocks that take one exponential. ``mode="mixed"`` sends every other block to
+    the two-exponential path instead (both paths then meet in one call), ``"none"`` all."""
+    counts = {"shared": 0, "two": 0}
+    original = tiled._SharedExp.shift
+
+    def shift(self, ti, bj):
+        plan = original(self, ti, bj)
+        if mode == "none" or (mode == "mixed" and (ti + bj) % 2):
+            plan = None
+        counts["shared" if plan is not None else "two"] += 1
+        return plan
+
+    monkeypatch.setattr(tiled._SharedExp, "shift", shift)
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["all", "mixed", "none"])
+@pytest.mark.parametrize("targets", [False, True])
+def test_shared_and_two_exponential_blocks_agree_with_the_reference(small_blocks, monkeypatch,
+                                                                   mode, targets):
+    counts = _count_shared_blocks(monkeypatch, small_blocks, mode)
+    x, y, scale, bias = leaves(7, 9, 4, seed=40)
+    g = torch.Generator().manual_seed(41)
+    rt, ct = torch.randint(0, 9, (7,), generator=g), torch.randint(0, 7, (9,), generator=g)
+    kw = {"row_targets": rt, "col_targets": ct} if targets else {}
+    got_r, got_c = tiled_logsumexp(x, y, scale, bias, tile_size=3, **kw)
+    logits = loop_logits(x, y, scale, bias)
+    if targets:
+        ref_r = F.cross_entropy(logits, rt, reduction="none")
+        ref_c = F.cross_entropy(logits.T, ct, reduction="none")
+    else:
+        ref_r, ref_c = logits.logsumexp(1), logits.logsumexp(0)
+    torch.testing.assert_close(got_r, ref_r, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got_c, ref_c, rtol=1e-12, atol=1e-13)
+    wr, wc = torch.linspace(-1.0, 2.0, 7, dtype=F64), torch.linspace(-0.5, 1.5, 9, dtype=F64)
+    ours = (wr * got_r).sum() + (wc * got_c).sum()
+    ref = (wr * ref_r).sum() + (wc * ref_c).sum()
+    for a, b in zip(
+        torch.autograd.grad(ours, [x, y, scale, bias], allow_unused=True),
+        torch.autograd.grad(ref, [x, y, scale, bias], allow_unused=True),
+        strict=True,
+    ):
+        a = torch.zeros((), dtype=F64) if a is None else a
+        b = torch.zeros((), dtype=F64) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    # Blocks of 3 rows x 2 columns: 3 tiles x 5 blocks per pass; the forward asks only with
+    # targets, the backward (both directions) always.
+    assert counts["shared"] + counts["two"] == (30 if targets else 15)
+    if mode == "all":
+        assert counts["two"] == 0
+    elif mode == "mixed":
+        assert counts["shared"] > 0 and counts["two"] > 0
+    else:
+        assert counts["shared"] == 0
+
+
+@pytest.mark.parametrize("scale_value", [10.0, 100.0])
+def test_one_exponential_in_float32_matches_float64(monkeypatch, scale_value):
+    # Unit vectors with positives at cosine ~0.7. At scale 10 the block shift is 0 (no
+    # subtraction, no clamp); at scale 100 (logits up to 100 > log(max / N) in float32) it is
+    # not, and exponents below the floor are clamped.
+    import modalign.losses.tiled as tiled
+
+    g = torch.Generator().manual_seed(7)
+    x64 = F.normalize(torch.randn(40, 16, generator=g, dtype=F64), dim=1)
+    y64 = F.normalize(x64 + 0.7 * torch.randn(40, 16, generator=g, dtype=F64), dim=1)
+    x32, y32 = x64.float().requires_grad_(), y64.float().requires_grad_()
+    x64, y64 = x32.detach().double().requires_grad_(), y32.detach().double().requires_grad_()
+    t = torch.arange(40)
+    plan = tiled._SharedExp(torch.full((40,), 30.0), torch.full((40,), 30.0), 8, 40,
+                            bound=scale_value, shifts_bound=False)
+    sigma, floor = plan.shift(0, 0)
+    assert (sigma == 0.0 and floor is None) if scale_value == 10.0 else (
+        sigma != 0.0 and floor is not None)
+    counts = _count_shared_blocks(monkeypatch, tiled)
+    r32, c32 = tiled_logsumexp(x32, y32, scale_value, row_targets=t, col_targets=t, tile_size=8)
+    logits = scale_value * x64 @ y64.T
+    r64 = F.cross_entropy(logits, t, reduction="none")
+    c64 = F.cross_entropy(logits.T, t, reduction="none")
+    torch.testing.assert_close(r32.double(), r64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c32.double(), c64, rtol=1e-5, atol=1e-5)
+    (r32.mean() + c32.mean()).backward()
+    (r64.mean() + c64.mean()).backward()
+    for got, ref in ((x32.grad, x64.grad), (y32.grad, y64.grad)):  # float32 logits: ~1e-5
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=2e-5 * ref.abs().max())
+    assert counts["two"] == 0 and counts["shared"] == 2 * 5  # 5 tiles, forward and backward
+
+
+def test_shared_block_shift_refuses_what_it_cannot_represent():
+    from modalign.losses.tiled import _SharedExp
+
+    a = torch.tensor([30.0, -60.0])  # a positive logit far below the block's largest logit
+    plan = _SharedExp(a, torch.tensor([30.0, 20.0]), 2, 2, bound=100.0, shifts_bound=False)
+    assert plan.shift(0, 0) is None  # float32: 100 - (-60 + 61.x) > log(max / 2)
+    assert _SharedExp(a.double(), torch.tensor([30.0, 20.0], dtype=F64), 2, 2, bound=100.0,
+                      shifts_bound=False).shift(0, 0) == (0.0, None)
+    nan = _SharedExp(torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, 1.0]), 2, 2,
+                     bound=1.0, shifts_bound=False)
+    assert nan.shift(0, 0) is None
+
+
+@pytest.mark.parametrize("tile", [1, 3, 4])
+def test_softplus_sum_in_column_blocks(small_blocks, tile):
+    x, y, scale, bias = leaves(7, 9, 3, seed=50 + tile, spread=3.0)
+    ours = tiled_softplus_sum(x, y, scale, bias, tile_size=tile)
+    ref = F.softplus(loop_logits(x, y, scale, bias), threshold=60.0).sum()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(
+        torch.autograd.grad(ours, [x, y, scale, bias]),
+        torch.autograd.grad(ref, [x, y, scale, bias]),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_exact_recompute_in_chunks_equals_one_piece():
+    from modalign.losses.tiled import _exact_lse
+
+    x, y, _, _ = leaves(6, 5, 3, seed=60)
+    x, y, s = x.detach(), y.detach(), torch.tensor(2.0, dtype=F64)
+    which_r, which_c = torch.tensor([0, 2, 3, 5]), torch.tensor([1, 4, 2])
+    full = s * x @ y.T
+    for budget in (1, 7, 10**6):
+        torch.testing.assert_close(_exact_lse(x, y, s, which_r, 1, budget),
+                                   full[which_r].logsumexp(1))
+        torch.testing.assert_close(_exact_lse(x, y, s, which_c, 0, budget),
+                                   full[:, which_c].logsumexp(0))

@@ -293,10 +293,12 @@ class _SharedExp:
         None), or None where it needs two exponentials."""
         a_lo, a_hi = self.rows[ti]
         c_lo, c_hi = self.cols[bj]
+        if not all(map(math.isfinite, (a_lo, a_hi, c_lo, c_hi, self.bound))):
+            return None
         top = min(self.bound, a_hi, c_hi) if self.shifts_bound else self.bound
         low = min(a_lo, c_lo) + self.headroom
         sigma = 0.0 if (top <= self.cap and low >= 0.0) else min(top, low)
-        if not top - sigma <= self.cap:  # also where a bound or shift is not finite
+        if not top - sigma <= self.cap:
             return None
         clamp = self.floors and -self.bound - sigma < self.log_tiny
         return sigma, (self.log_tiny if clamp else None)
