@@ -1,10 +1,12 @@
-"""CLIP loss forward + backward: the tiled exact path against an open_clip-style full matrix.
+"""CLIP (or SigLIP) loss forward + backward: the tiled exact path against a full matrix.
 
 Prints one JSON object per line (see DESIGN.md): for each batch size, wall ``seconds`` and
 ``peak_mb`` (resident-set high-water above the inputs) of ours (``modalign.losses.clip_loss``,
 ``impl="auto"``) and of the baseline (``logits = scale * X @ Y.T`` and ``scale * Y @ X.T``, cross
 entropy both ways / 2, as open_clip's ``ClipLoss`` does it), each case and implementation in a fresh
-subprocess; the max relative difference of the loss and of the gradients (``max_rel_diff``); the
+subprocess (``--loss siglip``: ``modalign.losses.siglip_loss`` at scale 10 and bias -10 against
+``-logsigmoid(z * (scale * X @ Y.T + bias)).sum() / B`` with ``z = 2 I - 1``, as big_vision
+computes it); the max relative difference of the loss and of the gradients (``max_rel_diff``); the
 plain matmul throughput of this machine (``matmul_gflops``) and the share of it each implementation
 reaches (``matmul_share``: time its matrix products would take at that throughput / its wall time);
 and ``over_own_matmuls`` (wall) / ``over_own_matmuls_cpu`` (CPU time of the process): our time
@@ -15,6 +17,7 @@ Usage:
     python benchmarks/losses.py            # batch 1024, 4096, 16384 (a few minutes on 2 cores)
     python benchmarks/losses.py --quick    # batch 1024 and 4096, one round (under a minute)
     python benchmarks/losses.py --batches 16384 --threads 1   # the over_own_matmuls row
+    python benchmarks/losses.py --loss siglip --batches 8192 --threads 1 --rounds 1
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 DIM = 512
-BASELINE_NAME = "open_clip-style full matrix"
-MATMULS = {"tiled": 4, "full": 3, "baseline": 6}  # B x B x d products per forward + backward
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # the SigLIP paper's initial values
+BASELINE_NAME = {"clip": "open_clip-style full matrix", "siglip": "big_vision-style full matrix"}
+# B x B x d products per forward + backward
+MATMULS = {"clip": {"tiled": 4, "full": 3, "baseline": 6},
+           "siglip": {"tiled": 4, "full": 3, "baseline": 3}}
 
 
 def _rss_mb() -> float:
@@ -66,19 +72,27 @@ class _PeakSampler:
         self.peak = max(self.peak, _rss_mb())
 
 
-def _worker(impl: str, batch: int, threads: int, grads_path: str | None) -> None:
+def _worker(loss_name: str, impl: str, batch: int, threads: int, grads_path: str | None) -> None:
     import torch
     import torch.nn.functional as F
 
     from modalign.losses.clip import clip_loss
+    from modalign.losses.siglip import siglip_loss
 
     torch.set_num_threads(threads)
+    siglip = loss_name == "siglip"
 
     def ours(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if siglip:
+            return siglip_loss(x, y, scale, SIGLIP_BIAS, impl="auto").loss
         return clip_loss(x, y, scale, impl="auto").loss
 
     def baseline(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         image, text = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        if siglip:
+            logits = scale * image @ text.T + SIGLIP_BIAS
+            z = 2 * torch.eye(image.shape[0]) - 1
+            return -F.logsigmoid(z * logits).sum() / image.shape[0]
         logits_per_image = scale * image @ text.T
         logits_per_text = scale * text @ image.T
         labels = torch.arange(image.shape[0])
@@ -92,7 +106,7 @@ def _worker(impl: str, batch: int, threads: int, grads_path: str | None) -> None
         g = torch.Generator().manual_seed(n)
         x = torch.randn(n, DIM, generator=g).requires_grad_()
         y = (x.detach() + 2.0 * torch.randn(n, DIM, generator=g)).requires_grad_()  # cos ~ 0.45
-        scale = torch.tensor(1 / 0.07).log().requires_grad_()
+        scale = torch.tensor(SIGLIP_SCALE if siglip else 1 / 0.07).log().requires_grad_()
         return x, y, scale
 
     # Warm up kernels and allocator on a small batch, then time the real one.
@@ -197,8 +211,9 @@ def _matmul_gflops(threads: int) -> float:
     return 2 * 4096 * 4096 * DIM / best / 1e9
 
 
-def _run_case(impl: str, batch: int, threads: int, grads_path: str) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--worker", impl, "--batch", str(batch)]
+def _run_case(loss: str, impl: str, batch: int, threads: int, grads_path: str
+              ) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--loss", loss, "--worker", impl, "--batch", str(batch)]
     cmd += ["--threads", str(threads), "--grads", grads_path]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -214,6 +229,7 @@ def _max_rel(a: object, b: object) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1024 and 4096 only")
+    parser.add_argument("--loss", choices=["clip", "siglip"], default="clip")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument(
         "--rounds", type=int, default=2, help="fresh processes per implementation and case"
@@ -225,7 +241,7 @@ def main() -> None:
     parser.add_argument("--grads", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args.worker, args.batch, args.threads, args.grads)
+        _worker(args.loss, args.worker, args.batch, args.threads, args.grads)
         return
 
     import torch
@@ -238,7 +254,7 @@ def main() -> None:
         args.rounds = 1
     with tempfile.TemporaryDirectory() as tmp:
         for batch in batches:
-            case = {"loss": "clip", "batch": batch, "dim": DIM}
+            case = {"loss": args.loss, "batch": batch, "dim": DIM}
             res: dict[str, dict[str, float]] = {}
             grads = {}
             # Alternate the implementations over rounds (the machine may be shared): best time,
@@ -246,7 +262,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for impl in ("ours", "baseline"):
                     path = str(Path(tmp) / f"{impl}.pt")
-                    run = _run_case(impl, batch, args.threads, path)
+                    run = _run_case(args.loss, impl, batch, args.threads, path)
                     best = res.setdefault(impl, run)
                     for key in ("over_own", "over_own_cpu"):  # ratios within one process
                         if key in run:
@@ -261,7 +277,7 @@ def main() -> None:
                     "metric": metric,
                     "ours": res["ours"][metric],
                     "baseline": res["baseline"][metric],
-                    "baseline_name": BASELINE_NAME,
+                    "baseline_name": BASELINE_NAME[args.loss],
                 }
                 print(json.dumps(row), flush=True)
             for metric, key in (("over_own_matmuls", "over_own"),
@@ -271,7 +287,8 @@ def main() -> None:
                        "baseline_name": "ours' own matrix products alone, same process and shapes"}
                 print(json.dumps(row), flush=True)
             ours_path = "tiled" if use_tiled("auto", batch, batch) else "full"
-            products = {"ours": MATMULS[ours_path], "baseline": MATMULS["baseline"]}
+            products = {"ours": MATMULS[args.loss][ours_path],
+                        "baseline": MATMULS[args.loss]["baseline"]}
             share = {
                 k: products[k] * 2 * batch * batch * DIM / (gflops * 1e9) / res[k]["seconds"]
                 for k in ("ours", "baseline")
@@ -288,7 +305,7 @@ def main() -> None:
                     "metric": metric,
                     "ours": ours,
                     "baseline": base,
-                    "baseline_name": BASELINE_NAME,
+                    "baseline_name": BASELINE_NAME[args.loss],
                 }
                 print(json.dumps(row), flush=True)
 

@@ -13,12 +13,16 @@ to form ``dL/dS`` for it, from which ``dX``, ``dY``, ``d scale`` and ``d bias`` 
 more matmuls. Peak extra memory is O(tile_size x m) instead of O(n x m); values and gradients
 equal the full-matrix computation up to floating-point rounding.
 
-On the CPU the log-sum-exps walk each tile in column blocks of about :data:`BLOCK_ELEMENTS`
-logits, so that the exp/subtract/sum passes over a block run in the L2 cache right after its
-matmul; no temporary of the inputs' size is allocated; the row/column positions of the target
-cells are grouped by block once; and exponents that would underflow into the slow subnormal range
-are raised to the smallest normal number only where a bound says they can occur
-(:func:`_exp_floor`).
+On the CPU both walk each tile in column blocks of about :data:`BLOCK_ELEMENTS` logits, so that
+the elementwise passes over a block run in cache right after its matmul; no temporary of the
+inputs' size is allocated; the row/column positions of the target cells are grouped by block
+once; and exponents that would underflow into the slow subnormal range are raised to the
+smallest normal number only where a bound says they can occur (:func:`_exp_floor`). Where both
+directions are reduced (CLIP's two cross-entropies, and every backward pass that needs both
+softmaxes), one exponential per logit serves both: ``E = exp(S - sigma)`` with one number
+``sigma`` per block, whose row and column sums (forward) or ``E * (alpha_i + kappa_j)``
+(backward) give both results exactly (:class:`_SharedExp` states when; other blocks take two
+exponentials). The gradient accumulators are written by their first product, not zero-filled.
 
 FLOPs: forward one ``n m d`` product, backward three (recompute, ``G Y``, ``G^T X``). In the
 log-sum-exps the bias never touches the tiles: ``LSE(S + b) = LSE(S) + b``.
@@ -184,6 +188,28 @@ def block_width(tile_rows: int, m: int, device: torch.device) -> int:
     if device.type != "cpu":
         return max(m, 1)
     return max(1, min(m, max(MIN_BLOCK_COLUMNS, BLOCK_ELEMENTS // max(tile_rows, 1))))
+
+
+def _gradient_buffers(x: Tensor, y: Tensor, walked: bool) -> tuple[Tensor, Tensor]:
+    """The ``G Y`` and ``G^T (scale X)`` accumulators: empty where blocks will be walked (their
+    first products write them, see :func:`_add_products`), else zeros."""
+    if walked and x.shape[0] > 0 and y.shape[0] > 0:
+        return x.new_empty(x.shape), y.new_empty(y.shape)
+    return x.new_zeros(x.shape), y.new_zeros(y.shape)
+
+
+def _add_products(gx: Tensor, gy: Tensor, g: Tensor, y: Tensor, xs: Tensor, first_block: bool,
+                  first_tile: bool, i0: int, i1: int, j0: int, j1: int) -> None:
+    """``gx[i0:i1] += g @ y[j0:j1]`` and ``gy[j0:j1] += g^T @ xs`` for block ``g``; the first
+    block of a row tile and the first tile of a column block write instead (no zero fill)."""
+    if first_block:
+        torch.mm(g, y[j0:j1], out=gx[i0:i1])
+    else:
+        gx[i0:i1].addmm_(g, y[j0:j1])
+    if first_tile:
+        torch.mm(g.t(), xs, out=gy[j0:j1])
+    else:
+        gy[j0:j1].addmm_(g.t(), xs)
 
 
 def _target_logits(a: Tensor, b: Tensor, targets: Tensor, scale: Tensor, chunk: int) -> Tensor:
@@ -463,9 +489,7 @@ class _TiledLogSumExp(torch.autograd.Function):
         n, m = x.shape[0], y.shape[0]
         # G @ Y (unscaled) and G^T @ (scale X): the first block of each row tile and the first
         # tile of each column block write them (no zero fill), the others accumulate.
-        walked = (use_rows or use_cols) and n > 0 and m > 0
-        gx = x.new_empty(x.shape) if walked else x.new_zeros(x.shape)
-        gy = y.new_empty(y.shape) if walked else y.new_zeros(y.shape)
+        gx, gy = _gradient_buffers(x, y, use_rows or use_cols)
         # dL/dS_ij = g_i (P_ij - [j = t_i]) + h_j (Q_ij - [i = u_j]) with P, Q the row and column
         # softmaxes; the one-hots are subtracted in the block before the matmuls. Both parts:
         # G = E * (alpha_i + kappa_j) from one exponential E = exp(S - sigma), alpha = g exp(sigma
@@ -486,7 +510,7 @@ class _TiledLogSumExp(torch.autograd.Function):
             width = block_width(tile, m, x.device)
             bound = ctx.bound
             shared = None
-            if use_rows and use_cols:
+            if use_rows and use_cols and n and m:
                 shared = _SharedExp(row_lse, col_lse, tile, width, bound, shifts_bound=True)
                 floor = _exp_floor(x, y, scale, row_lse, col_lse, bound=bound)  # two-exp blocks
             else:
@@ -531,14 +555,7 @@ class _TiledLogSumExp(torch.autograd.Function):
                     assert grad_cols is not None
                     r, c = hit
                     g.index_put_((r - i0, c - j0), -grad_cols[c], accumulate=True)
-                if bj == 0:
-                    torch.mm(g, y[j0:j1], out=gx[i0:i1])
-                else:
-                    gx[i0:i1].addmm_(g, y[j0:j1])
-                if ti == 0:
-                    torch.mm(g.t(), xs, out=gy[j0:j1])
-                else:
-                    gy[j0:j1].addmm_(g.t(), xs)
+                _add_products(gx, gy, g, y, xs, bj == 0, ti == 0, i0, i1, j0, j1)
         d_scale = torch.dot(x.reshape(-1), gx.view(-1)) if ctx.needs_input_grad[2] else None
         d_x = gx.mul_(scale) if ctx.needs_input_grad[0] else None
         d_y = gy if ctx.needs_input_grad[1] else None
@@ -579,12 +596,9 @@ class _TiledSoftplusSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
         x, y, scale, bias = ctx.saved_tensors
-        n, m = x.shape[0], y.shape[0]
         tile = ctx.tile
-        width = block_width(tile, m, x.device)
-        walked = n > 0 and m > 0
-        gx = x.new_empty(x.shape) if walked else x.new_zeros(x.shape)  # G @ Y
-        gy = y.new_empty(y.shape) if walked else y.new_zeros(y.shape)  # G^T @ (scale X)
+        width = block_width(tile, y.shape[0], x.device)
+        gx, gy = _gradient_buffers(x, y, True)
         sig_sum = x.new_zeros(())
         logits = x.new_empty(tile * width)
         scaled = x.new_empty((tile, x.shape[1]))
@@ -594,14 +608,7 @@ class _TiledSoftplusSum(torch.autograd.Function):
                 s.add_(bias)
             s.sigmoid_()  # d softplus(s) / ds
             sig_sum += s.sum()
-            if bj == 0:
-                torch.mm(s, y[j0:j1], out=gx[i0:i1])
-            else:
-                gx[i0:i1].addmm_(s, y[j0:j1])
-            if ti == 0:
-                torch.mm(s.t(), xs, out=gy[j0:j1])
-            else:
-                gy[j0:j1].addmm_(s.t(), xs)
+            _add_products(gx, gy, s, y, xs, bj == 0, ti == 0, i0, i1, j0, j1)
         d_scale = torch.dot(x.reshape(-1), gx.view(-1)) * grad if ctx.needs_input_grad[2] else None
         d_x = gx.mul_(scale * grad) if ctx.needs_input_grad[0] else None
         d_y = gy.mul_(grad) if ctx.needs_input_grad[1] else None
