@@ -61,6 +61,10 @@ BLOCK_ELEMENTS = 1 << 18
 MIN_BLOCK_COLUMNS = 256
 """Fewest columns per block on the CPU (keeps each block's matrix product efficient)."""
 
+WEIGHT_STRIP_ELEMENTS = 1 << 16
+"""Backward weights ``alpha_i + kappa_j`` formed per strip of about this many (256 KB in fp32) on
+the CPU, so that the strip is still in cache when the block is multiplied by it."""
+
 SOFTPLUS_THRESHOLD = 40.0
 """``softplus(l)`` is taken as ``l`` above this (the error, exp(-40), is below float64 rounding)."""
 
@@ -210,6 +214,19 @@ def _add_products(gx: Tensor, gy: Tensor, g: Tensor, y: Tensor, xs: Tensor, firs
         torch.mm(g.t(), xs, out=gy[j0:j1])
     else:
         gy[j0:j1].addmm_(g.t(), xs)
+
+
+def _scale_by_sum(e: Tensor, alpha: Tensor, kappa: Tensor, buffer: Tensor) -> Tensor:
+    """``e *= alpha[:, None] + kappa[None, :]`` in place. On the CPU the weights are formed a
+    strip of about :data:`WEIGHT_STRIP_ELEMENTS` at a time in the start of ``buffer``, which then
+    stays in cache between its write and its use."""
+    rows, cols = e.shape
+    step = rows if e.device.type != "cpu" else max(1, WEIGHT_STRIP_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = buffer[: (r1 - r0) * cols].view(r1 - r0, cols)
+        e[r0:r1].mul_(torch.add(alpha[r0:r1, None], kappa, out=w))
+    return e
 
 
 def _target_logits(a: Tensor, b: Tensor, targets: Tensor, scale: Tensor, chunk: int) -> Tensor:
@@ -531,7 +548,7 @@ class _TiledLogSumExp(torch.autograd.Function):
                         _floored_exp(s.sub_(sigma) if sigma else s, fl)  # exp(S - sigma)
                         alpha = (sigma - row_lse[i0:i1]).exp_().mul_(grad_rows[i0:i1])
                         kappa = (sigma - col_lse[j0:j1]).exp_().mul_(grad_cols[j0:j1])
-                        s.mul_(torch.add(alpha[:, None], kappa, out=w))
+                        _scale_by_sum(s, alpha, kappa, work)
                     else:
                         torch.sub(s, col_lse[j0:j1], out=w)
                         _floored_exp(w, floor).mul_(grad_cols[j0:j1])
