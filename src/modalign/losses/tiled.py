@@ -229,16 +229,28 @@ def _scale_by_sum(e: Tensor, alpha: Tensor, kappa: Tensor, buffer: Tensor) -> Te
     return e
 
 
-def _target_logits(a: Tensor, b: Tensor, targets: Tensor, scale: Tensor, chunk: int) -> Tensor:
+def _target_logits(a: Tensor, b: Tensor, targets: Tensor | None, scale: Tensor, chunk: int
+                   ) -> Tensor:
     """``scale * a_i . b_{targets[i]}`` for every row i (no bias: it cancels in a cross-entropy),
-    ``chunk`` rows at a time through one reused buffer (no n x d temporary)."""
+    ``chunk`` rows at a time through one reused buffer (no n x d temporary); ``targets=None``:
+    the identity (``b_i``, no gather)."""
     out = a.new_empty(a.shape[0])
     buf = a.new_empty((min(chunk, a.shape[0]), a.shape[1]))
     for i0 in range(0, a.shape[0], chunk):
         i1 = min(a.shape[0], i0 + chunk)
-        picked = torch.index_select(b, 0, targets[i0:i1], out=buf[: i1 - i0])
-        torch.sum(picked.mul_(a[i0:i1]), dim=1, out=out[i0:i1])
+        if targets is None:
+            picked = torch.mul(b[i0:i1], a[i0:i1], out=buf[: i1 - i0])
+        else:
+            picked = torch.index_select(b, 0, targets[i0:i1], out=buf[: i1 - i0]).mul_(a[i0:i1])
+        torch.sum(picked, dim=1, out=out[i0:i1])
     return out.mul_(scale)
+
+
+def _is_identity(targets: Tensor | None, n: int, m: int) -> bool:
+    """Whether ``targets`` is ``arange(n)`` of a square matrix (CLIP's diagonal)."""
+    if targets is None or n != m:
+        return False
+    return bool(torch.equal(targets, torch.arange(n, device=targets.device, dtype=targets.dtype)))
 
 
 def _exact_lse(x: Tensor, y: Tensor, scale: Tensor, which: Tensor, dim: int, budget: int
@@ -320,8 +332,11 @@ class _SharedExp:
     """
 
     def __init__(self, a: Tensor, c: Tensor, tile: int, width: int, bound: float,
-                 shifts_bound: bool) -> None:
+                 shifts_bound: bool, row_weights: Tensor | None = None,
+                 col_weights: Tensor | None = None) -> None:
         info = torch.finfo(a.dtype)
+        self.a, self.c, self.row_weights, self.col_weights = a, c, row_weights, col_weights
+        self._at_zero: dict[str, Tensor] = {}
         count = math.log(max(a.numel(), c.numel(), 1))
         self.log_tiny = math.log(info.tiny)
         self.headroom = math.log(info.eps) - count - self.log_tiny
@@ -345,6 +360,24 @@ class _SharedExp:
             return None
         clamp = self.floors and -self.bound - sigma < self.log_tiny
         return sigma, (self.log_tiny if clamp else None)
+
+    def row_factors(self, sigma: float, i0: int, i1: int) -> Tensor:
+        """``exp(sigma - a[i0:i1])``, times the row weights if given (kept whole for sigma 0)."""
+        return self._factors("rows", self.a, self.row_weights, sigma, i0, i1)
+
+    def col_factors(self, sigma: float, j0: int, j1: int) -> Tensor:
+        """``exp(sigma - c[j0:j1])``, times the column weights if given."""
+        return self._factors("cols", self.c, self.col_weights, sigma, j0, j1)
+
+    def _factors(self, side: str, shift: Tensor, weights: Tensor | None, sigma: float,
+                 start: int, stop: int) -> Tensor:
+        if sigma == 0.0:
+            if side not in self._at_zero:
+                whole = shift.neg().exp_()
+                self._at_zero[side] = whole if weights is None else whole.mul_(weights)
+            return self._at_zero[side][start:stop]
+        part = (sigma - shift[start:stop]).exp_()
+        return part if weights is None else part.mul_(weights[start:stop])
 
 
 class _TargetCells:
@@ -418,9 +451,11 @@ class _TiledLogSumExp(torch.autograd.Function):
         scaled = x.new_empty((tile, x.shape[1]))
         # Shifts of the exponentials: the positive logit where a target is given (the result is
         # then the cross-entropy directly), else the running maximum.
+        # (The diagonal's positives are one vector for both directions: taken once, no gather.)
+        diagonal = _is_identity(row_targets, n, m) and _is_identity(col_targets, n, m)
         row_shift = (None if row_targets is None
-                     else _target_logits(x, y, row_targets, scale, tile))
-        col_shift = (None if col_targets is None
+                     else _target_logits(x, y, None if diagonal else row_targets, scale, tile))
+        col_shift = (row_shift if diagonal else None if col_targets is None
                      else _target_logits(y, x, col_targets, scale, tile))
         # Both cross-entropies: one exponential per logit where the block's shifts allow it.
         bound = _logit_bound(x, y, scale) if x.numel() and y.numel() else 0.0
@@ -447,8 +482,8 @@ class _TiledLogSumExp(torch.autograd.Function):
                 assert row_shift is not None and col_shift is not None
                 sigma, fl = plan
                 e = _floored_exp(s.sub_(sigma) if sigma else s, fl)  # exp(S - sigma)
-                row_acc[i0:i1].addcmul_(e.sum(dim=1), (sigma - row_shift[i0:i1]).exp_())
-                col_acc[j0:j1].addcmul_(e.sum(dim=0), (sigma - col_shift[j0:j1]).exp_())
+                row_acc[i0:i1].addcmul_(e.sum(dim=1), shared.row_factors(sigma, i0, i1))
+                col_acc[j0:j1].addcmul_(e.sum(dim=0), shared.col_factors(sigma, j0, j1))
                 continue
             if work is None:
                 work = x.new_empty(tile * width)
@@ -528,7 +563,8 @@ class _TiledLogSumExp(torch.autograd.Function):
             bound = ctx.bound
             shared = None
             if use_rows and use_cols and n and m:
-                shared = _SharedExp(row_lse, col_lse, tile, width, bound, shifts_bound=True)
+                shared = _SharedExp(row_lse, col_lse, tile, width, bound, shifts_bound=True,
+                                    row_weights=grad_rows, col_weights=grad_cols)
                 floor = _exp_floor(x, y, scale, row_lse, col_lse, bound=bound)  # two-exp blocks
             else:
                 floor = _exp_floor(x, y, scale, row_shift, col_shift, bound=bound)
@@ -546,9 +582,8 @@ class _TiledLogSumExp(torch.autograd.Function):
                     if (plan := shared.shift(ti, bj)) is not None:
                         sigma, fl = plan
                         _floored_exp(s.sub_(sigma) if sigma else s, fl)  # exp(S - sigma)
-                        alpha = (sigma - row_lse[i0:i1]).exp_().mul_(grad_rows[i0:i1])
-                        kappa = (sigma - col_lse[j0:j1]).exp_().mul_(grad_cols[j0:j1])
-                        _scale_by_sum(s, alpha, kappa, work)
+                        _scale_by_sum(s, shared.row_factors(sigma, i0, i1),
+                                      shared.col_factors(sigma, j0, j1), work)
                     else:
                         torch.sub(s, col_lse[j0:j1], out=w)
                         _floored_exp(w, floor).mul_(grad_cols[j0:j1])
