@@ -140,7 +140,8 @@ def test_scratch_towers_invert_exactly_and_mask_only_while_training() -> None:
 def scratch_config(**kw) -> LabConfig:
     base = dict(settings=(GapSetting(epochs=2), GapSetting(temperature=0.01, epochs=2),
                           GapSetting(family="scratch", epochs=2)),
-                seeds=(0,), batch_size=8, e2e_batch_size=8, joint_dim=6, inverted_queries=4,
+                seeds=(0,), batch_size=8, e2e_batch_size=8, scratch_batch_size=8,
+                scratch_warmup_steps=1, joint_dim=6, inverted_queries=4,
                 oti_steps=3, ovi_steps=3, shifts=(0.0, 1.0), permutations=100, bootstrap=20,
                 warmup_steps=1, converge_queries=2, converge_steps=5, scratch_image_size=16,
                 scratch_width=8, scratch_text_width=16, scratch_layers=1, scratch_dim=8,

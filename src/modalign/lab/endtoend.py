@@ -47,7 +47,9 @@ def dataset_spec(store: EmbeddingStore, config: LabConfig) -> str:
 def scratch_towers(config: LabConfig, seed: int) -> dict[str, Tower]:
     """Fresh scratch towers of ``config``'s design, initialised from ``seed``."""
     return {"image": ScratchImageTower(config.scratch_image_size, config.scratch_width,
-                                       config.scratch_dim, seed=seed),
+                                       config.scratch_dim, seed=seed,
+                                       crop_scale=config.crop_scale,
+                                       color_jitter=config.color_jitter),
             "text": ScratchTextTower(width=config.scratch_text_width, dim=config.scratch_dim,
                                      layers=config.scratch_layers,
                                      token_mask=config.token_mask, seed=seed)}
@@ -115,10 +117,14 @@ def trainer_sections(setting: GapSetting, config: LabConfig, store: EmbeddingSto
     if not setting.end_to_end:
         return {}
     lora: dict[str, Any] = {}
+    optim: dict[str, Any] = {}
+    batch = config.e2e_batch_size
     if setting.family == "scratch":
         assert towers is not None
         unfreeze = {m: len(towers[m].blocks()) for m in MODALITIES}  # type: ignore[operator]
         lr = config.scratch_lr
+        optim = {"lr": lr, "warmup_steps": config.scratch_warmup_steps}
+        batch = config.scratch_batch_size
     elif setting.family == "lora":
         unfreeze, lr = {}, config.lora_lr
         lora = {"towers": list(MODALITIES), "rank": config.lora_rank,
@@ -130,7 +136,7 @@ def trainer_sections(setting: GapSetting, config: LabConfig, store: EmbeddingSto
     if setting.family == "scratch":
         model["center_features"] = False  # the initial towers' mean means nothing after training
     return {"dataset": dataset_spec(store, config), "unfreeze": unfreeze, "tower_lr": lr,
-            "model": model, "lora": lora,
+            "optim": optim, "batch_size": batch, "model": model, "lora": lora,
             "augment": {"crop_scale": list(config.crop_scale),
                         "color_jitter": config.color_jitter}}
 

@@ -136,7 +136,8 @@ class GapSetting:
         return cls(**d)
 
 
-END_TO_END_FIELDS = ("e2e_batch_size", "tower_lr", "scratch_lr", "crop_scale", "color_jitter",
+END_TO_END_FIELDS = ("e2e_batch_size", "tower_lr", "scratch_lr", "scratch_batch_size",
+                     "scratch_warmup_steps", "crop_scale", "color_jitter",
                      "scratch_image_size", "scratch_width", "scratch_text_width",
                      "scratch_layers", "scratch_dim", "token_mask", "dataset", "lora_rank",
                      "lora_lr")
@@ -177,7 +178,10 @@ class LabConfig:
             rate (alpha is twice the rank).
         tower_lr: learning rate of the tower weights of end-to-end settings (fine-tuned and
             scratch towers; heads keep ``lr``).
-        scratch_lr: the same for scratch towers (they start from random weights).
+        scratch_lr: the learning rate of scratch settings, towers and heads alike (they start
+            from random weights).
+        scratch_batch_size, scratch_warmup_steps: batch and linear warm-up steps of scratch
+            settings (a small batch gives the towers enough steps per epoch).
         crop_scale, color_jitter: image augmentation of end-to-end settings (random resized crop
             area range, brightness/contrast/saturation jitter; no flips: emoji are not
             mirror-symmetric).
@@ -218,7 +222,9 @@ class LabConfig:
     lora_rank: int = 8
     lora_lr: float = 1e-3
     tower_lr: float = 1e-4
-    scratch_lr: float = 2e-3
+    scratch_lr: float = 3e-3
+    scratch_batch_size: int = 64
+    scratch_warmup_steps: int = 100
     crop_scale: tuple[float, float] = (0.5, 1.0)
     color_jitter: float = 0.2
     scratch_image_size: int = 32
@@ -236,13 +242,14 @@ class LabConfig:
             raise ValueError("settings: expected distinct settings, found duplicates")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: expected distinct seeds, got {self.seeds!r}")
-        for name in ("batch_size", "e2e_batch_size", "lora_rank", "joint_dim",
+        for name in ("batch_size", "e2e_batch_size", "scratch_batch_size", "lora_rank",
+                     "joint_dim",
                      "inverted_queries", "ovi_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         for name in ("oti_steps", "ovi_steps", "ovi_stage", "converge_queries",
-                     "converge_steps", "train_subset"):
+                     "converge_steps", "train_subset", "scratch_warmup_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")

@@ -110,11 +110,13 @@ def training_config(setting: GapSetting, seed: int, config: LabConfig, store: Em
 
     The batch is ``config.batch_size``, or every training group when the split has fewer.
     ``end_to_end`` (from :func:`modalign.lab.endtoend.trainer_sections`) adds the raw dataset,
-    the unfrozen tower stages, their learning rate and the image augmentation.
+    the unfrozen tower stages, their learning rate, the image augmentation, and may set the
+    batch and other optimiser knobs.
     """
     sections = setting.train_sections()
     train_groups = len(set(store.load("image", split=config.bank_split).group_ids().tolist()))
-    batch = config.e2e_batch_size if end_to_end else config.batch_size
+    batch = (end_to_end.get("batch_size", config.e2e_batch_size) if end_to_end
+             else config.batch_size)
     batch_size = max(2, min(batch, train_groups))
     model = {"towers": dict(towers), "joint_dim": config.joint_dim, **sections["model"]}
     e2e = end_to_end or {}
@@ -131,6 +133,7 @@ def training_config(setting: GapSetting, seed: int, config: LabConfig, store: Em
         data["dataset"] = e2e["dataset"]
         train["unfreeze"] = e2e["unfreeze"]
         optim["tower_lr"] = e2e["tower_lr"]
+        optim.update(e2e.get("optim", {}))
         extra["augment"] = e2e["augment"]
         if e2e.get("lora"):
             extra["lora"] = e2e["lora"]

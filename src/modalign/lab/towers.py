@@ -1,13 +1,17 @@
 """Small towers trained from scratch by the contrastive loss alone (the lab's ``scratch`` family).
 
 * :class:`ScratchImageTower`: a four-stage CNN (3x3 convolutions, GroupNorm, GELU, stride 2 in
-  every stage) at ``image_size`` pixels, global average pooling and a linear output.
-* :class:`ScratchTextTower`: token embeddings over the built-in (MiniLM WordPiece) tokenizer,
-  learned positions, a small pre-norm transformer encoder, mean pooling and a linear output;
-  token masking (a share of the non-special tokens replaced by ``[MASK]``) while gradients are on.
+  every stage) at ``image_size`` pixels, global average pooling and a linear output. Each image
+  file is decoded once and kept at ``image_size`` as bytes; while gradients are on (training) the
+  tower augments its batch itself on those pixels (random resized crop, colour jitter), so an
+  epoch decodes no file (``augments_inputs``: the trainer hands it the raw paths).
+* :class:`ScratchTextTower`: token embeddings over the built-in (MiniLM WordPiece) tokenizer and
+  mean pooling; with ``layers = 0`` a bag of word pieces (mean-pooled embeddings and a residual
+  MLP), else learned positions and a small pre-norm transformer encoder; a linear output; token
+  masking (a share of the non-special tokens replaced by ``[MASK]``) while gradients are on.
 
 Neither uses batch norm or dropout (the trainer runs towers in eval mode), so training and
-evaluation compute the same function. Both are :class:`~modalign.encoders.tower.Tower` s (the
+evaluation compute the same function (up to the augmentation). Both are :class:`~modalign.encoders.tower.Tower` s (the
 trainer's ``train.unfreeze`` trains all their stages) and both can be inverted:
 :func:`scratch_inversion` gives the OTI forward (pseudo-tokens at the word-embedding layer of
 the template ``"a photo of {}"``) or the OVI forward (pseudo-patches at the input of the last
@@ -22,10 +26,13 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalign.bridge.inversion import (
@@ -52,17 +59,32 @@ class ScratchImageTower(Tower):
         width: channels of the stem; the stages have ``2w, 4w, 4w``.
         dim: output feature width.
         seed: seed of the initial weights.
+        crop_scale: area range of the random resized crop applied while training (aspect
+            3/4-4/3); ``(1, 1)`` and ``color_jitter = 0`` turn the augmentation off.
+        color_jitter: brightness, contrast and saturation each scaled by a factor drawn from
+            ``[1 - j, 1 + j]`` while training.
     """
 
     modality = "image"
+    augments_inputs = True
+    """The trainer passes raw inputs unaugmented: :meth:`preprocess` augments them itself."""
 
     def __init__(self, image_size: int = 40, width: int = 32, dim: int = 128,
-                 seed: int = 0) -> None:
+                 seed: int = 0, crop_scale: tuple[float, float] = (0.5, 1.0),
+                 color_jitter: float = 0.2) -> None:
         super().__init__()
         if not isinstance(image_size, int) or image_size < 16:
             raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
         if width < 8 or width % 8:
             raise ValueError(f"width must be a multiple of 8, got {width!r}")
+        lo, hi = (float(v) for v in crop_scale)
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got "
+                             f"{crop_scale!r}")
+        if not 0 <= color_jitter < 1:
+            raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter!r}")
+        self.crop_scale, self.color_jitter = (lo, hi), float(color_jitter)
+        self._pixels: dict[str, Tensor] = {}  # file -> (3, s, s) uint8, decoded once
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
@@ -82,8 +104,55 @@ class ScratchImageTower(Tower):
         return [*self.stages, self.out]
 
     def preprocess(self, inputs: Sequence[Any]) -> Tensor:
-        """Images (paths or PIL) -> ``(B, 3, s, s)`` pixels scaled to ``[-1, 1]``."""
-        return images_to_tensor(list(inputs), self.image_size) / 127.5 - 1.0
+        """Images (paths or PIL) -> ``(B, 3, s, s)`` pixels scaled to ``[-1, 1]``; augmented
+        (:meth:`augment`) while gradients are on."""
+        x = self.pixels(inputs).float() / 127.5 - 1.0
+        return self.augment(x) if torch.is_grad_enabled() else x
+
+    def pixels(self, inputs: Sequence[Any]) -> Tensor:
+        """``(B, 3, s, s)`` uint8 pixels; a file is decoded and resized once, then reused."""
+        inputs = list(inputs)
+        if not inputs:
+            raise ValueError("inputs must hold at least one image, got an empty list")
+        keys = [str(x) if isinstance(x, (str, Path)) else None for x in inputs]
+        out: list[Tensor | None] = [None if k is None else self._pixels.get(k) for k in keys]
+        todo = [i for i, px in enumerate(out) if px is None]
+        if todo:
+            fresh = images_to_tensor([inputs[i] for i in todo], self.image_size)
+            for i, px in zip(todo, fresh.round().clamp(0, 255).to(torch.uint8), strict=True):
+                out[i] = px
+                if keys[i] is not None:  # a file: kept; an in-memory image: converted each time
+                    self._pixels[keys[i]] = px
+        return torch.stack([px for px in out if px is not None])
+
+    def augment(self, x: Tensor) -> Tensor:
+        """Random resized crop (area in ``crop_scale``, aspect 3/4-4/3, bilinear, resized back
+        to the input size) and colour jitter of a ``[-1, 1]`` batch, one draw per image."""
+        b = len(x)
+        lo, hi = self.crop_scale
+        if lo < 1:
+            area = torch.empty(b).uniform_(lo, hi)
+            ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
+            sw, sh = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+            theta = torch.zeros(b, 2, 3)
+            theta[:, 0, 0], theta[:, 1, 1] = sw, sh
+            theta[:, 0, 2] = (torch.rand(b) * 2 - 1) * (1 - sw)
+            theta[:, 1, 2] = (torch.rand(b) * 2 - 1) * (1 - sh)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                              align_corners=False)
+        j = self.color_jitter
+        if j > 0:
+            def factor() -> Tensor:
+                return torch.empty(b, 1, 1, 1).uniform_(1 - j, 1 + j)
+
+            v = (x + 1) / 2 * factor()  # brightness
+            mean = v.mean((1, 2, 3), keepdim=True)
+            v = (v - mean) * factor() + mean  # contrast
+            gray = v.mean(1, keepdim=True)
+            v = (v - gray) * factor() + gray  # saturation
+            x = v.clamp(0, 1) * 2 - 1
+        return x
 
     def features_from(self, h: Tensor, start: int) -> Tensor:
         """Run stages ``start..`` from that stage's input ``h``, pool, project."""
@@ -113,7 +182,9 @@ class ScratchTextTower(Tower):
     Args:
         tokenizer: a transformers tokenizer (default: the MiniLM tower's WordPiece tokenizer).
         width: token width; ``dim``: output feature width.
-        layers, heads: transformer depth and attention heads.
+        layers, heads: transformer depth and attention heads; ``layers = 0``: a bag of word
+            pieces (mean-pooled embeddings, then a residual MLP of width ``2 * width``), which
+            suits a few thousand short names better than attention over their word order.
         max_length: tokens kept per text (special tokens included).
         token_mask: share of non-special tokens replaced by ``[MASK]`` in batches prepared while
             gradients are on (training); never under ``torch.no_grad`` (evaluation).
@@ -128,6 +199,9 @@ class ScratchTextTower(Tower):
         super().__init__()
         if not 0.0 <= token_mask < 1.0:
             raise ValueError(f"token_mask must be in [0, 1), got {token_mask!r}")
+        if not isinstance(layers, int) or layers < 0:
+            raise ValueError(f"layers must be an int >= 0 (0: a bag of word pieces), got "
+                             f"{layers!r}")
         if tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -140,11 +214,19 @@ class ScratchTextTower(Tower):
         try:
             self.embed = nn.Embedding(len(tokenizer), width)
             nn.init.normal_(self.embed.weight, std=0.02)
-            self.position = nn.Parameter(torch.randn(max_length, width) * 0.02)
-            layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
-                                               activation="gelu", batch_first=True,
-                                               norm_first=True)
-            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.position: nn.Embedding | None = None
+            self.encoder: nn.TransformerEncoder | None = None
+            self.mlp: nn.Sequential | None = None
+            if layers > 0:
+                self.position = nn.Embedding(max_length, width)
+                nn.init.normal_(self.position.weight, std=0.02)
+                layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
+                                                   activation="gelu", batch_first=True,
+                                                   norm_first=True)
+                self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            else:
+                self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width),
+                                         nn.GELU(), nn.Linear(2 * width, width))
             self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
         finally:
             torch.random.set_rng_state(gen_state)
@@ -153,7 +235,10 @@ class ScratchTextTower(Tower):
         self.name = f"scratch-text-w{width}-l{layers}-d{dim}"
 
     def blocks(self) -> list[nn.Module]:
-        return [self.embed, *self.encoder.layers, self.out]
+        if self.encoder is None:
+            return [self.embed, self.mlp, self.out]  # type: ignore[list-item]
+        assert self.position is not None
+        return [nn.ModuleList([self.embed, self.position]), *self.encoder.layers, self.out]
 
     @property
     def token_embedding(self) -> nn.Embedding:
@@ -178,11 +263,16 @@ class ScratchTextTower(Tower):
         t = inputs_embeds.shape[1]
         if t > self.max_length:
             raise ValueError(f"inputs_embeds: {t} tokens, more than max_length={self.max_length}")
-        h = inputs_embeds + self.position[:t]
         keep = attention_mask.bool()
-        h = self.encoder(h, src_key_padding_mask=~keep)
+        h = inputs_embeds
+        if self.encoder is not None:
+            assert self.position is not None
+            h = self.encoder(h + self.position.weight[:t], src_key_padding_mask=~keep)
         w = keep.unsqueeze(-1).to(h.dtype)
-        return self.out((h * w).sum(1) / w.sum(1).clamp_min(1.0))
+        h = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+        if self.mlp is not None:
+            h = h + self.mlp(h)
+        return self.out(h)
 
     def encode(self, batch: dict[str, Tensor]) -> Tensor:
         return self.encode_embeddings(self.embed(batch["input_ids"]), batch["attention_mask"])

@@ -280,9 +280,13 @@ def draw_batch(data: PairedFeatures, *, seed: int, epoch: int, index: int, batch
                rank: int = 0, world_size: int = 1, sample: bool = True,
                raw: RawInputs | None = None, raw_keys: Sequence[str] = (),
                crop_scale: Sequence[float] = (0.8, 1.0), color_jitter: float = 0.2,
-               device: torch.device | str = "cpu") -> Batch:
+               device: torch.device | str = "cpu",
+               augment_keys: Sequence[str] | None = None) -> Batch:
     """This process's shard of global batch ``index`` of ``epoch``: cached features, raw inputs
     of ``raw_keys`` (images augmented, seeded by ``(seed, epoch, index, rank)``) and indices.
+
+    ``augment_keys``: the image keys of ``raw_keys`` augmented here (default: all of them); the
+    others are passed as raw inputs (paths) for a tower that augments them itself.
 
     A sample's index is its group's position among the training groups (stable across epochs;
     what per-sample objectives such as iSogCLR key their state on).
@@ -300,7 +304,7 @@ def draw_batch(data: PairedFeatures, *, seed: int, epoch: int, index: int, batch
             raise ValueError(f"raw_keys {list(raw_keys)} need raw (the dataset's inputs)")
         table = data.tables[k]
         values = raw.inputs([table.items[i] for i in rows[k]])
-        if base_modality(k) == "image":
+        if base_modality(k) == "image" and (augment_keys is None or k in augment_keys):
             from modalign.encoders.images import to_rgb
 
             rng = np.random.default_rng([seed, epoch, index, rank, 0x1A6E])

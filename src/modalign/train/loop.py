@@ -179,6 +179,9 @@ class Trainer:
         self.model = build.build_model(config, self.data, specs, dims)
         self.raw_keys, tower_params = build.attach_towers(self.model, config, specs, towers)
         self.raw = RawInputs(config.data.dataset) if self.raw_keys else None
+        # a tower that augments its own inputs (cached pixels) gets them unaugmented
+        self.augment_keys = [k for k in self.raw_keys
+                             if not getattr(self.model.tower(k), "augments_inputs", False)]
         build.attach_inference_towers(self.model, towers)
         device = self.ctx.device
         self.objective: Objective = build.training_objective(config, len(self.data)).to(device)
@@ -251,7 +254,8 @@ class Trainer:
                            world_size=self.ctx.world_size, sample=cfg.augment.sample_items,
                            raw=self.raw, raw_keys=self.raw_keys,
                            crop_scale=cfg.augment.crop_scale,
-                           color_jitter=cfg.augment.color_jitter, device=self.ctx.device)
+                           color_jitter=cfg.augment.color_jitter, device=self.ctx.device,
+                           augment_keys=self.augment_keys)
         self._rows = batch.rows  # this rank's table rows per key (hard negatives look theirs up)
         return batch.features, batch.raw, batch.indices
 
