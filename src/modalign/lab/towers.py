@@ -11,8 +11,9 @@
   masking (a share of the non-special tokens replaced by ``[MASK]``) while gradients are on.
 
 Neither uses batch norm or dropout (the trainer runs towers in eval mode), so training and
-evaluation compute the same function (up to the augmentation). Both are :class:`~modalign.encoders.tower.Tower` s (the
-trainer's ``train.unfreeze`` trains all their stages) and both can be inverted:
+evaluation compute the same function (up to the augmentation). Both are
+:class:`~modalign.encoders.tower.Tower` s (the trainer's ``train.unfreeze`` trains all their
+stages) and both can be inverted:
 :func:`scratch_inversion` gives the OTI forward (pseudo-tokens at the word-embedding layer of
 the template ``"a photo of {}"``) or the OVI forward (pseudo-patches at the input of the last
 convolutional stage, as the lab does for EfficientNet-Lite0).
