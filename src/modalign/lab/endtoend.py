@@ -48,8 +48,8 @@ def scratch_towers(config: LabConfig, seed: int) -> dict[str, Tower]:
     """Fresh scratch towers of ``config``'s design, initialised from ``seed``."""
     return {"image": ScratchImageTower(config.scratch_image_size, config.scratch_width,
                                        config.scratch_dim, seed=seed,
-                                       crop_scale=config.crop_scale,
-                                       color_jitter=config.color_jitter),
+                                       crop_scale=config.scratch_crop_scale,
+                                       color_jitter=config.scratch_color_jitter),
             "text": ScratchTextTower(width=config.scratch_text_width, dim=config.scratch_dim,
                                      layers=config.scratch_layers,
                                      token_mask=config.token_mask, seed=seed)}
@@ -133,12 +133,13 @@ def trainer_sections(setting: GapSetting, config: LabConfig, store: EmbeddingSto
         unfreeze = {m: setting.unfreeze for m in MODALITIES}
         lr = config.tower_lr
     model: dict[str, Any] = {}
-    if setting.family == "scratch":
+    crop, jitter = config.crop_scale, config.color_jitter
+    if setting.family == "scratch":  # (the scratch CNN applies them itself: see its tower)
+        crop, jitter = config.scratch_crop_scale, config.scratch_color_jitter
         model["center_features"] = False  # the initial towers' mean means nothing after training
     return {"dataset": dataset_spec(store, config), "unfreeze": unfreeze, "tower_lr": lr,
             "optim": optim, "batch_size": batch, "model": model, "lora": lora,
-            "augment": {"crop_scale": list(config.crop_scale),
-                        "color_jitter": config.color_jitter}}
+            "augment": {"crop_scale": list(crop), "color_jitter": jitter}}
 
 
 def trained_space(model: Any, store: EmbeddingStore, config: LabConfig,

@@ -137,7 +137,8 @@ class GapSetting:
 
 
 END_TO_END_FIELDS = ("e2e_batch_size", "tower_lr", "scratch_lr", "scratch_batch_size",
-                     "scratch_warmup_steps", "crop_scale", "color_jitter",
+                     "scratch_warmup_steps", "scratch_crop_scale", "scratch_color_jitter",
+                     "crop_scale", "color_jitter",
                      "scratch_image_size", "scratch_width", "scratch_text_width",
                      "scratch_layers", "scratch_dim", "token_mask", "dataset", "lora_rank",
                      "lora_lr")
@@ -182,6 +183,8 @@ class LabConfig:
             from random weights).
         scratch_batch_size, scratch_warmup_steps: batch and linear warm-up steps of scratch
             settings (a small batch gives the towers enough steps per epoch).
+        scratch_crop_scale, scratch_color_jitter: the image augmentation of scratch settings
+            (milder than the fine-tuned towers': a crop of half a 32-pixel image leaves little).
         crop_scale, color_jitter: image augmentation of end-to-end settings (random resized crop
             area range, brightness/contrast/saturation jitter; no flips: emoji are not
             mirror-symmetric).
@@ -225,6 +228,8 @@ class LabConfig:
     scratch_lr: float = 3e-3
     scratch_batch_size: int = 64
     scratch_warmup_steps: int = 100
+    scratch_crop_scale: tuple[float, float] = (0.7, 1.0)
+    scratch_color_jitter: float = 0.1
     crop_scale: tuple[float, float] = (0.5, 1.0)
     color_jitter: float = 0.2
     scratch_image_size: int = 32

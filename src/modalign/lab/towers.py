@@ -46,10 +46,23 @@ from modalign.encoders.images import images_to_tensor
 from modalign.encoders.tower import Tower
 
 DEFAULT_TEMPLATE = "a photo of {}"
+PIXEL_CACHE_ITEMS = 100_000
+"""Decoded images kept per process (3 x 32 x 32 bytes each at 32 pixels: about 300 MB)."""
+_pixels: dict[tuple[str, int, int], Tensor] = {}  # (file, mtime_ns, side) -> (3, s, s) uint8
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.GELU())
+
+
+def _pixel_key(image: Any, side: int) -> tuple[str, int, int] | None:
+    """The cache key of an image file (its path, modification time and the side), else None."""
+    if not isinstance(image, (str, Path)):
+        return None
+    try:
+        return str(image), Path(image).stat().st_mtime_ns, side
+    except OSError:
+        return None  # images_to_tensor names the missing file
 
 
 class ScratchImageTower(Tower):
@@ -85,7 +98,6 @@ class ScratchImageTower(Tower):
         if not 0 <= color_jitter < 1:
             raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter!r}")
         self.crop_scale, self.color_jitter = (lo, hi), float(color_jitter)
-        self._pixels: dict[str, Tensor] = {}  # file -> (3, s, s) uint8, decoded once
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
@@ -111,19 +123,23 @@ class ScratchImageTower(Tower):
         return self.augment(x) if torch.is_grad_enabled() else x
 
     def pixels(self, inputs: Sequence[Any]) -> Tensor:
-        """``(B, 3, s, s)`` uint8 pixels; a file is decoded and resized once, then reused."""
+        """``(B, 3, s, s)`` uint8 pixels; a file is decoded and resized once per process (for
+        every scratch tower of this size), then reused."""
         inputs = list(inputs)
         if not inputs:
             raise ValueError("inputs must hold at least one image, got an empty list")
-        keys = [str(x) if isinstance(x, (str, Path)) else None for x in inputs]
-        out: list[Tensor | None] = [None if k is None else self._pixels.get(k) for k in keys]
+        keys = [_pixel_key(x, self.image_size) for x in inputs]
+        out: list[Tensor | None] = [None if k is None else _pixels.get(k) for k in keys]
         todo = [i for i, px in enumerate(out) if px is None]
         if todo:
             fresh = images_to_tensor([inputs[i] for i in todo], self.image_size)
+            if len(_pixels) + len(todo) > PIXEL_CACHE_ITEMS:
+                _pixels.clear()
             for i, px in zip(todo, fresh.round().clamp(0, 255).to(torch.uint8), strict=True):
                 out[i] = px
-                if keys[i] is not None:  # a file: kept; an in-memory image: converted each time
-                    self._pixels[keys[i]] = px
+                key = keys[i]
+                if key is not None:  # a file: kept; an in-memory image: converted each time
+                    _pixels[key] = px
         return torch.stack([px for px in out if px is not None])
 
     def augment(self, x: Tensor) -> Tensor:
