@@ -180,8 +180,12 @@ def project(model: MultiTowerModel, part: Mapping[str, Embeddings]) -> dict[str,
 
 def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
                   towers: LabTowers, *, seed: int = 0,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """All metrics of one trained model (see the module docstring); returns a JSON-ready dict."""
+                  progress: Callable[[str], None] | None = None,
+                  converge: bool = True) -> dict[str, Any]:
+    """All metrics of one trained model (see the module docstring); returns a JSON-ready dict.
+
+    ``converge``: run the converged inversions (``config.converge_queries``) on this space; the
+    sweep turns them off for families outside ``config.converge_families``."""
     note = progress or (lambda _msg: None)
     model.eval()
     test, bank = project(model, data.test), project(model, data.bank)
@@ -301,7 +305,7 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
         bank, config, len(np.unique(test["image"].group_ids())))
     m.update({f"train_{k}": v for k, v in train_ret.items()})
     t2 = time.perf_counter()
-    if config.converge_queries > 0 and config.converge_steps > 0:
+    if converge and config.converge_queries > 0 and config.converge_steps > 0:
         note("inversion to convergence")
         inv.update(converged_inversion(model, towers, config, seed, img, txt, test, q_img, q_txt,
                                        g_rows, g_groups, q_groups, t_groups, excl, inv_ap,

@@ -201,7 +201,8 @@ def run_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embedd
     else:
         model, log = train_setting(setting, seed, config, store, towers.specs, run_dir)
         train_seconds = time.perf_counter() - t0
-    measured = measure_space(model, data, config, run_towers, seed=seed, progress=progress)
+    measured = measure_space(model, data, config, run_towers, seed=seed, progress=progress,
+                             converge=setting.family in config.converge_families)
     record = {
         "schema": SCHEMA, "key": key, "run": str(run_dir.relative_to(out_dir)),
         "name": setting.name, "setting": setting.to_dict(),
