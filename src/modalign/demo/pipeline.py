@@ -74,18 +74,19 @@ def _eval_config(quick: bool, seed: int):
 
 
 def _lab_config(quick: bool):
-    """The lab's quick sweep; in a quick demo, three frozen-tower settings and towers trained
-    from scratch for 4 epochs, with short inversions."""
+    """The lab's quick sweep; in a quick demo (a few hundred concepts), three frozen-tower
+    settings and towers trained from scratch for 20 epochs, with short inversions."""
     from modalign.lab.settings import GapSetting, LabConfig, quick_config
 
     if not quick:
         return quick_config()
     return LabConfig(settings=(GapSetting(), GapSetting(temperature=0.01),
                                GapSetting("cone", 3, epochs=2),
-                               GapSetting(family="scratch", epochs=4)),
+                               GapSetting(family="scratch", epochs=20)),
                      seeds=(0,), inverted_queries=12, oti_steps=20, ovi_steps=20,
                      shifts=(-0.5, 0.0, 0.5, 1.0), permutations=2000, bootstrap=500,
-                     converge_queries=4, converge_steps=60)
+                     converge_queries=4, converge_steps=60, converge_families=("scratch",),
+                     scratch_warmup_steps=10)
 
 
 def _train_overrides(quick: bool, train_groups: int) -> list[str]:
