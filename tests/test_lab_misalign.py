@@ -153,8 +153,8 @@ def scratch_config(**kw) -> LabConfig:
 def test_sweep_with_towers_trained_from_scratch(tmp_path) -> None:
     store = fake_store(tmp_path / "store")
     attach_fake_dataset(store, tmp_path / "data")
-    res = run_gap_lab(scratch_config(), store, tmp_path / "out", towers=fake_towers(),
-                      progress=False)
+    cfg = scratch_config(converge_families=("scratch",))
+    res = run_gap_lab(cfg, store, tmp_path / "out", towers=fake_towers(), progress=False)
     rec = next(r for r in res.records if r["name"] == "scratch-learned-e2")
     assert rec["setting"]["family"] == "scratch"
     m = rec["metrics"]
@@ -175,6 +175,10 @@ def test_sweep_with_towers_trained_from_scratch(tmp_path) -> None:
     assert 0 <= m["train_text_retrieval_recall@1"] <= 1
     inv = rec["inversion"]
     assert inv["converge_steps"] == 5 and 1 <= inv["oti_plateau_step"] <= 5
+    # converged inversions only in the families named (the frozen-tower spaces skip them)
+    heads = [r for r in res.records if r["setting"].get("family", "heads") == "heads"]
+    assert heads and not any("delta_map_converged" in r["inversion"] for r in heads)
+    assert "delta_map_converged" in inv
     summary = json.loads((tmp_path / "out" / "lab.json").read_text())
     assert summary["answer"].split(",")[0] in (
         "Yes", "No: ranking through the other modality is worse than ranking natively",
@@ -183,12 +187,13 @@ def test_sweep_with_towers_trained_from_scratch(tmp_path) -> None:
     html = (tmp_path / "out" / "lab.html").read_text()
     assert html.index("The question") < html.index("Verdict")
     # a second run reads every record back
-    again = run_gap_lab(scratch_config(), store, tmp_path / "out", towers=fake_towers(),
-                        progress=False)
+    again = run_gap_lab(cfg, store, tmp_path / "out", towers=fake_towers(), progress=False)
     assert [r["key"] for r in again.records] == [r["key"] for r in res.records]
 
 
 def test_family_settings_validate_and_name() -> None:
+    with pytest.raises(ValueError, match="converge_families"):
+        scratch_config(converge_families=("vit",))
     assert GapSetting(family="finetune", unfreeze=2, epochs=3).name == "finetune-k2-learned-e3"
     assert GapSetting(control="intra").name == "xavier-d1-learned-e20+intra"
     assert GapSetting().to_dict() == {"head_init": "xavier", "head_depth": 1,
