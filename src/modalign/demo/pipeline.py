@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from modalign import __version__
 from modalign.data import EmojiOptions, build_emoji
 from modalign.demo.stages import Stages
-from modalign.embed import EmbeddingStore, embed_dataset
+from modalign.embed import EmbeddingStore
 from modalign.embed.paths import default_store_dir
+from modalign.embed.resolve import update_store
 from modalign.io import content_hash, file_hash, write_json_atomic
 
 TOWERS = {"image": "effnet-lite0", "text": "minilm", "audio": "logmel"}
@@ -117,10 +118,8 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
     store_dir = default_store_dir(ds, specs)
     with st.timed("embed", "Encoding every item with the frozen pretrained towers "
                            f"({', '.join(f'{m}: {s}' for m, s in specs.items())})"):
-        from modalign.encoders import load_encoder
-
-        store = embed_dataset(ds, {m: load_encoder(s, modality=m) for m, s in specs.items()},
-                              store_dir, progress=opts.progress)
+        # towers are built only for arrays that are missing or stale
+        store = update_store(ds, specs, store_dir, progress=opts.progress)
     fingerprint = {n: store.info(n).get("hash") for n in store.arrays}
 
     configs = [c for c in opts.configs if c != "three_modal" or "audio" in ds.modalities]
