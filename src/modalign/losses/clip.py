@@ -39,13 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.distributed.gather import (
-    GatherGrad,
-    ProcessGroup,
-    all_sizes,
-    gather_with_grad,
-    get_world_size,
-)
+from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup
+from modalign.losses._support import gather_rows
 from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.groups import same_group_sums
 from modalign.losses.output import LossOutput
@@ -77,6 +72,54 @@ def prepare_pair(
     if normalize:
         x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
     return x, y
+
+
+def logit_inputs(
+    x: Tensor,
+    y: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float | None,
+    groups: Tensor | None,
+    names: Sequence[str],
+    *,
+    normalize: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The checked inputs of a loss on the logits ``t X Y^T + b``: ``x`` and ``y`` (normalised if
+    asked), the scale ``t`` and the bias ``b`` (or None) as 0-d tensors of ``x``'s dtype.
+
+    Examples:
+        >>> import torch
+        >>> x, y, t, b = logit_inputs(torch.ones(2, 3), torch.ones(2, 3), 10.0, None, None,
+        ...                           ("x", "y"), normalize=False)
+        >>> t, b
+        (tensor(10.), None)
+    """
+    x, y = prepare_pair(x, y, names, normalize=normalize)
+    check_positive("logit_scale", logit_scale)
+    if logit_bias is not None:
+        check_finite_scalar("logit_bias", logit_bias)
+    if groups is not None:
+        check_groups("groups", groups, x.shape[0])
+    scale = scalar_tensor(logit_scale, x).to(x.dtype)
+    bias = None if logit_bias is None else scalar_tensor(logit_bias, x).to(x.dtype)
+    return x, y, scale, bias
+
+
+def gather_columns(
+    y: Tensor,
+    groups: Tensor | None,
+    gather: GatherGrad | None,
+    process_group: ProcessGroup | None,
+    sizes: list[int] | None = None,
+) -> tuple[Gathered, Tensor | None]:
+    """Every rank's rows of ``y`` (the columns a rank scores its own rows against) and their
+    group ids (no gradient); ``gather=None`` or one process: this rank's rows, a world of one.
+    ``sizes``: the per-rank row counts if known (saves one collective)."""
+    cols = gather_rows(y, gather, process_group, sizes)
+    if groups is None:
+        return cols, None
+    frozen = None if gather is None else GatherGrad.NONE
+    return cols, gather_rows(groups, frozen, process_group, list(cols.sizes)).tensor
 
 
 def use_tiled(impl: Impl, n: int, m: int) -> bool:
@@ -177,18 +220,11 @@ def clip_loss(
         >>> round(float(clip_loss(x, x, 1e-6).loss), 4) == round(math.log(4), 4)
         True
     """
-    x, y = prepare_pair(x, y, names, normalize=normalize)
-    check_positive("logit_scale", logit_scale)
-    if logit_bias is not None:
-        check_finite_scalar("logit_bias", logit_bias)
-    if groups is not None:
-        check_groups("groups", groups, x.shape[0])
-    scale = scalar_tensor(logit_scale, x).to(x.dtype)
-    bias = None if logit_bias is None else scalar_tensor(logit_bias, x).to(x.dtype)
+    x, y, scale, bias = logit_inputs(x, y, logit_scale, logit_bias, groups, names,
+                                     normalize=normalize)
     a, b = names[0], names[1]
-    world = get_world_size(process_group) if gather is not None else 1
-
-    if world == 1:
+    xs = gather_rows(x, gather, process_group)
+    if xs.world_size == 1:
         n = x.shape[0]
         tiled = use_tiled(impl, n, n)
         if tiled and groups is None:  # both directions from one pass over the tiles
@@ -210,13 +246,7 @@ def clip_loss(
         x2y, y2x = row_ce.mean(), col_ce.mean()
         return LossOutput((x2y + y2x) / 2, {direction_name(a, b): x2y, direction_name(b, a): y2x})
 
-    assert gather is not None
-    sizes = all_sizes(x.shape[0], process_group, x.device)
-    xs = gather_with_grad(x, gather, process_group, sizes)
-    ys = gather_with_grad(y, gather, process_group, sizes)
-    all_groups = None
-    if groups is not None:
-        all_groups = gather_with_grad(groups, GatherGrad.NONE, process_group, sizes).tensor
+    ys, all_groups = gather_columns(y, groups, gather, process_group, list(xs.sizes))
     tiled = use_tiled(impl, x.shape[0], xs.total)
     common = (scale, bias, xs.offset, groups, all_groups, tiled, tile_size)
     factor = xs.world_size / xs.total

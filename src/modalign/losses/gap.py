@@ -33,15 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.distributed.gather import (
-    GatherGrad,
-    ProcessGroup,
-    all_sizes,
-    gather_with_grad,
-    get_world_size,
-)
-from modalign.losses.base import LossModule, ScaledLoss, ScaleOptions
-from modalign.losses.clip import Impl, clip_loss, prepare_pair
+from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup, all_sizes
+from modalign.losses._support import gather_rows
+from modalign.losses.base import LossModule, ScaleOptions
+from modalign.losses.clip import PairLogitLoss, clip_loss, gather_columns, prepare_pair
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import (
@@ -59,19 +54,18 @@ def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
 
 def _log_mean_exp_off_pairs(
     rows: Tensor,
-    cols: Tensor,
+    cols: Gathered,
     t: float,
     excluded: Tensor,
     n_pairs: int,
-    world: int,
-    gather: GatherGrad,
+    gather: GatherGrad | None,
     process_group: ProcessGroup | None,
 ) -> Tensor:
     """``log mean exp(-t d^2)`` over the pairs not in ``excluded`` (bool rows x cols), all ranks."""
-    logits = (-t * _squared_distances(rows, cols)).masked_fill(excluded, float("-inf"))
+    logits = (-t * _squared_distances(rows, cols.tensor)).masked_fill(excluded, float("-inf"))
     lse = logits.logsumexp(dim=(0, 1))
-    if world > 1:
-        lse = gather_with_grad(lse.reshape(1), gather, process_group).tensor.logsumexp(0)
+    if cols.world_size > 1:
+        lse = gather_rows(lse.reshape(1), gather, process_group).tensor.logsumexp(0)
     return lse - math.log(n_pairs)
 
 
@@ -86,17 +80,10 @@ def _off_pairs(
 ) -> Tensor:
     """``log mean exp(-t ||x_i - y_j||^2)`` over the pairs of different samples (different
     groups with ``groups``), ``y`` gathered from every rank; ValueError ``too_few`` if none."""
-    world = get_world_size(process_group) if gather is not None else 1
-    cols, offset, total, col_groups = y, 0, x.shape[0], groups
-    if world > 1:
-        assert gather is not None
-        sizes = all_sizes(x.shape[0], process_group, x.device)
-        ys = gather_with_grad(y, gather, process_group, sizes)
-        cols, offset, total = ys.tensor, ys.offset, ys.total
-        if groups is not None:
-            col_groups = gather_with_grad(groups, GatherGrad.NONE, process_group, sizes).tensor
+    cols, col_groups = gather_columns(y, groups, gather, process_group)
+    total = cols.total
     if groups is None:
-        rows_idx = torch.arange(x.shape[0], device=x.device) + offset
+        rows_idx = torch.arange(x.shape[0], device=x.device) + cols.offset
         excluded = rows_idx[:, None] == torch.arange(total, device=x.device)[None, :]
         n_pairs = total * (total - 1)
     else:
@@ -105,9 +92,7 @@ def _off_pairs(
         n_pairs = total * total - int(torch.unique(col_groups, return_counts=True)[1].pow(2).sum())
     if n_pairs < 1:
         raise ValueError(f"{too_few}, got {total}")
-    return _log_mean_exp_off_pairs(
-        x, cols, t, excluded, n_pairs, world, gather or GatherGrad.GLOBAL, process_group
-    )
+    return _log_mean_exp_off_pairs(x, cols, t, excluded, n_pairs, gather, process_group)
 
 
 def uniformity_loss(
@@ -183,11 +168,10 @@ def alignment_loss(
     check_positive("alpha", alpha)
     diff = x - y
     per_row = diff.pow(2).sum(1) if alpha == 2 else diff.norm(dim=1).pow(alpha)
-    world = get_world_size(process_group) if gather is not None else 1
-    if world == 1:
+    sizes = [x.shape[0]] if gather is None else all_sizes(x.shape[0], process_group, x.device)
+    if len(sizes) == 1:
         return LossOutput(per_row.mean())
-    total = sum(all_sizes(x.shape[0], process_group, x.device))
-    return LossOutput(per_row.sum() * (world / total))
+    return LossOutput(per_row.sum() * (len(sizes) / sum(sizes)))
 
 
 class _GapTerm(LossModule):
@@ -283,7 +267,7 @@ class CrossUniformityLoss(_GapTerm):
 
 
 @register_loss("cua")
-class CuaLoss(ScaledLoss):
+class CuaLoss(PairLogitLoss):
     """CUA = CLIP (fixed tau = 0.01) + uniformity (mean of both) + alignment; CUAXU adds XU.
 
     Args:
@@ -291,9 +275,9 @@ class CuaLoss(ScaledLoss):
         cross_uniformity: add the cross-uniformity term (CUAXU).
         weights: weights of (clip, uniformity, alignment, cross_uniformity), default all 1.
         t: the uniformity kernel's t (2). alpha: the alignment exponent (2).
-        normalize, impl, tile_size, gather: as in :class:`modalign.losses.clip.PairLogitLoss`.
-        temperature, learnable_temperature, temperature_bounds: the CLIP term's
-            :class:`~modalign.losses.base.ScaleOptions` (default 0.01, fixed as in the paper).
+        normalize, impl, tile_size, gather, and the CLIP term's
+            :class:`~modalign.losses.base.ScaleOptions` (tau = 0.01, fixed as in the paper): as in
+            :class:`modalign.losses.clip.PairLogitLoss`.
 
     Examples:
         >>> import torch
@@ -302,8 +286,7 @@ class CuaLoss(ScaledLoss):
         ['alignment', 'clip', 'clip/image-to-text', 'clip/text-to-image', 'uniformity']
     """
 
-    supports_groups = True
-    distributed = True
+    pair_loss = staticmethod(clip_loss)
     scale_defaults = ScaleOptions(temperature=0.01, learnable_temperature=False)
 
     def __init__(
@@ -314,9 +297,6 @@ class CuaLoss(ScaledLoss):
         weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
         t: float = 2.0,
         alpha: float = 2.0,
-        normalize: bool = True,
-        impl: Impl = "auto",
-        tile_size: int | None = None,
         **options: Any,
     ) -> None:
         super().__init__(modalities, **options)
@@ -330,9 +310,6 @@ class CuaLoss(ScaledLoss):
         self.weights = weights
         self.cross_uniformity = cross_uniformity
         self.t, self.alpha = float(t), float(alpha)
-        self.normalize = normalize
-        self.impl: Impl = impl
-        self.tile_size = tile_size
 
     def compute(
         self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
@@ -340,17 +317,7 @@ class CuaLoss(ScaledLoss):
         x, y = self.select(embeddings)
         a, b = self.modalities
         w_clip, w_unif, w_align, w_xunif = self.weights
-        clip = clip_loss(
-            x,
-            y,
-            self.logit_scale(),
-            groups=groups,
-            impl=self.impl,
-            tile_size=self.tile_size,
-            names=self.modalities,
-            normalize=self.normalize,
-            gather=self.gather,
-        )
+        clip = super().compute(embeddings, groups, indices)
         unif_x = uniformity_loss(x, t=self.t, name=a, normalize=self.normalize, gather=self.gather)
         unif_y = uniformity_loss(y, t=self.t, name=b, normalize=self.normalize, gather=self.gather)
         unif = (unif_x.loss + unif_y.loss) / 2

@@ -25,24 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.distributed.gather import (
-    GatherGrad,
-    ProcessGroup,
-    all_sizes,
-    gather_with_grad,
-    get_world_size,
-)
+from modalign.distributed.gather import GatherGrad, ProcessGroup
 from modalign.losses.base import ScaleOptions
-from modalign.losses.clip import Impl, PairLogitLoss, prepare_pair, use_tiled
+from modalign.losses.clip import Impl, PairLogitLoss, gather_columns, logit_inputs, use_tiled
 from modalign.losses.groups import same_group_sums
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.tiled import SOFTPLUS_THRESHOLD, tiled_softplus_sum
-from modalign.losses.validation import check_finite_scalar, check_groups, check_positive
 
 
 def siglip_loss(
@@ -81,27 +73,10 @@ def siglip_loss(
         >>> torch.allclose(full, siglip_loss(x, y, 10.0, -10.0, impl="tiled", tile_size=2).loss)
         True
     """
-    x, y = prepare_pair(x, y, names, normalize=normalize)
-    check_positive("logit_scale", logit_scale)
-    if logit_bias is not None:
-        check_finite_scalar("logit_bias", logit_bias)
-    if groups is not None:
-        check_groups("groups", groups, x.shape[0])
-    scale = torch.as_tensor(logit_scale, dtype=x.dtype, device=x.device)
-    bias = (
-        None if logit_bias is None else torch.as_tensor(logit_bias, dtype=x.dtype, device=x.device)
-    )
-    world = get_world_size(process_group) if gather is not None else 1
-
-    factor = 1.0 / x.shape[0]
-    cols, col_groups = y, groups
-    if world > 1:
-        assert gather is not None
-        sizes = all_sizes(x.shape[0], process_group, x.device)
-        ys = gather_with_grad(y, gather, process_group, sizes)
-        cols, factor = ys.tensor, ys.world_size / ys.total
-        if groups is not None:
-            col_groups = gather_with_grad(groups, GatherGrad.NONE, process_group, sizes).tensor
+    x, y, scale, bias = logit_inputs(x, y, logit_scale, logit_bias, groups, names,
+                                     normalize=normalize)
+    gathered, col_groups = gather_columns(y, groups, gather, process_group)
+    cols, factor = gathered.tensor, gathered.world_size / gathered.total
 
     if use_tiled(impl, x.shape[0], cols.shape[0]):
         negatives = tiled_softplus_sum(x, cols, scale, bias, tile_size=tile_size)
