@@ -25,17 +25,18 @@ import html as _html
 import io
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Concatenate, Literal, ParamSpec
 
 from modalign.io import write_bytes_atomic
 
 __all__ = ["Page", "Section", "figure_html", "format_value", "table_html"]
 
 ImageFormat = Literal["png", "svg"]
+P = ParamSpec("P")
 
 
 def format_value(value: Any, digits: int = 4) -> str:
@@ -131,6 +132,18 @@ def figure_html(
     return f"<figure>{body}{cap}</figure>"
 
 
+def _block(render: Callable[P, str]) -> Callable[Concatenate[Section, P], None]:
+    """A :class:`Section` method that adds ``render(...)``'s HTML as a block (same arguments)."""
+
+    def add(self: Section, *args: P.args, **kwargs: P.kwargs) -> None:
+        self.blocks.append(render(*args, **kwargs))
+
+    add.__name__ = render.__name__.removesuffix("_html")
+    add.__qualname__ = f"Section.{add.__name__}"
+    add.__doc__ = f"Add a block made by :func:`{render.__name__}` (same arguments)."
+    return add
+
+
 @dataclass
 class Section:
     """One titled part of a page; add blocks in reading order."""
@@ -144,23 +157,8 @@ class Section:
         cls = ' class="note"' if note else ""
         self.blocks.append(f"<p{cls}>{_html.escape(text)}</p>")
 
-    def table(
-        self,
-        rows: Sequence[Mapping[str, Any]],
-        columns: Sequence[str] | None = None,
-        *,
-        caption: str | None = None,
-        explain_column: str | None = None,
-        digits: int = 4,
-    ) -> None:
-        """Add a table (see :func:`table_html`)."""
-        self.blocks.append(table_html(rows, columns, caption=caption,
-                                      explain_column=explain_column, digits=digits))
-
-    def figure(self, fig: Any, *, caption: str | None = None, alt: str | None = None,
-               image_format: ImageFormat = "png") -> None:
-        """Add one matplotlib figure (closed after rendering)."""
-        self.blocks.append(figure_html(fig, caption=caption, alt=alt, image_format=image_format))
+    table = _block(table_html)
+    figure = _block(figure_html)
 
     def figures_side_by_side(self, figures: Sequence[tuple[Any, str]],
                              image_format: ImageFormat = "png") -> None:
