@@ -41,13 +41,7 @@ from modalign.geometry.agreement import neighbour_agreement
 from modalign.geometry.cone import cone_from_sum, paired_sums
 from modalign.geometry.gap import gap_from_centroids
 from modalign.geometry.hubness import hubness
-from modalign.geometry.inputs import (
-    ArrayLike,
-    as_matrix,
-    check_same_dim,
-    sample_indices,
-    take_rows,
-)
+from modalign.geometry.inputs import ArrayLike, as_matrices, sample_indices, take_rows
 from modalign.geometry.mir import modality_integration_rate
 from modalign.geometry.separability import linear_separability
 from modalign.geometry.spectrum import Moments, moments, spectrum_from_moments
@@ -197,11 +191,9 @@ def diagnose(
     opts = options or DiagnoseOptions()
     if len(embeddings) < 2:
         raise ValueError(f"embeddings: expected at least two modalities, got {list(embeddings)}")
-    mats = {m: as_matrix(x, f"embeddings[{m!r}]", min_rows=2) for m, x in embeddings.items()}
-    names = list(mats)
-    for m in names[1:]:
-        check_same_dim(mats[names[0]], mats[m], (f"embeddings[{names[0]!r}]",
-                                                 f"embeddings[{m!r}]"))
+    names = list(embeddings)
+    mats = dict(zip(names, as_matrices({f"embeddings[{m!r}]": embeddings[m] for m in names},
+                                       min_rows=2), strict=True))
     gid: dict[str, np.ndarray] | None = None
     if groups is not None:
         missing = [m for m in names if m not in groups]

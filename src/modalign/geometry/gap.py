@@ -31,8 +31,8 @@ import torch
 from modalign.geometry.inputs import (
     DEFAULT_CHUNK_ROWS,
     ArrayLike,
+    as_matrices,
     as_matrix,
-    check_same_dim,
     iter_chunks,
 )
 
@@ -86,8 +86,7 @@ def modality_gap(x: ArrayLike, y: ArrayLike, *, normalize: bool = True,
         >>> g.centroid_distance, round(g.centroid_cosine, 12)
         (0.0, 1.0)
     """
-    xm, ym = as_matrix(x, "x"), as_matrix(y, "y")
-    check_same_dim(xm, ym)
+    xm, ym = as_matrices({"x": x, "y": y})
     return gap_from_centroids(centroid(xm, normalize=normalize, name="x", chunk_rows=chunk_rows),
                               centroid(ym, normalize=normalize, name="y", chunk_rows=chunk_rows))
 

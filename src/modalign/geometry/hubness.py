@@ -32,8 +32,7 @@ from modalign.geometry.inputs import (
     ArrayLike,
     as_matrix,
     check_same_dim,
-    sample_indices,
-    take_rows,
+    sample_rows,
 )
 from modalign.geometry.knn import topk_neighbours
 
@@ -79,9 +78,8 @@ def hubness(queries: ArrayLike, gallery: ArrayLike, *, k: int = 10, normalize: b
     qm = as_matrix(queries, "queries", min_rows=1)
     gm = as_matrix(gallery, "gallery", min_rows=k + 1)
     check_same_dim(qm, gm, ("queries", "gallery"))
-    q = take_rows(qm, sample_indices(qm.shape[0], max_rows, seed), "queries", normalize=normalize)
-    g = take_rows(gm, sample_indices(gm.shape[0], max_rows, seed + 1), "gallery",
-                  normalize=normalize)
+    q = sample_rows(qm, max_rows, seed, "queries", normalize=normalize)
+    g = sample_rows(gm, max_rows, seed + 1, "gallery", normalize=normalize)
     counts = k_occurrence(topk_neighbours(q, g, k=k), g.shape[0])
     return {
         "skewness": skewness(counts),

@@ -19,7 +19,7 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -67,6 +67,23 @@ def as_matrix(x: Any, name: str, *, min_rows: int = 1) -> np.ndarray:
         raise ValueError(f"{name}: needs at least {min_rows} rows, got {x.shape[0]}"
                          + (" (this modality is empty)" if x.shape[0] == 0 else ""))
     return x
+
+
+def as_matrices(named: Mapping[str, Any], *, min_rows: int = 1) -> list[np.ndarray]:
+    """:func:`as_matrix` of every value (named by its key in errors), in order, checked to share
+    the first one's embedding dimension.
+
+    Examples:
+        >>> import numpy as np
+        >>> x, y = as_matrices({"x": np.zeros((3, 2)), "y": np.ones((4, 2))}, min_rows=2)
+        >>> x.shape, y.shape
+        ((3, 2), (4, 2))
+    """
+    mats = [as_matrix(x, name, min_rows=min_rows) for name, x in named.items()]
+    names = list(named)
+    for name, m in zip(names[1:], mats[1:], strict=True):
+        check_same_dim(mats[0], m, (names[0], name))
+    return mats
 
 
 def check_paired(x: np.ndarray, y: np.ndarray, names: tuple[str, str] = ("x", "y")) -> None:
@@ -159,3 +176,16 @@ def take_rows(x: np.ndarray, idx: np.ndarray, name: str, *, normalize: bool,
     if len(idx) == x.shape[0]:
         return prepare(x, name, normalize=normalize, dtype=dtype)
     return prepare(x[idx], name, normalize=normalize, dtype=dtype, rows=idx)
+
+
+def sample_rows(x: np.ndarray, max_rows: int | None, seed: int, name: str, *,
+                normalize: bool) -> torch.Tensor:
+    """A seeded sample of at most ``max_rows`` rows of ``x`` (:func:`sample_indices`) as a checked
+    tensor (:func:`take_rows`).
+
+    Examples:
+        >>> import numpy as np
+        >>> tuple(sample_rows(np.ones((100, 3)), 10, 0, "x", normalize=True).shape)
+        (10, 3)
+    """
+    return take_rows(x, sample_indices(x.shape[0], max_rows, seed), name, normalize=normalize)

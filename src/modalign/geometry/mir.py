@@ -33,13 +33,7 @@ from typing import Any
 
 import torch
 
-from modalign.geometry.inputs import (
-    ArrayLike,
-    as_matrix,
-    check_same_dim,
-    sample_indices,
-    take_rows,
-)
+from modalign.geometry.inputs import ArrayLike, as_matrices, sample_rows
 
 __all__ = [
     "MIRResult",
@@ -90,10 +84,9 @@ def frechet_distance(x: ArrayLike, y: ArrayLike) -> float:
 
     Invariant to a shared rotation and a shared translation of both sets.
     """
-    xm, ym = as_matrix(x, "x", min_rows=2), as_matrix(y, "y", min_rows=2)
-    check_same_dim(xm, ym)
-    xs = take_rows(xm, sample_indices(xm.shape[0], None, 0), "x", normalize=False)
-    ys = take_rows(ym, sample_indices(ym.shape[0], None, 0), "y", normalize=False)
+    xm, ym = as_matrices({"x": x, "y": y}, min_rows=2)
+    xs = sample_rows(xm, None, 0, "x", normalize=False)
+    ys = sample_rows(ym, None, 0, "y", normalize=False)
     return frechet_distance_from_moments(xs.mean(0), torch.cov(xs.T).reshape(xs.shape[1], -1),
                                          ys.mean(0), torch.cov(ys.T).reshape(ys.shape[1], -1))
 
@@ -163,13 +156,10 @@ def modality_integration_rate(
     fids: list[float] = []
     replaced: list[tuple[int, int]] = []
     for k, (v, t) in enumerate(zip(vision_layers, text_layers)):
-        vm = as_matrix(v, f"vision_layers[{k}]", min_rows=2)
-        tm = as_matrix(t, f"text_layers[{k}]", min_rows=2)
-        check_same_dim(vm, tm, (f"vision_layers[{k}]", f"text_layers[{k}]"))
-        vs = take_rows(vm, sample_indices(vm.shape[0], max_rows, seed), f"vision_layers[{k}]",
-                       normalize=False)
-        ts = take_rows(tm, sample_indices(tm.shape[0], max_rows, seed + 1), f"text_layers[{k}]",
-                       normalize=False)
+        v_name, t_name = f"vision_layers[{k}]", f"text_layers[{k}]"
+        vm, tm = as_matrices({v_name: v, t_name: t}, min_rows=2)
+        vs = sample_rows(vm, max_rows, seed, v_name, normalize=False)
+        ts = sample_rows(tm, max_rows, seed + 1, t_name, normalize=False)
         mean_norm = float(ts.norm(dim=1).mean())
         if mean_norm == 0.0:
             raise ValueError(f"text_layers[{k}]: all rows are zero; text-centric normalisation "

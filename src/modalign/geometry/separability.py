@@ -24,10 +24,8 @@ import torch
 
 from modalign.geometry.inputs import (
     ArrayLike,
-    as_matrix,
-    check_same_dim,
-    sample_indices,
-    take_rows,
+    as_matrices,
+    sample_rows,
 )
 
 __all__ = ["fit_logistic_regression", "linear_separability"]
@@ -65,12 +63,11 @@ def linear_separability(
         raise ValueError(f"train_fraction: expected a value in (0, 1), got {train_fraction}")
     if c <= 0:
         raise ValueError(f"c: expected a positive regularisation constant, got {c}")
-    xm, ym = as_matrix(x, "x", min_rows=5), as_matrix(y, "y", min_rows=5)
-    check_same_dim(xm, ym)
+    xm, ym = as_matrices({"x": x, "y": y}, min_rows=5)
     m = min(xm.shape[0], ym.shape[0]) if max_rows is None else min(
         xm.shape[0], ym.shape[0], max_rows)
-    xs = take_rows(xm, sample_indices(xm.shape[0], m, seed), "x", normalize=normalize)
-    ys = take_rows(ym, sample_indices(ym.shape[0], m, seed + 1), "y", normalize=normalize)
+    xs = sample_rows(xm, m, seed, "x", normalize=normalize)
+    ys = sample_rows(ym, m, seed + 1, "y", normalize=normalize)
     feats = torch.cat([xs, ys]).to(torch.float64)
     labels = torch.cat([torch.zeros(m, dtype=torch.float64), torch.ones(m, dtype=torch.float64)])
     gen = torch.Generator().manual_seed(seed)

@@ -34,8 +34,8 @@ import torch
 from modalign.geometry.inputs import (
     DEFAULT_CHUNK_ROWS,
     ArrayLike,
+    as_matrices,
     as_matrix,
-    check_same_dim,
     iter_chunks,
 )
 
@@ -158,9 +158,7 @@ def joint_spectrum(xs: Sequence[ArrayLike], *, normalize: bool = True,
     """
     if len(xs) == 0:
         raise ValueError("xs: expected at least one embedding matrix")
-    mats = [as_matrix(x, f"xs[{i}]", min_rows=2) for i, x in enumerate(xs)]
-    for i, m in enumerate(mats[1:], start=1):
-        check_same_dim(mats[0], m, ("xs[0]", f"xs[{i}]"))
+    mats = as_matrices({f"xs[{i}]": x for i, x in enumerate(xs)}, min_rows=2)
     total = moments(mats[0], normalize=normalize, name="xs[0]", chunk_rows=chunk_rows)
     for i, m in enumerate(mats[1:], start=1):
         total = total + moments(m, normalize=normalize, name=f"xs[{i}]", chunk_rows=chunk_rows)

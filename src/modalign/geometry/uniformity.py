@@ -38,6 +38,7 @@ from modalign.geometry.inputs import (
     check_paired,
     iter_chunks,
     sample_indices,
+    sample_rows,
     take_rows,
 )
 
@@ -103,7 +104,7 @@ def uniformity(x: ArrayLike, *, t: float = 2.0, normalize: bool = True,
     if t <= 0:
         raise ValueError(f"t: expected a positive temperature, got {t}")
     xm = as_matrix(x, "x", min_rows=2)
-    xs = take_rows(xm, sample_indices(xm.shape[0], max_rows, seed), "x", normalize=normalize)
+    xs = sample_rows(xm, max_rows, seed, "x", normalize=normalize)
     n = xs.shape[0]
     lse = torch.tensor(-math.inf, dtype=torch.float64)
     for i in range(0, n, block_rows):
