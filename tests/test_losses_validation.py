@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -103,3 +105,53 @@ def test_switching_validation_off_and_back():
         set_validation(True)
     with pytest.raises(ValueError):
         check_positive("t", -1.0)
+
+
+def _value_check_cases():
+    """(loss, good call, bad call, message) for the losses whose input checks read tensor values
+    (index ranges, mixing weights): a host synchronisation on an accelerator."""
+    from modalign.losses.geodesic_mixup import m2mix_loss
+    from modalign.losses.isogclr import ISogCLRLoss
+    from modalign.losses.m3col import m3col_loss
+    from modalign.losses.one_to_k import one_to_k_loss
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    emb = {"image": x, "text": y}
+    iso = ISogCLRLoss(["image", "text"], dataset_size=10).eval()  # no state update
+    perm = torch.tensor([1, 0, 3, 2])
+    return {
+        "isogclr": (lambda: iso(emb, indices=torch.tensor([0, 1, 2, 3])),
+                    lambda: iso(emb, indices=torch.tensor([0, 1, 2, 10])),
+                    "indices must lie in [0, 10) (dataset_size)"),
+        "m3col": (lambda: m3col_loss(x, y, 10.0, perm, torch.full((4,), 0.7)),
+                  lambda: m3col_loss(x, y, 10.0, perm, torch.full((4,), 1.5)),
+                  "mix_weights must lie in [0, 1]"),
+        "m2mix": (lambda: m2mix_loss(x, y, 10.0, torch.full((4,), 0.3)),
+                  lambda: m2mix_loss(x, y, 10.0, torch.full((4,), -0.1)),
+                  "lam must lie in [0, 1]"),
+        "one_to_k": (lambda: one_to_k_loss(x[:2], y, torch.tensor([0, 0, 1, 1]), 10.0),
+                     lambda: one_to_k_loss(x[:2], y, torch.tensor([0, 0, 1, 2]), 10.0),
+                     "anchor_rows must hold anchor rows in [0, 2)"),
+    }
+
+
+@pytest.mark.parametrize("name", ["isogclr", "m3col", "m2mix", "one_to_k"])
+def test_value_checks_raise_on_the_first_call_and_read_nothing_when_validation_is_off(
+        name, monkeypatch):
+    good, bad, message = _value_check_cases()[name]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bad()  # validation is on by default: the very first call checks
+    reference = good().loss
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    # The trainer runs the forward with validation off between its scheduled checks: then no
+    # check reads a tensor value (bool/int/float/item: a device synchronisation on a GPU).
+    for method in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, method, host_read)
+    with validation(False):
+        unchecked = good().loss
+    monkeypatch.undo()
+    assert torch.equal(unchecked, reference)
