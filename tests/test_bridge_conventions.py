@@ -28,6 +28,7 @@ from modalign.bridge.posthoc import (
     build_chain,
 )
 from modalign.errors import ModalignError
+from modalign.io import NewerFormatError
 
 
 def bank_and_test(dtype=torch.float64):
@@ -172,8 +173,15 @@ def test_refused_files(tmp_path):
     path = save_bridge(Centering().fit(bank), tmp_path / "c")
     meta = json.loads(path.read_text())
     path.write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))
-    with pytest.raises(ModalignError, match="upgrade modalign"):
+    with pytest.raises(NewerFormatError, match="upgrade modalign"):
         load_bridge(tmp_path / "c")
+    path.write_text(json.dumps({**meta, "format_version": "1"}))
+    with pytest.raises(ModalignError, match="format_version '1' is not an integer"):
+        load_bridge(tmp_path / "c")
+    unversioned = {k: v for k, v in meta.items() if k != "format_version"}
+    path.write_text(json.dumps(unversioned))  # version 0: the layout of version 1, read as is
+    assert torch.equal(load_bridge(tmp_path / "c").transform(bank)["text"],
+                       Centering().fit(bank).transform(bank)["text"])
     path.write_text(json.dumps({**meta, "class": "os.system"}))
     with pytest.raises(ModalignError, match="expected one of"):
         load_bridge(tmp_path / "c")

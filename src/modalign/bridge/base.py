@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from modalign.errors import ModalignError
-from modalign.io import atomic_path, read_json, write_json_atomic
+from modalign.io import atomic_path, check_format_version, read_json, write_json_atomic
 
 FORMAT = "modalign.bridge"
 FORMAT_VERSION = 1
@@ -229,10 +229,7 @@ def load_bridge(stem: str | os.PathLike[str]) -> BaseBridge:
     if meta.get("format") != FORMAT:
         raise ModalignError(f"bridge {str(stem)!r}: not a saved bridge (format "
                             f"{meta.get('format')!r}, expected {FORMAT!r})")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModalignError(f"bridge {str(stem)!r}: format version {version!r}; this modalign "
-                            f"reads up to {FORMAT_VERSION} (upgrade modalign)")
+    check_format_version(meta, FORMAT_VERSION, f"bridge {str(stem)!r}")
     bridge = bridge_from_state(meta, tensors)
     if hasattr(bridge, "path"):
         bridge.path = str(stem_of(stem))
