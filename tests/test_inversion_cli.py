@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modalign.bridge.inversion import InversionSettings, invert
-from modalign.bridge.inversion.store import invert_into_store, inverted_arrays
+from modalign.bridge.inversion.store import invert_chunks, invert_into_store, inverted_arrays
 from modalign.cli import main
 from modalign.embed import EmbeddingStore
 
@@ -100,6 +100,29 @@ def test_an_interrupted_run_resumes_and_equals_an_uninterrupted_one(tmp_path):
     assert seen == [3, 3, 1]  # 3 restored, then the remaining two chunks
     assert fwd.calls == 2 * (s.steps + 1)  # only the two unfinished chunks ran
     np.testing.assert_array_equal(store.load(name).vectors, whole.load(name).vectors)
+
+
+def test_invert_chunks_writes_a_shard_of_rows_and_resumes_inside_it(tmp_path):
+    from modalign.embed.arrays import ArrayWriter
+
+    targets = torch.randn(9, 3, generator=torch.Generator().manual_seed(3))
+    ids = [f"e{i}" for i in range(9)]
+    s = InversionSettings(steps=6, batch_size=4)
+    shard = range(2, 7)  # rows 2..6 of the whole, row 0 of the array
+
+    def read(a, b):
+        return targets[a:b]
+
+    writer = ArrayWriter(tmp_path, "cut", key="k", rows=len(shard), dim=3)
+    first = next(invert_chunks(writer, read, ids, Affine(), s, rows=shard, chunk=2))
+    assert first[:2] == (2, 4) and writer.done == 2  # stopped after one written chunk
+    writer = ArrayWriter(tmp_path, "cut", key="k", rows=len(shard), dim=3)  # reopened: resumes
+    fwd = Affine()
+    spans = [(a, b) for a, b, _ in invert_chunks(writer, read, ids, fwd, s, rows=shard, chunk=2)]
+    assert spans == [(4, 6), (6, 7)] and fwd.calls == 2 * (s.steps + 1)
+    writer.finish()
+    ref = invert(targets[2:7], Affine(), s, keys=ids[2:7])  # the samples depend on their keys only
+    np.testing.assert_allclose(np.load(tmp_path / "cut.npy"), ref.features.numpy(), atol=1e-6)
 
 
 def test_store_input_errors(tmp_path):

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 from modalign.bridge.inversion import (
     InversionSettings,
     encoder_inversion,
-    invert,
     official_ovi_tokens,
     vit_geometry,
 )
 from modalign.bridge.inversion.core import PRECISIONS, InversionForward
+from modalign.bridge.inversion.store import invert_chunks
 from modalign.data.benchmarks.templates import INVERSION_TEMPLATE
 from modalign.distributed.runtime import barrier, process_rank, shard_bounds
 from modalign.embed import Embeddings, EmbeddingStore
@@ -213,17 +213,17 @@ def _invert_rows(store: EmbeddingStore, name: str, key: str, targets: Embeddings
         writer = ArrayWriter(store.path, name, key=key, rows=stop - start, dim=dim)
         bar = tqdm(total=stop - start, initial=writer.done, unit="item",
                    desc=f"{plan.direction.upper()} {name}", disable=not progress or None)
-        t0, fresh = time.perf_counter(), 0
+        t0 = time.perf_counter()
 
         def advance(n: int) -> None:  # invert's progress callback (tqdm's update returns a flag)
             bar.update(n)
 
-        for a in range(start + writer.done, stop, chunk):
-            b = min(a + chunk, stop)
-            t = torch.from_numpy(np.array(targets.vectors[a:b], dtype=np.float32)).to(device)
-            res = invert(t, forward, plan.settings(device), keys=ids[a:b], progress=advance)
-            writer.write(a - start, res.features.float().cpu().numpy())
-            fresh += b - a
+        def read(a: int, b: int) -> torch.Tensor:
+            return torch.from_numpy(np.array(targets.vectors[a:b], dtype=np.float32)).to(device)
+
+        fresh = sum(b - a for a, b, _ in invert_chunks(
+            writer, read, ids, forward, plan.settings(device), rows=range(start, stop),
+            chunk=chunk, progress=advance))
         bar.close()
         elapsed = time.perf_counter() - t0
         facts = writer.finish()

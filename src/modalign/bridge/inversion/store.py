@@ -14,13 +14,18 @@ on its own key and settings, so a resumed run equals an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from modalign.bridge.inversion.core import InversionForward, InversionSettings, invert
+from modalign.bridge.inversion.core import (
+    InversionForward,
+    InversionResult,
+    InversionSettings,
+    invert,
+)
 from modalign.embed.arrays import ArrayWriter, array_lock
 from modalign.embed.store import EmbeddingStore
 from modalign.io import content_hash
@@ -33,6 +38,28 @@ def inversion_key(targets: torch.Tensor, ids: Sequence[str], forward: InversionF
     digest = hashlib.sha256(vectors.tobytes()).hexdigest()[:16]
     return content_hash(settings.as_dict(), forward.identity(), dict(context), list(ids),
                         list(vectors.shape), digest)
+
+
+def invert_chunks(writer: ArrayWriter, targets: Callable[[int, int], torch.Tensor],
+                  ids: Sequence[str], forward: InversionForward, settings: InversionSettings, *,
+                  rows: range, chunk: int,
+                  progress: Callable[[int], None] | None = None,
+                  state: Callable[[int, int, InversionResult], Mapping[str, Any]] | None = None,
+                  ) -> Iterator[tuple[int, int, InversionResult]]:
+    """Invert the items ``rows`` that ``writer`` (whose row 0 is ``rows.start``) has not written
+    yet, ``chunk`` at a time; yields ``(a, b, result)`` once rows ``a:b`` are written.
+
+    A killed run resumes at the first unfinished chunk: each sample depends only on its key
+    (``ids[i]``) and the settings. ``targets(a, b)`` gives the target rows ``a:b``; ``progress``
+    is :func:`invert`'s per-item callback; ``state(a, b, result)`` is recorded with the chunk
+    (e.g. the final cosines so far).
+    """
+    for a in range(rows.start + writer.done, rows.stop, chunk):
+        b = min(a + chunk, rows.stop)
+        res = invert(targets(a, b), forward, settings, keys=list(ids[a:b]), progress=progress)
+        extra = {} if state is None else state(a, b, res)
+        writer.write(a - rows.start, res.features.detach().float().cpu().numpy(), **extra)
+        yield a, b, res
 
 
 def inverted_arrays(store: EmbeddingStore, method: str | None = None) -> dict[str, dict[str, Any]]:
@@ -109,12 +136,13 @@ def invert_into_store(store: EmbeddingStore, targets: torch.Tensor,
             cosines[:done] = writer.state["final_cosine"][:done]
             if on_chunk is not None:
                 on_chunk(done, float(cosines[:done].sum()))
-        for start in range(done, n, chunk):
-            stop = min(start + chunk, n)
-            res = invert(targets[start:stop], forward, settings, keys=ids[start:stop])
+
+        def record(start: int, stop: int, res: InversionResult) -> dict[str, Any]:
             cosines[start:stop] = res.final_cosine.detach().double().cpu().numpy()
-            writer.write(start, res.features.detach().float().cpu().numpy(),
-                         final_cosine=cosines[:stop].tolist())
+            return {"final_cosine": cosines[:stop].tolist()}
+
+        for start, stop, _ in invert_chunks(writer, lambda a, b: targets[a:b], ids, forward,
+                                            settings, rows=range(n), chunk=chunk, state=record):
             if on_chunk is not None:
                 on_chunk(stop - start, float(cosines[start:stop].sum()))
         facts = writer.finish()
