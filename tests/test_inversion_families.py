@@ -305,7 +305,7 @@ def test_mixed_precision_optimisation_then_fp32_features(precision: str) -> None
         exact = F.normalize(fwd(res.tokens), dim=-1)
     torch.testing.assert_close(res.features, exact, rtol=0, atol=1e-6)
     assert res.loss_curve[-1] < res.loss_curve[0]
-    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16"):
+    with pytest.raises(ValueError, match="precision='half': expected one of fp32, fp16, bf16"):
         InversionSettings(precision="half")
 
 

@@ -27,7 +27,7 @@ from modalign.bridge.inversion import (
     official_ovi_tokens,
     vit_geometry,
 )
-from modalign.bridge.inversion.core import PRECISIONS, InversionForward
+from modalign.bridge.inversion.core import InversionForward, check_precision
 from modalign.bridge.inversion.store import invert_chunks
 from modalign.data.benchmarks.templates import INVERSION_TEMPLATE
 from modalign.distributed.runtime import barrier, process_rank, shard_bounds
@@ -66,9 +66,7 @@ class InversionPlan:
     precision: str = "fp16"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ModalignError(f"precision={self.precision!r}: expected one of "
-                                f"{', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction={self.direction!r}: expected 'oti' or 'ovi'")
         if self.steps is None:

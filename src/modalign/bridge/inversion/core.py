@@ -27,8 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modalign.errors import ModalignError
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_precision(precision: str) -> None:
+    """Raise :class:`~modalign.errors.ModalignError` unless ``precision`` is one of
+    :data:`PRECISIONS`.
+
+    Examples:
+        >>> check_precision("bf16")
+    """
+    if precision not in PRECISIONS:
+        raise ModalignError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
 
 
 @runtime_checkable
@@ -155,9 +168,7 @@ class InversionSettings:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                             f"got {self.precision!r}")
+        check_precision(self.precision)
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
