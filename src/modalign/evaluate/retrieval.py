@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from modalign.evaluate.metrics import (
     self_exclusion,
 )
 from modalign.evaluate.search import ExactIndex, build_index, recall_against_exact
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+
+    from typing_extensions import Unpack
 
 
 @dataclass
@@ -58,40 +61,54 @@ class TaskResult:
     per_query: dict[str, QueryValues] = field(default_factory=dict, repr=False)
 
 
+class RankingOptions(TypedDict, total=False):
+    """The keywords both retrieval tasks take; each may be left out (default in brackets).
+
+    Attributes:
+        relevance: ``"group"`` or a label name shared by both sides [``"group"``].
+        k_values: cut-offs for the ``@K`` metrics [:data:`DEFAULT_K_VALUES`].
+        bridges: bridge specs (``modalign.bridge.posthoc.build_bridge``), fitted on the task's
+            ``bank`` [none].
+        queries_override: query key (``modality`` or ``"modality:view"``) -> ``(n, d)`` vectors
+            replacing those *queries* (e.g. inverted features), same rows and order; bridges do
+            not touch them [None].
+        inversion: how the override was made, stored in the record [None].
+        ties: tie rule (see :mod:`modalign.evaluate.metrics`) [``"pessimistic"``].
+        chunk_size: scores held in memory at once [:data:`DEFAULT_CHUNK_SIZE`].
+        progress: show a progress bar while ranking [False].
+        index: ``"exact"`` (only the exact metrics), or a search index kind of
+            :mod:`modalign.evaluate.search` (``"flat"``, ``"ivf"``, ``"hnsw"``): then
+            ``..._index_recall@K`` (recall@K from that index's top-K) and
+            ``..._index_agreement@K`` (share of the exact top-K it found) are added
+            [``"exact"``].
+    """
+
+    relevance: str
+    k_values: Sequence[int]
+    bridges: Sequence[str]
+    queries_override: Mapping[str, Tensor] | None
+    inversion: Mapping[str, Any] | None
+    ties: Ties
+    chunk_size: int
+    progress: bool
+    index: str
+
+
 def cross_modal_retrieval(
     embeddings: Mapping[str, Embeddings],
     modalities: tuple[str, str] = ("image", "text"),
     *,
-    relevance: str = "group",
-    k_values: Sequence[int] = DEFAULT_K_VALUES,
-    bridges: Sequence[str] = (),
     bank: Mapping[str, Embeddings] | None = None,
-    queries_override: Mapping[str, Tensor] | None = None,
-    inversion: Mapping[str, Any] | None = None,
-    ties: Ties = "pessimistic",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    progress: bool = False,
-    index: str = "exact",
+    **options: Unpack[RankingOptions],
 ) -> TaskResult:
     """Retrieve ``b`` items with ``a`` queries and ``a`` items with ``b`` queries.
 
     Args:
         embeddings: modality -> test embeddings.
         modalities: the two modalities ``(a, b)``.
-        relevance: ``"group"`` or a label name shared by both modalities.
-        k_values: cut-offs for the ``@K`` metrics.
-        bridges: bridge specs (``modalign.bridge.posthoc.build_bridge``), fitted on ``bank``.
         bank: modality -> training embeddings for the bridges.
-        queries_override: modality -> ``(n, d)`` vectors replacing that modality's *queries*
-            (for example inverted features), same rows and order; bridges do not touch them.
-        inversion: how the override was made, stored in the record.
-        ties: tie rule (see :mod:`modalign.evaluate.metrics`).
-        chunk_size: scores held in memory at once.
-        progress: show a progress bar while ranking.
-        index: ``"exact"`` (only the exact metrics), or a search index kind of
-            :mod:`modalign.evaluate.search` (``"flat"``, ``"ivf"``, ``"hnsw"``): then
-            ``..._index_recall@K`` (recall@K from that index's top-K) and
-            ``..._index_agreement@K`` (share of the exact top-K it found) are added.
+        options: the :class:`RankingOptions` (relevance, K values, bridges, query override,
+            ties, chunk size, progress, index).
 
     Examples:
         >>> from modalign.evaluate.retrieval import toy_embeddings
@@ -107,11 +124,7 @@ def cross_modal_retrieval(
     if a == b:
         raise ValueError("modalities: expected two different modalities; use intra_modal_retrieval")
     directions = [(a, embeddings[a], b, embeddings[b]), (b, embeddings[b], a, embeddings[a])]
-    return _run(
-        "retrieval", directions, relevance=relevance, k_values=k_values, bridges=bridges,
-        bank=bank, queries_override=queries_override, inversion=inversion, ties=ties,
-        chunk_size=chunk_size, progress=progress, index=index,
-    )
+    return _run("retrieval", directions, bank, **options)
 
 
 def intra_modal_retrieval(
@@ -120,16 +133,8 @@ def intra_modal_retrieval(
     *,
     query_view: str | None = None,
     gallery_view: str | None = None,
-    relevance: str = "group",
-    k_values: Sequence[int] = DEFAULT_K_VALUES,
-    bridges: Sequence[str] = (),
     bank: Embeddings | None = None,
-    queries_override: Mapping[str, Tensor] | None = None,
-    inversion: Mapping[str, Any] | None = None,
-    ties: Ties = "pessimistic",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    progress: bool = False,
-    index: str = "exact",
+    **options: Unpack[RankingOptions],
 ) -> TaskResult:
     """Retrieval inside one modality: across two views (both ways), or one view against all.
 
@@ -140,6 +145,8 @@ def intra_modal_retrieval(
     * neither: every row queries every other row.
 
     Keys of ``queries_override`` are ``"modality:view"`` (or ``modality`` when no view is given).
+    ``bank``: training rows of the modality for the bridges (split by view like the test rows);
+    ``options``: the :class:`RankingOptions`.
 
     Examples:
         >>> from modalign.evaluate.retrieval import toy_embeddings
@@ -172,11 +179,7 @@ def intra_modal_retrieval(
         if bank is not None:
             bank_parts[key(qv)] = rows(bank, qv)
             bank_parts[key(gv)] = rows(bank, gv)
-    return _run(
-        "intra", directions, relevance=relevance, k_values=k_values, bridges=bridges,
-        bank=bank_parts if bank is not None else None, queries_override=queries_override,
-        inversion=inversion, ties=ties, chunk_size=chunk_size, progress=progress, index=index,
-    )
+    return _run("intra", directions, bank_parts if bank is not None else None, **options)
 
 
 def relevance_ids(
@@ -242,18 +245,20 @@ def toy_embeddings(groups: int = 12, dim: int = 8, seed: int = 0) -> dict[str, E
 def _run(
     task: str,
     directions: list[tuple[str, Embeddings, str, Embeddings]],
-    *,
-    relevance: str,
-    k_values: Sequence[int],
-    bridges: Sequence[str],
     bank: Mapping[str, Embeddings] | None,
-    queries_override: Mapping[str, Tensor] | None,
-    inversion: Mapping[str, Any] | None,
-    ties: Ties,
-    chunk_size: int,
-    progress: bool,
+    *,
+    relevance: str = "group",
+    k_values: Sequence[int] = DEFAULT_K_VALUES,
+    bridges: Sequence[str] = (),
+    queries_override: Mapping[str, Tensor] | None = None,
+    inversion: Mapping[str, Any] | None = None,
+    ties: Ties = "pessimistic",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
     index: str = "exact",
 ) -> TaskResult:
+    """One retrieval task over ``directions`` (query key, queries, gallery key, gallery); the
+    keywords are the :class:`RankingOptions` with their defaults."""
     if bridges and bank is None:
         raise ValueError("bank: bridges need a bank of training embeddings to fit on")
     overrides = dict(queries_override or {})
