@@ -83,18 +83,20 @@ def _metric_specs(record: dict[str, Any]) -> list[tuple[str, Getter, str]]:
              "Mean of cos(positive) − max cos(negative) per anchor (> 0 = positive wins)."),
             (f"{key}: share of anchors won", _get(*p, "temperature", "positive_margin_share"),
              f"Share of {a} anchors whose positive beats every negative (R@1 on the sample)."),
-            (f"{key}: hubness skew {a}→{b}", _get(*p, "hubness", f"{a}->{b}", "skewness"),
-             f"Skewness of {k}-occurrence of {b} items for {a} queries (large = hubs)."),
-            (f"{key}: anti-hubs {a}→{b}", _get(*p, "hubness", f"{a}->{b}", "antihub_share"),
-             f"Share of {b} items never in any {a} query's {k}-NN."),
-            (f"{key}: hubness skew {b}→{a}", _get(*p, "hubness", f"{b}->{a}", "skewness"),
-             f"Skewness of {k}-occurrence of {a} items for {b} queries."),
-            (f"{key}: anti-hubs {b}→{a}", _get(*p, "hubness", f"{b}->{a}", "antihub_share"),
-             f"Share of {a} items never in any {b} query's {k}-NN."),
-            (f"{key}: agreement of {a} neighbours", _get(*p, "agreement", "agreement_x"),
-             f"Overlap of {a}-{a} k-NN with the k-NN found through the paired {b} (1 = same)."),
-            (f"{key}: agreement of {b} neighbours", _get(*p, "agreement", "agreement_y"),
-             f"Overlap of {b}-{b} k-NN with the k-NN found through the paired {a}."),
+        ]
+        for q, g in ((a, b), (b, a)):
+            specs += [
+                (f"{key}: hubness skew {q}→{g}", _get(*p, "hubness", f"{q}->{g}", "skewness"),
+                 f"Skewness of {k}-occurrence of {g} items for {q} queries (large = hubs)."),
+                (f"{key}: anti-hubs {q}→{g}", _get(*p, "hubness", f"{q}->{g}", "antihub_share"),
+                 f"Share of {g} items never in any {q} query's {k}-NN."),
+            ]
+        specs += [
+            (f"{key}: agreement of {m} neighbours", _get(*p, "agreement", f"agreement_{side}"),
+             f"Overlap of {m}-{m} k-NN with the k-NN found through the paired {other} (1 = same).")
+            for m, other, side in ((a, b, "x"), (b, a, "y"))
+        ]
+        specs += [
             (f"{key}: agreement at chance", _get(*p, "agreement", "chance"),
              "k / (n − 1): the overlap of random neighbour lists."),
             (f"{key}: MIR", _get(*p, "mir", "mir"),
