@@ -230,7 +230,20 @@ def test_eval_ood_cli_records_metrics_and_intervals(tmp_path):
     assert rec["task"] == "ood" and rec["protocol"]["num_ood"] == 8
     assert ci["mcm/auroc"][0] <= m["mcm/auroc"] <= ci["mcm/auroc"][1]
     assert rec["bootstrap"]["replicates"] == 20 and "mcm/auroc_lo" not in m
-    assert 0 <= m["id_acc1"] <= 1 and "knn/fpr@95tpr" in m
+    assert "knn/fpr@95tpr" in m
+    # the same figures from the stored rows, in numpy: zero-shot accuracy of the ID rows and the
+    # AUROC of the MCM score (max softmax of the cosines, tau = 1; ID positive, ties count 1/2)
+    unit = emb.vectors / np.linalg.norm(emb.vectors, axis=1, keepdims=True)
+    p = protos.numpy().astype(np.float64)
+    cos = unit @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T
+    is_ood = np.array([it["labels"]["group"] == "grp-1" for it in emb.items])
+    truth = np.array([names.index(it["labels"]["subgroup"]) for it in emb.items])
+    np.testing.assert_allclose(m["id_acc1"], np.mean(cos.argmax(1)[~is_ood] == truth[~is_ood]),
+                               rtol=0, atol=1e-12)
+    mcm = np.exp(cos).max(1) / np.exp(cos).sum(1)
+    diff = mcm[~is_ood][:, None] - mcm[is_ood][None, :]
+    np.testing.assert_allclose(m["mcm/auroc"], np.mean((diff > 0) + 0.5 * (diff == 0)),
+                               rtol=0, atol=1e-6)
     assert main([*argv[:-6], "--out", str(out)]) == 2  # no prototypes and no model
 
 
