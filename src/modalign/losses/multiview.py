@@ -7,7 +7,7 @@ written with log-sum-exp, so no ``exp`` can overflow whatever the temperature.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -138,11 +138,20 @@ def mv_dhel_loss(
 
 class _MultiViewLoss(ScaledLoss):
     """What the multi-view losses share: N >= 2 views, tau = 0.5 (fixed by default, as in the
-    reference configs), the gather mode."""
+    reference configs), the gather mode, and one ``compute``: :attr:`view_loss` on the views
+    with the subclass's :attr:`view_options`."""
 
     max_modalities = None
     distributed = True
     scale_defaults = ScaleOptions(temperature=MV_TEMPERATURE, learnable_temperature=False)
+    view_loss: Callable[..., LossOutput]
+    view_options: dict[str, bool]
+
+    def compute(
+        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
+    ) -> LossOutput:
+        return self.view_loss(pick(embeddings, self.modalities), self.logit_scale(),
+                              gather=self.gather, **self.view_options)
 
 
 @register_loss("mv_infonce")
@@ -156,16 +165,12 @@ class MVInfoNCELoss(_MultiViewLoss):
         0
     """
 
+    view_loss = staticmethod(mv_infonce_loss)
+
     def __init__(self, modalities: Sequence[str], *, same_view_negatives: bool = True,
                  **options: Any) -> None:
         super().__init__(modalities, **options)
-        self.same_view_negatives = bool(same_view_negatives)
-
-    def compute(
-        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
-    ) -> LossOutput:
-        return mv_infonce_loss(pick(embeddings, self.modalities), self.logit_scale(),
-                               same_view_negatives=self.same_view_negatives, gather=self.gather)
+        self.view_options = {"same_view_negatives": bool(same_view_negatives)}
 
 
 @register_loss("mv_dhel")
@@ -179,13 +184,9 @@ class MVDHELLoss(_MultiViewLoss):
         0
     """
 
+    view_loss = staticmethod(mv_dhel_loss)
+
     def __init__(self, modalities: Sequence[str], *, include_self: bool = False,
                  **options: Any) -> None:
         super().__init__(modalities, **options)
-        self.include_self = bool(include_self)
-
-    def compute(
-        self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
-    ) -> LossOutput:
-        return mv_dhel_loss(pick(embeddings, self.modalities), self.logit_scale(),
-                            include_self=self.include_self, gather=self.gather)
+        self.view_options = {"include_self": bool(include_self)}
