@@ -185,8 +185,17 @@ class _GapTerm(LossModule):
         self.normalize = normalize
 
 
+class _KernelTerm(_GapTerm):
+    """A geometric term on the kernel ``exp(-t d^2)``: the shared ``t`` (2, as in the paper)."""
+
+    def __init__(self, modalities: Sequence[str], *, t: float = 2.0, **options: Any) -> None:
+        super().__init__(modalities, **options)
+        check_positive("t", t)
+        self.t = float(t)
+
+
 @register_loss("uniformity")
-class UniformityLoss(_GapTerm):
+class UniformityLoss(_KernelTerm):
     """Mean over the given modalities of their uniformity ``U`` (one modality or more).
 
     Examples:
@@ -198,11 +207,6 @@ class UniformityLoss(_GapTerm):
     """
 
     min_modalities, max_modalities = 1, None
-
-    def __init__(self, modalities: Sequence[str], *, t: float = 2.0, **options: Any) -> None:
-        super().__init__(modalities, **options)
-        check_positive("t", t)
-        self.t = float(t)
 
     def compute(
         self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
@@ -241,7 +245,7 @@ class AlignmentLoss(_GapTerm):
 
 
 @register_loss("cross_uniformity")
-class CrossUniformityLoss(_GapTerm):
+class CrossUniformityLoss(_KernelTerm):
     """Cross-modal uniformity ``XU`` of two modalities (positives excluded).
 
     Examples:
@@ -252,11 +256,6 @@ class CrossUniformityLoss(_GapTerm):
     """
 
     supports_groups = True
-
-    def __init__(self, modalities: Sequence[str], *, t: float = 2.0, **options: Any) -> None:
-        super().__init__(modalities, **options)
-        check_positive("t", t)
-        self.t = float(t)
 
     def compute(
         self, embeddings: Mapping[str, Tensor], groups: Tensor | None, indices: Tensor | None
