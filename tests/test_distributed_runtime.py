@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from modalign.bridge.inversion import store as inversion_store
 from modalign.distributed import runtime
 from modalign.embed import Embeddings, EmbeddingStore
 from modalign.errors import ModalignError
@@ -80,7 +81,7 @@ def fake_inversion(monkeypatch):
         return SimpleNamespace(features=F.normalize(2 * t, dim=-1))
 
     forward = SimpleNamespace(identity=lambda: {"forward": "fake"})
-    monkeypatch.setattr(inversion_module, "invert", invert)
+    monkeypatch.setattr(inversion_store, "invert", invert)  # the chunk loop's inversion
     monkeypatch.setattr(inversion_module, "inversion_forward", lambda towers, plan: forward)
     towers = {"text": SimpleNamespace(model=torch.nn.Identity())}
     return calls, towers

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from modalign.bridge.inversion import invert
+from modalign.bridge.inversion import store as inversion_store
 from modalign.data.dataset import Item, PairedDataset
 from modalign.embed import Embeddings, EmbeddingStore
 from modalign.errors import ModalignError
-from modalign.reproduce import inversion as inversion_module
 from modalign.reproduce.extract import extract_embeddings
 from modalign.reproduce.inversion import InversionPlan, inversion_forward, invert_stored
 from modalign.reproduce.models import load_towers, resolve_model
@@ -98,7 +98,7 @@ def test_invert_stored_equals_invert_and_resumes(tmp_path: Path, towers, directi
                     plan.settings(), keys=[it["id"] for it in targets.items])
 
     calls = []
-    real = inversion_module.invert
+    real = inversion_store.invert  # what the chunk loop calls
 
     def flaky(t, *a, **k):
         calls.append(len(t))
@@ -107,11 +107,11 @@ def test_invert_stored_equals_invert_and_resumes(tmp_path: Path, towers, directi
         return real(t, *a, **k)
 
     store = EmbeddingStore(tmp_path)
-    monkeypatch.setattr(inversion_module, "invert", flaky)
+    monkeypatch.setattr(inversion_store, "invert", flaky)
     with pytest.raises(KeyboardInterrupt):
         invert_stored(store, direction, targets, towers, plan, chunk=2, progress=False)
     calls.clear()
-    monkeypatch.setattr(inversion_module, "invert", lambda t, *a, **k: (calls.append(len(t)),
+    monkeypatch.setattr(inversion_store, "invert", lambda t, *a, **k: (calls.append(len(t)),
                                                                       real(t, *a, **k))[1])
     got = invert_stored(store, direction, targets, towers, plan, chunk=2, progress=False)
     assert calls == [2, 1]  # the finished first chunk was kept
