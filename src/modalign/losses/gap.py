@@ -200,10 +200,10 @@ class UniformityLoss(_KernelTerm):
 
     Examples:
         >>> import torch
-        >>> loss = UniformityLoss(["image", "text"])
-        >>> out = loss({"image": torch.randn(6, 3), "text": torch.randn(6, 3)})
-        >>> sorted(out.parts)
-        ['image', 'text']
+        >>> antipodal, same = torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), torch.ones(2, 2)
+        >>> out = UniformityLoss(["image", "text"])({"image": antipodal, "text": same})
+        >>> {m: float(v) for m, v in out.parts.items()}, float(out.loss)  # -2 * 4, 0; the mean
+        ({'image': -8.0, 'text': 0.0}, -4.0)
     """
 
     min_modalities, max_modalities = 1, None
