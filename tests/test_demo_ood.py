@@ -14,6 +14,8 @@ from modalign.demo.ood import (
     run_ood_protocol,
 )
 from modalign.embed.store import EmbeddingStore
+from modalign.evaluate.zeroshot import DEFAULT_TEMPLATES, build_prompts, class_name
+from modalign.model import MultiTowerModel
 from modalign.refine import RefineConfig
 from test_eval_cli import DIMS, make_store
 
@@ -46,7 +48,26 @@ def test_protocol_trains_refines_and_compares(tmp_path):
                                n_boot=20)
     base, refined = summary["models"]["base (clip)"], summary["models"]["raw"]
     assert summary["num_id_classes"] == 3 and base["num_ood"] == 24  # 12 groups x 2 views
-    for key in ("mcm/auroc", "knn/auroc", "energy/auroc", "max_logit/auroc"):
+    # the base model's MCM AUROC recomputed: its image rows (ID: the other groups' test rows;
+    # OOD: the held-out group), the class prompts through its text tower averaged per class,
+    # the max softmax of the cosines (tau = 1), ID positive, ties counting 1/2
+    model = MultiTowerModel.from_pretrained(summary["model_dir"])
+    img = full.load("image")
+    names = [f"sub-{c}" for c in range(3)]
+    prompts = build_prompts([class_name(c) for c in names], DEFAULT_TEMPLATES)
+    with torch.no_grad():
+        z = torch.from_numpy(model.project_array("image", img.vectors)).double()
+        z = torch.nn.functional.normalize(z, dim=1)
+        t = model.encode("text", [p for per in prompts for p in per]).double()
+    protos = torch.nn.functional.normalize(
+        torch.nn.functional.normalize(t, dim=1).reshape(3, len(DEFAULT_TEMPLATES), -1).mean(1),
+        dim=1)
+    mcm = torch.softmax(z @ protos.T, dim=1).amax(1).numpy()
+    group = np.array(img.labels("group"))
+    is_id = (group != "grp-1") & np.array([it["split"] == "test" for it in img.items])
+    diff = mcm[is_id][:, None] - mcm[group == "grp-1"][None, :]
+    assert base["mcm/auroc"] == pytest.approx(np.mean((diff > 0) + 0.5 * (diff == 0)), abs=1e-6)
+    for key in ("knn/auroc", "energy/auroc", "max_logit/auroc"):
         assert 0 <= base[key] <= 1
     change, lo, hi = refined["delta_mcm/auroc"]
     assert change == pytest.approx(refined["mcm/auroc"] - base["mcm/auroc"])
