@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from lab_fakes import fake_store, fake_towers
 from modalign.cli import build_parser
 from modalign.evaluate.retrieval import intra_modal_retrieval
 from modalign.geometry.gap import modality_gap
+from modalign.geometry.separability import linear_separability
 from modalign.lab import GapSetting, LabConfig, run_gap_lab
 from modalign.lab.measure import SpaceData, pca_2d, project
 
@@ -78,15 +80,27 @@ def test_fixed_temperature_is_kept_and_learned_one_moves(lab_run) -> None:
     assert by["xavier-d1-learned-e2"]["metrics"]["logit_scale"] != pytest.approx(1 / 0.07)
 
 
-def test_record_metrics_agree_with_independent_computations(lab_run) -> None:
-    store, _, res = lab_run
+def test_record_metrics_agree_with_independent_computations(lab_run, tmp_path) -> None:
+    store, out, res = lab_run
     rec = res.records[0]
     m = rec["metrics"]
     assert m["delta_map"] == pytest.approx(0.5 * (m["i2i_delta_map"] + m["t2t_delta_map"]))
     assert m["i2i_delta_map"] == pytest.approx(m["i2i_oti_map"] - m["i2i_native_map"])
-    assert 0.5 <= m["separability"] <= 1.0 and -1.0 <= m["cone_image"] <= 1.0
     cfg = tiny_config(inverted_queries=10_000)
     data = SpaceData.load(store, cfg, fake_towers().encode_text)
+    # the cone (mean cosine of distinct pairs: (|sum u|^2 - n) / (n (n - 1))) in numpy, and the
+    # separability, from the test embeddings of the run's last epoch (reloaded from a copy of
+    # its finished run folder: nothing trains again)
+    run = tmp_path / "run"
+    shutil.copytree(out / rec["run"], run)
+    model, _ = sweep_module.train_setting(SETTINGS[0], 0, tiny_config(), store,
+                                          fake_towers().specs, run)
+    test = project(model, data.test)
+    img, txt = (np.asarray(test[k].vectors, np.float64) for k in ("image", "text"))
+    img, txt = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (img, txt))
+    total, n = img.sum(0), len(img)
+    assert m["cone_image"] == pytest.approx((total @ total - n) / (n * (n - 1)), abs=1e-6)
+    assert m["separability"] == linear_separability(img, txt, seed=0)["accuracy"]
     traj = rec["trajectory"]
     assert [r["epoch"] for r in traj] == [1, 2]
     # the gap-shift curve at 0 is the trained space
