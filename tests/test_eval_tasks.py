@@ -240,3 +240,15 @@ def test_invgc_in_intra_modal_moves_the_gallery_only():
     direct = retrieval_metrics(moved["text:name"], moved["text"], torch.from_numpy(
         names.group_ids()), torch.from_numpy(test.group_ids()), k_values=(1,), exclude=exclude)
     assert r.metrics["text_retrieval_map"] == pytest.approx(direct.metrics["map"])
+
+
+def test_both_retrieval_tasks_name_an_unknown_keyword():
+    from modalign.errors import ModalignError
+
+    emb = toy_embeddings()
+    with pytest.raises(ModalignError, match=r"cross_modal_retrieval: unknown keywords \['tie'\]"):
+        cross_modal_retrieval(emb, tie="optimistic")
+    with pytest.raises(ModalignError, match=r"intra_modal_retrieval: unknown keywords \['k'\]"):
+        intra_modal_retrieval(emb["image"], "image", k=(1,))
+    plain = cross_modal_retrieval(emb, k_values=(1,))
+    assert plain.protocol["ties"] == "pessimistic" and plain.protocol["k_values"] == [1]

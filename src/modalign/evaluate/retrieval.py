@@ -24,6 +24,7 @@ from torch import Tensor
 
 from modalign.bridge.posthoc import BridgeChain, build_chain, lookup_key
 from modalign.embed.store import Embeddings
+from modalign.errors import ModalignError
 from modalign.evaluate.bootstrap import QueryValues
 from modalign.evaluate.metrics import (
     DEFAULT_CHUNK_SIZE,
@@ -94,6 +95,15 @@ class RankingOptions(TypedDict, total=False):
     index: str
 
 
+def _check_options(options: Mapping[str, Any], where: str) -> None:
+    """ModalignError naming any keyword that is not a :class:`RankingOptions` key."""
+    known = RankingOptions.__required_keys__ | RankingOptions.__optional_keys__
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ModalignError(f"{where}: unknown keywords {unknown}; expected some of "
+                            f"{sorted(known)} (RankingOptions)")
+
+
 def cross_modal_retrieval(
     embeddings: Mapping[str, Embeddings],
     modalities: tuple[str, str] = ("image", "text"),
@@ -123,6 +133,7 @@ def cross_modal_retrieval(
             raise ValueError(f"modalities: {m!r} is not among the embeddings {sorted(embeddings)}")
     if a == b:
         raise ValueError("modalities: expected two different modalities; use intra_modal_retrieval")
+    _check_options(options, "cross_modal_retrieval")
     directions = [(a, embeddings[a], b, embeddings[b]), (b, embeddings[b], a, embeddings[a])]
     return _run("retrieval", directions, bank, **options)
 
@@ -155,6 +166,8 @@ def intra_modal_retrieval(
         >>> r.protocol["directions"][0]["query"], r.protocol["directions"][0]["gallery"]
         ('image:noto', 'image:openmoji')
     """
+    _check_options(options, "intra_modal_retrieval")
+
     def rows(source: Embeddings, view: str | None) -> Embeddings:
         return source if view is None else source.filter(view=view)
 
