@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modalign import __version__
+from modalign.checks import check_choice, check_int
 from modalign.encoders.base import Encoder, check_encoder
 from modalign.errors import ModalignError, ProtocolError
 from modalign.io import (
@@ -166,21 +167,14 @@ class ModelConfig(HeadSettings):
             raise ValueError(f"feature_dims must have one entry per tower {sorted(self.towers)}, "
                              f"got {sorted(self.feature_dims)}")
         for m, d in self.feature_dims.items():
-            if not isinstance(d, int) or d < 1:
-                raise ValueError(f"feature_dims[{m!r}] must be a positive int, got {d!r}")
-        if not isinstance(self.joint_dim, int) or self.joint_dim < 1:
-            raise ValueError(f"joint_dim must be a positive int, got {self.joint_dim!r}")
-        if self.head not in _HEAD_KINDS:
-            raise ValueError(f"head must be one of {_HEAD_KINDS}, got {self.head!r}")
-        if self.head == "mlp" and (not isinstance(self.head_depth, int) or self.head_depth < 2):
-            raise ValueError(f"head_depth must be an int >= 2 for an mlp head, "
-                             f"got {self.head_depth!r}")
-        if not isinstance(self.hidden_dim, int) or self.hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be a positive int, got {self.hidden_dim!r}")
-        if self.head_init not in _HEAD_INITS:
-            raise ValueError(f"head_init must be one of {_HEAD_INITS}, got {self.head_init!r}")
-        if self.input_norm not in ("l2", "none"):
-            raise ValueError(f"input_norm must be 'l2' or 'none', got {self.input_norm!r}")
+            check_int(f"feature_dims[{m!r}]", d)
+        check_int("joint_dim", self.joint_dim)
+        check_choice("head", self.head, _HEAD_KINDS)
+        if self.head == "mlp":
+            check_int("head_depth", self.head_depth, minimum=2, context=" for an mlp head")
+        check_int("hidden_dim", self.hidden_dim)
+        check_choice("head_init", self.head_init, _HEAD_INITS)
+        check_choice("input_norm", self.input_norm, ("l2", "none"))
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a positive finite number, "
                              f"got {self.temperature!r}")
