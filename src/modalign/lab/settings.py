@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from modalign.checks import check_choice, check_int
 from modalign.evaluate.zeroshot import DEFAULT_TEMPLATES
 from modalign.geometry.gapshift import DEFAULT_SHIFTS
 
@@ -60,22 +61,16 @@ class GapSetting:
     control: str = ""
 
     def __post_init__(self) -> None:
-        if self.head_init not in HEAD_INITS:
-            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
-        if not isinstance(self.head_depth, int) or self.head_depth < 1:
-            raise ValueError(f"head_depth must be an int >= 1, got {self.head_depth!r}")
+        check_choice("head_init", self.head_init, HEAD_INITS)
+        check_int("head_depth", self.head_depth)
         if self.temperature is not None and not (
                 isinstance(self.temperature, (int, float)) and 0.01 <= self.temperature <= 1.0):
             raise ValueError(f"temperature must be None (learned) or a number in [0.01, 1.0] "
                              f"(the clamp range of the logit scale), got {self.temperature!r}")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        if self.control not in CONTROLS:
-            raise ValueError(f"control must be one of {CONTROLS}, got {self.control!r}")
-        if not isinstance(self.unfreeze, int) or self.unfreeze < 0:
-            raise ValueError(f"unfreeze must be an int >= 0, got {self.unfreeze!r}")
+        check_int("epochs", self.epochs)
+        check_choice("family", self.family, FAMILIES)
+        check_choice("control", self.control, CONTROLS)
+        check_int("unfreeze", self.unfreeze, minimum=0)
         if (self.family == "finetune") != (self.unfreeze > 0):
             raise ValueError(f"unfreeze: expected >= 1 stage for family 'finetune' and 0 "
                              f"otherwise, got {self.unfreeze!r} with family {self.family!r}")
