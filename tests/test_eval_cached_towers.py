@@ -212,3 +212,23 @@ def test_normalised_and_plain_vectors_never_stand_in_for_each_other(tmp_path):
     assert store.info("text")["normalized"] is True
     store = embed_dataset(ds, {"text": tower}, tmp_path / "s", progress=False)
     np.testing.assert_allclose(store.load("text").vectors, plain, rtol=1e-6)
+
+
+def test_modalign_embed_builds_no_tower_when_its_arrays_are_current(setup, capsys):
+    from modalign.cli import main
+
+    manifest, spec, _ = setup
+    argv = ["embed", "--data", str(manifest), "--tower", f"text={spec}", "--tower",
+            f"title={spec}"]
+    assert main(argv) == 0
+    assert sorted(BUILDS) == ["text", "title"]
+    BUILDS.clear()
+    assert main(argv) == 0  # current arrays: no tower built, the store reported as before
+    assert BUILDS == []
+    assert main([*argv, "--normalize"]) == 0  # normalised arrays have keys of their own
+    assert sorted(BUILDS) == ["text", "title"]
+    BUILDS.clear()
+    _weights(manifest.parent / "tower", 1)  # new weights: the arrays are stale again
+    assert main(argv) == 0
+    assert sorted(BUILDS) == ["text", "title"]
+    assert '"arrays": ["text", "title"]' in capsys.readouterr().out

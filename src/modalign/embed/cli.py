@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from modalign.distributed.runtime import resolve_device
     from modalign.embed.encode import embed_dataset
     from modalign.embed.paths import default_store_dir
-    from modalign.embed.resolve import load_tower
+    from modalign.embed.resolve import current_arrays, load_tower
+    from modalign.embed.store import EmbeddingStore
 
     args.device = str(resolve_device(args.device, argument="--device"))
     if args.name is not None and not args.name.strip():
@@ -98,10 +99,15 @@ def run(args: argparse.Namespace) -> int:
         raise ModalignError(f"--modalities {unknown} not in the data (it has {ds.modalities})")
     specs = {m: s for m, s in specs.items() if m in ds.modalities}
     out = args.out or default_store_dir(ds, specs)
-    encoders = {m: load_tower(s, m) for m, s in specs.items()}  # identities remembered
+    # towers are built only for arrays that are missing or stale (identities remembered by
+    # load_tower); --tokens and --name need every tower's pass
+    fresh = ([] if args.tokens or args.name is not None else
+             current_arrays(ds, specs, EmbeddingStore(out), normalize=args.normalize))
+    encoders = {m: load_tower(s, m) for m, s in specs.items() if m not in fresh}
     t = time.perf_counter()
-    store = embed_dataset(ds, encoders, out, batch_size=args.batch_size, progress=True,
-                          device=args.device, normalize=args.normalize, name=args.name)
+    store = (embed_dataset(ds, encoders, out, batch_size=args.batch_size, progress=True,
+                           device=args.device, normalize=args.normalize, name=args.name)
+             if encoders else EmbeddingStore(out))
     if args.tokens:
         _embed_tokens(ds, encoders, store.path, args)
     named = f" as {store.display_name!r}" if store.display_name else ""

@@ -83,12 +83,13 @@ def load_tower(spec: str, modality: str) -> Any:
     return tower
 
 
-def current_arrays(dataset: PairedDataset, specs: Mapping[str, str], store: EmbeddingStore
-                   ) -> list[str]:
+def current_arrays(dataset: PairedDataset, specs: Mapping[str, str], store: EmbeddingStore,
+                   *, normalize: bool = False) -> list[str]:
     """The modalities of ``specs`` whose array in ``store`` is whole and current for the tower
     each spec builds, judged without building a tower: from the tower's remembered identity
     (:func:`~modalign.encoders.identity.remembered_identity`). A tower not remembered, or whose
-    files or code changed since, counts as not current.
+    files or code changed since, counts as not current. ``normalize``: the arrays asked for are
+    L2-normalised (``modalign embed --normalize``), which have keys of their own.
 
     Examples:
         >>> import tempfile
@@ -107,7 +108,7 @@ def current_arrays(dataset: PairedDataset, specs: Mapping[str, str], store: Embe
             continue
         identity = remembered_identity(spec, m)
         if identity is not None and store.is_current(m, array_key(
-                dataset, dataset.select(modality=m), identity)):
+                dataset, dataset.select(modality=m), identity, normalized=normalize)):
             current.append(m)
     return current
 
