@@ -107,6 +107,43 @@ def test_answer_is_written_from_the_pooled_queries() -> None:
     assert "retrieve(s) poorly" in answer(poor, [rec])
 
 
+def test_answer_covers_the_learned_bridge_and_fine_tuned_towers() -> None:
+    rows = [{"name": "scratch-learned-e8", "family": "scratch", "control": "", "gap": 0.9,
+             "text_retrieval_recall@1": 0.2, "train_text_retrieval_recall@1": 0.6},
+            {"name": "finetune-k2-learned-e3", "family": "finetune", "control": "", "gap": 0.3,
+             "text_retrieval_recall@1": 0.25, "train_text_retrieval_recall@1": 0.5,
+             "i2i_tower_before_map": 0.56, "i2i_tower_after_map": 0.41,
+             "i2i_native_map": 0.38, "t2t_tower_before_map": 0.85,
+             "t2t_tower_after_map": 0.80, "t2t_native_map": 0.7}]
+    delta = [-0.1, -0.2, -0.15, -0.05]
+    bridge = [0.1, 0.2, 0.3, 0.2]
+    pq = {"i2i_misalignment": [0.1, 0.2], "t2t_misalignment": [0.1, 0.3],
+          "i2i_delta": delta[:2], "t2t_delta": delta[2:],
+          "i2i_bridge_delta": bridge[:2], "t2t_bridge_delta": bridge[2:]}
+    rec = {"name": "scratch-learned-e8", "metrics": {"better_through": 0.5}, "inversion": {},
+           "per_query": pq, "bridge": "lstsq"}
+    tuned = {**rec, "name": "finetune-k2-learned-e3",
+             "per_query": {**pq, "i2i_bridge_delta": [-0.3, -0.2], "t2t_bridge_delta": [-0.1,
+                                                                                        -0.2]}}
+    text = answer(rows, [rec, tuned])
+    lo, hi = pooled_interval(bridge)
+    dlo, dhi = pooled_interval(np.subtract(bridge, delta))
+    assert "made intra-modal retrieval worse, a learned bridge repaired part of it." in text
+    assert f"learned bridge (lstsq, fitted on the training split's joint embeddings) changed it " \
+           f"by {np.mean(bridge):+.3f} ([{lo:+.3f}, {hi:+.3f}])" in text
+    assert f"{np.mean(bridge) - np.mean(delta):+.3f} ([{dlo:+.3f}, {dhi:+.3f}], paired)" in text
+    # the fine-tuned towers get their own sentence, with the towers' intra-modal erosion
+    tail = text[text.index("Pretrained towers trained further"):]
+    assert "finetune-k2-learned-e3: gap 0.30" in tail and "changed it by -0.200" in tail
+    assert "image->image 0.560 -> 0.410 (joint 0.380)" in tail
+    assert "scratch" not in tail
+    # without the bridge's per-query values (older records) the bridge is left out
+    old = {**rec, "per_query": {k: v for k, v in pq.items() if "bridge" not in k}}
+    assert "learned bridge" not in answer(rows[:1], [old])
+    assert answer(rows[1:], [tuned]).startswith("Not measured") and "finetune-k2" in answer(
+        rows[1:], [tuned])
+
+
 def test_scratch_towers_invert_exactly_and_mask_only_while_training() -> None:
     text = ScratchTextTower(width=16, dim=8, layers=1, heads=2, token_mask=0.5, seed=1)
     fwd = scratch_inversion(text)

@@ -128,6 +128,70 @@ def test_native_intra_retrieval_matches_the_evaluate_task(tmp_path) -> None:
         modality_gap(img, txt, normalize=True).centroid_distance, abs=1e-6)
 
 
+def naive_ap(scores: np.ndarray, relevant: np.ndarray) -> float:
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], bool(relevant[j])))
+    hits, total = 0, 0.0
+    for rank, j in enumerate(order, 1):
+        if relevant[j]:
+            hits += 1
+            total += hits / rank
+    return total / max(1, int(relevant.sum()))
+
+
+def test_learned_bridge_benefit_matches_a_float64_reference(tmp_path) -> None:
+    store = fake_store(tmp_path / "store")
+    cfg = tiny_config(settings=SETTINGS[:1], inverted_queries=10_000)
+    towers = fake_towers()
+    model, _ = sweep_module.train_setting(SETTINGS[0], 0, cfg, store, towers.specs,
+                                          tmp_path / "run")
+    data = SpaceData.load(store, cfg, towers.encode_text)
+    rec = sweep_module.measure_space(model, data, cfg, towers)
+    test, bank = project(model, data.test), project(model, data.bank)
+
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    def bridged(src, tgt, queries: np.ndarray) -> np.ndarray:
+        # each source row paired with the normalised mean of its group's target rows
+        sg, tg = src.group_ids(), tgt.group_ids()
+        tv = unit(np.asarray(tgt.vectors, np.float64))
+        keep = np.isin(sg, tg)
+        x = unit(np.asarray(src.vectors, np.float64))[keep]
+        y = unit(np.stack([tv[tg == g].sum(0) for g in sg[keep]]))
+        mx, my = x.mean(0), y.mean(0)
+        w = np.linalg.solve((x - mx).T @ (x - mx) + 1e-3 * np.eye(x.shape[1]),
+                            (x - mx).T @ (y - my))
+        return unit((unit(queries) - mx) @ w + my)
+
+    img = unit(np.asarray(test["image"].vectors, np.float64))
+    txt = unit(np.asarray(test["text"].vectors, np.float64))
+    ig, tg = test["image"].group_ids(), test["text"].group_ids()
+    gal = np.array([it["view"] == "openmoji" for it in test["image"].items])
+    q_img, q_txt = data.image_queries, data.text_queries
+    bi = bridged(bank["image"], bank["text"], img[q_img])
+    bt = bridged(bank["text"], bank["image"], txt[q_txt])
+    ap_i = [naive_ap(bi[k] @ img[gal].T, ig[gal] == ig[q]) for k, q in enumerate(q_img)]
+    native_i = [naive_ap(img[q] @ img[gal].T, ig[gal] == ig[q]) for q in q_img]
+    ap_t = []
+    for k, q in enumerate(q_txt):
+        others = np.arange(len(txt)) != q
+        ap_t.append(naive_ap(bt[k] @ txt[others].T, tg[others] == tg[q]))
+    m = rec["metrics"]
+    assert m["i2i_bridge_map"] == pytest.approx(np.mean(ap_i), abs=1e-4)
+    assert m["t2t_bridge_map"] == pytest.approx(np.mean(ap_t), abs=1e-4)
+    assert rec["per_query"]["i2i_bridge_delta"] == pytest.approx(
+        np.subtract(ap_i, native_i).tolist(), abs=1e-4)
+    assert m["bridge_delta_map"] == pytest.approx(
+        0.5 * (m["i2i_bridge_delta_map"] + m["t2t_bridge_delta_map"]))
+    lo, hi = rec["intervals"]["i2i_bridge_delta_map"]
+    assert lo <= m["i2i_bridge_delta_map"] <= hi
+    off = sweep_module.measure_space(model, data, dataclasses.replace(cfg, learned_bridge=""),
+                                     towers)
+    assert "bridge_delta_map" not in off["metrics"]
+    with pytest.raises(ValueError, match="learned_bridge"):
+        dataclasses.replace(cfg, learned_bridge="svm")
+
+
 def test_sweep_resumes_without_retraining_finished_runs(lab_run, tmp_path, monkeypatch) -> None:
     store, out, res = lab_run
     work = tmp_path / "out"

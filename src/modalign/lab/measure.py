@@ -49,7 +49,12 @@ from modalign.geometry.gap import modality_gap
 from modalign.geometry.gapshift import gap_shift_curve
 from modalign.geometry.separability import linear_separability
 from modalign.geometry.uniformity import uniformity
-from modalign.lab.misalign import intra_map, measure_misalignment, plateau_step
+from modalign.lab.misalign import (
+    bridged_queries,
+    intra_map,
+    measure_misalignment,
+    plateau_step,
+)
 from modalign.lab.settings import LabConfig
 from modalign.model import MultiTowerModel
 
@@ -293,6 +298,12 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
         iv[f"{d}_misalignment"] = _paired(QueryValues(r.through_ap), QueryValues(r.native_ap),
                                           seed)
     m["misalignment"] = 0.5 * (m["i2i_misalignment"] + m["t2t_misalignment"])
+    if config.learned_bridge:
+        note("learned bridge")
+        t3 = time.perf_counter()
+        m.update(_bridge_benefit(config, seed, img, txt, bank, q_img, q_txt, g_rows, g_groups,
+                                 q_groups, t_groups, excl, mis, inv_ap, per_query, iv))
+        eval_seconds += time.perf_counter() - t3
     m["better_through"] = 0.5 * (m["i2i_better_through"] + m["t2t_better_through"])
     # intra-modal structure of the towers before training vs after, and of the joint space
     before = data.before if data.before is not None else data.test
@@ -327,6 +338,36 @@ def measure_space(model: MultiTowerModel, data: SpaceData, config: LabConfig,
     return {"metrics": m, "intervals": iv, "inversion": inv, "gap_shift": shift,
             "per_query": per_query, "pca": pca_2d(img, txt),
             "seconds": {"evaluate": eval_seconds, "invert": inversion_seconds}}
+
+
+def _bridge_benefit(config: LabConfig, seed: int, img: Tensor, txt: Tensor,
+                    bank: Mapping[str, Embeddings], q_img: np.ndarray, q_txt: np.ndarray,
+                    g_rows: np.ndarray, g_groups: Tensor, q_groups: Tensor, t_groups: Tensor,
+                    excl: Tensor, mis: Mapping[str, Any], inv_ap: Mapping[str, np.ndarray],
+                    per_query: dict[str, list[float]], iv: dict[str, list[float | None]]
+                    ) -> dict[str, float]:
+    """The OTI/OVI queries carried across by a learned bridge fitted on the bank (image -> text
+    for the image queries, text -> image for the names), ranking the same galleries: mAP, the
+    benefit over native (per query, paired interval) and the paired difference to inversion."""
+    kind = config.learned_bridge
+    bridged = {
+        "i2i": bridged_queries(img[q_img], bank["image"], bank["text"], kind=kind, seed=seed),
+        "t2t": bridged_queries(txt[q_txt], bank["text"], bank["image"], kind=kind, seed=seed)}
+    ap = {"i2i": retrieval_metrics(bridged["i2i"], img[g_rows], q_groups, g_groups,
+                                   k_values=(1,)).per_query["map"].numpy().astype(np.float64),
+          "t2t": retrieval_metrics(bridged["t2t"], txt, t_groups[q_txt], t_groups, k_values=(1,),
+                                   exclude=excl).per_query["map"].numpy().astype(np.float64)}
+    out: dict[str, float] = {}
+    for d in ("i2i", "t2t"):
+        native = mis[d].native_ap
+        out[f"{d}_bridge_map"] = float(ap[d].mean())
+        out[f"{d}_bridge_delta_map"] = float((ap[d] - native).mean())
+        per_query[f"{d}_bridge_delta"] = (ap[d] - native).tolist()
+        iv[f"{d}_bridge_delta_map"] = _paired(QueryValues(ap[d]), QueryValues(native), seed)
+        iv[f"{d}_bridge_vs_inversion"] = _paired(QueryValues(ap[d]),
+                                                 QueryValues(np.asarray(inv_ap[d])), seed)
+    out["bridge_delta_map"] = 0.5 * (out["i2i_bridge_delta_map"] + out["t2t_bridge_delta_map"])
+    return out
 
 
 def train_retrieval(bank: Mapping[str, Embeddings], config: LabConfig, test_groups: int

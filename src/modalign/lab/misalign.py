@@ -12,6 +12,11 @@ intra-modal queries and gallery:
   native one (positive: the other modality organises the gallery better for this query), and the
   share of queries whose positives rank better through the other modality.
 
+:func:`bridged_queries` crosses the gap with a learned map instead of an inversion: a
+:class:`~modalign.bridge.learned.LearnedBridge` fitted on the bank's pairs (each row of the
+query modality with the normalised mean of its group's rows of the other) carries each query
+into the other modality, where it ranks the same gallery as the OTI/OVI query would.
+
 :func:`plateau_step` reads an inversion's loss curve: the first step whose mean cosine to the
 targets comes within ``tol`` of the best it reached.
 
@@ -27,6 +32,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,6 +123,27 @@ def intra_map(vectors: Tensor, query_rows: np.ndarray, gallery_rows: np.ndarray,
     res = retrieval_metrics(unit[query_rows], unit[gallery_rows], groups[query_rows],
                             groups[gallery_rows], k_values=(1,), exclude=exclude)
     return float(res.metrics["map"])
+
+
+def bridged_queries(queries: Tensor, bank_source: Any, bank_target: Any, *,
+                    kind: str = "lstsq", seed: int = 0) -> Tensor:
+    """``queries`` (unit rows of the source modality) carried into the target modality by a
+    learned bridge fitted on the bank: ``bank_source`` and ``bank_target`` are
+    :class:`~modalign.embed.store.Embeddings` of one split in the same joint space, paired by
+    group (:func:`~modalign.bridge.learned.group_pairs`); returns unit rows.
+
+    Examples:
+        >>> from modalign.evaluate.retrieval import toy_embeddings
+        >>> emb = toy_embeddings()
+        >>> q = torch.from_numpy(emb["image"].vectors[:3])
+        >>> bridged_queries(q, emb["image"], emb["text"]).shape == q.shape
+        True
+    """
+    from modalign.bridge.learned import LearnedBridge, group_pairs
+
+    x, y = group_pairs(bank_source, bank_target)
+    bridge = LearnedBridge(kind, "source", "target", seed=seed).fit_pairs(x, y)
+    return bridge.map(queries.float())
 
 
 def plateau_step(loss_curve: Tensor | np.ndarray, tol: float = 0.01) -> int | None:

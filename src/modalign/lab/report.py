@@ -11,9 +11,10 @@ from modalign.report import Page
 ANSWER_COLUMNS = (
     "name", "family", "seeds", "gap", "text_retrieval_recall@1", "train_text_retrieval_recall@1",
     "misalignment", "misalignment_ci", "better_through", "delta_map", "delta_map_ci",
-    "delta_map_converged", "oti_final_cosine", "ovi_final_cosine", "oti_converged_final_cosine",
-    "ovi_converged_final_cosine", "oti_plateau_step", "ovi_plateau_step",
-    "i2i_tower_before_map", "i2i_native_map", "t2t_tower_before_map", "t2t_native_map",
+    "bridge_delta_map", "bridge_delta_map_ci", "delta_map_converged", "oti_final_cosine",
+    "ovi_final_cosine", "oti_converged_final_cosine", "ovi_converged_final_cosine",
+    "oti_plateau_step", "ovi_plateau_step", "i2i_tower_before_map", "i2i_tower_after_map",
+    "i2i_native_map", "t2t_tower_before_map", "t2t_tower_after_map", "t2t_native_map",
 )
 TABLE_COLUMNS = (
     "name", "seeds", "gap", "separability", "cone_image", "cone_text", "uniformity_image",
@@ -39,9 +40,12 @@ def write_report(path: str | Path, records: Sequence[dict[str, Any]], summary: d
                    "paired items minus their native AP (image->image and name->text averaged); "
                    "better_through: share of queries ranking their positives better that way; "
                    "delta_map: inverted (OTI/OVI) minus native AP at the fixed step budget, "
+                   "bridge_delta_map: the same queries carried across by a learned bridge fitted "
+                   "on the training split, minus native AP; "
                    "delta_map_converged: the same on a query subset run to the step cap; *_ci: "
-                   "95% bootstrap intervals over the pooled queries of all seeds; tower_before: "
-                   "intra-modal mAP of the towers' features before training; R@1: image->text on "
+                   "95% bootstrap intervals over the pooled queries of all seeds; tower_before, "
+                   "tower_after: intra-modal mAP of the towers' features before and after "
+                   "training (native_map: in the joint space); R@1: image->text on "
                    "the test split and on as many training concepts.", note=True)
     if "misalignment_vs_benefit" in figures:
         lead.figure(figures["misalignment_vs_benefit"], caption="Inversion benefit against the "

@@ -21,6 +21,9 @@ FAMILIES = ("heads", "finetune", "lora", "scratch")
 """How a space's towers are made: frozen pretrained towers with trained heads; pretrained towers
 whose last stages are fine-tuned with the heads; pretrained towers with LoRA adapters trained
 with the heads; small towers trained from random weights."""
+FAMILY_GROUPS = {"heads": "heads", "finetune": "tuned", "lora": "tuned", "scratch": "scratch"}
+"""The groups the trend test runs within: fine-tuned and LoRA-adapted towers are one group
+(pretrained towers trained further by the contrastive loss)."""
 CONTROLS = ("", "intra", "unifalign")
 """Terms added to the CLIP loss: none; an image-image term between the two image styles;
 uniformity of each modality plus image-text alignment (Wang & Isola)."""
@@ -169,6 +172,9 @@ class LabConfig:
             fixed-budget one); 0 queries skips it.
         converge_families: the families whose spaces get the converged inversions (the quick
             sweep: only the scratch towers, whose inversions are cheap).
+        learned_bridge: the kind of :class:`~modalign.bridge.learned.LearnedBridge` fitted on
+            the bank's joint embeddings to carry the inverted queries across the gap instead of
+            OTI/OVI (``""``: not measured).
         train_subset: training-split groups drawn (a fixed set, as many as the evaluated split
             has when 0) to report retrieval on training data beside the evaluated split.
         e2e_batch_size: batch of end-to-end settings (more steps per epoch than the heads').
@@ -220,6 +226,7 @@ class LabConfig:
     converge_steps: int = 400
     converge_families: tuple[str, ...] = FAMILIES
     train_subset: int = 0
+    learned_bridge: str = "lstsq"
     e2e_batch_size: int = 128
     lora_rank: int = 8
     lora_lr: float = 1e-3
@@ -266,6 +273,11 @@ class LabConfig:
         if unknown:
             raise ValueError(f"converge_families: expected names among {FAMILIES}, got "
                              f"{unknown}")
+        from modalign.bridge.learned import KINDS
+
+        if self.learned_bridge not in ("", *KINDS):
+            raise ValueError(f"learned_bridge: expected '' or one of {KINDS}, got "
+                             f"{self.learned_bridge!r}")
 
     def training_dict(self) -> dict[str, Any]:
         """The fields that change a trained model (part of each run's cache key)."""

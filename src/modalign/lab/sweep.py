@@ -29,7 +29,7 @@ from modalign import __version__
 from modalign.embed.store import EmbeddingStore
 from modalign.io import content_hash, file_hash, read_json, read_jsonl, write_json_atomic
 from modalign.lab.measure import LabTowers, SpaceData, measure_space
-from modalign.lab.settings import GapSetting, LabConfig
+from modalign.lab.settings import FAMILY_GROUPS, GapSetting, LabConfig
 from modalign.lab.trend import TrendTest, trend_test, verdict
 from modalign.train.config import TrainConfig
 from modalign.train.loop import LOG_NAME, Trainer
@@ -50,6 +50,8 @@ SUMMARY_METRICS = (
     "train_text_retrieval_recall@1", "train_text_retrieval_map", "train_image_retrieval_recall@1",
     "delta_map_budget_subset", "delta_map_converged", "oti_converged_final_cosine",
     "ovi_converged_final_cosine", "oti_plateau_step", "ovi_plateau_step",
+    "i2i_bridge_map", "t2t_bridge_map", "i2i_bridge_delta_map", "t2t_bridge_delta_map",
+    "bridge_delta_map",
 )
 
 
@@ -207,7 +209,7 @@ def run_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embedd
         "schema": SCHEMA, "key": key, "run": str(run_dir.relative_to(out_dir)),
         "name": setting.name, "setting": setting.to_dict(),
         "seed": seed, "modalign_version": __version__, "store": str(store.path),
-        "towers": towers.identity,
+        "towers": towers.identity, "bridge": config.learned_bridge,
         "trajectory": [{k: v for k, v in upgrade_training_row(row).items()
                         if k in ("epoch", "gap", "image-to-text_recall@1",
                                  "text-to-image_recall@1", "train_loss")} for row in log],
@@ -223,7 +225,8 @@ def summarize(records: Sequence[dict[str, Any]], config: LabConfig) -> dict[str,
 
     The trend of the benefit with the gap is tested over every setting without a control term
     (the main verdict), and within each family of spaces with at least 3 such settings; the
-    relation of the measured misalignment with the benefit over every setting; the answer to
+    relation of the measured misalignment with the benefit over every setting (fine-tuned and
+    LoRA settings form one group, :data:`~modalign.lab.settings.FAMILY_GROUPS`); the answer to
     the laboratory's question is written from the scratch family's pooled queries
     (:func:`modalign.lab.answer.answer`).
     """
@@ -246,7 +249,8 @@ def summarize(records: Sequence[dict[str, Any]], config: LabConfig) -> dict[str,
                 row[k] = float(np.mean(vals))
                 row[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         for key, parts in (("delta_map", ("i2i_delta", "t2t_delta")),
-                           ("misalignment", ("i2i_misalignment", "t2t_misalignment"))):
+                           ("misalignment", ("i2i_misalignment", "t2t_misalignment")),
+                           ("bridge_delta_map", ("i2i_bridge_delta", "t2t_bridge_delta"))):
             pooled = [v for r in runs for p in parts for v in r.get("per_query", {}).get(p, [])]
             if pooled:
                 row[f"{key}_ci"] = pooled_interval(pooled, seed=0)
@@ -254,8 +258,8 @@ def summarize(records: Sequence[dict[str, Any]], config: LabConfig) -> dict[str,
     main = [r for r in rows if not r["control"]]
     test = _trend(main, "gap", "delta_map", config)
     families = {}
-    for fam in dict.fromkeys(r["family"] for r in main):
-        part = [r for r in main if r["family"] == fam]
+    for fam in dict.fromkeys(FAMILY_GROUPS[r["family"]] for r in main):
+        part = [r for r in main if FAMILY_GROUPS[r["family"]] == fam]
         t = _trend(part, "gap", "delta_map", config)
         families[fam] = {"settings": [r["name"] for r in part],
                          "trend": t.to_dict() if t else None, "verdict": verdict(t, len(part))}
