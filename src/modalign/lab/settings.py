@@ -353,13 +353,18 @@ def quick_settings() -> tuple[GapSetting, ...]:
 
 
 def medium_settings() -> tuple[GapSetting, ...]:
-    """Between the two: the quick settings, scratch towers after 20 epochs and with each control,
-    the pretrained towers fine-tuned for 1 epoch."""
+    """Between the two, with at least 3 settings per family group spread over the gap: the quick
+    settings (5 frozen-tower ones, scratch towers after 8 epochs); scratch towers after 20 epochs
+    and after 20 at tau = 0.01; each control on the 8-epoch scratch towers; the pretrained
+    towers' last 2 stages fine-tuned for 1 and 3 epochs and LoRA adapters trained for 3."""
     return (*quick_settings(),
             GapSetting(family="scratch", epochs=20),
+            GapSetting(family="scratch", epochs=20, temperature=0.01),
             GapSetting(family="scratch", epochs=8, control="intra"),
             GapSetting(family="scratch", epochs=8, control="unifalign"),
-            GapSetting(family="finetune", unfreeze=2, epochs=1))
+            GapSetting(family="finetune", unfreeze=2, epochs=1),
+            GapSetting(family="finetune", unfreeze=2, epochs=3),
+            GapSetting(family="lora", epochs=3))
 
 
 def full_config() -> LabConfig:
