@@ -39,7 +39,7 @@ outputs (in --out):
 
 examples:
   modalign lab gap --quick                       # six settings, one seed
-  modalign lab gap --grid medium --out lab-med   # ten settings, two seeds
+  modalign lab gap --grid medium --out lab-med   # 13 settings, two seeds
   modalign lab gap --out lab-full --seeds 3      # the full grid
   modalign lab gap --embeddings STORE --quick    # a user's store of image/text features"""
 
@@ -56,8 +56,9 @@ def register(subparsers: Any) -> None:
                         "inverted queries per direction (OTI 40 steps, OVI 60) instead of the "
                         "full grid's 27 settings, 48 queries, 100 steps (same as --grid quick)")
     p.add_argument("--grid", choices=("quick", "medium", "full"), default=None,
-                   help="which grid: quick, medium (quick + scratch towers for longer, the two "
-                        "controls, one fine-tuning run; 2 seeds) or full [full]")
+                   help="which grid: quick, medium (quick + scratch towers for longer and at tau "
+                        "0.01, the two controls, fine-tuned towers after 1 and 3 epochs, LoRA "
+                        "after 3; 2 seeds) or full [full]")
     p.add_argument("--data", default="emoji",
                    help="dataset whose tower features are used (built-in 'emoji', a manifest "
                         "or a dataset folder; encoded once and cached) [emoji]")

@@ -182,7 +182,7 @@ def run_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embedd
     if path.is_file():
         return read_json(path)
     torch.manual_seed(seed)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     run_towers = towers
     if setting.end_to_end:
         from modalign.lab.endtoend import dataset_spec, scratch_store, scratch_towers, trained_space
@@ -216,6 +216,7 @@ def run_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embedd
         **measured,
     }
     record["seconds"]["train"] = train_seconds
+    record["seconds"]["cpu"] = time.process_time() - cpu0  # every thread of the process
     write_json_atomic(path, record)
     return record
 
