@@ -144,6 +144,32 @@ def test_answer_covers_the_learned_bridge_and_fine_tuned_towers() -> None:
         rows[1:], [tuned])
 
 
+def test_fine_tuned_and_lora_settings_form_one_trend_group() -> None:
+    from modalign.lab.sweep import summarize
+
+    settings = (GapSetting(family="finetune", unfreeze=2, epochs=1),
+                GapSetting(family="finetune", unfreeze=2, epochs=3),
+                GapSetting(family="lora", epochs=3), GapSetting(), GapSetting(epochs=5))
+    records = []
+    for k, s in enumerate(settings):
+        pq = {"i2i_misalignment": [0.1 * k], "t2t_misalignment": [0.0],
+              "i2i_delta": [0.01 * k], "t2t_delta": [0.0], "i2i_bridge_delta": [0.02],
+              "t2t_bridge_delta": [0.0]}
+        records.append({"name": s.name, "metrics": {
+            "gap": 0.1 + 0.1 * k, "delta_map": 0.005 * k, "misalignment": 0.05 * k,
+            "bridge_delta_map": 0.01, "better_through": 0.5, "text_retrieval_recall@1": 0.2},
+            "inversion": {}, "per_query": pq})
+    cfg = LabConfig(settings=settings, seeds=(0,), permutations=50, bootstrap=20)
+    out = summarize(records, cfg)
+    assert out["family_trends"]["tuned"]["settings"] == [s.name for s in settings[:3]]
+    assert out["family_trends"]["tuned"]["trend"]["n"] == 3
+    assert out["family_trends"]["heads"]["trend"] is None  # 2 settings: not tested
+    row = out["settings"][0]
+    assert row["bridge_delta_map"] == 0.01
+    assert row["bridge_delta_map_ci"] == pooled_interval([0.02, 0.0], seed=0)
+    assert "Pretrained towers trained further" in out["answer"]
+
+
 def test_scratch_towers_invert_exactly_and_mask_only_while_training() -> None:
     text = ScratchTextTower(width=16, dim=8, layers=1, heads=2, token_mask=0.5, seed=1)
     fwd = scratch_inversion(text)
