@@ -275,6 +275,16 @@ def test_cli_help_and_bad_arguments(capsys) -> None:
     args = parser.parse_args(["lab", "gap", "--threads", "0"])
     with pytest.raises(ValueError, match="--threads"):
         args.func(args)
+    args = parser.parse_args(["lab", "gap", "--families", "vit"])
+    with pytest.raises(ValueError, match=r"families.*heads, finetune"):
+        args.func(args)
+    from modalign.lab.settings import full_config, select_families
+
+    part = select_families(full_config(), "scratch,lora")
+    assert {s.family for s in part.settings} == {"scratch", "lora"}
+    assert sum(s.control != "" for s in part.settings) == 2  # the scratch controls come along
+    with pytest.raises(ValueError, match="no setting"):
+        select_families(dataclasses.replace(part, settings=part.settings[:1]), "heads")
     args = parser.parse_args(["lab", "gap", "--embeddings", str(Path("no") / "store")])
     with pytest.raises(FileNotFoundError, match="--embeddings"):
         args.func(args)

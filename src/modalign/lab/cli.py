@@ -69,7 +69,12 @@ def register(subparsers: Any) -> None:
                    help="seeds per setting (default: 1 with --quick, 2 otherwise)")
     p.add_argument("--queries", type=int, default=None,
                    help="inverted queries per direction (default 24 quick / 48 full)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads [2]")
+    p.add_argument("--families", default=None,
+                   help="run only these families or groups, comma-separated (heads, finetune, "
+                        "lora, scratch; tuned = finetune + lora); two processes with different "
+                        "families can share one --out, a last run without it summarises all")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads [2]; use 1 on a machine shared with other jobs")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from modalign.embed.store import EmbeddingStore
-    from modalign.lab.settings import full_config, medium_config, quick_config
+    from modalign.lab.settings import full_config, medium_config, quick_config, select_families
     from modalign.lab.sweep import data_store, run_gap_lab
 
     if args.threads < 1:
@@ -89,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quick and args.grid not in (None, "quick"):
         raise ValueError(f"--quick and --grid {args.grid}: choose one grid")
     config = {"quick": quick_config, "medium": medium_config, "full": full_config}[grid]()
+    if args.families:
+        config = select_families(config, args.families)
     if args.seeds is not None:
         config = config.with_seeds(args.seeds)
     if args.queries is not None:

@@ -7,6 +7,7 @@ measured (inverted queries, inversion steps, shift amounts, bridges).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -365,6 +366,30 @@ def medium_settings() -> tuple[GapSetting, ...]:
             GapSetting(family="finetune", unfreeze=2, epochs=1),
             GapSetting(family="finetune", unfreeze=2, epochs=3),
             GapSetting(family="lora", epochs=3))
+
+
+def select_families(config: LabConfig, families: str | Sequence[str]) -> LabConfig:
+    """``config`` with only the settings of the named families or groups (controls go with
+    their family), so that two processes can share one grid's output folder.
+
+    Examples:
+        >>> [s.name for s in select_families(medium_config(), "tuned").settings]
+        ['finetune-k2-learned-e1', 'finetune-k2-learned-e3', 'lora-learned-e3']
+    """
+    from modalign.errors import ModalignError
+
+    names = [f.strip() for f in (families.split(",") if isinstance(families, str)
+                                 else families) if f.strip()]
+    known = (*FAMILIES, *dict.fromkeys(FAMILY_GROUPS.values()))
+    bad = [f for f in names if f not in known]
+    if bad or not names:
+        raise ModalignError(f"families: expected names among {', '.join(dict.fromkeys(known))}, "
+                            f"got {families!r}")
+    chosen = tuple(s for s in config.settings
+                   if s.family in names or FAMILY_GROUPS[s.family] in names)
+    if not chosen:
+        raise ModalignError(f"families {families!r}: no setting of this grid belongs to them")
+    return replace(config, settings=chosen)
 
 
 def full_config() -> LabConfig:
