@@ -355,14 +355,16 @@ def quick_settings() -> tuple[GapSetting, ...]:
 
 def medium_settings() -> tuple[GapSetting, ...]:
     """Between the two, with at least 3 settings per family group spread over the gap: the quick
-    settings (5 frozen-tower ones, scratch towers after 8 epochs); scratch towers after 20 epochs
-    and after 20 at tau = 0.01; each control on the 8-epoch scratch towers; the pretrained
-    towers' last 2 stages fine-tuned for 1 and 3 epochs and LoRA adapters trained for 3."""
+    settings (5 frozen-tower ones, scratch towers after 40 epochs); scratch towers after 10
+    epochs (larger gap, less trained) and after 40 at tau = 0.01; each control on the 40-epoch
+    scratch towers; the pretrained towers' last 2 stages fine-tuned for 1 and 3 epochs and LoRA
+    adapters trained for 3."""
+    e = QUICK_SCRATCH_EPOCHS
     return (*quick_settings(),
-            GapSetting(family="scratch", epochs=20),
-            GapSetting(family="scratch", epochs=20, temperature=0.01),
-            GapSetting(family="scratch", epochs=8, control="intra"),
-            GapSetting(family="scratch", epochs=8, control="unifalign"),
+            GapSetting(family="scratch", epochs=10),
+            GapSetting(family="scratch", epochs=e, temperature=0.01),
+            GapSetting(family="scratch", epochs=e, control="intra"),
+            GapSetting(family="scratch", epochs=e, control="unifalign"),
             GapSetting(family="finetune", unfreeze=2, epochs=1),
             GapSetting(family="finetune", unfreeze=2, epochs=3),
             GapSetting(family="lora", epochs=3))
@@ -408,7 +410,7 @@ def quick_config() -> LabConfig:
 
 
 def medium_config() -> LabConfig:
-    """:func:`medium_settings` measured as the quick sweep, 2 seeds."""
-    from dataclasses import replace as _replace
-
-    return _replace(quick_config(), settings=medium_settings(), seeds=(0, 1))
+    """:func:`medium_settings` measured as the quick sweep, 2 seeds, converged inversions in
+    every family (the fine-tuned towers' too)."""
+    return replace(quick_config(), settings=medium_settings(), seeds=(0, 1),
+                   converge_families=FAMILIES)
