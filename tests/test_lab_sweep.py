@@ -111,14 +111,20 @@ def test_record_metrics_agree_with_independent_computations(lab_run, tmp_path) -
                                            if i["view"] == "noto"])
 
 
-def test_native_intra_retrieval_matches_the_evaluate_task(tmp_path) -> None:
+def measured_space(tmp_path):
+    """The first setting trained on the fake store, with every query inverted: (model, the
+    space's data, its record, the config, the towers)."""
     store = fake_store(tmp_path / "store")
     cfg = tiny_config(settings=SETTINGS[:1], inverted_queries=10_000)
     towers = fake_towers()
     model, _ = sweep_module.train_setting(SETTINGS[0], 0, cfg, store, towers.specs,
                                           tmp_path / "run")
     data = SpaceData.load(store, cfg, towers.encode_text)
-    rec = sweep_module.measure_space(model, data, cfg, towers)
+    return model, data, sweep_module.measure_space(model, data, cfg, towers), cfg, towers
+
+
+def test_native_intra_retrieval_matches_the_evaluate_task(tmp_path) -> None:
+    model, data, rec, _, _ = measured_space(tmp_path)
     test = project(model, data.test)
     task = intra_modal_retrieval(test["image"], "image", query_view="noto",
                                  gallery_view="openmoji", k_values=(1,)).metrics
@@ -139,13 +145,7 @@ def naive_ap(scores: np.ndarray, relevant: np.ndarray) -> float:
 
 
 def test_learned_bridge_benefit_matches_a_float64_reference(tmp_path) -> None:
-    store = fake_store(tmp_path / "store")
-    cfg = tiny_config(settings=SETTINGS[:1], inverted_queries=10_000)
-    towers = fake_towers()
-    model, _ = sweep_module.train_setting(SETTINGS[0], 0, cfg, store, towers.specs,
-                                          tmp_path / "run")
-    data = SpaceData.load(store, cfg, towers.encode_text)
-    rec = sweep_module.measure_space(model, data, cfg, towers)
+    model, data, rec, cfg, towers = measured_space(tmp_path)
     test, bank = project(model, data.test), project(model, data.bank)
 
     def unit(a: np.ndarray) -> np.ndarray:
