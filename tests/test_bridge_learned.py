@@ -24,14 +24,7 @@ from modalign.evaluate.retrieval import toy_embeddings
 from modalign.geometry.gap import modality_gap
 from test_eval_cli import make_store
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks train far faster on one thread than on a loaded pair of cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small networks: one thread is faster
 
 
 def _orthogonal(d: int, seed: int) -> torch.Tensor:

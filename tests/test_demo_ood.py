@@ -22,12 +22,7 @@ from test_eval_cli import DIMS, make_store
 TRAIN = ["train.epochs=2", "train.batch_size=4", "data.val_split="]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small networks: one thread is faster
 
 
 def test_holdout_store_removes_every_row_of_the_group(tmp_path):

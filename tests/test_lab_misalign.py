@@ -17,13 +17,7 @@ from modalign.lab.answer import pooled_interval
 from modalign.lab.misalign import intra_map, measure_misalignment, plateau_step, through_other
 from modalign.lab.towers import ScratchImageTower, ScratchTextTower, scratch_inversion
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small networks: one thread is faster
 
 
 def naive_ap(scores: list[float], relevant: list[bool]) -> float:

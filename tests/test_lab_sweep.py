@@ -32,12 +32,7 @@ def tiny_config(**kw) -> LabConfig:
     return LabConfig(**base)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small networks: one thread is faster
 
 
 @pytest.fixture(scope="module")

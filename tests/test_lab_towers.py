@@ -15,13 +15,7 @@ import modalign.lab.towers as towers_mod
 from modalign.bridge.inversion import InversionSettings, invert
 from modalign.lab.towers import ScratchImageTower, ScratchTextTower, scratch_inversion
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small networks: one thread is faster
 
 
 def ramp_image(path, side: int = 32) -> None:
