@@ -31,6 +31,16 @@ def loop_logits(x, y, scale, bias):
     )
 
 
+def assert_same_gradients(ours, ref, inputs):
+    """The gradients of ``ours`` and ``ref`` with respect to ``inputs`` agree (float64,
+    rtol 1e-11); an input that neither depends on counts as a zero gradient on both sides."""
+    for a, b in zip(torch.autograd.grad(ours, inputs, allow_unused=True),
+                    torch.autograd.grad(ref, inputs, allow_unused=True), strict=True):
+        a = torch.zeros((), dtype=F64) if a is None else a.double()
+        b = torch.zeros((), dtype=F64) if b is None else b.double()
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
 @pytest.mark.parametrize("tile", [1, 3, 4, 7, 50])
 @pytest.mark.parametrize(("rows", "cols"), [(True, True), (True, False), (False, True)])
 def test_logsumexp_values_and_gradients(tile, rows, cols):
@@ -52,12 +62,7 @@ def test_logsumexp_values_and_gradients(tile, rows, cols):
         ref = ref + (weights_c * logits.logsumexp(0)).sum()
     else:
         assert got_c is None
-    for a, b in zip(
-        torch.autograd.grad(ours, [x, y, scale, bias]),
-        torch.autograd.grad(ref, [x, y, scale, bias]),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    assert_same_gradients(ours, ref, [x, y, scale, bias])
 
 
 @pytest.mark.parametrize("tile", [1, 2, 5, 9])
@@ -77,14 +82,7 @@ def test_cross_entropy_targets_values_and_gradients(tile):
     w = torch.linspace(0.2, 1.0, 6, dtype=F64)
     ours = (w * got_r).sum() + got_c.sum()
     ref = (w * ref_r).sum() + ref_c.sum()
-    for a, b in zip(
-        torch.autograd.grad(ours, [x, y, scale, bias], allow_unused=True),
-        torch.autograd.grad(ref, [x, y, scale, bias], allow_unused=True),
-        strict=True,
-    ):
-        a = torch.zeros(()) if a is None else a
-        b = torch.zeros(()) if b is None else b
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-11, atol=1e-13)
+    assert_same_gradients(ours, ref, [x, y, scale, bias])
 
 
 def test_overflowing_shift_is_recomputed_exactly_in_float32():
@@ -109,12 +107,7 @@ def check_softplus_sum(n, m, tile, seed):
     # reference uses the exact log1p(exp(l)) throughout.
     ref = F.softplus(loop_logits(x, y, scale, bias), threshold=60.0).sum()
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    for a, b in zip(
-        torch.autograd.grad(ours, [x, y, scale, bias]),
-        torch.autograd.grad(ref, [x, y, scale, bias]),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    assert_same_gradients(ours, ref, [x, y, scale, bias])
 
 
 @pytest.mark.parametrize("tile", [1, 4, 6, 100])
@@ -195,14 +188,7 @@ def test_column_blocks_match_the_reference_with_and_without_targets(small_blocks
         torch.testing.assert_close(got_c, ref_c, rtol=1e-12, atol=1e-13)
         ours = (wr * got_r).sum() + (wc * got_c).sum()
         ref = (wr * ref_r).sum() + (wc * ref_c).sum()
-        for a, b in zip(
-            torch.autograd.grad(ours, [x, y, scale, bias], allow_unused=True),
-            torch.autograd.grad(ref, [x, y, scale, bias], allow_unused=True),
-            strict=True,
-        ):
-            a = torch.zeros((), dtype=F64) if a is None else a
-            b = torch.zeros((), dtype=F64) if b is None else b
-            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+        assert_same_gradients(ours, ref, [x, y, scale, bias])
 
 
 @pytest.mark.parametrize("blocks", [False, True])
@@ -272,14 +258,7 @@ def test_shared_and_two_exponential_blocks_agree_with_the_reference(small_blocks
     wr, wc = torch.linspace(-1.0, 2.0, 7, dtype=F64), torch.linspace(-0.5, 1.5, 9, dtype=F64)
     ours = (wr * got_r).sum() + (wc * got_c).sum()
     ref = (wr * ref_r).sum() + (wc * ref_c).sum()
-    for a, b in zip(
-        torch.autograd.grad(ours, [x, y, scale, bias], allow_unused=True),
-        torch.autograd.grad(ref, [x, y, scale, bias], allow_unused=True),
-        strict=True,
-    ):
-        a = torch.zeros((), dtype=F64) if a is None else a
-        b = torch.zeros((), dtype=F64) if b is None else b
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    assert_same_gradients(ours, ref, [x, y, scale, bias])
     # Blocks of 3 rows x 2 columns: 3 tiles x 5 blocks per pass; the forward asks only with
     # targets, the backward (both directions) always.
     assert counts["shared"] + counts["two"] == (30 if targets else 15)
