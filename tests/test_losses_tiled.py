@@ -41,6 +41,27 @@ def assert_same_gradients(ours, ref, inputs):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
 
 
+def check_lse_against_reference(x, y, scale, bias, tile, targets, weights):
+    """tiled_logsumexp (cross-entropies when ``targets`` = (row, column) targets) against the
+    float64 loop reference: values, and gradients of a ``weights``-weighted sum."""
+    logits = loop_logits(x, y, scale, bias)
+    if targets is not None:
+        rt, ct = targets
+        got_r, got_c = tiled_logsumexp(x, y, scale, bias, tile_size=tile, row_targets=rt,
+                                       col_targets=ct)
+        ref_r = F.cross_entropy(logits, rt, reduction="none")
+        ref_c = F.cross_entropy(logits.T, ct, reduction="none")
+    else:
+        got_r, got_c = tiled_logsumexp(x, y, scale, bias, tile_size=tile)
+        ref_r, ref_c = logits.logsumexp(1), logits.logsumexp(0)
+    torch.testing.assert_close(got_r, ref_r, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got_c, ref_c, rtol=1e-12, atol=1e-13)
+    wr, wc = weights
+    ours = (wr * got_r).sum() + (wc * got_c).sum()
+    ref = (wr * ref_r).sum() + (wc * ref_c).sum()
+    assert_same_gradients(ours, ref, [x, y, scale, bias])
+
+
 @pytest.mark.parametrize("tile", [1, 3, 4, 7, 50])
 @pytest.mark.parametrize(("rows", "cols"), [(True, True), (True, False), (False, True)])
 def test_logsumexp_values_and_gradients(tile, rows, cols):
@@ -176,19 +197,8 @@ def test_column_blocks_match_the_reference_with_and_without_targets(small_blocks
     ct = torch.randint(0, 7, (9,), generator=g)
     wr, wc = torch.linspace(-1.0, 2.0, 7, dtype=F64), torch.linspace(0.5, 1.5, 9, dtype=F64)
     for targets in (False, True):
-        logits = loop_logits(x, y, scale, bias)
-        kw = {"row_targets": rt, "col_targets": ct} if targets else {}
-        got_r, got_c = tiled_logsumexp(x, y, scale, bias, tile_size=tile, **kw)
-        if targets:
-            ref_r = F.cross_entropy(logits, rt, reduction="none")
-            ref_c = F.cross_entropy(logits.T, ct, reduction="none")
-        else:
-            ref_r, ref_c = logits.logsumexp(1), logits.logsumexp(0)
-        torch.testing.assert_close(got_r, ref_r, rtol=1e-12, atol=1e-13)
-        torch.testing.assert_close(got_c, ref_c, rtol=1e-12, atol=1e-13)
-        ours = (wr * got_r).sum() + (wc * got_c).sum()
-        ref = (wr * ref_r).sum() + (wc * ref_c).sum()
-        assert_same_gradients(ours, ref, [x, y, scale, bias])
+        check_lse_against_reference(x, y, scale, bias, tile, (rt, ct) if targets else None,
+                                    (wr, wc))
 
 
 @pytest.mark.parametrize("blocks", [False, True])
@@ -245,20 +255,8 @@ def test_shared_and_two_exponential_blocks_agree_with_the_reference(small_blocks
     x, y, scale, bias = leaves(7, 9, 4, seed=40)
     g = torch.Generator().manual_seed(41)
     rt, ct = torch.randint(0, 9, (7,), generator=g), torch.randint(0, 7, (9,), generator=g)
-    kw = {"row_targets": rt, "col_targets": ct} if targets else {}
-    got_r, got_c = tiled_logsumexp(x, y, scale, bias, tile_size=3, **kw)
-    logits = loop_logits(x, y, scale, bias)
-    if targets:
-        ref_r = F.cross_entropy(logits, rt, reduction="none")
-        ref_c = F.cross_entropy(logits.T, ct, reduction="none")
-    else:
-        ref_r, ref_c = logits.logsumexp(1), logits.logsumexp(0)
-    torch.testing.assert_close(got_r, ref_r, rtol=1e-12, atol=1e-13)
-    torch.testing.assert_close(got_c, ref_c, rtol=1e-12, atol=1e-13)
     wr, wc = torch.linspace(-1.0, 2.0, 7, dtype=F64), torch.linspace(-0.5, 1.5, 9, dtype=F64)
-    ours = (wr * got_r).sum() + (wc * got_c).sum()
-    ref = (wr * ref_r).sum() + (wc * ref_c).sum()
-    assert_same_gradients(ours, ref, [x, y, scale, bias])
+    check_lse_against_reference(x, y, scale, bias, 3, (rt, ct) if targets else None, (wr, wc))
     # Blocks of 3 rows x 2 columns: 3 tiles x 5 blocks per pass; the forward asks only with
     # targets, the backward (both directions) always.
     assert counts["shared"] + counts["two"] == (30 if targets else 15)
