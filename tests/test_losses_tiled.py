@@ -41,18 +41,20 @@ def assert_same_gradients(ours, ref, inputs):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
 
 
-def check_lse_against_reference(x, y, scale, bias, tile, targets, weights):
+def check_lse_against_reference(x, y, scale, bias, tile, targets, weights, normalize=False):
     """tiled_logsumexp (cross-entropies when ``targets`` = (row, column) targets) against the
-    float64 loop reference: values, and gradients of a ``weights``-weighted sum."""
-    logits = loop_logits(x, y, scale, bias)
+    float64 loop reference: values, and gradients of a ``weights``-weighted sum (``normalize``:
+    the reference's rows through ``F.normalize``, the gradients w.r.t. the raw rows)."""
+    unit = (lambda t: F.normalize(t, dim=-1)) if normalize else (lambda t: t)
+    logits = loop_logits(unit(x), unit(y), scale, bias)
     if targets is not None:
         rt, ct = targets
         got_r, got_c = tiled_logsumexp(x, y, scale, bias, tile_size=tile, row_targets=rt,
-                                       col_targets=ct)
+                                       col_targets=ct, normalize=normalize)
         ref_r = F.cross_entropy(logits, rt, reduction="none")
         ref_c = F.cross_entropy(logits.T, ct, reduction="none")
     else:
-        got_r, got_c = tiled_logsumexp(x, y, scale, bias, tile_size=tile)
+        got_r, got_c = tiled_logsumexp(x, y, scale, bias, tile_size=tile, normalize=normalize)
         ref_r, ref_c = logits.logsumexp(1), logits.logsumexp(0)
     torch.testing.assert_close(got_r, ref_r, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(got_c, ref_c, rtol=1e-12, atol=1e-13)
@@ -176,15 +178,63 @@ def test_bad_arguments(kwargs, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("tile", [1, 3, 8])
+@pytest.mark.parametrize("targets", ["none", "diagonal", "rectangular"])
+def test_normalizing_inside_the_walk_matches_f_normalize_first(small_blocks, tile, targets):
+    # Raw rows of different norms, one of them zero and one of norm below 1e-12 (both divided
+    # by 1e-12, as F.normalize does): values and the gradients w.r.t. the raw rows, the scale
+    # and the bias.
+    n, m = (8, 8) if targets != "rectangular" else (6, 9)
+    x, y, scale, bias = leaves(n, m, 4, seed=40 + tile, spread=3.0)
+    with torch.no_grad():
+        x[2] = 0.0
+        y[3] *= 1e-13
+        y[1] *= 1e-3
+    chosen = {"none": None, "diagonal": (torch.arange(n), torch.arange(m)),
+              "rectangular": ((torch.arange(n) + 2) % m, torch.arange(m) % n)}[targets]
+    weights = torch.linspace(-1.0, 2.0, n, dtype=F64), torch.linspace(0.5, 1.5, m, dtype=F64)
+    check_lse_against_reference(x, y, scale, bias, tile, chosen, weights, normalize=True)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(True, False), (False, True)])
+def test_normalizing_one_direction(rows, cols):
+    x, y, scale, bias = leaves(5, 7, 3, seed=3, spread=2.0)
+    got_r, got_c = tiled_logsumexp(x, y, scale, bias, rows=rows, cols=cols, tile_size=2,
+                                   normalize=True)
+    logits = loop_logits(F.normalize(x, dim=1), F.normalize(y, dim=1), scale, bias)
+    got, ref = (got_r, logits.logsumexp(1)) if rows else (got_c, logits.logsumexp(0))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-13)
+    w = torch.linspace(-1.0, 1.0, ref.shape[0], dtype=F64)
+    assert_same_gradients((w * got).sum(), (w * ref).sum(), [x, y, scale, bias])
+
+
+def test_normalizing_with_an_overflowing_shift_in_float32():
+    # Unit rows at scale 150: row 0's positive is -150 and another logit about +111, so its
+    # exponentials overflow the positive-logit shift and the row is recomputed exactly.
+    x = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]], requires_grad=True)
+    y = torch.tensor([[-0.5, 0.0], [0.0, 1.0], [1.0, 0.9]], requires_grad=True)
+    t = torch.arange(3)
+    got_r, got_c = tiled_logsumexp(x, y, 150.0, row_targets=t, col_targets=t, tile_size=2,
+                                   normalize=True)
+    x64, y64 = (v.detach().double().requires_grad_() for v in (x, y))
+    logits = 150.0 * F.normalize(x64, dim=1) @ F.normalize(y64, dim=1).T
+    ref_r = F.cross_entropy(logits, t, reduction="none")
+    ref_c = F.cross_entropy(logits.T, t, reduction="none")
+    torch.testing.assert_close(got_r.double(), ref_r, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_c.double(), ref_c, rtol=1e-5, atol=1e-4)
+    (got_r.sum() + got_c.sum()).backward()
+    (ref_r.sum() + ref_c.sum()).backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.grad.double(), y64.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 2-3 columns on the CPU, so every tile is walked in several column blocks (and
-    the backward's weights in strips of one row)."""
+    """Blocks of 2-3 columns on the CPU, so every tile is walked in several column blocks."""
     import modalign.losses.tiled as tiled
 
     monkeypatch.setattr(tiled, "BLOCK_ELEMENTS", 6)
     monkeypatch.setattr(tiled, "MIN_BLOCK_COLUMNS", 1)
-    monkeypatch.setattr(tiled, "WEIGHT_STRIP_ELEMENTS", 2)
     return tiled
 
 

@@ -39,6 +39,30 @@ def test_check_embedding(tensor, normalize, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_finiteness_from_one_reduction_names_the_row_and_passes_an_overflowing_sum(normalize):
+    # The sum (or a row norm) of finite float32 values overflows: the entries are checked one
+    # by one and pass; NaN or inf anywhere still raises, naming its row.
+    big = torch.full((3, 4), 3e38)
+    assert not torch.isfinite(big.sum()) and not torch.isfinite(torch.linalg.norm(big, dim=1)).all()
+    norms = check_embedding("image", big, normalize=normalize)
+    assert (norms is None) == (not normalize)
+    for value, row in ((float("nan"), 2), (float("inf"), 0), (float("-inf"), 1)):
+        bad = big.clone()
+        bad[row, 3] = value
+        with pytest.raises(ValueError, match=f"image contains NaN or inf \\(first in row {row}\\)"):
+            check_embedding("image", bad, normalize=normalize)
+
+
+def test_check_embedding_returns_the_row_norms_it_checked():
+    x = torch.tensor([[3.0, 4.0], [0.0, 2.0]], dtype=torch.float64)
+    norms = check_embedding("x", x, normalize=True)
+    assert torch.equal(norms, torch.tensor([5.0, 2.0], dtype=torch.float64))
+    assert check_embedding("x", x, normalize=False) is None
+    with validation(False):
+        assert check_embedding("x", x, normalize=True) is None
+
+
 def test_check_embedding_accepts_good_input_and_empty_when_allowed():
     check_embedding("image", torch.randn(3, 2), normalize=True)
     check_embedding("image", torch.zeros(3, 2), normalize=False)

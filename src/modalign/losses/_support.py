@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup, gather_with_grad
+from modalign.losses.normalize import normalize_rows
 from modalign.losses.validation import (
     check_embedding,
     check_modalities,
@@ -27,6 +27,11 @@ def checked(
 ) -> Tensor:
     """Validate an embedding matrix (and its batch size / dim when given); return it unchanged."""
     check_embedding(name, x, normalize=normalize)
+    _check_shape(x, name, rows, dim)
+    return x
+
+
+def _check_shape(x: Tensor, name: str, rows: int | None, dim: int | None) -> None:
     if validation_enabled():
         if rows is not None and x.shape[0] != rows:
             raise ValueError(
@@ -34,12 +39,13 @@ def checked(
             )
         if dim is not None and x.shape[1] != dim:
             raise ValueError(f"{name} has dim {x.shape[1]}; expected {dim} like the others")
-    return x
 
 
 def unit_rows(x: Tensor, name: str, *, rows: int | None = None, dim: int | None = None) -> Tensor:
     """Validate ``x`` (no zero rows) and return its rows L2-normalised."""
-    return F.normalize(checked(x, name, rows=rows, dim=dim, normalize=True), dim=-1)
+    norms = check_embedding(name, x, normalize=True)
+    _check_shape(x, name, rows, dim)
+    return normalize_rows(x, norms)
 
 
 def check_fraction(value: float, name: str) -> None:

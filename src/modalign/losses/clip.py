@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup
+from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup, get_world_size
 from modalign.losses._support import gather_rows
 from modalign.losses.base import ScaledLoss, ScaleOptions
 from modalign.losses.groups import same_group_sums
+from modalign.losses.normalize import normalize_rows
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.tiled import tiled_logsumexp
@@ -63,14 +64,16 @@ AUTO_TILED_MIN_ELEMENTS = 4096 * 4096
 
 
 def prepare_pair(
-    x: Tensor, y: Tensor, names: Sequence[str], *, normalize: bool, same_batch: bool = True
+    x: Tensor, y: Tensor, names: Sequence[str], *, normalize: bool, same_batch: bool = True,
+    defer_normalize: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Validate two embedding matrices and L2-normalise them if asked."""
-    check_embedding(names[0], x, normalize=normalize)
-    check_embedding(names[1], y, normalize=normalize)
+    """Validate two embedding matrices and L2-normalise them if asked (``defer_normalize``:
+    check them for normalisation but return them as given; the caller normalises)."""
+    x_norms = check_embedding(names[0], x, normalize=normalize)
+    y_norms = check_embedding(names[1], y, normalize=normalize)
     check_pair(names, [x, y], same_batch=same_batch)
-    if normalize:
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    if normalize and not defer_normalize:
+        x, y = normalize_rows(x, x_norms), normalize_rows(y, y_norms)
     return x, y
 
 
@@ -83,9 +86,11 @@ def logit_inputs(
     names: Sequence[str],
     *,
     normalize: bool,
+    defer_normalize: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The checked inputs of a loss on the logits ``t X Y^T + b``: ``x`` and ``y`` (normalised if
-    asked), the scale ``t`` and the bias ``b`` (or None) as 0-d tensors of ``x``'s dtype.
+    asked, unless ``defer_normalize``: see :func:`prepare_pair`), the scale ``t`` and the bias
+    ``b`` (or None) as 0-d tensors of ``x``'s dtype.
 
     Examples:
         >>> import torch
@@ -94,7 +99,7 @@ def logit_inputs(
         >>> t, b
         (tensor(10.), None)
     """
-    x, y = prepare_pair(x, y, names, normalize=normalize)
+    x, y = prepare_pair(x, y, names, normalize=normalize, defer_normalize=defer_normalize)
     check_positive("logit_scale", logit_scale)
     if logit_bias is not None:
         check_finite_scalar("logit_bias", logit_bias)
@@ -221,19 +226,22 @@ def clip_loss(
         True
     """
     x, y, scale, bias = logit_inputs(x, y, logit_scale, logit_bias, groups, names,
-                                     normalize=normalize)
-    a, b = names[0], names[1]
+                                     normalize=normalize, defer_normalize=True)
+    n = x.shape[0]
+    tiled = use_tiled(impl, n, n)
+    if tiled and groups is None and (gather is None or get_world_size(process_group) == 1):
+        # both directions from one pass over the tiles, which also normalise the rows
+        targets = torch.arange(n, device=x.device)
+        row_ce, col_ce = tiled_logsumexp(x, y, scale, bias, row_targets=targets,
+                                         col_targets=targets, tile_size=tile_size,
+                                         normalize=normalize)
+        assert row_ce is not None and col_ce is not None
+        return _both_directions(names, row_ce.mean(), col_ce.mean())
+    if normalize:
+        x, y = normalize_rows(x), normalize_rows(y)
     xs = gather_rows(x, gather, process_group)
     if xs.world_size == 1:
-        n = x.shape[0]
-        tiled = use_tiled(impl, n, n)
-        if tiled and groups is None:  # both directions from one pass over the tiles
-            targets = torch.arange(n, device=x.device)
-            row_ce, col_ce = tiled_logsumexp(
-                x, y, scale, bias, row_targets=targets, col_targets=targets, tile_size=tile_size
-            )
-            assert row_ce is not None and col_ce is not None
-        elif groups is None:
+        if groups is None:
             logits = scale * x @ y.T
             if bias is not None:
                 logits = logits + bias
@@ -243,8 +251,7 @@ def clip_loss(
         else:
             row_ce = _row_cross_entropy(x, y, scale, bias, 0, groups, groups, tiled, tile_size)
             col_ce = _row_cross_entropy(y, x, scale, bias, 0, groups, groups, tiled, tile_size)
-        x2y, y2x = row_ce.mean(), col_ce.mean()
-        return LossOutput((x2y + y2x) / 2, {direction_name(a, b): x2y, direction_name(b, a): y2x})
+        return _both_directions(names, row_ce.mean(), col_ce.mean())
 
     ys, all_groups = gather_columns(y, groups, gather, process_group, list(xs.sizes))
     tiled = use_tiled(impl, x.shape[0], xs.total)
@@ -252,6 +259,12 @@ def clip_loss(
     factor = xs.world_size / xs.total
     x2y = _row_cross_entropy(x, ys.tensor, *common).sum() * factor
     y2x = _row_cross_entropy(y, xs.tensor, *common).sum() * factor
+    return _both_directions(names, x2y, y2x)
+
+
+def _both_directions(names: Sequence[str], x2y: Tensor, y2x: Tensor) -> LossOutput:
+    """The mean of the two directions' losses, each a named part."""
+    a, b = names[0], names[1]
     return LossOutput((x2y + y2x) / 2, {direction_name(a, b): x2y, direction_name(b, a): y2x})
 
 

@@ -30,13 +30,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.distributed.gather import Gathered, GatherGrad, ProcessGroup, all_sizes
 from modalign.losses._support import gather_rows
 from modalign.losses.base import LossModule, ScaleOptions
 from modalign.losses.clip import PairLogitLoss, clip_loss, gather_columns, prepare_pair
+from modalign.losses.normalize import normalize_rows
 from modalign.losses.output import LossOutput
 from modalign.losses.registry import register_loss
 from modalign.losses.validation import (
@@ -111,10 +111,10 @@ def uniformity_loss(
         >>> float(uniformity_loss(torch.ones(4, 3)).loss)  # all points identical: the maximum, 0
         0.0
     """
-    check_embedding(name, x, normalize=normalize)
+    norms = check_embedding(name, x, normalize=normalize)
     check_positive("t", t)
     if normalize:
-        x = F.normalize(x, dim=-1)
+        x = normalize_rows(x, norms)
     return LossOutput(_off_pairs(x, x, t, None, gather, process_group,
                                  f"{name} needs at least 2 rows for uniformity"))
 

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from modalign.losses.validation import scalar_tensor
+from modalign.losses.validation import NORM_EPS, scalar_tensor
 
 TILE_ELEMENTS = 1 << 22
 """Logits per tile when ``tile_size`` is None: as many rows as fit 4M logits (16 MB in fp32)."""
@@ -60,10 +60,6 @@ BLOCK_ELEMENTS = 1 << 18
 
 MIN_BLOCK_COLUMNS = 256
 """Fewest columns per block on the CPU (keeps each block's matrix product efficient)."""
-
-WEIGHT_STRIP_ELEMENTS = 1 << 16
-"""Backward weights ``alpha_i + kappa_j`` formed per strip of about this many (256 KB in fp32) on
-the CPU, so that the strip is still in cache when the block is multiplied by it."""
 
 SOFTPLUS_THRESHOLD = 40.0
 """``softplus(l)`` is taken as ``l`` above this (the error, exp(-40), is below float64 rounding)."""
@@ -95,6 +91,7 @@ def tiled_logsumexp(
     row_targets: Tensor | None = None,
     col_targets: Tensor | None = None,
     tile_size: int | None = None,
+    normalize: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Row and/or column log-sum-exp of ``S = scale * x @ y.T + bias`` in O(tile_size * m) memory.
 
@@ -115,9 +112,22 @@ def tiled_logsumexp(
         row_targets: optional (n,) column index of each row's positive.
         col_targets: optional (m,) row index of each column's positive.
         tile_size: rows per tile (None: :func:`resolve_tile_size`).
+        normalize: L2-normalise the rows of x and y first, as ``F.normalize(., dim=-1)`` (rows
+            of norm at most 1e-12 are divided by 1e-12). x's rows are normalised in each tile's
+            scaling pass, y once; the gradients reach the raw x and y through the normalisation
+            in place in the backward's own buffers (no normalised copy of x, no temporaries of
+            the inputs' size).
 
     Returns:
         ``(row_values, col_values)``, differentiable w.r.t. x, y, scale and bias.
+
+    Examples:
+        >>> import torch
+        >>> x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+        >>> rows, _ = tiled_logsumexp(x, y, 2.0, cols=False, tile_size=4, normalize=True)
+        >>> unit = torch.nn.functional.normalize
+        >>> torch.allclose(rows, (2.0 * unit(x, dim=1) @ unit(y, dim=1).T).logsumexp(1))
+        True
     """
     if not (rows or cols):
         raise ValueError("rows and cols must not both be False")
@@ -129,7 +139,7 @@ def tiled_logsumexp(
     s = scalar_tensor(scale, x)
     b = None if bias is None else scalar_tensor(bias, x)
     row_val, col_val = _TiledLogSumExp.apply(
-        x, y, s, b, row_targets, col_targets, rows, cols, tile_size
+        x, y, s, b, row_targets, col_targets, rows, cols, tile_size, bool(normalize)
     )
     return (row_val if rows else None), (col_val if cols else None)
 
@@ -167,16 +177,53 @@ def _scaled_blocks(
     """``(ti, bj, i0, i1, j0, j1, xs, s)`` for each block of the logits ``scale * x @ yt``:
     tile ``ti`` holds rows ``i0:i1`` (``xs``: them scaled, in ``scaled``), block ``bj`` columns
     ``j0:j1``, and ``s`` is the block's logits, written into ``logits`` (reused: each block is
-    overwritten by the next)."""
+    overwritten by the next). ``scale``: a 0-d tensor or one per row (:func:`_row_scale`)."""
     n, m = x.shape[0], yt.shape[1]
     for ti, i0 in enumerate(_tiles(n, tile)):
         i1 = min(n, i0 + tile)
-        xs = torch.mul(x[i0:i1], scale, out=scaled[: i1 - i0])
+        xs = torch.mul(x[i0:i1], _rows(scale, i0, i1), out=scaled[: i1 - i0])
         for bj, j0 in enumerate(range(0, m, width)):
             j1 = min(m, j0 + width)
             s = logits[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
             torch.mm(xs, yt[:, j0:j1], out=s)
             yield ti, bj, i0, i1, j0, j1, xs, s
+
+
+def _rows(scale: Tensor, i0: int, i1: int) -> Tensor:
+    """The scale of rows ``i0:i1``: ``scale`` itself if 0-d, else its rows."""
+    return scale if scale.dim() == 0 else scale[i0:i1]
+
+
+def _row_scale(x: Tensor, scale: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
+    """The factor of each row of ``x`` in the logits and the row norms clamped at
+    :data:`NORM_EPS`: ``(scale, None)`` as given, else ``(scale / max(||x_i||, eps)`` as an (n, 1)
+    column, the clamped norms``) where the rows are normalised inside the walk."""
+    if not normalize:
+        return scale, None
+    norms = torch.linalg.vector_norm(x, dim=1).clamp_min_(NORM_EPS)
+    return (scale / norms).unsqueeze(1), norms
+
+
+def _unit_gradient_(grad: Tensor, rows: Tensor, norms: Tensor, dots: Tensor,
+                    rows_are_unit: bool) -> Tensor:
+    """In place, the gradient w.r.t. the unit rows ``u_i = r_i / n_i`` turned into the gradient
+    w.r.t. the raw rows r: ``(g_i - u_i (u_i . g_i)) / n_i``, given ``dots`` = ``rows_i . g_i``
+    and ``rows`` the raw rows or (``rows_are_unit``) the unit rows. A row whose norm was raised to
+    :data:`NORM_EPS` is divided by it only (the clamp has no gradient), as in ``F.normalize``."""
+    coef = dots / (norms if rows_are_unit else norms ** 3)
+    coef.masked_fill_(norms <= NORM_EPS, 0.0)
+    return grad.div_(norms.unsqueeze(1)).addcmul_(rows, coef.unsqueeze(1), value=-1)
+
+
+def _row_dots(a: Tensor, b: Tensor, chunk: int) -> Tensor:
+    """``a_i . b_i`` for every row, ``chunk`` rows at a time through one reused buffer (no
+    temporary of the inputs' size)."""
+    out = a.new_empty(a.shape[0])
+    buf = a.new_empty((min(chunk, a.shape[0]), a.shape[1]))
+    for i0 in range(0, a.shape[0], chunk):
+        i1 = min(a.shape[0], i0 + chunk)
+        torch.sum(torch.mul(a[i0:i1], b[i0:i1], out=buf[: i1 - i0]), dim=1, out=out[i0:i1])
+    return out
 
 
 def block_width(tile_rows: int, m: int, device: torch.device) -> int:
@@ -217,23 +264,16 @@ def _add_products(gx: Tensor, gy: Tensor, g: Tensor, y: Tensor, xs: Tensor, firs
 
 
 def _scale_by_sum(e: Tensor, alpha: Tensor, kappa: Tensor, buffer: Tensor) -> Tensor:
-    """``e *= alpha[:, None] + kappa[None, :]`` in place. On the CPU the weights are formed a
-    strip of about :data:`WEIGHT_STRIP_ELEMENTS` at a time in the start of ``buffer``, which then
-    stays in cache between its write and its use."""
-    rows, cols = e.shape
-    step = rows if e.device.type != "cpu" else max(1, WEIGHT_STRIP_ELEMENTS // max(cols, 1))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        w = buffer[: (r1 - r0) * cols].view(r1 - r0, cols)
-        e[r0:r1].mul_(torch.add(alpha[r0:r1, None], kappa, out=w))
-    return e
+    """``e *= alpha[:, None] + kappa[None, :]`` in place, the weights formed in the start of
+    ``buffer`` (a block of the CPU walk fits the cache with its weights)."""
+    return e.mul_(torch.add(alpha.unsqueeze(1), kappa, out=buffer[: e.numel()].view_as(e)))
 
 
 def _target_logits(a: Tensor, b: Tensor, targets: Tensor | None, scale: Tensor, chunk: int
                    ) -> Tensor:
     """``scale * a_i . b_{targets[i]}`` for every row i (no bias: it cancels in a cross-entropy),
     ``chunk`` rows at a time through one reused buffer (no n x d temporary); ``targets=None``:
-    the identity (``b_i``, no gather)."""
+    the identity (``b_i``, no gather). ``scale``: 0-d, or one per row of ``a`` (shape (n,))."""
     out = a.new_empty(a.shape[0])
     buf = a.new_empty((min(chunk, a.shape[0]), a.shape[1]))
     for i0 in range(0, a.shape[0], chunk):
@@ -256,23 +296,28 @@ def _is_identity(targets: Tensor | None, n: int, m: int) -> bool:
 def _exact_lse(x: Tensor, y: Tensor, scale: Tensor, which: Tensor, dim: int, budget: int
                ) -> Tensor:
     """Exact log-sum-exp of the selected rows (dim=1) or columns (dim=0) of ``scale x y^T``,
-    a chunk of them at a time so that no chunk holds more than about ``budget`` logits."""
+    a chunk of them at a time so that no chunk holds more than about ``budget`` logits
+    (``scale``: 0-d or one per row of x, shape (n, 1))."""
     other = (y if dim == 1 else x).shape[0]
     step = max(1, budget // max(other, 1))
     parts = []
     for k in range(0, which.numel(), step):
         chosen = which[k:k + step]
         if dim == 1:
-            parts.append(torch.logsumexp((x.index_select(0, chosen) * scale) @ y.t(), dim=1))
+            rows = scale if scale.dim() == 0 else scale.index_select(0, chosen)
+            parts.append(torch.logsumexp((x.index_select(0, chosen) * rows) @ y.t(), dim=1))
         else:
             parts.append(torch.logsumexp((x * scale) @ y.index_select(0, chosen).t(), dim=0))
     return torch.cat(parts)
 
 
 def _logit_bound(x: Tensor, y: Tensor, scale: Tensor) -> float:
-    """``|scale| max|x_i| max|y_j|``: no logit of ``scale x y^T`` lies outside +-this."""
-    bound = float(scale.abs()) * float(torch.linalg.vector_norm(x, dim=1).max())
-    return bound * float(torch.linalg.vector_norm(y, dim=1).max())
+    """``max_i |scale_i| |x_i| max|y_j|``: no logit of ``scale x y^T`` lies outside +-this
+    (``scale``: 0-d or one per row of x)."""
+    norms = torch.linalg.vector_norm(x, dim=1)
+    top = float((norms * scale.abs().view(-1)).max()) if scale.dim() else float(
+        scale.abs()) * float(norms.max())
+    return top * float(torch.linalg.vector_norm(y, dim=1).max())
 
 
 def _exp_floor(x: Tensor, y: Tensor, scale: Tensor, *shifts: Tensor | None,
@@ -440,9 +485,16 @@ class _TiledLogSumExp(torch.autograd.Function):
         rows: bool,
         cols: bool,
         tile_size: int,
+        normalize: bool,
     ) -> tuple[Tensor, Tensor]:
         x, y = x.contiguous(), y.contiguous()
         n, m = x.shape[0], y.shape[0]
+        # normalize: x's rows scaled by scale / ||x_i|| in each tile, y normalised once
+        x_scale, x_norms = _row_scale(x, scale, normalize)
+        y_norms = None
+        if normalize:
+            y_norms = torch.linalg.vector_norm(y, dim=1).clamp_min_(NORM_EPS)
+            y = y / y_norms.unsqueeze(1)
         yt = y.t()
         tile = min(tile_size, max(n, 1))
         width = block_width(tile, m, x.device)
@@ -454,11 +506,13 @@ class _TiledLogSumExp(torch.autograd.Function):
         # (The diagonal's positives are one vector for both directions: taken once, no gather.)
         diagonal = _is_identity(row_targets, n, m) and _is_identity(col_targets, n, m)
         row_shift = (None if row_targets is None
-                     else _target_logits(x, y, None if diagonal else row_targets, scale, tile))
+                     else _target_logits(x, y, None if diagonal else row_targets,
+                                         x_scale.view(-1), tile))
         col_shift = (row_shift if diagonal else None if col_targets is None
-                     else _target_logits(y, x, col_targets, scale, tile))
+                     else _target_logits(y, x, col_targets, x_scale if x_norms is None
+                                         else x_scale.view(-1)[col_targets], tile))
         # Both cross-entropies: one exponential per logit where the block's shifts allow it.
-        bound = _logit_bound(x, y, scale) if x.numel() and y.numel() else 0.0
+        bound = _logit_bound(x, y, x_scale) if x.numel() and y.numel() else 0.0
         shared = None
         if row_shift is not None and col_shift is not None and x.numel() and y.numel():
             shared = _SharedExp(row_shift, col_shift, tile, width, bound, shifts_bound=False)
@@ -470,7 +524,7 @@ class _TiledLogSumExp(torch.autograd.Function):
         row_off = x.new_zeros(n if row_shift is not None else 0)
         col_off = x.new_zeros(m if col_shift is not None else 0)
         cells = _TargetCells(row_targets, col_targets, tile, width, n, m)
-        for ti, bj, i0, i1, j0, j1, _, s in _scaled_blocks(x, yt, scale, tile, width, scaled,
+        for ti, bj, i0, i1, j0, j1, _, s in _scaled_blocks(x, yt, x_scale, tile, width, scaled,
                                                            logits):
             if row_shift is not None and (hit := cells.rows(ti, bj)) is not None:
                 r, c = hit
@@ -511,11 +565,11 @@ class _TiledLogSumExp(torch.autograd.Function):
         if row_shift is not None:
             bad = (~torch.isfinite(row_val)).nonzero().flatten()
             if bad.numel():
-                row_val[bad] = _exact_lse(x, y, scale, bad, 1, tile * m) - row_shift[bad]
+                row_val[bad] = _exact_lse(x, y, x_scale, bad, 1, tile * m) - row_shift[bad]
         if col_shift is not None:
             bad = (~torch.isfinite(col_acc)).nonzero().flatten()
             if bad.numel():
-                col_acc[bad] = _exact_lse(x, y, scale, bad, 0, tile * m) - col_shift[bad]
+                col_acc[bad] = _exact_lse(x, y, x_scale, bad, 0, tile * m) - col_shift[bad]
         # What backward needs to form softmax probabilities: the exact LSE without the bias.
         row_lse = row_val if row_shift is None else row_val + row_shift
         col_lse = col_acc if col_shift is None else col_acc + col_shift
@@ -527,15 +581,19 @@ class _TiledLogSumExp(torch.autograd.Function):
             col_acc = col_acc - col_off
         elif bias is not None:
             col_acc = col_acc + bias
-        ctx.save_for_backward(x, y, scale, bias, row_targets, col_targets, row_lse, col_lse)
+        ctx.save_for_backward(x, y, scale, bias, row_targets, col_targets, row_lse, col_lse,
+                              x_norms, y_norms)
         ctx.rows, ctx.cols, ctx.tile, ctx.bound = rows, cols, tile, bound
         ctx.mark_non_differentiable(*([] if rows else [row_val]), *([] if cols else [col_acc]))
         return row_val, col_acc
 
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor | None, grad_cols: Tensor | None) -> tuple[Any, ...]:
-        x, y, scale, bias, row_targets, col_targets, row_lse, col_lse = ctx.saved_tensors
+        (x, y, scale, bias, row_targets, col_targets, row_lse, col_lse, x_norms,
+         y_norms) = ctx.saved_tensors
         rows, cols, tile = ctx.rows, ctx.cols, ctx.tile
+        # where normalising: y is the unit rows; x's rows are scaled by scale / ||x_i||
+        x_scale = scale if x_norms is None else (scale / x_norms).unsqueeze(1)
         use_rows = rows and grad_rows is not None and bool(grad_rows.any())
         use_cols = cols and grad_cols is not None and bool(grad_cols.any())
         n, m = x.shape[0], y.shape[0]
@@ -573,18 +631,18 @@ class _TiledLogSumExp(torch.autograd.Function):
             scaled = x.new_empty((tile, x.shape[1]))
             cells = _TargetCells(row_targets if use_rows else None,
                                  col_targets if use_cols else None, tile, width, n, m)
-            for ti, bj, i0, i1, j0, j1, xs, s in _scaled_blocks(x, yt, scale, tile, width,
+            for ti, bj, i0, i1, j0, j1, xs, s in _scaled_blocks(x, yt, x_scale, tile, width,
                                                                 scaled, logits):
                 g = s
                 if shared is not None:
                     assert grad_rows is not None and grad_cols is not None
-                    w = work[: s.numel()].view_as(s)
                     if (plan := shared.shift(ti, bj)) is not None:
                         sigma, fl = plan
                         _floored_exp(s.sub_(sigma) if sigma else s, fl)  # exp(S - sigma)
                         _scale_by_sum(s, shared.row_factors(sigma, i0, i1),
                                       shared.col_factors(sigma, j0, j1), work)
                     else:
+                        w = work[: s.numel()].view_as(s)
                         torch.sub(s, col_lse[j0:j1], out=w)
                         _floored_exp(w, floor).mul_(grad_cols[j0:j1])
                         _floored_exp(s.sub_(row_lse[i0:i1, None]), floor)
@@ -608,9 +666,19 @@ class _TiledLogSumExp(torch.autograd.Function):
                     r, c = hit
                     g.index_put_((r - i0, c - j0), -grad_cols[c], accumulate=True)
                 _add_products(gx, gy, g, y, xs, bj == 0, ti == 0, i0, i1, j0, j1)
-        d_scale = torch.dot(x.reshape(-1), gx.view(-1)) if ctx.needs_input_grad[2] else None
-        d_x = gx.mul_(scale) if ctx.needs_input_grad[0] else None
-        d_y = gy if ctx.needs_input_grad[1] else None
+        if x_norms is None:
+            d_scale = torch.dot(x.reshape(-1), gx.view(-1)) if ctx.needs_input_grad[2] else None
+            d_x = gx.mul_(scale) if ctx.needs_input_grad[0] else None
+            d_y = gy if ctx.needs_input_grad[1] else None
+        else:
+            # dL/d(unit x_i) = scale gx_i, dL/d(unit y_j) = gy_j; through the normalisation
+            assert y_norms is not None
+            dots = _row_dots(x, gx, tile)  # x_i . gx_i
+            d_scale = (dots / x_norms).sum() if ctx.needs_input_grad[2] else None
+            d_x = (_unit_gradient_(gx.mul_(scale), x, x_norms, dots.mul_(scale), False)
+                   if ctx.needs_input_grad[0] else None)
+            d_y = (_unit_gradient_(gy, y, y_norms, _row_dots(y, gy, tile), True)
+                   if ctx.needs_input_grad[1] else None)
         d_bias = None
         if bias is not None and ctx.needs_input_grad[3]:
             # Softmax rows/columns sum to 1: d/db LSE = 1, and a target logit cancels it.
@@ -619,7 +687,7 @@ class _TiledLogSumExp(torch.autograd.Function):
                 d_bias = d_bias + grad_rows.sum()
             if cols and col_targets is None and grad_cols is not None:
                 d_bias = d_bias + grad_cols.sum()
-        return d_x, d_y, d_scale, d_bias, None, None, None, None, None
+        return d_x, d_y, d_scale, d_bias, None, None, None, None, None, None
 
 
 class _TiledSoftplusSum(torch.autograd.Function):

@@ -7,7 +7,8 @@ the :func:`validation` context manager once a pipeline is known to be sound.
 Examples:
     >>> import torch
     >>> from modalign.losses.validation import check_embedding, validation
-    >>> check_embedding("image", torch.ones(2, 3), normalize=True)
+    >>> check_embedding("image", torch.ones(2, 3), normalize=True)  # the row norms, for reuse
+    tensor([1.7321, 1.7321])
     >>> try:
     ...     check_embedding("image", torch.zeros(2, 3), normalize=True)
     ... except ValueError as err:
@@ -60,17 +61,28 @@ def validation(enabled: bool) -> Iterator[None]:
         set_validation(previous)
 
 
-def check_embedding(name: str, x: Tensor, *, normalize: bool, allow_empty: bool = False) -> None:
+def check_embedding(
+    name: str, x: Tensor, *, normalize: bool, allow_empty: bool = False
+) -> Tensor | None:
     """Check one embedding matrix: a floating (batch, dim) tensor, finite, non-empty.
+
+    The finiteness check is one reduction: where ``normalize`` the row norms (a row norm is
+    finite exactly when the row is, short of overflow), else the sum of all entries; only where
+    that is not finite are the entries checked one by one (to name the row, or to pass a matrix
+    whose sum overflowed).
 
     Args:
         name: the argument name used in the error message (e.g. the modality).
         x: the tensor to check.
         normalize: whether the loss will L2-normalise ``x``; if so, zero rows are rejected.
         allow_empty: accept a batch of zero rows (a rank with no samples in a distributed run).
+
+    Returns:
+        The row norms of ``x`` (no gradient) where ``normalize`` and the checks ran, for the
+        normalisation to reuse (:func:`modalign.losses.normalize.unit_rows`); else None.
     """
     if not _ENABLED:
-        return
+        return None
     if not isinstance(x, Tensor):
         raise ValueError(
             f"{name} must be a torch.Tensor of shape (batch, dim), got {type(x).__name__}"
@@ -83,20 +95,26 @@ def check_embedding(name: str, x: Tensor, *, normalize: bool, allow_empty: bool 
         raise ValueError(f"{name} has dim 0; expected at least one feature per row")
     if x.shape[0] == 0:
         if allow_empty:
-            return
+            return None
         raise ValueError(f"{name} is an empty batch (0 rows); expected at least one row")
-    finite = torch.isfinite(x).all(dim=1)
-    if not bool(finite.all()):
-        row = int((~finite).nonzero()[0, 0])
-        raise ValueError(f"{name} contains NaN or inf (first in row {row}); expected finite values")
-    if normalize:
-        small = torch.linalg.vector_norm(x.detach(), dim=1) <= NORM_EPS
+    norms = torch.linalg.vector_norm(x.detach(), dim=1) if normalize else None
+    summary = x.detach().sum() if norms is None else norms
+    if not bool(torch.isfinite(summary).all()):
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ValueError(
+                f"{name} contains NaN or inf (first in row {row}); expected finite values"
+            )
+    if norms is not None:
+        small = norms <= NORM_EPS
         if bool(small.any()):
             row = int(small.nonzero()[0, 0])
             raise ValueError(
                 f"{name} has a row of zero norm (row {row}); the loss L2-normalises its inputs, "
                 "so every row needs a non-zero norm (or pass normalize=False)"
             )
+    return norms
 
 
 def check_pair(
