@@ -16,7 +16,8 @@ the same repeats, the two alternated pass by pass): 1.0 is the floor of this alg
 Usage:
     python benchmarks/losses.py            # batch 1024, 4096, 16384 (a few minutes on 2 cores)
     python benchmarks/losses.py --quick    # batch 1024 and 4096, one round (under a minute)
-    python benchmarks/losses.py --batches 16384 --threads 1   # the over_own_matmuls row
+    python benchmarks/losses.py --batches 16384 --threads 1 --rounds 1 --passes 5
+                                           # the over_own_matmuls row
     python benchmarks/losses.py --loss siglip --batches 8192 --threads 1 --rounds 1
 """
 
@@ -72,7 +73,8 @@ class _PeakSampler:
         self.peak = max(self.peak, _rss_mb())
 
 
-def _worker(loss_name: str, impl: str, batch: int, threads: int, grads_path: str | None) -> None:
+def _worker(loss_name: str, impl: str, batch: int, threads: int, grads_path: str | None,
+            passes: int = 3) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -113,9 +115,9 @@ def _worker(loss_name: str, impl: str, batch: int, threads: int, grads_path: str
     wx, wy, ws = inputs(256)
     fn(wx, wy, ws.exp()).backward()
     x, y, log_scale = inputs(batch)
-    # Best of 3 for ours (its ratio to its own products is a row); the full-matrix baseline
-    # once above B = 4096 (it holds several B x B matrices).
-    repeats = 3 if (batch <= 4096 or impl == "ours") else 1
+    # Best of ``passes`` for ours (its ratio to its own products is a row); the full-matrix
+    # baseline 3 times up to B = 4096, once above (it holds several B x B matrices).
+    repeats = passes if impl == "ours" else 3 if batch <= 4096 else 1
     best = best_cpu = float("inf")
     before = _rss_mb()
 
@@ -214,10 +216,10 @@ def _matmul_gflops(threads: int) -> float:
     return 2 * 4096 * 4096 * DIM / best / 1e9
 
 
-def _run_case(loss: str, impl: str, batch: int, threads: int, grads_path: str
+def _run_case(loss: str, impl: str, batch: int, threads: int, grads_path: str, passes: int
               ) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--loss", loss, "--worker", impl, "--batch", str(batch)]
-    cmd += ["--threads", str(threads), "--grads", grads_path]
+    cmd += ["--threads", str(threads), "--grads", grads_path, "--passes", str(passes)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -237,6 +239,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="fresh processes per implementation and case"
     )
+    parser.add_argument("--passes", type=int, default=3,
+                        help="timed passes of ours in each process, each followed by a pass of "
+                             "its own products (best of each; default 3)")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help="batch sizes (default 1024 4096 16384; --quick: 1024 4096)")
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
@@ -244,7 +249,7 @@ def main() -> None:
     parser.add_argument("--grads", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args.loss, args.worker, args.batch, args.threads, args.grads)
+        _worker(args.loss, args.worker, args.batch, args.threads, args.grads, args.passes)
         return
 
     import torch
@@ -265,7 +270,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for impl in ("ours", "baseline"):
                     path = str(Path(tmp) / f"{impl}.pt")
-                    run = _run_case(args.loss, impl, batch, args.threads, path)
+                    run = _run_case(args.loss, impl, batch, args.threads, path, args.passes)
                     best = res.setdefault(impl, run)
                     for key in ("over_own", "over_own_cpu"):  # ratios within one process
                         if key in run:

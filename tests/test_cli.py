@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from tqdm import tqdm
 
 from modalign.cli import COMMANDS, build_parser, main
 
@@ -42,6 +43,25 @@ def test_data_and_embed_commands(tmp_path, capsys):
                  "--out", str(tmp_path / "s")]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["arrays"] == ["text"]
+
+
+def test_embed_progress_bar_can_be_switched_off(tmp_path, capsys, monkeypatch):
+    # the encoding's bar is shown where the terminal allows (disable=None) unless --no-progress
+    import modalign.embed.encode as encode
+
+    settings = []
+
+    def recording_bar(*args, **kwargs):
+        settings.append(kwargs.get("disable"))
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    monkeypatch.setattr(encode, "tqdm", recording_bar)
+    (tmp_path / "d.csv").write_text("text\nred\nblue\n")
+    for i, flags in enumerate(([], ["--no-progress", "--debug"])):
+        assert main(["embed", "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / f"s{i}"),
+                     *flags]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arrays"] == ["text"]
+    assert settings == [None, True]
 
 
 def test_errors_are_one_line_messages(tmp_path, capsys):

@@ -299,3 +299,22 @@ def test_pca_matches_the_covariance_eigendecomposition() -> None:
     # the big centroid difference lies along the first axis
     n = len(img)
     assert abs(coords[:n, 0].mean() - coords[n:, 0].mean()) > 3.0
+
+
+def test_the_trainers_batch_note_about_the_labs_own_batch_is_not_shown(tmp_path) -> None:
+    # The trainer warns when a batch holds over a tenth of the training groups; in the
+    # laboratory the batch is its own setting (recorded), so the note is not passed on.
+    import warnings
+
+    from modalign.data.caveats import batch_warning
+    from modalign.errors import SmallDataWarning
+
+    store = fake_store(tmp_path / "store")
+    groups = len({i["group"] for i in store.load("image", split="train").items})
+    assert batch_warning(groups, 64) is not None  # the trainer alone would warn
+    cfg = tiny_config(settings=SETTINGS[:1], batch_size=64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sweep_module.train_setting(SETTINGS[0], 0, cfg, store, fake_towers().specs,
+                                   tmp_path / "run")
+    assert [w for w in seen if issubclass(w.category, SmallDataWarning)] == []

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from modalign.cli_support import add_command
+from modalign.cli_support import add_command, add_debug_flag
 from modalign.embed.resolve import DEFAULT_TOWERS
 from modalign.errors import ModalignError
 from modalign.spec import split_key_value
@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true",
                    help="after embedding, compare every array of the store with its recorded "
                         "checksum (reads every byte; exit 1 if one differs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(p)
 
 
 def verify_store(path: str) -> int:
@@ -81,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     args.device = str(resolve_device(args.device, argument="--device"))
     if args.name is not None and not args.name.strip():
         raise ModalignError(f"--name {args.name!r}: expected a non-empty dataset name")
-    ds = load_dataset(args.data, progress=True)
+    progress = not args.no_progress
+    ds = load_dataset(args.data, progress=progress)
     wanted = ([m.strip() for m in args.modalities.split(",") if m.strip()]
               if args.modalities else ds.modalities)
     specs = {m: getattr(args, m) for m in DEFAULT_TOWERS if m in wanted}
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
              current_arrays(ds, specs, EmbeddingStore(out), normalize=args.normalize))
     encoders = {m: load_tower(s, m) for m, s in specs.items() if m not in fresh}
     t = time.perf_counter()
-    store = (embed_dataset(ds, encoders, out, batch_size=args.batch_size, progress=True,
+    store = (embed_dataset(ds, encoders, out, batch_size=args.batch_size, progress=progress,
                            device=args.device, normalize=args.normalize, name=args.name)
              if encoders else EmbeddingStore(out))
     if args.tokens:
@@ -131,8 +134,8 @@ def _embed_tokens(ds, encoders, path, args: argparse.Namespace) -> None:
                             "features (built-in: minilm, effnet-lite0, logmel, hf-clip)")
     for m in sorted(set(encoders) - set(able)):
         print(f"--tokens: the {m} tower gives no token features; its pooled array only")
-    embed_tokens(ds, able, path, batch_size=args.batch_size, progress=True, device=args.device,
-                 normalize=args.normalize)
+    embed_tokens(ds, able, path, batch_size=args.batch_size, progress=not args.no_progress,
+                 device=args.device, normalize=args.normalize)
     for m in able:
         tf = load_tokens(path, m)
         print(f"  {m}.tokens: {len(tf)} rows, {len(tf.values)} tokens x {tf.dim}")

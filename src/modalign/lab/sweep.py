@@ -16,6 +16,7 @@ import contextlib
 import io
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from modalign import __version__
 from modalign.embed.store import EmbeddingStore
+from modalign.errors import SmallDataWarning
 from modalign.io import content_hash, file_hash, read_json, read_jsonl, write_json_atomic
 from modalign.lab.measure import LabTowers, SpaceData, measure_space
 from modalign.lab.settings import FAMILY_GROUPS, GapSetting, LabConfig
@@ -163,7 +165,12 @@ def train_setting(setting: GapSetting, seed: int, config: LabConfig, store: Embe
     cfg = training_config(setting, seed, config, store, towers,
                           end_to_end=trainer_sections(setting, config, store, modules))
     resume = (run_dir / "checkpoints" / "latest.json").is_file()
-    trainer = Trainer(cfg, run_dir=run_dir, resume=resume, towers=modules)
+    with warnings.catch_warnings():
+        # the trainer's note on a batch large for the data is about the laboratory's own batch
+        # size (a setting of its grid, recorded with each run), not something to act on
+        warnings.filterwarnings("ignore", message="batch .* holds more than a tenth",
+                                category=SmallDataWarning)
+        trainer = Trainer(cfg, run_dir=run_dir, resume=resume, towers=modules)
     with contextlib.redirect_stdout(io.StringIO()):  # the per-epoch lines go to log.jsonl
         trainer.run()
     # trainer.model holds the last epoch's weights and temperature (the run saved its best's)
