@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from modalign.losses.normalize import row_dots
 from modalign.losses.validation import NORM_EPS, scalar_tensor
 
 TILE_ELEMENTS = 1 << 22
@@ -213,17 +214,6 @@ def _unit_gradient_(grad: Tensor, rows: Tensor, norms: Tensor, dots: Tensor,
     coef = dots / (norms if rows_are_unit else norms ** 3)
     coef.masked_fill_(norms <= NORM_EPS, 0.0)
     return grad.div_(norms.unsqueeze(1)).addcmul_(rows, coef.unsqueeze(1), value=-1)
-
-
-def _row_dots(a: Tensor, b: Tensor, chunk: int) -> Tensor:
-    """``a_i . b_i`` for every row, ``chunk`` rows at a time through one reused buffer (no
-    temporary of the inputs' size)."""
-    out = a.new_empty(a.shape[0])
-    buf = a.new_empty((min(chunk, a.shape[0]), a.shape[1]))
-    for i0 in range(0, a.shape[0], chunk):
-        i1 = min(a.shape[0], i0 + chunk)
-        torch.sum(torch.mul(a[i0:i1], b[i0:i1], out=buf[: i1 - i0]), dim=1, out=out[i0:i1])
-    return out
 
 
 def block_width(tile_rows: int, m: int, device: torch.device) -> int:
@@ -673,11 +663,11 @@ class _TiledLogSumExp(torch.autograd.Function):
         else:
             # dL/d(unit x_i) = scale gx_i, dL/d(unit y_j) = gy_j; through the normalisation
             assert y_norms is not None
-            dots = _row_dots(x, gx, tile)  # x_i . gx_i
+            dots = row_dots(x, gx, tile)  # x_i . gx_i
             d_scale = (dots / x_norms).sum() if ctx.needs_input_grad[2] else None
             d_x = (_unit_gradient_(gx.mul_(scale), x, x_norms, dots.mul_(scale), False)
                    if ctx.needs_input_grad[0] else None)
-            d_y = (_unit_gradient_(gy, y, y_norms, _row_dots(y, gy, tile), True)
+            d_y = (_unit_gradient_(gy, y, y_norms, row_dots(y, gy, tile), True)
                    if ctx.needs_input_grad[1] else None)
         d_bias = None
         if bias is not None and ctx.needs_input_grad[3]:
