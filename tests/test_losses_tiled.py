@@ -230,11 +230,13 @@ def test_normalizing_with_an_overflowing_shift_in_float32():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 2-3 columns on the CPU, so every tile is walked in several column blocks."""
+    """Blocks of 2-3 columns on the CPU, so every tile is walked in several column blocks (and
+    the backward's weights in strips of one row)."""
     import modalign.losses.tiled as tiled
 
     monkeypatch.setattr(tiled, "BLOCK_ELEMENTS", 6)
     monkeypatch.setattr(tiled, "MIN_BLOCK_COLUMNS", 1)
+    monkeypatch.setattr(tiled, "WEIGHT_STRIP_ELEMENTS", 2)
     return tiled
 
 

@@ -62,6 +62,11 @@ BLOCK_ELEMENTS = 1 << 18
 MIN_BLOCK_COLUMNS = 256
 """Fewest columns per block on the CPU (keeps each block's matrix product efficient)."""
 
+WEIGHT_STRIP_ELEMENTS = 1 << 17
+"""Backward weights ``alpha_i + kappa_j`` formed per strip of about this many (512 KB in fp32,
+half a block) on the CPU, so that the strip is still in cache when the block is multiplied by
+it."""
+
 SOFTPLUS_THRESHOLD = 40.0
 """``softplus(l)`` is taken as ``l`` above this (the error, exp(-40), is below float64 rounding)."""
 
@@ -254,9 +259,16 @@ def _add_products(gx: Tensor, gy: Tensor, g: Tensor, y: Tensor, xs: Tensor, firs
 
 
 def _scale_by_sum(e: Tensor, alpha: Tensor, kappa: Tensor, buffer: Tensor) -> Tensor:
-    """``e *= alpha[:, None] + kappa[None, :]`` in place, the weights formed in the start of
-    ``buffer`` (a block of the CPU walk fits the cache with its weights)."""
-    return e.mul_(torch.add(alpha.unsqueeze(1), kappa, out=buffer[: e.numel()].view_as(e)))
+    """``e *= alpha[:, None] + kappa[None, :]`` in place. On the CPU the weights are formed a
+    strip of about :data:`WEIGHT_STRIP_ELEMENTS` at a time in the start of ``buffer``, which then
+    stays in cache between its write and its use."""
+    rows, cols = e.shape
+    step = rows if e.device.type != "cpu" else max(1, WEIGHT_STRIP_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = buffer[: (r1 - r0) * cols].view(r1 - r0, cols)
+        e[r0:r1].mul_(torch.add(alpha[r0:r1, None], kappa, out=w))
+    return e
 
 
 def _target_logits(a: Tensor, b: Tensor, targets: Tensor | None, scale: Tensor, chunk: int
