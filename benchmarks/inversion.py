@@ -222,6 +222,19 @@ def time_case(tower_name: str, variant: str, batch: int, steps: int,
             "items_per_cpu_s": (batch / cpu["ours"], batch / cpu["baseline"])}
 
 
+def _best_cpu_seconds(run: Callable[[], None], rounds: int = 5, calls: int = 10) -> float:
+    """CPU seconds of one call of ``run``: after a warm-up call, the best over ``rounds`` of the
+    mean of ``calls`` calls."""
+    run()
+    best = float("inf")
+    for _ in range(rounds):
+        c = time.process_time()
+        for _ in range(calls):
+            run()
+        best = min(best, (time.process_time() - c) / calls)
+    return best
+
+
 def oti_floor(batch: int, steps: int, repeats: int) -> dict[str, float]:
     """OTI on MiniLM against its floor, in one process: the matrix-product FLOPs of the live
     positions (forward, and the backward to the inputs only: the weights are frozen) at this
@@ -283,14 +296,7 @@ def oti_floor(batch: int, steps: int, repeats: int) -> dict[str, float]:
         for w in weights:
             out = rows[:, : w.shape[1]] @ w.t()
             out @ w
-    products()
-    best = float("inf")
-    for _ in range(5):
-        c = time.process_time()
-        for _ in range(10):
-            products()
-        best = min(best, (time.process_time() - c) / 10)
-    rate = 2 * linear / best  # FLOP per CPU-second at these shapes
+    rate = 2 * linear / _best_cpu_seconds(products)  # FLOP per CPU-second at these shapes
     floor = flops / rate
     own = (flops - cached) / rate
     # The same products as a pass runs them: the model's own weights, each layer's forward
@@ -308,14 +314,7 @@ def oti_floor(batch: int, steps: int, repeats: int) -> dict[str, float]:
         for ws in reversed(layer_weights):
             for w in reversed(ws):
                 rows[:, : w.shape[0]] @ w
-    streamed()
-    best_streamed = float("inf")
-    for _ in range(5):
-        c = time.process_time()
-        for _ in range(10):
-            streamed()
-        best_streamed = min(best_streamed, (time.process_time() - c) / 10)
-    streamed_rate = 2 * linear * layers / best_streamed
+    streamed_rate = 2 * linear * layers / _best_cpu_seconds(streamed)
     streamed_floor = flops / streamed_rate
     return {"ours_cpu_s": ours, "floor_cpu_s": floor, "fraction_of_floor": floor / ours,
             "before_cpu_s": cpu["before"], "before_fraction": floor / cpu["before"],

@@ -218,14 +218,20 @@ def test_normalizing_with_an_overflowing_shift_in_float32():
                                    normalize=True)
     x64, y64 = (v.detach().double().requires_grad_() for v in (x, y))
     logits = 150.0 * F.normalize(x64, dim=1) @ F.normalize(y64, dim=1).T
-    ref_r = F.cross_entropy(logits, t, reduction="none")
-    ref_c = F.cross_entropy(logits.T, t, reduction="none")
-    torch.testing.assert_close(got_r.double(), ref_r, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(got_c.double(), ref_c, rtol=1e-5, atol=1e-4)
-    (got_r.sum() + got_c.sum()).backward()
-    (ref_r.sum() + ref_c.sum()).backward()
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(y.grad.double(), y64.grad, rtol=1e-4, atol=1e-5)
+    check_float32_against_float64((got_r, got_c), logits, t, (x, y), (x64, y64), grad_atol=1e-5)
+
+
+def check_float32_against_float64(got, logits64, targets, leaves32, leaves64, grad_atol):
+    """Float32 cross-entropies ``got`` (rows, columns) against those of the float64 ``logits64``
+    (rtol 1e-5), and the gradients of their sums w.r.t. the float32 and float64 leaves."""
+    ref = (F.cross_entropy(logits64, targets, reduction="none"),
+           F.cross_entropy(logits64.T, targets, reduction="none"))
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4)
+    (got[0].sum() + got[1].sum()).backward()
+    (ref[0].sum() + ref[1].sum()).backward()
+    for a, b in zip(leaves32, leaves64, strict=True):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=grad_atol)
 
 
 @pytest.fixture
@@ -270,16 +276,9 @@ def test_exponent_floor_at_a_large_scale_keeps_float32_exact(request, blocks):
     scale = torch.tensor(100.0)
     assert _exp_floor(x32.detach(), y32.detach(), scale) is not None  # the clamp path runs
     assert _exp_floor(x32.detach(), y32.detach(), torch.tensor(10.0)) is None
-    r32, c32 = tiled_logsumexp(x32, y32, scale, row_targets=t, col_targets=t, tile_size=5)
-    logits = 100.0 * x64 @ y64.T
-    r64 = F.cross_entropy(logits, t, reduction="none")
-    c64 = F.cross_entropy(logits.T, t, reduction="none")
-    torch.testing.assert_close(r32.double(), r64, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(c32.double(), c64, rtol=1e-5, atol=1e-4)
-    (r32.sum() + c32.sum()).backward()
-    (r64.sum() + c64.sum()).backward()
-    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(y32.grad.double(), y64.grad, rtol=1e-4, atol=1e-4)
+    got = tiled_logsumexp(x32, y32, scale, row_targets=t, col_targets=t, tile_size=5)
+    check_float32_against_float64(got, 100.0 * x64 @ y64.T, t, (x32, y32), (x64, y64),
+                                  grad_atol=1e-4)
 
 
 def _count_shared_blocks(monkeypatch, tiled, mode="all"):
