@@ -225,20 +225,20 @@ def clip_loss(
         >>> round(float(clip_loss(x, x, 1e-6).loss), 4) == round(math.log(4), 4)
         True
     """
-    x, y, scale, bias = logit_inputs(x, y, logit_scale, logit_bias, groups, names,
-                                     normalize=normalize, defer_normalize=True)
-    n = x.shape[0]
+    n = x.shape[0] if isinstance(x, Tensor) and x.dim() == 2 else 0
     tiled = use_tiled(impl, n, n)
-    if tiled and groups is None and (gather is None or get_world_size(process_group) == 1):
-        # both directions from one pass over the tiles, which also normalise the rows
+    # one process, no groups, tiled: both directions from one pass over the tiles, which also
+    # normalise the rows (no normalised copies)
+    walk = tiled and groups is None and (gather is None or get_world_size(process_group) == 1)
+    x, y, scale, bias = logit_inputs(x, y, logit_scale, logit_bias, groups, names,
+                                     normalize=normalize, defer_normalize=walk)
+    if walk:
         targets = torch.arange(n, device=x.device)
         row_ce, col_ce = tiled_logsumexp(x, y, scale, bias, row_targets=targets,
                                          col_targets=targets, tile_size=tile_size,
                                          normalize=normalize)
         assert row_ce is not None and col_ce is not None
         return _both_directions(names, row_ce.mean(), col_ce.mean())
-    if normalize:
-        x, y = normalize_rows(x), normalize_rows(y)
     xs = gather_rows(x, gather, process_group)
     if xs.world_size == 1:
         if groups is None:
