@@ -55,15 +55,17 @@ def normalize_rows(x: Tensor, norms: Tensor | None = None) -> Tensor:
 
 
 def row_dots(a: Tensor, b: Tensor, chunk: int = 256) -> Tensor:
-    """``a_i . b_i`` for every row of two (n, d) matrices, ``chunk`` rows at a time through one
-    reused buffer (no temporary of the inputs' size, which on the CPU costs more in fresh pages
-    than the products themselves).
+    """``a_i . b_i`` for every row of two (n, d) matrices. On the CPU ``chunk`` rows at a time
+    through one reused buffer: a temporary of the inputs' size costs more in fresh pages there
+    than the products themselves (other devices: one pass, their allocators reuse memory).
 
     Examples:
         >>> import torch
         >>> row_dots(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.ones(2, 2), chunk=1)
         tensor([3., 7.])
     """
+    if a.device.type != "cpu":
+        return (a * b).sum(dim=1)
     out = a.new_empty(a.shape[0])
     buf = a.new_empty((min(chunk, a.shape[0]), a.shape[1]))
     for i0 in range(0, a.shape[0], chunk):
@@ -78,7 +80,6 @@ class _UnitRows(torch.autograd.Function):
         denom = norms.clamp_min(NORM_EPS).unsqueeze(-1)
         out = x / denom
         ctx.save_for_backward(out, denom)
-        ctx.clamped = bool((norms <= NORM_EPS).any())
         return out
 
     @staticmethod
@@ -86,6 +87,5 @@ class _UnitRows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         out, denom = ctx.saved_tensors
         dots = row_dots(grad.contiguous(), out).unsqueeze(1)  # u_i . g_i
-        if ctx.clamped:  # a row whose norm was raised to eps has the gradient g / eps
-            dots = dots.masked_fill(denom <= NORM_EPS, 0.0)
+        dots.masked_fill_(denom <= NORM_EPS, 0.0)  # a row raised to eps: the gradient g / eps
         return torch.addcmul(grad, out, dots, value=-1).div_(denom), None

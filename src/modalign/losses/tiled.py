@@ -201,9 +201,9 @@ def _rows(scale: Tensor, i0: int, i1: int) -> Tensor:
 
 
 def _row_scale(x: Tensor, scale: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
-    """The factor of each row of ``x`` in the logits and the row norms clamped at
-    :data:`NORM_EPS`: ``(scale, None)`` as given, else ``(scale / max(||x_i||, eps)`` as an (n, 1)
-    column, the clamped norms``) where the rows are normalised inside the walk."""
+    """``(factor, norms)``: the factor each row of ``x`` is multiplied by in the logits, and the
+    row norms clamped at :data:`NORM_EPS`. Without ``normalize``: ``(scale, None)``; with it:
+    ``scale / max(||x_i||, eps)`` as an (n, 1) column, and those clamped norms."""
     if not normalize:
         return scale, None
     norms = torch.linalg.vector_norm(x, dim=1).clamp_min_(NORM_EPS)
