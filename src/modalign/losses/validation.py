@@ -79,7 +79,7 @@ def check_embedding(
 
     Returns:
         The row norms of ``x`` (no gradient) where ``normalize`` and the checks ran, for the
-        normalisation to reuse (:func:`modalign.losses.normalize.unit_rows`); else None.
+        normalisation to reuse (:func:`modalign.losses.normalize.normalize_rows`); else None.
     """
     if not _ENABLED:
         return None
